@@ -1,0 +1,1 @@
+"""Everything about layers: references, manifests, registry client, eStargz, fetching, caching."""

@@ -1,0 +1,3 @@
+from stargz_store.cli import main
+
+raise SystemExit(main())
