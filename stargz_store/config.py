@@ -1,0 +1,170 @@
+"""The daemon's configuration: pydantic models loaded from a TOML file.
+
+Every section refuses unknown keys (``extra="forbid"``) so that a typo is an error, not a
+silently ignored setting. :func:`load_config` turns every problem (missing file, bad TOML,
+unknown key, wrong type) into a :class:`ConfigError` whose message names the file and the key;
+the command line prints that message and exits without a traceback.
+
+``config.example.toml`` at the top of the repository documents every key and its default; a
+test checks that it parses and that every field below appears in it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/stargz-store/config.toml")
+DEFAULT_ROOT = Path("/var/lib/stargz-store")
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid. The message is user-facing."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegistrySettings(_Section):
+    """How the store talks to registries."""
+
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    retry_backoff: float = Field(0.5, ge=0)
+    pool_size: int = Field(16, ge=1)
+    insecure_registries: list[str] = Field(default_factory=list)
+    platform: str = ""
+    registries_conf: str = "/etc/containers/registries.conf"
+    registries_conf_d: str = "/etc/containers/registries.conf.d"
+
+
+class AuthSettings(_Section):
+    """Where credentials come from, besides the containers-auth.json(5) chain."""
+
+    extra_auth_files: list[str] = Field(default_factory=lambda: ["/var/lib/kubelet/config.json"])
+    helper_socket: str = "/run/stargz-store/auth.sock"
+    credential_helper_timeout: float = Field(10.0, gt=0)
+
+
+class CacheSettings(_Section):
+    """The persistent chunk cache."""
+
+    max_size_bytes: int = Field(10 * GiB, ge=0)
+    dir: str = "cache"
+
+
+class FetchSettings(_Section):
+    """Lazy fetching of chunks from the registry."""
+
+    concurrency: int = Field(8, ge=1)
+    read_ahead_bytes: int = Field(4 * MiB, ge=0)
+    background_fetch: bool = True
+    background_bandwidth_share: float = Field(0.5, gt=0, le=1)
+    prefetch_landmark: bool = True
+
+
+class FuseSettings(_Section):
+    """The FUSE mount and the kernel's caching of its answers."""
+
+    entry_timeout: float = Field(3600.0, ge=0)
+    attr_timeout: float = Field(3600.0, ge=0)
+    store_dir_timeout: float = Field(1.0, ge=0)
+    negative_timeout: float = Field(2.0, ge=0)
+    allow_other: bool = True
+    lookup_threads: int = Field(16, ge=1)
+    read_threads: int = Field(32, ge=1)
+
+
+class LogSettings(_Section):
+    """Logging to stderr."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    fuse: FuseSettings = Field(default_factory=FuseSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) if loc else "(top level)"
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = _key_path(tuple(err.get("loc", ())))
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {err.get('msg', 'invalid value')}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already decoded TOML document."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def parse_config_text(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_config(data, source)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load the configuration.
+
+    ``path=None`` means the default file, which may be absent (then every default applies); an
+    explicit path must exist.
+    """
+    explicit = path is not None
+    target = path if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{target}: configuration file not found") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{target}: cannot read configuration: {exc}") from None
+    return parse_config_text(text, str(target))
+
+
+def field_paths(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every leaf key as ``section.key`` (used by the test that checks the example file)."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(field_paths(ann, f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out

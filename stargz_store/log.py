@@ -1,0 +1,90 @@
+"""structlog set-up: JSON lines when stderr is not a terminal, a console renderer otherwise.
+
+Events are snake_case names with bound fields::
+
+    log = get_logger(__name__)
+    log.info("layer_resolved", ref=ref, key=key, seconds=0.12)
+
+Records from the standard ``logging`` module (pyfuse3, urllib3, ...) go through the same
+renderer, so the daemon's stderr has one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
+) -> None:
+    """Configure structlog and the standard logging root for the daemon.
+
+    ``fmt`` is ``auto`` (JSON unless ``stream`` is a TTY), ``json`` or ``console``.
+    """
+    out = stream if stream is not None else sys.stderr
+    numeric = LEVELS.get(level.lower())
+    if numeric is None:
+        raise ValueError(f"unknown log level {level!r} (one of {', '.join(LEVELS)})")
+    if fmt == "auto":
+        try:
+            as_json = not out.isatty()
+        except (AttributeError, ValueError):
+            as_json = True
+    elif fmt in ("json", "console"):
+        as_json = fmt == "json"
+    else:
+        raise ValueError(f"unknown log format {fmt!r} (auto, json or console)")
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # Per-request chatter from libraries is noise at info level.
+    logging.getLogger("urllib3").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("pyfuse3").setLevel(max(numeric, logging.INFO))
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger bound to ``name`` (``logger`` field)."""
+    return structlog.stdlib.get_logger(name)
