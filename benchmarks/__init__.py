@@ -1,0 +1,1 @@
+"""Benchmarks for stargz-store (see benchmarks/README.md)."""
