@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/stargz-store/config.toml")
 DEFAULT_ROOT = Path("/var/lib/stargz-store")
@@ -40,11 +40,11 @@ class _Section(BaseModel):
 class RegistrySettings(_Section):
     """How the store talks to registries."""
 
-    connect_timeout: float = Field(10.0, gt=0)
-    read_timeout: float = Field(30.0, gt=0)
-    retries: int = Field(3, ge=0)
-    retry_backoff: float = Field(0.5, ge=0)
-    pool_size: int = Field(16, ge=1)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    retry_backoff: float = Field(default=0.5, ge=0)
+    pool_size: int = Field(default=16, ge=1)
     insecure_registries: list[str] = Field(default_factory=list)
     platform: str = ""
     registries_conf: str = "/etc/containers/registries.conf"
@@ -56,36 +56,36 @@ class AuthSettings(_Section):
 
     extra_auth_files: list[str] = Field(default_factory=lambda: ["/var/lib/kubelet/config.json"])
     helper_socket: str = "/run/stargz-store/auth.sock"
-    credential_helper_timeout: float = Field(10.0, gt=0)
+    credential_helper_timeout: float = Field(default=10.0, gt=0)
 
 
 class CacheSettings(_Section):
     """The persistent chunk cache."""
 
-    max_size_bytes: int = Field(10 * GiB, ge=0)
+    max_size_bytes: int = Field(default=10 * GiB, ge=0)
     dir: str = "cache"
 
 
 class FetchSettings(_Section):
     """Lazy fetching of chunks from the registry."""
 
-    concurrency: int = Field(8, ge=1)
-    read_ahead_bytes: int = Field(4 * MiB, ge=0)
+    concurrency: int = Field(default=8, ge=1)
+    read_ahead_bytes: int = Field(default=4 * MiB, ge=0)
     background_fetch: bool = True
-    background_bandwidth_share: float = Field(0.5, gt=0, le=1)
+    background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True
 
 
 class FuseSettings(_Section):
     """The FUSE mount and the kernel's caching of its answers."""
 
-    entry_timeout: float = Field(3600.0, ge=0)
-    attr_timeout: float = Field(3600.0, ge=0)
-    store_dir_timeout: float = Field(1.0, ge=0)
-    negative_timeout: float = Field(2.0, ge=0)
+    entry_timeout: float = Field(default=3600.0, ge=0)
+    attr_timeout: float = Field(default=3600.0, ge=0)
+    store_dir_timeout: float = Field(default=1.0, ge=0)
+    negative_timeout: float = Field(default=2.0, ge=0)
     allow_other: bool = True
-    lookup_threads: int = Field(16, ge=1)
-    read_threads: int = Field(32, ge=1)
+    lookup_threads: int = Field(default=16, ge=1)
+    read_threads: int = Field(default=32, ge=1)
 
 
 class LogSettings(_Section):
@@ -98,12 +98,12 @@ class LogSettings(_Section):
 class Config(_Section):
     """The whole configuration file."""
 
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    fetch: FetchSettings = Field(default_factory=FetchSettings)
-    fuse: FuseSettings = Field(default_factory=FuseSettings)
-    log: LogSettings = Field(default_factory=LogSettings)
+    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings())
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
+    fetch: FetchSettings = Field(default_factory=lambda: FetchSettings())
+    fuse: FuseSettings = Field(default_factory=lambda: FuseSettings())
+    log: LogSettings = Field(default_factory=lambda: LogSettings())
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
