@@ -1,0 +1,257 @@
+"""CredentialStore: the one place the registry client asks for credentials.
+
+``lookup(host, repository)`` answers, in order:
+
+1. credentials podman handed over through the additional-layer-store-auth-helper channel, for
+   exactly this registry host (``host/repository`` first, then the most recent for ``host``).
+   They are never used for any other host; a mirror has its own host, so it only gets helper
+   credentials when podman pulled from that mirror (the helper receives the *physical*
+   reference). The docker.io aliases (``index.docker.io``, ``registry-1.docker.io``) count as
+   one host.
+2. the containers-auth.json(5) chain (``auth.authfile``), each file re-read when its stat
+   signature (mtime, size, inode) changes,
+3. the extra files from our configuration (searched last, as part of the same walk).
+
+A malformed file, a failing credential helper or a bad ``auth`` value is recorded
+(``errors()``), logged without contents and skipped: the search goes on with the next file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from auth.authfile import (
+    AuthEnvironment,
+    AuthFile,
+    AuthPath,
+    HelperRunner,
+    auth_file_paths,
+    canonical_host,
+    find_in_file,
+    read_auth_file,
+)
+from auth.credhelper import DEFAULT_TIMEOUT, get_credentials
+from auth.errors import AuthError, HelperChannelError
+from auth.types import Credentials
+
+log = logging.getLogger(__name__)
+
+#: At most this many helper-channel entries are kept (least recently added dropped first).
+MAX_HELPER_ENTRIES = 4096
+#: At most this many recent errors are kept for diagnostics.
+MAX_ERRORS = 64
+
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$"
+)
+_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+_HELPER_FIELDS = {"username": "username", "password": "password", "identityToken": "identity_token"}
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """``host[:port]/path[:tag][@digest]`` -> (canonical host, path). Raises ValueError.
+
+    The reference must be fully qualified (podman always sends the resolved physical
+    reference): a first component that does not look like a host is refused rather than
+    guessed, so credentials never land on the wrong registry.
+    """
+    name = ref
+    if "@" in name:
+        name, digest = name.split("@", 1)
+        if not _DIGEST.match(digest):
+            raise ValueError("invalid digest")
+    last = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last and last != -1:
+        tag = name[colon + 1 :]
+        if not _TAG.match(tag):
+            raise ValueError("invalid tag")
+        name = name[:colon]
+    host, sep, path = name.partition("/")
+    if not sep or not path:
+        raise ValueError("reference has no repository path")
+    if not _HOST.match(host) or not ("." in host or ":" in host or host == "localhost"):
+        raise ValueError("reference does not start with a registry host")
+    for comp in path.split("/"):
+        if not _PATH_COMPONENT.match(comp):
+            raise ValueError("invalid repository path")
+    return canonical_host(host), path
+
+
+def parse_helper_payload(payload: Mapping[str, Any]) -> list[tuple[str, str, Credentials]]:
+    """Validate podman's helper JSON: ``{"<ref>": {"username", "password", "identityToken"}}``.
+
+    Returns ``(host, repository, credentials)`` per reference, skipping entries without any
+    secret (anonymous pulls). Raises HelperChannelError; messages name references, never values.
+    """
+    if not isinstance(payload, Mapping):
+        raise HelperChannelError("payload is not a JSON object")
+    out: list[tuple[str, str, Credentials]] = []
+    for ref, entry in payload.items():
+        if not isinstance(ref, str):
+            raise HelperChannelError("payload key is not a string")
+        try:
+            host, repository = split_reference(ref)
+        except ValueError as e:
+            raise HelperChannelError(f"invalid image reference {ref[:300]!r}: {e}") from None
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, Mapping):
+            raise HelperChannelError(f"entry for {ref!r} is not a JSON object")
+        values: dict[str, str] = {}
+        for json_name, attr in _HELPER_FIELDS.items():
+            value = entry.get(json_name)
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise HelperChannelError(f"entry for {ref!r}: {json_name!r} is not a string")
+            values[attr] = value
+        creds = Credentials(**values)
+        if not creds.is_empty():
+            out.append((host, repository, creds))
+    return out
+
+
+@dataclass
+class _CachedFile:
+    signature: tuple[int, int, int, int]
+    content: AuthFile | None
+    error: AuthError | None
+
+
+class CredentialStore:
+    """Thread-safe credential lookup (see the module docstring for the order).
+
+    *environment* defaults to this process's (``AuthEnvironment.from_os``); *helper_runner*
+    replaces the docker-credential-* runner (tests).
+    """
+
+    def __init__(
+        self,
+        environment: AuthEnvironment | None = None,
+        *,
+        extra_files: Sequence[str | os.PathLike[str]] = (),
+        helper_runner: HelperRunner | None = None,
+        helper_timeout: float = DEFAULT_TIMEOUT,
+        max_helper_entries: int = MAX_HELPER_ENTRIES,
+    ) -> None:
+        if environment is None:
+            environment = AuthEnvironment.from_os(extra_files)
+        elif extra_files:
+            environment = AuthEnvironment(
+                env=environment.env,
+                uid=environment.uid,
+                home=environment.home,
+                extra_files=environment.extra_files + tuple(Path(p) for p in extra_files),
+            )
+        self._environment = environment
+        self._helper_timeout = helper_timeout
+        self._helper_runner = helper_runner or self._run_helper
+        self._max_helper_entries = max_helper_entries
+        self._lock = threading.Lock()
+        # (host, repository) and (host, "") -> Credentials, most recently added last.
+        self._helper: OrderedDict[tuple[str, str], Credentials] = OrderedDict()
+        self._files: dict[str, _CachedFile] = {}
+        self._errors: list[AuthError] = []
+
+    @property
+    def environment(self) -> AuthEnvironment:
+        return self._environment
+
+    # --- the helper channel ---------------------------------------------------------------
+    def add_helper_credentials(self, payload: Mapping[str, Any]) -> int:
+        """Remember the credentials of podman's auth-helper JSON; returns how many references
+        carried credentials. Raises HelperChannelError for a malformed payload (nothing is
+        stored then)."""
+        entries = parse_helper_payload(payload)
+        with self._lock:
+            for host, repository, creds in entries:
+                for key in ((host, repository), (host, "")):
+                    self._helper.pop(key, None)
+                    self._helper[key] = creds
+            while len(self._helper) > self._max_helper_entries:
+                self._helper.popitem(last=False)
+        for host, repository, _ in entries:
+            log.info("auth-helper credentials received for %s/%s", host, repository)
+        return len(entries)
+
+    def clear_helper_credentials(self) -> None:
+        with self._lock:
+            self._helper.clear()
+
+    # --- lookup ---------------------------------------------------------------------------
+    def lookup(self, host: str, repository: str) -> Credentials | None:
+        """Credentials for ``host/repository`` (repository without host, tag or digest), or
+        None for anonymous access."""
+        chost = canonical_host(host)
+        repository = repository.strip("/")
+        with self._lock:
+            for key in ((chost, repository), (chost, "")):
+                found = self._helper.get(key)
+                if found is not None:
+                    return found
+        for auth_path in auth_file_paths(self._environment):
+            content = self._load(auth_path)
+            if content is None:
+                continue
+            try:
+                creds = find_in_file(content, chost, repository, self._helper_runner)
+            except AuthError as e:
+                self._record(e)
+                continue
+            if creds is not None:
+                log.debug("credentials for %s/%s found in %s", chost, repository, auth_path.path)
+                return creds
+        return None
+
+    def errors(self) -> list[AuthError]:
+        """Recent errors (malformed files, failing helpers), oldest first."""
+        with self._lock:
+            return list(self._errors)
+
+    # --- internals ------------------------------------------------------------------------
+    def _run_helper(self, name: str, server: str) -> Credentials | None:
+        return get_credentials(name, server, timeout=self._helper_timeout)
+
+    def _record(self, error: AuthError) -> None:
+        # Messages of the auth errors never contain secrets or file contents.
+        log.warning("credential lookup: %s", error)
+        with self._lock:
+            self._errors.append(error)
+            del self._errors[:-MAX_ERRORS]
+
+    def _load(self, auth_path: AuthPath) -> AuthFile | None:
+        key = str(auth_path.path)
+        try:
+            st = os.stat(auth_path.path)
+        except OSError:
+            with self._lock:
+                self._files.pop(key, None)
+            return None
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+        with self._lock:
+            cached = self._files.get(key)
+        if cached is None or cached.signature != signature:
+            content: AuthFile | None = None
+            error: AuthError | None = None
+            try:
+                content = read_auth_file(auth_path)
+            except AuthError as e:
+                error = e
+            cached = _CachedFile(signature, content, error)
+            with self._lock:
+                self._files[key] = cached
+            if error is not None:
+                self._record(error)  # once per change of the file, not per lookup
+        return cached.content
