@@ -1,0 +1,392 @@
+"""Persistent, content-addressed, verified chunk cache with LRU eviction.
+
+Layout under *root*::
+
+    chunks/<2 hex>/<64 hex>   one decompressed, verified chunk, named by its sha256
+    toc/<name>                verified TOC members (opaque bytes; re-verified by their reader)
+
+Rules:
+
+* An entry is only ever created by ``os.replace`` of a fully written temp file in the same
+  directory (``.tmp-*``), so a reader never sees a partial entry. Stale temp files are removed
+  when the cache opens.
+* ``put`` accepts only bytes whose sha256 equals the key. Callers that have just verified the
+  bytes themselves (the fetcher, via ``decode_chunk``) pass ``verified=True`` to skip the rehash.
+* Entries found on disk at start-up are trusted for their size only; each one is re-hashed on its
+  first read in this process. A corrupt or truncated entry is deleted and reported as a miss.
+* The total size of ``chunks/`` is kept under ``max_bytes``: sizes and the use order live in
+  memory (rebuilt from the directory listing, oldest mtime first); a hit moves the entry to the
+  young end and touches its mtime at most once a minute so the order survives a restart.
+* ``read(digest, offset, length)`` preads a slice through a small LRU of open descriptors, so a
+  128 KiB FUSE read does not read a whole 4 MiB chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import structlog
+
+from layerstore.errors import CacheError, VerificationError
+
+log = structlog.get_logger(__name__)
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TOC_NAME = re.compile(r"[0-9A-Za-z._-]{1,200}")
+_TMP_PREFIX = ".tmp-"
+_TOUCH_INTERVAL = 60.0
+
+
+def _hex_of(digest: str) -> str:
+    if not digest.startswith("sha256:") or not _HEX64.fullmatch(digest[7:]):
+        raise CacheError(f"invalid cache key {digest!r}: expected sha256:<64 hex digits>")
+    return digest[7:]
+
+
+class _Fd:
+    """An open descriptor shared by concurrent preads; closed when unused and dropped."""
+
+    __slots__ = ("dropped", "fd", "refs")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs = 0
+        self.dropped = False
+
+
+class _Entry:
+    __slots__ = ("size", "touched", "verified")
+
+    def __init__(self, size: int, touched: float, verified: bool) -> None:
+        self.size = size
+        self.touched = touched
+        self.verified = verified
+
+
+class ChunkCache:
+    """Thread-safe on-disk cache of verified chunks, keyed by ``sha256:`` digest."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        max_open_files: int = 64,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._max_fds = max(1, max_open_files)
+        self._chunks = self.root / "chunks"
+        self._tocs = self.root / "toc"
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # hex -> entry, oldest first
+        self._fds: OrderedDict[str, _Fd] = OrderedDict()
+        self._total = 0
+        self._hits = 0
+        self._misses = 0
+        try:
+            self._chunks.mkdir(parents=True, exist_ok=True)
+            self._tocs.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create cache directory {self.root}: {e}") from e
+        self._rebuild()
+
+    # --- start-up --------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        removed = 0
+        for d in (self._chunks, self._tocs):
+            for dirpath, _dirs, files in os.walk(d):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if name.startswith(_TMP_PREFIX):
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                            removed += 1
+                        continue
+                    if d is self._tocs or not _HEX64.fullmatch(name):
+                        continue
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    if os.path.basename(dirpath) != name[:2]:
+                        continue
+                    found.append((max(st.st_mtime, st.st_atime), name, st.st_size))
+        found.sort()
+        for stamp, name, size in found:
+            self._entries[name] = _Entry(size, stamp, verified=False)
+            self._total += size
+        log.info(
+            "chunk_cache_opened",
+            root=str(self.root),
+            entries=len(self._entries),
+            bytes=self._total,
+            max_bytes=self.max_bytes,
+            stale_temp_files_removed=removed,
+        )
+        with self._lock:
+            self._evict_locked(keep=None)
+
+    # --- paths -----------------------------------------------------------------------------
+    def _path(self, hexd: str) -> Path:
+        return self._chunks / hexd[:2] / hexd
+
+    # --- queries ---------------------------------------------------------------------------
+    def __contains__(self, digest: object) -> bool:
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            return False
+        with self._lock:
+            return digest[7:] in self._entries
+
+    def contains(self, digest: str) -> bool:
+        return digest in self
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self._total
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._entries),
+                "bytes": self._total,
+                "max_bytes": self.max_bytes,
+                "hits": self._hits,
+                "misses": self._misses,
+            }
+
+    # --- reads -----------------------------------------------------------------------------
+    def get(self, digest: str) -> bytes | None:
+        """The whole verified entry, or None (absent, or found corrupt and removed)."""
+        hexd = _hex_of(digest)
+        with self._lock:
+            entry = self._entries.get(hexd)
+            if entry is None:
+                self._misses += 1
+                return None
+        try:
+            with open(self._path(hexd), "rb") as f:
+                data = f.read()
+        except OSError:
+            self._drop(hexd, reason="unreadable")
+            return None
+        if len(data) != entry.size or (
+            not entry.verified and hashlib.sha256(data).hexdigest() != hexd
+        ):
+            self._drop(hexd, reason="corrupt")
+            return None
+        self._hit(hexd, entry)
+        return data
+
+    def read(self, digest: str, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of the entry (short at its end), or None on a miss."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        hexd = _hex_of(digest)
+        with self._lock:
+            entry = self._entries.get(hexd)
+            if entry is None:
+                self._misses += 1
+                return None
+            verified = entry.verified
+        # First use in this process: verify the whole entry once.
+        if not verified and self.get(digest) is None:
+            return None
+        if offset >= entry.size or length == 0:
+            self._hit(hexd, entry)
+            return b""
+        length = min(length, entry.size - offset)
+        handle = self._acquire_fd(hexd)
+        if handle is None:
+            self._drop(hexd, reason="unreadable")
+            return None
+        try:
+            parts: list[bytes] = []
+            done = 0
+            while done < length:
+                piece = os.pread(handle.fd, length - done, offset + done)
+                if not piece:
+                    break
+                parts.append(piece)
+                done += len(piece)
+        except OSError:
+            parts, done = [], -1
+        finally:
+            self._release_fd(handle)
+        if done != length:
+            self._drop(hexd, reason="short")
+            return None
+        self._hit(hexd, entry)
+        return b"".join(parts)
+
+    def _hit(self, hexd: str, entry: _Entry) -> None:
+        now = time.time()
+        touch = False
+        with self._lock:
+            if self._entries.get(hexd) is not entry:
+                return
+            entry.verified = True
+            self._entries.move_to_end(hexd)
+            self._hits += 1
+            if now - entry.touched > _TOUCH_INTERVAL:
+                entry.touched = now
+                touch = True
+        if touch:
+            with contextlib.suppress(OSError):
+                os.utime(self._path(hexd))
+
+    # --- writes ----------------------------------------------------------------------------
+    def put(self, digest: str, data: bytes, *, verified: bool = False) -> bool:
+        """Store *data* under *digest*. Returns False when it is too large to cache.
+
+        Without ``verified=True`` the sha256 is checked here; a mismatch raises
+        :class:`VerificationError` and nothing is stored.
+        """
+        hexd = _hex_of(digest)
+        if not verified and hashlib.sha256(data).hexdigest() != hexd:
+            raise VerificationError(f"refusing to cache bytes that do not match {digest}")
+        size = len(data)
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            if hexd in self._entries:
+                return True
+        path = self._path(hexd)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            self._write_atomic(path, data)
+        except OSError as e:
+            log.warning("chunk_cache_write_failed", digest=digest, error=str(e))
+            return False
+        with self._lock:
+            if hexd not in self._entries:
+                self._entries[hexd] = _Entry(size, time.time(), verified=True)
+                self._total += size
+            self._evict_locked(keep=hexd)
+        return True
+
+    @staticmethod
+    def _write_atomic(path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _evict_locked(self, keep: str | None) -> None:
+        evicted = 0
+        freed = 0
+        while self._total > self.max_bytes and self._entries:
+            hexd, entry = next(iter(self._entries.items()))
+            if hexd == keep:
+                if len(self._entries) == 1:
+                    break
+                self._entries.move_to_end(hexd)
+                continue
+            del self._entries[hexd]
+            self._total -= entry.size
+            self._forget_fd_locked(hexd)
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(hexd))
+            evicted += 1
+            freed += entry.size
+        if evicted:
+            log.debug("chunk_cache_evicted", entries=evicted, bytes=freed, total=self._total)
+
+    def _drop(self, hexd: str, *, reason: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(hexd, None)
+            if entry is not None:
+                self._total -= entry.size
+            self._forget_fd_locked(hexd)
+            self._misses += 1
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(hexd))
+        log.warning("chunk_cache_entry_removed", digest="sha256:" + hexd, reason=reason)
+
+    # --- descriptors -----------------------------------------------------------------------
+    def _acquire_fd(self, hexd: str) -> _Fd | None:
+        with self._lock:
+            handle = self._fds.get(hexd)
+            if handle is not None:
+                self._fds.move_to_end(hexd)
+                handle.refs += 1
+                return handle
+        try:
+            fd = os.open(self._path(hexd), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        with self._lock:
+            existing = self._fds.get(hexd)
+            if existing is not None:
+                os.close(fd)
+                existing.refs += 1
+                return existing
+            handle = _Fd(fd)
+            handle.refs = 1
+            self._fds[hexd] = handle
+            while len(self._fds) > self._max_fds:
+                old_hex = next(iter(self._fds))
+                self._forget_fd_locked(old_hex)
+            return handle
+
+    def _release_fd(self, handle: _Fd) -> None:
+        with self._lock:
+            handle.refs -= 1
+            if handle.dropped and handle.refs == 0:
+                os.close(handle.fd)
+
+    def _forget_fd_locked(self, hexd: str) -> None:
+        handle = self._fds.pop(hexd, None)
+        if handle is not None:
+            handle.dropped = True
+            if handle.refs == 0:
+                os.close(handle.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for hexd in list(self._fds):
+                self._forget_fd_locked(hexd)
+
+    # --- TOC members -----------------------------------------------------------------------
+    def put_toc(self, name: str, data: bytes) -> None:
+        """Persist a TOC member (its reader re-verifies it against the TOC digest on load)."""
+        if not _TOC_NAME.fullmatch(name):
+            raise CacheError(f"invalid TOC cache name {name!r}")
+        try:
+            self._write_atomic(self._tocs / name, data)
+        except OSError as e:
+            log.warning("toc_cache_write_failed", name=name, error=str(e))
+
+    def get_toc(self, name: str) -> bytes | None:
+        if not _TOC_NAME.fullmatch(name):
+            raise CacheError(f"invalid TOC cache name {name!r}")
+        try:
+            return (self._tocs / name).read_bytes()
+        except OSError:
+            return None
+
+    def remove_toc(self, name: str) -> None:
+        if _TOC_NAME.fullmatch(name):
+            with contextlib.suppress(OSError):
+                (self._tocs / name).unlink()

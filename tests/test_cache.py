@@ -1,0 +1,201 @@
+"""ChunkCache: content addressing, verification, atomic writes, LRU eviction, persistence."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import CacheError, VerificationError
+
+
+def dg(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def entry_path(root: Path, data: bytes) -> Path:
+    h = hashlib.sha256(data).hexdigest()
+    return root / "chunks" / h[:2] / h
+
+
+def test_put_get_roundtrip_and_miss(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1 << 20)
+    data = b"hello world" * 100
+    assert c.get(dg(data)) is None
+    assert c.put(dg(data), data)
+    assert c.get(dg(data)) == data
+    assert dg(data) in c
+    assert c.read(dg(data), 6, 5) == b"world"
+    assert c.read(dg(data), len(data) - 3, 100) == data[-3:]
+    assert c.read(dg(data), len(data) + 10, 5) == b""
+    assert c.stats()["hits"] >= 3
+
+
+def test_put_refuses_wrong_digest(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1 << 20)
+    with pytest.raises(VerificationError):
+        c.put(dg(b"a"), b"b")
+    assert c.get(dg(b"a")) is None
+    assert not any((tmp_path / "chunks").rglob("*"))
+
+
+def test_invalid_key(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1 << 20)
+    with pytest.raises(CacheError):
+        c.get("sha256:../../etc/passwd")
+    with pytest.raises(CacheError):
+        c.put("md5:abc", b"")
+
+
+def test_persistence_across_instances(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    c1 = ChunkCache(tmp_path, 1 << 20)
+    c1.put(dg(data), data)
+    c1.close()
+    c2 = ChunkCache(tmp_path, 1 << 20)
+    assert len(c2) == 1
+    assert c2.total_bytes == 5000
+    assert c2.read(dg(data), 100, 10) == data[100:110]
+    assert c2.get(dg(data)) == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_entry_detected_after_restart(tmp_path: Path, damage: str) -> None:
+    data = os.urandom(5000)
+    ChunkCache(tmp_path, 1 << 20).put(dg(data), data)
+    p = entry_path(tmp_path, data)
+    raw = bytearray(p.read_bytes())
+    if damage == "flip":
+        raw[10] ^= 0xFF
+    else:
+        del raw[100:]
+    p.write_bytes(bytes(raw))
+    c = ChunkCache(tmp_path, 1 << 20)
+    # The fast path verifies on first use too.
+    assert c.read(dg(data), 0, 10) is None
+    assert not p.exists()
+    assert dg(data) not in c
+    assert c.total_bytes == 0
+
+
+def test_truncated_after_verification_is_a_miss(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    c = ChunkCache(tmp_path, 1 << 20)
+    c.put(dg(data), data)
+    p = entry_path(tmp_path, data)
+    p.write_bytes(data[:10])  # size mismatch with what the cache recorded
+    assert c.get(dg(data)) is None
+    assert dg(data) not in c
+
+
+def test_lru_eviction_keeps_size_under_limit(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10_000)
+    blobs = [os.urandom(3000) for _ in range(10)]
+    for i, b in enumerate(blobs):
+        c.put(dg(b), b)
+        if i >= 1:
+            assert c.get(dg(blobs[0])) == blobs[0]  # keep the first one hot
+        assert c.total_bytes <= 10_000
+    assert dg(blobs[0]) in c  # recently used survives
+    assert dg(blobs[-1]) in c  # newest survives
+    assert dg(blobs[1]) not in c  # the least recently used went first
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "chunks").rglob("*") if p.is_file())
+    assert on_disk == c.total_bytes <= 10_000
+
+
+def test_rebuild_orders_by_mtime_and_evicts_on_smaller_limit(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1 << 20)
+    blobs = [os.urandom(1000) for _ in range(5)]
+    for i, b in enumerate(blobs):
+        c.put(dg(b), b)
+        os.utime(entry_path(tmp_path, b), (1_000_000 + i, 1_000_000 + i))
+    c.close()
+    c2 = ChunkCache(tmp_path, 2500)
+    assert c2.total_bytes <= 2500
+    assert dg(blobs[4]) in c2 and dg(blobs[3]) in c2
+    assert dg(blobs[0]) not in c2 and not entry_path(tmp_path, blobs[0]).exists()
+
+
+def test_too_large_entry_not_cached(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 100)
+    data = b"x" * 101
+    assert c.put(dg(data), data) is False
+    assert c.get(dg(data)) is None
+
+
+def test_atomic_writes_no_partial_files(tmp_path: Path) -> None:
+    """Concurrent readers never see a partial entry; stale temp files vanish on open."""
+    c = ChunkCache(tmp_path, 1 << 30)
+    blobs = [os.urandom(256 * 1024) for _ in range(16)]
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def watcher() -> None:
+        while not stop.is_set():
+            for p in (tmp_path / "chunks").rglob("*"):
+                if p.is_file() and not p.name.startswith(".tmp-"):
+                    try:
+                        raw = p.read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    if hashlib.sha256(raw).hexdigest() != p.name:
+                        bad.append(p.name)
+
+    t = threading.Thread(target=watcher)
+    t.start()
+    try:
+        threads = [
+            threading.Thread(target=lambda b=b: c.put(dg(b), b))  # type: ignore[misc]
+            for b in blobs
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        stop.set()
+        t.join()
+    assert not bad
+    assert all(c.get(dg(b)) == b for b in blobs)
+    # A crash mid-write leaves a temp file: it is never served and is removed on open.
+    shard = entry_path(tmp_path, blobs[0]).parent
+    (shard / ".tmp-crashed").write_bytes(b"partial")
+    c2 = ChunkCache(tmp_path, 1 << 30)
+    assert not (shard / ".tmp-crashed").exists()
+    assert len(c2) == 16
+
+
+def test_concurrent_reads_with_fd_lru(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1 << 30, max_open_files=2)
+    blobs = [os.urandom(4096) for _ in range(8)]
+    for b in blobs:
+        c.put(dg(b), b)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        for i in range(300):
+            b = blobs[(seed + i) % len(blobs)]
+            off = (i * 37) % 4000
+            if c.read(dg(b), off, 64) != b[off : off + 64]:
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    c.close()
+
+
+def test_toc_store(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1000)
+    assert c.get_toc("abc-def") is None
+    c.put_toc("abc-def", b"x" * 5000)  # not limited by the chunk budget
+    assert ChunkCache(tmp_path, 1000).get_toc("abc-def") == b"x" * 5000
+    with pytest.raises(CacheError):
+        c.get_toc("../x")
