@@ -1,0 +1,471 @@
+"""Fetching the chunks of one blob: single-flight, coalescing, read-ahead, background fill.
+
+A :class:`ChunkFetcher` owns the chunk list of one layer (sorted by blob offset), a
+:class:`~layerstore.source.RangeSource` for the blob and the shared
+:class:`~layerstore.cache.ChunkCache`. Every chunk goes through ``decode`` (inflate, skip the
+inner offset, check ``chunkDigest``) before it is cached or returned; nothing unverified leaves.
+
+* **Single flight**: each chunk being fetched has a future, keyed by its digest; concurrent
+  readers of that chunk wait on it instead of fetching again.
+* **Coalescing**: the chunks one call needs are grouped into byte ranges (neighbours closer than
+  ``coalesce_gap`` share a range, no range over ``max_range_bytes``) and all ranges go in one
+  ``read_ranges`` call (one HTTP request where the registry allows).
+* **Read-ahead**: when a small chunk is needed, the following small chunks up to
+  ``readahead_bytes`` ride along in the same range, so neighbouring small files do not each cost
+  a round trip.
+* **Landmark prefetch**: ``prefetch(end)`` fetches ``[0, end)`` in one request.
+* **Background fill** (optional): a thread fetches the rest of the blob in large ranges, pausing
+  while foreground requests are in flight; a shared semaphore bounds it across layers.
+* Foreground range requests are limited by a semaphore (``max_concurrent_requests``).
+
+A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
+failed request fails the chunks it carried (:class:`RegistryError`); futures are then forgotten
+so a later read tries again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import structlog
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import LayerStoreError, RangeError, RegistryError, VerificationError
+from layerstore.source import RangeSource
+
+log = structlog.get_logger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ChunkLike(Protocol):
+    """What the fetcher needs of ``layerstore.toc.Chunk``."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def compressed_end(self) -> int: ...
+
+    @property
+    def chunk_offset(self) -> int: ...
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def inner_offset(self) -> int: ...
+
+    @property
+    def digest(self) -> str: ...
+
+
+DecodeFn = Callable[[bytes, "ChunkLike"], bytes]
+
+
+@dataclass(frozen=True)
+class FetcherSettings:
+    max_concurrent_requests: int = 8
+    """Foreground range requests in flight at once, per layer."""
+    coalesce_gap: int = 64 * KiB
+    """Chunks separated by at most this many bytes are fetched in one range."""
+    max_range_bytes: int = 32 * MiB
+    """No single coalesced range grows beyond this (a lone larger chunk is still fetched)."""
+    readahead_bytes: int = 512 * KiB
+    """Budget of following small chunks fetched along with a small chunk (0 disables)."""
+    small_chunk_bytes: int = 256 * KiB
+    """A chunk whose compressed size is at most this is 'small' for read-ahead."""
+    background_fetch: bool = False
+    """Fetch the whole layer in the background after first use."""
+    background_range_bytes: int = 8 * MiB
+    background_idle_seconds: float = 0.05
+    """The background fill waits until foreground requests have been idle this long."""
+    background_share: float = 0.5
+    """Fraction of wall time the background fill may spend fetching (it sleeps the rest)."""
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    ranges: int = 0
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    verification_failures: int = 0
+    background_chunks: int = 0
+
+
+def chunk_key(c: ChunkLike) -> str:
+    """The single-flight key: the chunk digest, or the blob offset when there is none."""
+    return c.digest if c.digest.startswith("sha256:") else f"@{c.offset}"
+
+
+def plan_ranges(
+    chunks: Sequence[ChunkLike], gap: int, max_bytes: int
+) -> list[tuple[int, int, list[ChunkLike]]]:
+    """Group chunks (any order) into ``(start, end, chunks)`` byte ranges."""
+    ordered = sorted(chunks, key=lambda c: c.offset)
+    out: list[tuple[int, int, list[ChunkLike]]] = []
+    for c in ordered:
+        if out:
+            start, end, members = out[-1]
+            new_end = max(end, c.compressed_end)
+            if c.offset - end <= gap and new_end - start <= max_bytes:
+                out[-1] = (start, new_end, [*members, c])
+                continue
+        out.append((c.offset, c.compressed_end, [c]))
+    return out
+
+
+class ChunkFetcher:
+    """Thread-safe chunk fetcher for one blob."""
+
+    def __init__(
+        self,
+        source: RangeSource,
+        cache: ChunkCache,
+        chunks: Sequence[ChunkLike],
+        decode: DecodeFn,
+        settings: FetcherSettings | None = None,
+        *,
+        background_slots: threading.Semaphore | None = None,
+        name: str = "",
+    ) -> None:
+        self._source = source
+        self._cache = cache
+        self._decode = decode
+        self.settings = settings or FetcherSettings()
+        # Distinct chunks with a byte range, in blob order.
+        seen: set[tuple[int, str]] = set()
+        ordered: list[ChunkLike] = []
+        for c in sorted(chunks, key=lambda c: (c.offset, c.chunk_offset)):
+            if c.compressed_end <= c.offset:
+                continue
+            k = (c.offset, c.digest)
+            if k not in seen:
+                seen.add(k)
+                ordered.append(c)
+        self._chunks = ordered
+        self._offsets = [c.offset for c in ordered]
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future[bytes]] = {}
+        self._requests = threading.Semaphore(max(1, self.settings.max_concurrent_requests))
+        self._fg_active = 0
+        self._fg_last = 0.0
+        self._fg_cond = threading.Condition(self._lock)
+        self._bg_slots = background_slots or threading.Semaphore(1)
+        self._bg_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.stats = FetchStats()
+        self._log = log.bind(digest=name) if name else log
+
+    # --- public ----------------------------------------------------------------------------
+    @property
+    def chunks(self) -> Sequence[ChunkLike]:
+        return self._chunks
+
+    def get_chunk(self, chunk: ChunkLike) -> bytes:
+        return self.get_chunks([chunk])[0]
+
+    def get_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes]:
+        """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
+
+        Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
+        """
+        results: list[bytes | None] = [None] * len(chunks)
+        missing: list[int] = []
+        for i, c in enumerate(chunks):
+            data = self._cached(c)
+            if data is not None:
+                results[i] = data
+            else:
+                missing.append(i)
+        if missing:
+            futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
+            for i, fut in zip(missing, futures):
+                results[i] = fut.result()
+        return [r if r is not None else b"" for r in results]
+
+    def _cached(self, c: ChunkLike) -> bytes | None:
+        return self._cache.get(c.digest) if c.digest.startswith("sha256:") else None
+
+    def prefetch(self, end: int) -> int:
+        """Fetch, verify and cache every chunk starting before *end*, in one range request.
+
+        Returns the number of chunks fetched. Errors are logged, not raised.
+        """
+        n = bisect.bisect_left(self._offsets, end)
+        wanted = [c for c in self._chunks[:n] if c.digest not in self._cache]
+        if not wanted:
+            return 0
+        t0 = time.monotonic()
+        futures = self._claim_and_fetch(
+            wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, readahead=False
+        )
+        failed = sum(1 for f in futures if f.exception() is not None)
+        self._log.info(
+            "landmark_prefetched",
+            chunks=len(wanted),
+            failed=failed,
+            end=end,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return len(wanted) - failed
+
+    def start_background(self) -> bool:
+        """Start the background whole-blob fill (once). Returns whether a thread was started."""
+        with self._lock:
+            if self._bg_thread is not None or self._closed.is_set():
+                return False
+            t = threading.Thread(target=self._background, name="stargz-bg-fetch", daemon=True)
+            self._bg_thread = t
+        t.start()
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._fg_cond:
+            self._fg_cond.notify_all()
+
+    def join_background(self, timeout: float | None = None) -> None:
+        t = self._bg_thread
+        if t is not None:
+            t.join(timeout)
+
+    # --- planning and fetching ------------------------------------------------------------
+    def _readahead(self, needed: Sequence[ChunkLike], taken: set[str]) -> list[ChunkLike]:
+        budget = self.settings.readahead_bytes
+        small = self.settings.small_chunk_bytes
+        if budget <= 0 or not needed:
+            return []
+        last = max(needed, key=lambda c: c.offset)
+        if last.compressed_end - last.offset > small:
+            return []
+        i = bisect.bisect_right(self._offsets, last.offset)
+        extra: list[ChunkLike] = []
+        limit = last.compressed_end + budget
+        while i < len(self._chunks):
+            c = self._chunks[i]
+            i += 1
+            if c.compressed_end - c.offset > small or c.compressed_end > limit:
+                break
+            k = chunk_key(c)
+            if k in taken or k in self._inflight or c.digest in self._cache:
+                continue
+            taken.add(k)
+            extra.append(c)
+        return extra
+
+    def _claim_and_fetch(
+        self,
+        chunks: Sequence[ChunkLike],
+        *,
+        foreground: bool,
+        gap: int | None = None,
+        max_bytes: int | None = None,
+        readahead: bool = True,
+    ) -> list[Future[bytes]]:
+        """Futures for *chunks*; the ones nobody is fetching yet are fetched by this thread."""
+        futures: list[Future[bytes]] = []
+        mine: list[ChunkLike] = []
+        owned: list[tuple[str, Future[bytes]]] = []
+        with self._lock:
+            taken: set[str] = set()
+            for c in chunks:
+                k = chunk_key(c)
+                fut = self._inflight.get(k)
+                if fut is None:
+                    fut = Future()
+                    self._inflight[k] = fut
+                    owned.append((k, fut))
+                    taken.add(k)
+                    mine.append(c)
+                futures.append(fut)
+            extra = self._readahead(mine, taken) if (readahead and mine) else []
+            for c in extra:
+                fut = Future()
+                self._inflight[chunk_key(c)] = fut
+                owned.append((chunk_key(c), fut))
+            if mine and foreground:
+                self._fg_active += 1
+        if mine:
+            try:
+                # A chunk may have landed in the cache between our lookup and the claim.
+                todo: list[ChunkLike] = []
+                for c in mine:
+                    data = self._cached(c)
+                    if data is not None:
+                        self._resolve(chunk_key(c), data, None)
+                    else:
+                        todo.append(c)
+                self._fetch(
+                    todo + extra,
+                    gap=self.settings.coalesce_gap if gap is None else gap,
+                    max_bytes=self.settings.max_range_bytes if max_bytes is None else max_bytes,
+                    foreground=foreground,
+                )
+            finally:
+                # Safety net: no claimed future may stay pending (its waiters would hang).
+                for k, fut in owned:
+                    if not fut.done():
+                        with self._lock:
+                            if self._inflight.get(k) is fut:
+                                del self._inflight[k]
+                        fut.set_exception(RegistryError("chunk fetch was interrupted"))
+                if foreground:
+                    with self._fg_cond:
+                        self._fg_active -= 1
+                        self._fg_last = time.monotonic()
+                        self._fg_cond.notify_all()
+        return futures
+
+    def _resolve(self, key: str, data: bytes | None, exc: BaseException | None) -> None:
+        with self._lock:
+            fut = self._inflight.pop(key, None)
+        if fut is None or fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(data if data is not None else b"")
+
+    def _fetch(
+        self, chunks: Sequence[ChunkLike], *, gap: int, max_bytes: int, foreground: bool
+    ) -> None:
+        """Fetch, verify, cache and resolve *chunks* (all claimed by this thread)."""
+        if not chunks:
+            return
+        plan = plan_ranges(chunks, gap, max_bytes)
+        ranges = [(start, end - start) for start, end, _ in plan]
+        try:
+            if foreground:
+                with self._requests:
+                    bodies = self._source.read_ranges(ranges)
+            else:
+                bodies = self._source.read_ranges(ranges)
+            if len(bodies) != len(ranges):
+                raise RangeError(f"asked for {len(ranges)} ranges, got {len(bodies)}")
+            for (_off, length), body in zip(ranges, bodies):
+                if len(body) != length:
+                    raise RangeError(f"range of {length} bytes answered with {len(body)}")
+        except BaseException as e:
+            err: BaseException = e
+            if not isinstance(e, LayerStoreError):
+                err = RegistryError(f"fetching {len(ranges)} range(s) failed: {e}")
+                err.__cause__ = e
+            self._log.warning(
+                "chunk_fetch_failed", ranges=len(ranges), chunks=len(chunks), error=str(err)
+            )
+            for c in chunks:
+                self._resolve(chunk_key(c), None, err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        total = sum(length for _, length in ranges)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.ranges += len(ranges)
+            self.stats.bytes_fetched += total
+        for (start, _end, members), body in zip(plan, bodies):
+            for c in members:
+                compressed = body[c.offset - start : c.compressed_end - start]
+                self._deliver(c, compressed, background=not foreground)
+
+    def _deliver(self, c: ChunkLike, compressed: bytes, *, background: bool) -> None:
+        try:
+            data = self._decode(compressed, c)
+        except VerificationError as e:
+            self._verification_failed(c, e)
+            return
+        except Exception as e:
+            err = VerificationError(f"chunk at blob offset {c.offset} did not decode: {e}")
+            err.__cause__ = e
+            self._verification_failed(c, err)
+            return
+        if c.digest.startswith("sha256:"):
+            self._cache.put(c.digest, data, verified=True)
+        with self._lock:
+            self.stats.chunks_fetched += 1
+            if background:
+                self.stats.background_chunks += 1
+        self._resolve(chunk_key(c), data, None)
+
+    def _verification_failed(self, c: ChunkLike, err: VerificationError) -> None:
+        with self._lock:
+            self.stats.verification_failures += 1
+        self._log.error(
+            "chunk_verification_failed",
+            chunk_digest=c.digest,
+            offset=c.offset,
+            error=str(err),
+        )
+        self._resolve(chunk_key(c), None, err)
+
+    # --- background fill ------------------------------------------------------------------
+    def _wait_foreground_idle(self) -> bool:
+        idle = self.settings.background_idle_seconds
+        with self._fg_cond:
+            while not self._closed.is_set():
+                quiet = time.monotonic() - self._fg_last
+                if self._fg_active == 0 and quiet >= idle:
+                    return True
+                self._fg_cond.wait(timeout=max(idle - quiet, 0.01))
+        return False
+
+    def _background(self) -> None:
+        t0 = time.monotonic()
+        step = max(1, self.settings.background_range_bytes)
+        fetched = 0
+        failed = 0
+        i = 0
+        try:
+            while i < len(self._chunks) and not self._closed.is_set():
+                # Next batch: uncached chunks from i whose span stays within one large range.
+                batch: list[ChunkLike] = []
+                start = -1
+                while i < len(self._chunks):
+                    c = self._chunks[i]
+                    if start >= 0 and c.compressed_end - start > step and batch:
+                        break
+                    i += 1
+                    if c.digest in self._cache:
+                        continue
+                    if start < 0:
+                        start = c.offset
+                    batch.append(c)
+                if not batch:
+                    continue
+                if not self._wait_foreground_idle():
+                    break
+                with self._bg_slots:
+                    if self._closed.is_set():
+                        break
+                    t_req = time.monotonic()
+                    futures = self._claim_and_fetch(
+                        batch, foreground=False, gap=step, max_bytes=step, readahead=False
+                    )
+                    spent = time.monotonic() - t_req
+                share = min(max(self.settings.background_share, 0.01), 1.0)
+                if share < 1.0:
+                    self._closed.wait(min(spent * (1.0 - share) / share, 5.0))
+                for f in futures:
+                    try:
+                        f.result()
+                        fetched += 1
+                    except LayerStoreError:
+                        failed += 1
+        except Exception as e:  # never let the thread die silently
+            self._log.error("background_fetch_crashed", error=str(e))
+        self._log.info(
+            "background_fetch_done",
+            chunks=fetched,
+            failed=failed,
+            stopped=self._closed.is_set(),
+            seconds=round(time.monotonic() - t0, 3),
+        )

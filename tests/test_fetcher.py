@@ -1,0 +1,370 @@
+"""ChunkFetcher: single flight, coalescing, read-ahead, verification, errors, prefetch, background.
+
+The blob here is synthetic (one gzip member per chunk, like eStargz) and the decode function is
+a small stand-in for ``layerstore.reader.decode_chunk``; the real reader is exercised through
+``tests/test_layer.py`` and ``tests/test_manager.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import (
+    ChunkDigestMismatchError,
+    RegistryError,
+    RegistryUnavailableError,
+    VerificationError,
+)
+from layerstore.fetcher import ChunkFetcher, ChunkLike, FetcherSettings, plan_ranges
+from layerstore.source import BytesSource, RangeSource
+
+
+@dataclass(frozen=True)
+class FakeChunk:
+    offset: int
+    compressed_end: int
+    chunk_offset: int
+    chunk_size: int
+    inner_offset: int
+    digest: str
+
+
+def fake_decode(compressed: bytes, chunk: ChunkLike) -> bytes:
+    d = zlib.decompressobj(wbits=31)
+    data = d.decompress(compressed)[chunk.inner_offset : chunk.inner_offset + chunk.chunk_size]
+    if "sha256:" + hashlib.sha256(data).hexdigest() != chunk.digest:
+        raise ChunkDigestMismatchError(f"chunk at {chunk.offset} does not match its digest")
+    return data
+
+
+def build_blob(payloads: Sequence[bytes], prefix: bytes = b"") -> tuple[bytes, list[FakeChunk]]:
+    """One gzip member per payload (each its own 'file' at chunk_offset 0)."""
+    out = bytearray(gzip.compress(prefix, mtime=0) if prefix else b"")
+    chunks = []
+    for p in payloads:
+        start = len(out)
+        out += gzip.compress(p, mtime=0, compresslevel=1)
+        chunks.append(
+            FakeChunk(start, len(out), 0, len(p), 0, "sha256:" + hashlib.sha256(p).hexdigest())
+        )
+    out += gzip.compress(b"", mtime=0)  # a trailing member, like the TOC/footer
+    return bytes(out), chunks
+
+
+class CountingSource:
+    """A RangeSource wrapper counting calls, with optional latency and failure injection."""
+
+    def __init__(self, inner: RangeSource, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.calls: list[list[tuple[int, int]]] = []
+        self.fail: Exception | None = None
+        self.active = 0
+        self.max_active = 0
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.read_ranges([(offset, length)])[0]
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        with self.lock:
+            self.calls.append(list(ranges))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if self.fail is not None:
+                raise self.fail
+            return self.inner.read_ranges(ranges)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for call in self.calls for _, n in call)
+
+
+def corrupt_member(blob: bytes, chunk: FakeChunk) -> bytes:
+    """Replace a chunk's member by a valid gzip member of different content, same length."""
+    orig = zlib.decompressobj(wbits=31).decompress(blob[chunk.offset : chunk.compressed_end])
+    bad = bytes([orig[0] ^ 1]) + orig[1:]
+    member = gzip.compress(bad, mtime=0, compresslevel=1)
+    n = chunk.compressed_end - chunk.offset
+    assert len(member) == n, "test assumes equal member sizes at level 1"
+    return blob[: chunk.offset] + member + blob[chunk.compressed_end :]
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> ChunkCache:
+    return ChunkCache(tmp_path / "cache", 1 << 30)
+
+
+def small_settings(**kw: object) -> FetcherSettings:
+    base: dict[str, object] = {"readahead_bytes": 0}
+    base.update(kw)
+    return FetcherSettings(**base)  # type: ignore[arg-type]
+
+
+def test_plan_ranges() -> None:
+    cs = [
+        FakeChunk(o, e, 0, 1, 0, f"sha256:{i:064x}")
+        for i, (o, e) in enumerate([(0, 10), (10, 20), (25, 30), (100, 110), (110, 200)])
+    ]
+    plan = plan_ranges(list(reversed(cs)), gap=5, max_bytes=1000)
+    assert [(s, e) for s, e, _ in plan] == [(0, 30), (100, 200)]
+    plan = plan_ranges(cs, gap=0, max_bytes=1000)
+    assert [(s, e) for s, e, _ in plan] == [(0, 20), (25, 30), (100, 200)]
+    plan = plan_ranges(cs, gap=1000, max_bytes=50)
+    assert [(s, e) for s, e, _ in plan] == [(0, 30), (100, 110), (110, 200)]
+
+
+def test_single_flight_under_16_threads(cache: ChunkCache) -> None:
+    payloads = [os.urandom(100_000) for _ in range(3)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob), delay=0.2)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    barrier = threading.Barrier(16)
+    results: list[bytes] = []
+    lock = threading.Lock()
+
+    def reader() -> None:
+        barrier.wait()
+        data = f.get_chunk(chunks[1])
+        with lock:
+            results.append(data)
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and all(r == payloads[1] for r in results)
+    assert len(src.calls) == 1
+    assert src.calls[0] == [(chunks[1].offset, chunks[1].compressed_end - chunks[1].offset)]
+    # Now cached: no more requests.
+    assert f.get_chunk(chunks[1]) == payloads[1]
+    assert len(src.calls) == 1
+
+
+def test_coalescing_adjacent_chunks_one_request(cache: ChunkCache) -> None:
+    payloads = [os.urandom(20_000) for _ in range(8)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    assert f.get_chunks(chunks[1:7]) == payloads[1:7]
+    assert len(src.calls) == 1
+    assert src.calls[0] == [(chunks[1].offset, chunks[6].compressed_end - chunks[1].offset)]
+
+
+def test_distant_chunks_one_read_ranges_call(cache: ChunkCache) -> None:
+    payloads = [os.urandom(50_000) for _ in range(6)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings(coalesce_gap=0))
+    wanted = [chunks[0], chunks[2], chunks[5]]
+    assert f.get_chunks(wanted) == [payloads[0], payloads[2], payloads[5]]
+    assert len(src.calls) == 1
+    assert len(src.calls[0]) == 3
+
+
+def test_readahead_fetches_following_small_chunks(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(40)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(readahead_bytes=100_000, small_chunk_bytes=64 * 1024)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.get_chunk(chunks[0]) == payloads[0]
+    assert len(src.calls) == 1
+    ((start, length),) = src.calls[0]
+    assert start == chunks[0].offset
+    ahead = [c for c in chunks[1:] if c.compressed_end <= start + length]
+    assert 5 <= len(ahead) <= 12  # ~10 KB members, 100 KB budget
+    assert all(c.digest in cache for c in ahead)
+    for c, p in zip(chunks[1 : 1 + len(ahead)], payloads[1:]):
+        assert f.get_chunk(c) == p
+    assert len(src.calls) == 1  # the neighbours cost nothing
+    # The budget is bounded: the chunk after the read-ahead window needs a request.
+    nxt = chunks[1 + len(ahead)]
+    assert nxt.digest not in cache
+    f.get_chunk(nxt)
+    assert len(src.calls) == 2
+
+
+def test_no_readahead_for_large_chunks(cache: ChunkCache) -> None:
+    payloads = [os.urandom(300_000)] + [os.urandom(1000) for _ in range(5)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(readahead_bytes=1 << 20, small_chunk_bytes=64 * 1024)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    f.get_chunk(chunks[0])
+    assert src.calls == [[(chunks[0].offset, chunks[0].compressed_end - chunks[0].offset)]]
+
+
+def test_corrupted_chunk_fails_only_its_readers(cache: ChunkCache) -> None:
+    payloads = [os.urandom(5000) for i in range(5)]
+    blob, chunks = build_blob(payloads)
+    blob = corrupt_member(blob, chunks[2])
+    src = CountingSource(BytesSource(blob))
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    with pytest.raises(VerificationError):
+        f.get_chunks(chunks)  # a read spanning the bad chunk fails
+    # ... but the good chunks fetched with it were verified, cached and are served.
+    for i in (0, 1, 3, 4):
+        assert chunks[i].digest in cache
+        assert f.get_chunk(chunks[i]) == payloads[i]
+    assert chunks[2].digest not in cache
+    with pytest.raises(ChunkDigestMismatchError):
+        f.get_chunk(chunks[2])
+    assert f.stats.verification_failures == 2
+
+
+def test_undecodable_member_is_a_verification_error(cache: ChunkCache) -> None:
+    payloads = [os.urandom(5000) for _ in range(2)]
+    blob, chunks = build_blob(payloads)
+    c = chunks[0]
+    blob = blob[: c.offset] + b"\x00" * (c.compressed_end - c.offset) + blob[c.compressed_end :]
+    f = ChunkFetcher(BytesSource(blob), cache, chunks, fake_decode, small_settings())
+    with pytest.raises(VerificationError):
+        f.get_chunk(c)
+    assert f.get_chunk(chunks[1]) == payloads[1]
+
+
+def test_registry_error_reaches_all_waiters_then_retry_succeeds(cache: ChunkCache) -> None:
+    payloads = [os.urandom(5000) for _ in range(2)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob), delay=0.1)
+    src.fail = RegistryUnavailableError("registry.example: connection refused")
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            f.get_chunk(chunks[0])
+        except RegistryError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4
+    assert chunks[0].digest not in cache
+    src.fail = None
+    assert f.get_chunk(chunks[0]) == payloads[0]
+
+
+def test_foreign_exception_wrapped_as_registry_error(cache: ChunkCache) -> None:
+    blob, chunks = build_blob([b"abc"])
+    src = CountingSource(BytesSource(blob))
+    src.fail = OSError("boom")
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    with pytest.raises(RegistryError):
+        f.get_chunk(chunks[0])
+
+
+def test_short_range_answer_is_rejected(cache: ChunkCache) -> None:
+    blob, chunks = build_blob([os.urandom(1000)])
+
+    class Short(BytesSource):
+        def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            return [b[:-1] for b in super().read_ranges(ranges)]
+
+    f = ChunkFetcher(Short(blob), cache, chunks, fake_decode, small_settings())
+    with pytest.raises(RegistryError):
+        f.get_chunk(chunks[0])
+
+
+def test_served_from_cache_when_source_fails(tmp_path: Path) -> None:
+    payloads = [os.urandom(5000) for _ in range(3)]
+    blob, chunks = build_blob(payloads)
+    f1 = ChunkFetcher(
+        BytesSource(blob), ChunkCache(tmp_path, 1 << 20), chunks, fake_decode, small_settings()
+    )
+    f1.get_chunks(chunks)
+    src = CountingSource(BytesSource(blob))
+    src.fail = RegistryUnavailableError("offline")
+    f2 = ChunkFetcher(src, ChunkCache(tmp_path, 1 << 20), chunks, fake_decode, small_settings())
+    assert f2.get_chunks(chunks) == payloads
+    assert src.calls == []
+
+
+def test_concurrency_limit(cache: ChunkCache) -> None:
+    payloads = [os.urandom(2000) for _ in range(12)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob), delay=0.05)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings(max_concurrent_requests=2))
+    threads = [threading.Thread(target=f.get_chunk, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert src.max_active <= 2
+    assert all(c.digest in cache for c in chunks)
+
+
+def test_landmark_prefetch_one_request(cache: ChunkCache) -> None:
+    payloads = [os.urandom(3000) for _ in range(10)]
+    blob, chunks = build_blob(payloads, prefix=b"tar headers")
+    src = CountingSource(BytesSource(blob))
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
+    landmark = chunks[6].offset
+    assert f.prefetch(landmark) == 6
+    assert len(src.calls) == 1 and len(src.calls[0]) == 1
+    assert all(c.digest in cache for c in chunks[:6])
+    assert all(c.digest not in cache for c in chunks[6:])
+    assert f.prefetch(landmark) == 0
+    assert len(src.calls) == 1
+
+
+def test_background_fill_fetches_everything_in_large_ranges(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(50)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = small_settings(
+        background_range_bytes=200_000, background_idle_seconds=0.0, background_share=1.0
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.start_background()
+    assert not f.start_background()
+    f.join_background(10)
+    assert all(c.digest in cache for c in chunks)
+    assert len(src.calls) <= 5
+    assert f.stats.background_chunks == 50
+
+
+def test_background_yields_to_foreground(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(30)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob), delay=0.3)
+    settings = small_settings(
+        background_range_bytes=20_000, background_idle_seconds=0.2, background_share=1.0
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    fg = threading.Thread(target=f.get_chunk, args=(chunks[-1],))
+    fg.start()
+    time.sleep(0.05)
+    f.start_background()
+    time.sleep(0.2)
+    # While the foreground request is in flight, the background fill has not started.
+    assert len(src.calls) == 1
+    fg.join()
+    f.close()
+    f.join_background(5)
+    assert f._bg_thread is not None and not f._bg_thread.is_alive()
