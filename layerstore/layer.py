@@ -1,0 +1,375 @@
+"""A resolved, verified eStargz layer: TOC index + chunk fetcher + cache.
+
+``Layer.read(ino, offset, size)`` serves file data: every byte comes from a chunk whose
+``chunkDigest`` matched (from the cache's pread fast path, or fetched and verified by the
+:class:`~layerstore.fetcher.ChunkFetcher`). ``Layer.read_blob`` serves the raw registry blob for
+the ``blob`` file (``podman push/save``): large ranges through a small read-ahead window, and the
+whole-blob sha256 is checked when the blob is read from start to end (the read that completes a
+mismatching blob fails, as does every later one).
+
+``info_json(scheme)`` renders the ``info`` file, decoded by containers/storage into its
+``Layer`` struct (json tags from ``layers.go``):
+
+* ``"compressed"`` (key = compressed digest, podman <= 5.0): ``compressed-diff-digest``,
+  ``compressed-size``, ``diff-digest`` (the DiffID), ``diff-size``, ``compression`` (2 = gzip),
+  ``uidset``, ``gidset``.
+* ``"toc"`` (key = TOC digest, podman >= 5.1): ``toc-digest``, ``diff-size`` (-1 when unknown,
+  which containers/storage allows only with a TOC digest), ``compressed-size``, ``compression``,
+  ``flags: {"expected-layer-diffid": DiffID}``, ``uidset``, ``gidset``.
+
+The uncompressed size: the layer annotation ``io.containers.estargz.uncompressed-size`` when the
+manifest has it. Otherwise, for the compressed-digest scheme (which needs a real number), it is
+the sum of the gzip ISIZE trailers of the blob's members: eStargz starts a member at every chunk
+offset, at the TOC and at the footer, so the 4 bytes before each of those boundaries are the
+uncompressed size of the member that ends there; they are fetched in one ``read_ranges`` call
+(batched) the first time the ``info`` is asked for. Sum of tar entry sizes from the TOC would not
+be exact (tar headers, PAX records, padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
+from layerstore.fetcher import ChunkFetcher, ChunkLike
+from layerstore.source import RangeSource
+
+log = structlog.get_logger(__name__)
+
+GZIP_COMPRESSION = 2  # containers/storage pkg/archive Gzip
+SCHEME_COMPRESSED = "compressed"
+SCHEME_TOC = "toc"
+MiB = 1024 * 1024
+
+
+class _Attr(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+class IndexLike(Protocol):
+    """What a layer needs of ``layerstore.toc.TOCIndex``."""
+
+    def chunks(self, ino: int) -> Sequence[Any]: ...
+
+    def chunk_at(self, ino: int, file_offset: int) -> int: ...
+
+    def getattr(self, ino: int) -> Any: ...
+
+    @property
+    def prefetch_landmark_offset(self) -> int | None: ...
+
+    def uids(self) -> Iterable[int]: ...
+
+    def gids(self) -> Iterable[int]: ...
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    prefetch_landmark: bool = True
+    background_fetch: bool = False
+    blob_readahead_bytes: int = 4 * MiB
+    """Minimum range fetched for the ``blob`` file; later sequential reads hit the window."""
+    blob_windows: int = 4
+    """Windows kept for concurrent sequential readers of the ``blob`` file."""
+    blob_reorder_bytes: int = 16 * MiB
+    """Out-of-order ``blob`` reads buffered for the whole-blob digest check."""
+
+
+def member_boundaries(
+    chunks: Iterable[ChunkLike], toc_offset: int, blob_size: int, footer_size: int
+) -> list[int]:
+    """Blob offsets where an eStargz gzip member ends (and the next begins), ascending."""
+    ends = {c.offset for c in chunks if c.offset > 0}
+    ends.add(toc_offset)
+    ends.add(blob_size - footer_size)
+    return sorted(e for e in ends if 4 <= e <= blob_size)
+
+
+class Layer:
+    """One eStargz layer; thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        compressed_digest: str,
+        toc_digest: str,
+        diff_id: str,
+        blob_size: int,
+        index: IndexLike,
+        source: RangeSource,
+        cache: ChunkCache,
+        fetcher: ChunkFetcher,
+        toc_offset: int,
+        footer_size: int,
+        uncompressed_size: int | None = None,
+        settings: LayerSettings | None = None,
+    ) -> None:
+        self.compressed_digest = compressed_digest
+        self.toc_digest = toc_digest
+        self.diff_id = diff_id
+        self.blob_size = blob_size
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.fetcher = fetcher
+        self.toc_offset = toc_offset
+        self.footer_size = footer_size
+        self.settings = settings or LayerSettings()
+        self._uncompressed_size = uncompressed_size
+        self._lock = threading.Lock()
+        self._size_lock = threading.Lock()
+        self._started = False
+        self._info: dict[str, bytes] = {}
+        self._ids: tuple[list[int], list[int]] | None = None
+        self._windows: OrderedDict[int, bytes] = OrderedDict()  # start offset -> bytes
+        self._blob_hash = hashlib.sha256()
+        self._blob_pos = 0
+        self._blob_pending: dict[int, bytes] = {}
+        self._blob_pending_bytes = 0
+        self._blob_bad = False
+        self._blob_verified = False
+        self.last_used = time.monotonic()
+        self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Start landmark prefetch and (if enabled) the background fill, once, in a thread."""
+        with self._lock:
+            if self._started:
+                return False
+            self._started = True
+        if not (self.settings.prefetch_landmark or self.settings.background_fetch):
+            return True
+        t = threading.Thread(target=self._warm, name="stargz-prefetch", daemon=True)
+        t.start()
+        return True
+
+    def _warm(self) -> None:
+        try:
+            end = self.index.prefetch_landmark_offset
+            if self.settings.prefetch_landmark and end:
+                self.fetcher.prefetch(end)
+        except Exception as e:  # logged; reads still work lazily
+            self._log.warning("landmark_prefetch_failed", error=str(e))
+        if self.settings.background_fetch:
+            self.fetcher.start_background()
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+    # --- info ------------------------------------------------------------------------------
+    def scheme_for(self, key: str) -> str:
+        """Which ``info`` a lookup by *key* wants: ``"toc"`` or ``"compressed"``."""
+        if key == self.compressed_digest:
+            return SCHEME_COMPRESSED
+        if key == self.toc_digest:
+            return SCHEME_TOC
+        raise ValueError(f"{key} names neither this layer's blob nor its TOC")
+
+    def _idsets(self) -> tuple[list[int], list[int]]:
+        if self._ids is None:
+            self._ids = (sorted(set(self.index.uids())), sorted(set(self.index.gids())))
+        return self._ids
+
+    @property
+    def uncompressed_size(self) -> int | None:
+        """The decompressed tar size if known (annotation, or computed earlier)."""
+        return self._uncompressed_size
+
+    def compute_uncompressed_size(self) -> int:
+        """The annotation value, else the sum of the members' gzip ISIZE trailers (fetched)."""
+        with self._size_lock:
+            if self._uncompressed_size is not None:
+                return self._uncompressed_size
+            bounds = member_boundaries(
+                self.fetcher.chunks, self.toc_offset, self.blob_size, self.footer_size
+            )
+            total = 0
+            for i in range(0, len(bounds), 512):
+                batch = bounds[i : i + 512]
+                try:
+                    trailers = self.source.read_ranges([(b - 4, 4) for b in batch])
+                except LayerStoreError:
+                    raise
+                except Exception as e:
+                    raise RegistryError(f"reading gzip trailers failed: {e}") from e
+                for t in trailers:
+                    if len(t) != 4:
+                        raise RegistryError("short gzip trailer read")
+                    total += struct.unpack("<I", t)[0]
+            self._log.info("uncompressed_size_computed", size=total, members=len(bounds))
+            self._uncompressed_size = total
+            return total
+
+    def info(self, scheme: str) -> dict[str, Any]:
+        uids, gids = self._idsets()
+        out: dict[str, Any]
+        if scheme == SCHEME_COMPRESSED:
+            out = {
+                "compressed-diff-digest": self.compressed_digest,
+                "compressed-size": self.blob_size,
+                "diff-digest": self.diff_id,
+                "diff-size": self.compute_uncompressed_size(),
+                "compression": GZIP_COMPRESSION,
+            }
+        elif scheme == SCHEME_TOC:
+            size = self._uncompressed_size
+            out = {
+                "toc-digest": self.toc_digest,
+                "diff-size": size if size is not None else -1,
+                "compressed-size": self.blob_size,
+                "compression": GZIP_COMPRESSION,
+                "flags": {"expected-layer-diffid": self.diff_id},
+            }
+        else:
+            raise ValueError(f"unknown key scheme {scheme!r}")
+        if uids:
+            out["uidset"] = uids
+        if gids:
+            out["gidset"] = gids
+        return out
+
+    def info_json(self, scheme: str) -> bytes:
+        with self._lock:
+            cached = self._info.get(scheme)
+        if cached is not None:
+            return cached
+        body = json.dumps(self.info(scheme), separators=(",", ":"), sort_keys=True).encode()
+        with self._lock:
+            self._info[scheme] = body
+        return body
+
+    # --- file data -------------------------------------------------------------------------
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Verified bytes of file *ino* at *offset*; short or empty at and past EOF."""
+        self.last_used = time.monotonic()
+        if not self._started:
+            self.start()
+        fsize = int(self.index.getattr(ino).size)
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(fsize, offset + size)
+        if offset >= end:
+            return b""
+        chunks = self.index.chunks(ino)
+        if not chunks:
+            raise FormatError(f"inode {ino} has {fsize} bytes but no chunks")
+        i = self.index.chunk_at(ino, offset)
+        needed: list[ChunkLike] = []
+        while i < len(chunks) and chunks[i].chunk_offset < end:
+            needed.append(chunks[i])
+            i += 1
+        pieces: list[bytes | None] = []
+        misses: list[int] = []
+        for n, c in enumerate(needed):
+            lo, hi = self._span(c, offset, end, fsize)
+            piece = (
+                self.cache.read(c.digest, lo, hi - lo) if c.digest.startswith("sha256:") else None
+            )
+            if piece is None or len(piece) != hi - lo:
+                misses.append(n)
+                pieces.append(None)
+            else:
+                pieces.append(piece)
+        if misses:
+            datas = self.fetcher.get_chunks([needed[n] for n in misses])
+            for n, data in zip(misses, datas):
+                lo, hi = self._span(needed[n], offset, end, fsize)
+                pieces[n] = data[lo:hi]
+        out = b"".join(p for p in pieces if p is not None)
+        if len(out) != end - offset:
+            raise FormatError(
+                f"inode {ino}: chunks cover {len(out)} of {end - offset} bytes at {offset}"
+            )
+        return out
+
+    @staticmethod
+    def _span(c: ChunkLike, offset: int, end: int, fsize: int) -> tuple[int, int]:
+        csize = c.chunk_size if c.chunk_size > 0 else fsize - c.chunk_offset
+        lo = max(offset, c.chunk_offset) - c.chunk_offset
+        hi = min(end, c.chunk_offset + csize) - c.chunk_offset
+        return lo, max(lo, hi)
+
+    # --- raw blob --------------------------------------------------------------------------
+    def read_blob(self, offset: int, size: int) -> bytes:
+        """Raw registry bytes of the blob at *offset* (short at the end)."""
+        self.last_used = time.monotonic()
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(self.blob_size, offset + size)
+        if offset >= end:
+            return b""
+        if self._blob_bad:
+            raise VerificationError(f"blob {self.compressed_digest} does not match its digest")
+        data = self._from_windows(offset, end)
+        if data is None:
+            length = max(end - offset, self.settings.blob_readahead_bytes)
+            length = min(length, self.blob_size - offset)
+            try:
+                window = self.source.read_at(offset, length)
+            except LayerStoreError:
+                raise
+            except Exception as e:
+                raise RegistryError(f"reading the blob failed: {e}") from e
+            if len(window) != length:
+                raise RegistryError(f"blob range of {length} bytes answered with {len(window)}")
+            with self._lock:
+                self._windows[offset] = window
+                while len(self._windows) > max(1, self.settings.blob_windows):
+                    self._windows.popitem(last=False)
+            data = window[: end - offset]
+        self._track_digest(offset, data)
+        return data
+
+    def _from_windows(self, offset: int, end: int) -> bytes | None:
+        with self._lock:
+            for start, window in self._windows.items():
+                if start <= offset and end <= start + len(window):
+                    self._windows.move_to_end(start)
+                    return window[offset - start : end - start]
+        return None
+
+    def _track_digest(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            if self._blob_verified or offset + len(data) <= self._blob_pos:
+                return
+            if offset > self._blob_pos:
+                fits = self._blob_pending_bytes + len(data) <= self.settings.blob_reorder_bytes
+                if fits and offset not in self._blob_pending:
+                    self._blob_pending[offset] = data
+                    self._blob_pending_bytes += len(data)
+                return
+            self._blob_hash.update(data[self._blob_pos - offset :])
+            self._blob_pos = offset + len(data)
+            while self._blob_pending:
+                ready = [o for o in self._blob_pending if o <= self._blob_pos]
+                if not ready:
+                    break
+                for o in sorted(ready):
+                    piece = self._blob_pending.pop(o)
+                    self._blob_pending_bytes -= len(piece)
+                    if o + len(piece) > self._blob_pos:
+                        self._blob_hash.update(piece[self._blob_pos - o :])
+                        self._blob_pos = o + len(piece)
+            if self._blob_pos < self.blob_size:
+                return
+            got = "sha256:" + self._blob_hash.hexdigest()
+            if got == self.compressed_digest:
+                self._blob_verified = True
+                self._log.info("blob_read_verified")
+                return
+            self._blob_bad = True
+        self._log.error("blob_digest_mismatch", got=got)
+        raise VerificationError(f"blob {self.compressed_digest} does not match its digest")

@@ -1,0 +1,447 @@
+"""(image reference, key) -> verified :class:`~layerstore.layer.Layer`.
+
+Both key schemes are served by one daemon: a key matches a manifest layer when it equals the
+layer's compressed digest (podman <= 5.0) or its ``containerd.io/snapshot/stargz/toc.digest``
+annotation (podman >= 5.1). Use :meth:`Layer.scheme_for` to know which ``info`` to render.
+
+Resolving a layer:
+
+1. the reference is parsed (:class:`ImageReferenceError`) and resolved through the registry
+   client (resolutions are cached per reference for ``resolve_ttl`` seconds, single-flight);
+2. the key is looked up in the manifest (:class:`LayerNotFoundError`); a layer without the TOC
+   digest annotation, or not gzip, is refused at once (:class:`NotEStargzError`) so podman falls
+   back to an ordinary pull;
+3. the TOC comes from the TOC cache, or from the blob's tail: ONE range request for the last
+   ``tail_guess_bytes`` bytes, and only when the TOC starts before that, one more for the rest;
+4. the TOC digest is checked against the annotation (which for TOC keys is the key) inside the
+   reader; nothing of the layer is served before that;
+5. a :class:`Layer` (index + fetcher + cache) is built once per compressed digest and shared by
+   every reference and key that name it.
+
+Concurrent ``get`` calls of the same (ref, key) share one resolution; failures are remembered for
+``negative_ttl`` seconds and then forgotten. ``use``/``release`` count users per (ref, key); the
+first ``use`` starts the landmark prefetch (and the background fill when enabled). Layers without
+users that have been idle for ``idle_drop_seconds`` are dropped from memory by :meth:`sweep`
+(their chunks stay in the disk cache).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Protocol, TypeVar
+
+import structlog
+
+from layerstore import digest as _digest
+from layerstore.cache import ChunkCache
+from layerstore.errors import (
+    FormatError,
+    LayerNotFoundError,
+    LayerStoreError,
+    LimitExceededError,
+    ManifestError,
+    NotEStargzError,
+    RegistryError,
+    TOCDigestMismatchError,
+)
+from layerstore.fetcher import ChunkFetcher, ChunkLike, DecodeFn, FetcherSettings
+from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.layer import IndexLike, Layer, LayerSettings
+from layerstore.reference import Reference, parse_reference
+from layerstore.source import RangeSource
+
+log = structlog.get_logger(__name__)
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+MAX_TOC_BYTES = 150 * 1024 * 1024
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ClientLike(Protocol):
+    """What the manager needs of ``layerstore.registry.RegistryClient``."""
+
+    def resolve(self, ref: Reference, platform: Any = None) -> Any: ...
+
+    def blob_source(self, ref: Any, digest: str, size: int) -> RangeSource: ...
+
+
+class ReaderLike(Protocol):
+    @property
+    def toc_digest(self) -> str: ...
+
+    @property
+    def index(self) -> Any: ...
+
+
+OpenTOC = Callable[[RangeSource, bytes, int, int, str], ReaderLike]
+"""(source, toc member bytes, toc offset, footer size, expected TOC digest) -> verified reader."""
+
+
+def _default_open_toc(
+    source: RangeSource, member: bytes, toc_offset: int, footer_size: int, expected: str
+) -> ReaderLike:
+    from layerstore.reader import EStargzReader
+
+    reader: ReaderLike = EStargzReader.from_toc_bytes(
+        source, member, toc_offset, footer_size, expected
+    )
+    return reader
+
+
+def _default_decode() -> DecodeFn:
+    from layerstore.reader import decode_chunk
+
+    fn: DecodeFn = decode_chunk
+    return fn
+
+
+def all_chunks(index: Any) -> list[ChunkLike]:
+    """Every chunk of every regular file in the index."""
+    for name in ("all_chunks", "iter_chunks"):
+        fn = getattr(index, name, None)
+        if callable(fn):
+            return list(fn())
+    out: list[ChunkLike] = []
+    for ino in index.file_inodes():
+        out.extend(index.chunks(ino))
+    return out
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    resolve_ttl: float = 60.0
+    """Seconds a reference's resolution (manifest + config) is reused."""
+    negative_ttl: float = 10.0
+    """Seconds a failed (ref, key) lookup is answered from memory."""
+    tail_guess_bytes: int = 64 * 1024
+    """First range request at the blob's end; the TOC of most layers fits in it."""
+    max_toc_bytes: int = MAX_TOC_BYTES
+    idle_drop_seconds: float = 600.0
+    background_concurrency: int = 2
+    """Background-fill range requests in flight across all layers."""
+    platform: Any = None
+    fetcher: FetcherSettings = field(default_factory=FetcherSettings)
+    layer: LayerSettings = field(default_factory=LayerSettings)
+
+
+class _SingleFlight(Generic[K, V]):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[K, Future[V]] = {}
+
+    def do(self, key: K, fn: Callable[[], V]) -> V:
+        with self._lock:
+            fut = self._calls.get(key)
+            owner = fut is None
+            if fut is None:
+                fut = Future()
+                self._calls[key] = fut
+        if not owner:
+            return fut.result()
+        try:
+            value = fn()
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        else:
+            fut.set_result(value)
+            return value
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+
+@dataclass
+class _Entry:
+    layer: Layer
+    users: int = 0
+
+
+class LayerManager:
+    """Thread-safe resolver and owner of layers."""
+
+    def __init__(
+        self,
+        client: ClientLike,
+        cache: ChunkCache,
+        settings: ManagerSettings | None = None,
+        *,
+        open_toc: OpenTOC | None = None,
+        decode: DecodeFn | None = None,
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.settings = settings or ManagerSettings()
+        self._open_toc = open_toc or _default_open_toc
+        self._decode = decode
+        self._lock = threading.Lock()
+        self._resolved: dict[str, tuple[float, Any]] = {}
+        self._negative: dict[tuple[str, str], tuple[float, LayerStoreError]] = {}
+        self._by_ref_key: dict[tuple[str, str], _Entry] = {}
+        self._by_digest: dict[str, Layer] = {}
+        self._sf_resolve: _SingleFlight[str, Any] = _SingleFlight()
+        self._sf_get: _SingleFlight[tuple[str, str], Layer] = _SingleFlight()
+        self._sf_layer: _SingleFlight[str, Layer] = _SingleFlight()
+        self._bg_slots = threading.Semaphore(max(1, self.settings.background_concurrency))
+        self.tail_requests = 0
+
+    # --- lookups ---------------------------------------------------------------------------
+    def get(self, ref: str, key: str) -> Layer:
+        """The verified layer *key* of image *ref*; raises a :class:`LayerStoreError`."""
+        rk = (ref, key)
+        with self._lock:
+            entry = self._by_ref_key.get(rk)
+            if entry is not None:
+                entry.layer.last_used = time.monotonic()
+                return entry.layer
+            neg = self._negative.get(rk)
+            if neg is not None:
+                if neg[0] > time.monotonic():
+                    raise neg[1].with_traceback(None)
+                del self._negative[rk]
+        try:
+            return self._sf_get.do(rk, lambda: self._get(ref, key))
+        except LayerStoreError as e:
+            with self._lock:
+                if len(self._negative) > 4096:
+                    now = time.monotonic()
+                    self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
+                self._negative[rk] = (time.monotonic() + self.settings.negative_ttl, e)
+            raise
+
+    def scheme(self, ref: str, key: str) -> str:
+        return self.get(ref, key).scheme_for(key)
+
+    def _get(self, ref: str, key: str) -> Layer:
+        bound = log.bind(ref=ref, key=key)
+        if not _digest.is_valid(key):
+            raise LayerNotFoundError(f"{key!r} is not a layer digest")
+        reference = parse_reference(ref)
+        image = self._resolve(ref, reference)
+        layers = tuple(image.manifest.layers)
+        diff_ids = tuple(image.config.diff_ids)
+        index = -1
+        for i, desc in enumerate(layers):
+            if desc.digest == key or desc.annotations.get(TOC_DIGEST_ANNOTATION) == key:
+                index = i
+                break
+        if index < 0:
+            raise LayerNotFoundError(f"image {ref} has no layer {key}")
+        desc = layers[index]
+        toc_digest = desc.annotations.get(TOC_DIGEST_ANNOTATION)
+        if not toc_digest:
+            raise NotEStargzError(f"layer {desc.digest} of {ref} is not eStargz (no TOC digest)")
+        if not _digest.is_valid(toc_digest):
+            raise NotEStargzError(f"layer {desc.digest} has an invalid TOC digest annotation")
+        if "gzip" not in desc.media_type:
+            raise NotEStargzError(f"layer {desc.digest} has media type {desc.media_type}")
+        if len(diff_ids) != len(layers):
+            raise ManifestError(
+                f"image {ref}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config"
+            )
+        diff_id = diff_ids[index]
+        layer = self._sf_layer.do(
+            desc.digest, lambda: self._layer(reference, desc, toc_digest, diff_id)
+        )
+        if layer.diff_id != diff_id:
+            bound.warning("layer_diff_id_differs", digest=desc.digest, other=diff_id)
+        if key not in (layer.compressed_digest, layer.toc_digest):
+            raise TOCDigestMismatchError(f"layer {desc.digest}: TOC digest is not {key}")
+        with self._lock:
+            self._by_ref_key.setdefault((ref, key), _Entry(layer))
+        bound.info("layer_resolved", digest=layer.compressed_digest, scheme=layer.scheme_for(key))
+        return layer
+
+    def _resolve(self, ref: str, reference: Reference) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._resolved.get(ref)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+
+        def do() -> Any:
+            image = self.client.resolve(reference, self.settings.platform)
+            with self._lock:
+                self._resolved[ref] = (time.monotonic() + self.settings.resolve_ttl, image)
+                if len(self._resolved) > 1024:
+                    t = time.monotonic()
+                    self._resolved = {k: v for k, v in self._resolved.items() if v[0] > t}
+            return image
+
+        return self._sf_resolve.do(ref, do)
+
+    # --- building a layer -----------------------------------------------------------------
+    def _layer(self, reference: Reference, desc: Any, toc_digest: str, diff_id: str) -> Layer:
+        with self._lock:
+            existing = self._by_digest.get(desc.digest)
+        if existing is not None:
+            return existing
+        bound = log.bind(ref=str(reference), digest=desc.digest, toc_digest=toc_digest)
+        t0 = time.monotonic()
+        blob_size = int(desc.size)
+        source = self.client.blob_source(reference, desc.digest, blob_size)
+        toc_name = f"{_digest.hex_part(desc.digest)}-{_digest.hex_part(toc_digest)}"
+        reader, toc_offset, footer_size, from_cache = None, 0, 0, False
+        stored = self.cache.get_toc(toc_name)
+        if stored is not None:
+            try:
+                header, member = stored.split(b"\n", 1)
+                meta = json.loads(header)
+                toc_offset, footer_size = int(meta["toc_offset"]), int(meta["footer_size"])
+                reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
+                from_cache = True
+            except (ValueError, KeyError, TypeError, LayerStoreError) as e:
+                bound.warning("toc_cache_entry_discarded", error=str(e))
+                self.cache.remove_toc(toc_name)
+                reader = None
+        if reader is None:
+            member, toc_offset, footer_size = self._fetch_toc_member(source, blob_size)
+            reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
+            header = json.dumps({"toc_offset": toc_offset, "footer_size": footer_size}).encode()
+            self.cache.put_toc(toc_name, header + b"\n" + member)
+        if reader.toc_digest != toc_digest:
+            raise TOCDigestMismatchError(
+                f"layer {desc.digest}: TOC digest {reader.toc_digest} is not {toc_digest}"
+            )
+        index: IndexLike = reader.index
+        decode = self._decode or _default_decode()
+        fetcher = ChunkFetcher(
+            source,
+            self.cache,
+            all_chunks(index),
+            decode,
+            self.settings.fetcher,
+            background_slots=self._bg_slots,
+            name=desc.digest,
+        )
+        size_ann = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
+        uncompressed: int | None = None
+        if size_ann is not None:
+            try:
+                uncompressed = int(size_ann)
+            except ValueError:
+                bound.warning("bad_uncompressed_size_annotation", value=size_ann[:40])
+            if uncompressed is not None and uncompressed < 0:
+                uncompressed = None
+        layer = Layer(
+            compressed_digest=desc.digest,
+            toc_digest=toc_digest,
+            diff_id=diff_id,
+            blob_size=blob_size,
+            index=index,
+            source=source,
+            cache=self.cache,
+            fetcher=fetcher,
+            toc_offset=toc_offset,
+            footer_size=footer_size,
+            uncompressed_size=uncompressed,
+            settings=self.settings.layer,
+        )
+        with self._lock:
+            self._by_digest[desc.digest] = layer
+        bound.info(
+            "layer_loaded",
+            toc_from_cache=from_cache,
+            chunks=len(fetcher.chunks),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return layer
+
+    def _fetch_toc_member(self, source: RangeSource, blob_size: int) -> tuple[bytes, int, int]:
+        """The TOC member bytes, in one tail request (two when the TOC is larger)."""
+        if blob_size < LEGACY_FOOTER_SIZE:
+            raise NotEStargzError(f"blob of {blob_size} bytes is too small for eStargz")
+        tail_len = min(blob_size, max(ESTARGZ_FOOTER_SIZE, self.settings.tail_guess_bytes))
+        tail_start = blob_size - tail_len
+        tail = self._read(source, [(tail_start, tail_len)])[0]
+        toc_offset, footer_size = parse_footer(tail)
+        toc_end = blob_size - footer_size
+        if not 0 <= toc_offset < toc_end:
+            raise FormatError(f"TOC offset {toc_offset} is outside the blob")
+        if toc_end - toc_offset > self.settings.max_toc_bytes:
+            raise LimitExceededError(
+                f"TOC of {toc_end - toc_offset} bytes exceeds {self.settings.max_toc_bytes}"
+            )
+        if toc_offset >= tail_start:
+            return tail[toc_offset - tail_start : tail_len - footer_size], toc_offset, footer_size
+        head = self._read(source, [(toc_offset, tail_start - toc_offset)])[0]
+        return head + tail[: tail_len - footer_size], toc_offset, footer_size
+
+    def _read(self, source: RangeSource, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        with self._lock:
+            self.tail_requests += 1
+        try:
+            out = source.read_ranges(ranges)
+        except LayerStoreError:
+            raise
+        except Exception as e:
+            raise RegistryError(f"reading the blob tail failed: {e}") from e
+        if [len(b) for b in out] != [n for _, n in ranges]:
+            raise RegistryError("blob tail range answered with the wrong length")
+        return out
+
+    # --- users -----------------------------------------------------------------------------
+    def use(self, ref: str, key: str) -> int:
+        layer = self.get(ref, key)
+        with self._lock:
+            entry = self._by_ref_key.setdefault((ref, key), _Entry(layer))
+            entry.users += 1
+            users = entry.users
+        log.info("layer_use", ref=ref, key=key, digest=layer.compressed_digest, users=users)
+        layer.start()
+        return users
+
+    def release(self, ref: str, key: str) -> int:
+        with self._lock:
+            entry = self._by_ref_key.get((ref, key))
+            if entry is None:
+                users = 0
+            else:
+                entry.users = max(0, entry.users - 1)
+                entry.layer.last_used = time.monotonic()
+                users = entry.users
+        log.info("layer_release", ref=ref, key=key, users=users)
+        return users
+
+    def users(self, ref: str, key: str) -> int:
+        with self._lock:
+            entry = self._by_ref_key.get((ref, key))
+            return entry.users if entry is not None else 0
+
+    def sweep(self) -> int:
+        """Drop from memory the layers without users idle for ``idle_drop_seconds``."""
+        cutoff = time.monotonic() - self.settings.idle_drop_seconds
+        dropped: list[Layer] = []
+        with self._lock:
+            busy = {id(e.layer) for e in self._by_ref_key.values() if e.users > 0}
+            for digest, layer in list(self._by_digest.items()):
+                if id(layer) in busy or layer.last_used > cutoff:
+                    continue
+                del self._by_digest[digest]
+                dropped.append(layer)
+            gone = {id(layer) for layer in dropped}
+            self._by_ref_key = {
+                k: e for k, e in self._by_ref_key.items() if id(e.layer) not in gone
+            }
+        for layer in dropped:
+            layer.close()
+            log.info("layer_dropped", digest=layer.compressed_digest)
+        return len(dropped)
+
+    def loaded(self) -> list[Layer]:
+        with self._lock:
+            return list(self._by_digest.values())
+
+    def close(self) -> None:
+        with self._lock:
+            layers = list(self._by_digest.values())
+        for layer in layers:
+            layer.close()
