@@ -1,0 +1,745 @@
+"""The FUSE protocol adapter: containers/storage's additional layer store (ALS) tree.
+
+This module only translates between pyfuse3 requests and the layer provider (the
+``layerstore.manager.LayerManager`` in the daemon, a fake in tests). It owns the inode table and
+the mapping of exceptions to errno; it knows nothing about registries or the eStargz format.
+Every call that may block (resolving a layer, reading bytes) runs in a worker thread via
+``trio.to_thread.run_sync`` with a capacity limiter, so the trio loop only does table look-ups.
+
+The tree::
+
+    /                                   root (readdir is empty)
+    /<base64(ref)>/                     any canonical std-base64 of a valid reference
+    /<base64(ref)>/<key>/               key = compressed blob digest or TOC digest
+    /<base64(ref)>/<key>/diff/          the layer's overlay view (the provider's TOCIndex)
+    /<base64(ref)>/<key>/info           JSON for the key's scheme
+    /<base64(ref)>/<key>/blob           the registry blob, read lazily
+    create(<key>/use)                   -> provider.use(ref, key); answers ENOENT
+    rmdir(<base64(ref)>/<key>)          -> provider.release(ref, key); answers ENOENT
+
+Inode numbers are global and stable for the life of the daemon: the store's own directories and
+files get numbers from a counter; each layer (by compressed digest) gets a block
+``[base, base + num_inodes]`` once, and a node of its index with local number ``i`` is
+``base + i`` (the same layer seen under two references or two keys has the same inodes). When
+the kernel forgets every inode of a layer, the adapter drops its reference to the layer object
+(the block's numbers stay reserved, so the numbers do not change if the layer comes back).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import errno
+import functools
+import os
+import re
+import stat
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from layerstore import errors as lse
+from stargz_store.config import FuseSettings
+from stargz_store.log import get_logger
+
+log = get_logger(__name__)
+
+# --- the collaborator interface (structural) ----------------------------------------------------
+
+
+class EntryAttrLike(Protocol):
+    @property
+    def ino(self) -> int: ...
+    @property
+    def mode(self) -> int: ...
+    @property
+    def nlink(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def rdev(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+class TOCIndexLike(Protocol):
+    @property
+    def root_ino(self) -> int: ...
+    @property
+    def num_inodes(self) -> int: ...
+    def lookup(self, parent_ino: int, name: str) -> int | None: ...
+    def getattr(self, ino: int) -> EntryAttrLike: ...
+    def readdir(self, ino: int) -> Sequence[tuple[str, int]]: ...
+    def readlink(self, ino: int) -> str: ...
+    def xattrs(self, ino: int) -> Mapping[str, bytes]: ...
+
+
+class LayerLike(Protocol):
+    @property
+    def compressed_digest(self) -> str: ...
+    @property
+    def toc_digest(self) -> str: ...
+    @property
+    def blob_size(self) -> int: ...
+    @property
+    def index(self) -> TOCIndexLike: ...
+    def info_json(self, scheme: str) -> bytes: ...
+    def read(self, ino: int, offset: int, size: int) -> bytes: ...
+    def read_blob(self, offset: int, size: int) -> bytes: ...
+
+
+class LayerProvider(Protocol):
+    def get(self, ref: str, key: str) -> LayerLike: ...
+    def use(self, ref: str, key: str) -> None: ...
+    def release(self, ref: str, key: str) -> None: ...
+
+
+# --- mount options ------------------------------------------------------------------------------
+
+
+def mount_options(settings: FuseSettings) -> set[str]:
+    """The option set for ``pyfuse3.init``, built explicitly.
+
+    ``suid`` and ``dev`` are given because libfuse mounts with MS_NOSUID|MS_NODEV unless told
+    otherwise, and setuid binaries and device nodes must work inside containers. The mount is
+    not ``ro``: the kernel would then refuse create(use) and rmdir(key) before asking us.
+    """
+    opts = {"fsname=stargz-store", "subtype=stargz-store", "default_permissions", "suid", "dev"}
+    if settings.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+# --- errno mapping ------------------------------------------------------------------------------
+
+# Errors that mean "this layer cannot be served here": the lookup fails with ENOENT and podman
+# pulls the layer itself. Expected ones are logged at info level, the rest as warnings.
+_EXPECTED_LOOKUP_ERRORS: tuple[type[BaseException], ...] = (
+    lse.NotEStargzError,
+    lse.LayerNotFoundError,
+    lse.NotFoundError,
+    lse.BlockedRegistryError,
+    lse.ImageReferenceError,
+    lse.DigestError,
+)
+
+
+def _fuse_error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(fn: F) -> F:
+    """Answer EIO (logged) for any exception that is not a FUSEError: never crash the loop."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except lse.LayerStoreError as exc:
+            log.warning(
+                "fuse_op_failed", op=fn.__name__, error=str(exc), error_type=type(exc).__name__
+            )
+            raise _fuse_error(errno.EIO) from None
+        except Exception as exc:
+            log.error("fuse_op_crashed", op=fn.__name__, error=repr(exc), exc_info=True)
+            raise _fuse_error(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+# --- the inode table ----------------------------------------------------------------------------
+
+_DIR_MODE = stat.S_IFDIR | 0o755
+_FILE_MODE = stat.S_IFREG | 0o444
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+
+
+@dataclass
+class _RefDir:
+    ino: int
+    name: str  # the base64 name
+    ref: str
+
+
+@dataclass
+class _KeyDir:
+    ino: int  # info = ino + 1, blob = ino + 2
+    ref_dir: _RefDir
+    key: str
+    layer: LayerLike | None = None
+    scheme: str = ""
+    info: bytes = b""
+    blob_size: int = 0
+    content_base: int = 0
+    lookups: int = 0  # kernel references to ino, ino+1, ino+2
+
+
+@dataclass
+class _Block:
+    base: int
+    size: int  # local numbers 0..size-1 are valid (0 unused)
+    digest: str
+    layer: LayerLike | None = None
+    lookups: int = 0
+
+
+@dataclass
+class _Handle:
+    kind: str  # "file", "info", "blob"
+    layer: LayerLike | None = None
+    local: int = 0
+    size: int = 0
+    data: bytes = b""
+
+
+@dataclass
+class _Negative:
+    expires: float
+    reason: str
+    errno: int
+
+
+@dataclass
+class _Stats:
+    lookups: int = 0
+    resolved: int = 0
+    failed: int = 0
+    negative_hits: int = 0
+    reads: int = 0
+    read_errors: int = 0
+
+
+def _default_validate_ref(ref: str) -> None:
+    """A syntactic sanity check, used when no reference parser is injected."""
+    if not ref or len(ref) > 4096 or any(c.isspace() or not c.isprintable() for c in ref):
+        raise lse.ImageReferenceError(f"invalid image reference {ref!r}")
+
+
+class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 request handlers for the ALS tree. One instance per mount."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        provider: LayerProvider,
+        settings: FuseSettings | None = None,
+        *,
+        validate_ref: Callable[[str], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._provider = provider
+        self._settings = settings if settings is not None else FuseSettings()
+        self._validate_ref = validate_ref or _default_validate_ref
+        self._clock = clock
+        self._lookup_limiter = trio.CapacityLimiter(self._settings.lookup_threads)
+        self._read_limiter = trio.CapacityLimiter(self._settings.read_threads)
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._ref_dirs: dict[str, _RefDir] = {}  # base64 name -> dir
+        self._ref_by_ino: dict[int, _RefDir] = {}
+        self._key_dirs: dict[tuple[str, str], _KeyDir] = {}  # (base64 name, key) -> dir
+        self._key_by_ino: dict[int, _KeyDir] = {}  # keydir, info and blob inodes -> dir
+        self._blocks: dict[str, _Block] = {}  # compressed digest -> block
+        self._block_starts: list[int] = []
+        self._block_list: list[_Block] = []
+        self._negative: dict[tuple[str, str], _Negative] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._started_ns = time.time_ns()
+        self.stats = _Stats()
+
+    # -- inode helpers ---------------------------------------------------------------------------
+
+    def _alloc(self, count: int) -> int:
+        ino = self._next_ino
+        self._next_ino += count
+        return ino
+
+    def _find_block(self, ino: int) -> _Block | None:
+        i = bisect.bisect_right(self._block_starts, ino) - 1
+        if i < 0:
+            return None
+        block = self._block_list[i]
+        if ino - block.base < block.size:
+            return block
+        return None
+
+    def _content(self, ino: int) -> tuple[LayerLike, int]:
+        block = self._find_block(ino)
+        if block is None or block.layer is None:
+            raise _fuse_error(errno.ENOENT)
+        return block.layer, ino - block.base
+
+    def _block_for(self, layer: LayerLike) -> _Block:
+        digest = layer.compressed_digest
+        size = layer.index.num_inodes + 1
+        block = self._blocks.get(digest)
+        if block is None or block.size < size:
+            block = _Block(base=self._alloc(size), size=size, digest=digest)
+            self._blocks[digest] = block
+            self._block_starts.append(block.base)
+            self._block_list.append(block)
+        if block.layer is not layer:
+            block.layer = layer
+        return block
+
+    def _dir_attr(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
+        return self._attr(ino, _DIR_MODE, 2, 0, timeout)
+
+    def _attr(
+        self, ino: int, mode: int, nlink: int, size: int, timeout: float
+    ) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        a.st_mode = mode
+        a.st_nlink = nlink
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_rdev = 0
+        a.st_size = size
+        a.st_blksize = 4096
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
+        return a
+
+    def _content_attr(self, ino: int, e: EntryAttrLike) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = self._settings.entry_timeout
+        a.attr_timeout = self._settings.attr_timeout
+        a.st_mode = e.mode
+        a.st_nlink = e.nlink
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        a.st_rdev = e.rdev
+        a.st_size = e.size
+        a.st_blksize = 4096
+        a.st_blocks = (e.size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        return a
+
+    def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
+        short = self._settings.store_dir_timeout
+        if ino == pyfuse3.ROOT_INODE:
+            return self._dir_attr(ino, short)
+        if ino in self._ref_by_ino:
+            return self._dir_attr(ino, short)
+        kd = self._key_by_ino.get(ino)
+        if kd is not None:
+            if ino == kd.ino:
+                return self._dir_attr(ino, short)
+            if ino == kd.ino + 1:
+                return self._attr(ino, _FILE_MODE, 1, len(kd.info), self._settings.attr_timeout)
+            return self._attr(ino, _FILE_MODE, 1, kd.blob_size, self._settings.attr_timeout)
+        layer, local = self._content(ino)
+        return self._content_attr(ino, layer.index.getattr(local))
+
+    def _count_lookup(self, ino: int) -> None:
+        if ino == pyfuse3.ROOT_INODE or ino in self._ref_by_ino:
+            return
+        kd = self._key_by_ino.get(ino)
+        if kd is not None:
+            kd.lookups += 1
+            return
+        block = self._find_block(ino)
+        if block is not None:
+            block.lookups += 1
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    @_guarded
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = await self._lookup(parent_inode, name)
+        self._count_lookup(attr.st_ino)
+        return attr
+
+    async def _lookup(self, parent: int, name_b: bytes) -> pyfuse3.EntryAttributes:
+        name = os.fsdecode(name_b)
+        if name == ".":
+            return self._attr_of(parent)
+        if parent == pyfuse3.ROOT_INODE:
+            return self._dir_attr(self._ref_dir(name).ino, self._settings.store_dir_timeout)
+        ref_dir = self._ref_by_ino.get(parent)
+        if ref_dir is not None:
+            resolved = await self._key_dir(ref_dir, name)
+            return self._dir_attr(resolved.ino, self._settings.store_dir_timeout)
+        kd = self._key_by_ino.get(parent)
+        if kd is not None:
+            if parent != kd.ino:
+                raise _fuse_error(errno.ENOTDIR)
+            return self._key_child(kd, name)
+        layer, local = self._content(parent)
+        child = layer.index.lookup(local, name)
+        if child is None:
+            raise _fuse_error(errno.ENOENT)
+        block = self._block_for(layer)
+        return self._content_attr(block.base + child, layer.index.getattr(child))
+
+    def _ref_dir(self, name: str) -> _RefDir:
+        rd = self._ref_dirs.get(name)
+        if rd is not None:
+            return rd
+        try:
+            raw = base64.b64decode(name.encode("ascii"), validate=True)
+            if base64.b64encode(raw).decode("ascii") != name:
+                raise ValueError("not canonical base64")
+            ref = raw.decode("utf-8")
+            self._validate_ref(ref)
+        except (ValueError, binascii.Error, UnicodeError, lse.LayerStoreError) as exc:
+            log.debug("lookup_bad_ref_dir", name=name, error=str(exc))
+            raise _fuse_error(errno.ENOENT) from None
+        rd = _RefDir(ino=self._alloc(1), name=name, ref=ref)
+        self._ref_dirs[name] = rd
+        self._ref_by_ino[rd.ino] = rd
+        return rd
+
+    async def _key_dir(self, ref_dir: _RefDir, key: str) -> _KeyDir:
+        self.stats.lookups += 1
+        if not _DIGEST_RE.fullmatch(key):
+            raise _fuse_error(errno.ENOENT)
+        slot = (ref_dir.name, key)
+        kd = self._key_dirs.get(slot)
+        if kd is not None and kd.layer is not None:
+            return kd
+        neg = self._negative.get(slot)
+        if neg is not None:
+            if neg.expires > self._clock():
+                self.stats.negative_hits += 1
+                raise _fuse_error(neg.errno)
+            del self._negative[slot]
+        ref = ref_dir.ref
+        started = self._clock()
+        try:
+            layer, scheme, info = await trio.to_thread.run_sync(
+                self._resolve, ref, key, limiter=self._lookup_limiter
+            )
+        except Exception as exc:
+            # Any failure makes containers/storage treat the layer as unknown and pull it
+            # itself. Store errors answer ENOENT; anything else is a bug: logged, EIO.
+            self.stats.failed += 1
+            expected = isinstance(exc, lse.LayerStoreError)
+            code = errno.ENOENT if expected else errno.EIO
+            expires = self._clock() + self._settings.negative_timeout
+            self._negative[slot] = _Negative(expires, type(exc).__name__, code)
+            fields = {"ref": ref, "key": key, "error_type": type(exc).__name__, "error": str(exc)}
+            if not expected:
+                log.error("layer_lookup_crashed", exc_info=True, **fields)
+            elif isinstance(exc, _EXPECTED_LOOKUP_ERRORS):
+                log.info("layer_lookup_failed", **fields)
+            else:
+                log.warning("layer_lookup_failed", **fields)
+            raise _fuse_error(code) from None
+        self.stats.resolved += 1
+        kd = self._key_dirs.get(slot)  # another request may have won the race
+        if kd is None:
+            kd = _KeyDir(ino=self._alloc(3), ref_dir=ref_dir, key=key)
+            self._key_dirs[slot] = kd
+            for i in range(3):
+                self._key_by_ino[kd.ino + i] = kd
+        kd.layer, kd.scheme, kd.info = layer, scheme, info
+        kd.blob_size = layer.blob_size
+        kd.content_base = self._block_for(layer).base
+        log.info(
+            "layer_resolved",
+            ref=ref,
+            key=key,
+            scheme=scheme,
+            seconds=round(self._clock() - started, 4),
+        )
+        return kd
+
+    def _resolve(self, ref: str, key: str) -> tuple[LayerLike, str, bytes]:
+        """Worker thread: get the layer and its ``info`` for the key's scheme."""
+        layer = self._provider.get(ref, key)
+        if key == layer.compressed_digest:
+            scheme = "compressed"
+        elif key == layer.toc_digest:
+            scheme = "toc"
+        else:
+            raise lse.LayerNotFoundError(
+                f"layer for key {key} has digest {layer.compressed_digest} and TOC digest "
+                f"{layer.toc_digest}"
+            )
+        info = layer.info_json(scheme)
+        # Touch the index once here, off the trio loop, in case it is built lazily.
+        _ = layer.index.num_inodes
+        return layer, scheme, info
+
+    def _key_child(self, kd: _KeyDir, name: str) -> pyfuse3.EntryAttributes:
+        layer = kd.layer
+        if layer is None:
+            raise _fuse_error(errno.ENOENT)
+        if name == "diff":
+            block = self._block_for(layer)
+            idx = layer.index
+            return self._content_attr(block.base + idx.root_ino, idx.getattr(idx.root_ino))
+        if name == "info":
+            return self._attr(kd.ino + 1, _FILE_MODE, 1, len(kd.info), self._settings.attr_timeout)
+        if name == "blob":
+            return self._attr(kd.ino + 2, _FILE_MODE, 1, kd.blob_size, self._settings.attr_timeout)
+        raise _fuse_error(errno.ENOENT)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for ino, n in inode_list:
+                kd = self._key_by_ino.get(ino)
+                if kd is not None:
+                    kd.lookups = max(0, kd.lookups - n)
+                    if kd.lookups == 0:
+                        kd.layer = None  # the (ref, key) is resolved again on the next lookup
+                    continue
+                block = self._find_block(ino)
+                if block is not None:
+                    block.lookups = max(0, block.lookups - n)
+                    if block.lookups == 0:
+                        block.layer = None
+        except Exception as exc:  # forget must never raise
+            log.error("fuse_forget_failed", error=repr(exc), exc_info=True)
+
+    @_guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr_of(inode)
+
+    @_guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        layer, local = self._content(inode)
+        if not stat.S_ISLNK(layer.index.getattr(local).mode):
+            raise _fuse_error(errno.EINVAL)
+        return os.fsencode(layer.index.readlink(local))
+
+    # -- directories -----------------------------------------------------------------------------
+
+    @_guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        attr = self._attr_of(inode)
+        if not stat.S_ISDIR(attr.st_mode):
+            raise _fuse_error(errno.ENOTDIR)
+        return inode
+
+    @_guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = fh
+        entries: list[tuple[bytes, pyfuse3.EntryAttributes]]
+        if ino == pyfuse3.ROOT_INODE or ino in self._ref_by_ino:
+            return  # the store's top levels are not listed
+        kd = self._key_by_ino.get(ino)
+        if kd is not None:
+            if kd.layer is None:
+                return
+            entries = [(os.fsencode(n), self._key_child(kd, n)) for n in ("blob", "diff", "info")]
+            self._reply_entries(token, entries, start_id)
+            return
+        layer, local = self._content(ino)
+        block = self._block_for(layer)
+        idx = layer.index
+        children = idx.readdir(local)
+        for i in range(start_id, len(children)):
+            name, child = children[i]
+            attr = self._content_attr(block.base + child, idx.getattr(child))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+                return
+            block.lookups += 1
+
+    def _reply_entries(
+        self,
+        token: pyfuse3.ReaddirToken,
+        entries: list[tuple[bytes, pyfuse3.EntryAttributes]],
+        start_id: int,
+    ) -> None:
+        for i in range(start_id, len(entries)):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            self._count_lookup(attr.st_ino)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- files -----------------------------------------------------------------------------------
+
+    @_guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise _fuse_error(errno.EROFS)
+        kd = self._key_by_ino.get(inode)
+        if kd is not None:
+            if inode == kd.ino:
+                raise _fuse_error(errno.EISDIR)
+            if kd.layer is None:
+                raise _fuse_error(errno.ENOENT)
+            if inode == kd.ino + 1:
+                handle = _Handle("info", data=kd.info, size=len(kd.info))
+            else:
+                handle = _Handle("blob", layer=kd.layer, size=kd.blob_size)
+        elif inode == pyfuse3.ROOT_INODE or inode in self._ref_by_ino:
+            raise _fuse_error(errno.EISDIR)
+        else:
+            layer, local = self._content(inode)
+            attr = layer.index.getattr(local)
+            if not stat.S_ISREG(attr.mode):
+                raise _fuse_error(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EACCES)
+            handle = _Handle("file", layer=layer, local=local, size=attr.size)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True, nonseekable=False)
+
+    @_guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise _fuse_error(errno.EBADF)
+        if off >= handle.size or size <= 0:
+            return b""
+        size = min(size, handle.size - off)
+        if handle.kind == "info":
+            return handle.data[off : off + size]
+        layer = handle.layer
+        assert layer is not None
+        self.stats.reads += 1
+        try:
+            if handle.kind == "blob":
+                return await trio.to_thread.run_sync(
+                    layer.read_blob, off, size, limiter=self._read_limiter
+                )
+            return await trio.to_thread.run_sync(
+                layer.read, handle.local, off, size, limiter=self._read_limiter
+            )
+        except (lse.VerificationError, lse.RegistryError, lse.CacheError) as exc:
+            self.stats.read_errors += 1
+            log.error(
+                "read_failed",
+                kind=handle.kind,
+                digest=layer.compressed_digest,
+                ino=handle.local,
+                offset=off,
+                size=size,
+                error_type=type(exc).__name__,
+                error=str(exc),
+            )
+            raise _fuse_error(errno.EIO) from None
+        except Exception:
+            self.stats.read_errors += 1
+            raise
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # -- xattrs and statfs -----------------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> Mapping[str, bytes]:
+        if inode == pyfuse3.ROOT_INODE or inode in self._ref_by_ino or inode in self._key_by_ino:
+            self._attr_of(inode)
+            return {}
+        layer, local = self._content(inode)
+        return layer.index.xattrs(local)
+
+    @_guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(os.fsdecode(name))
+        if value is None:
+            raise _fuse_error(pyfuse3.ENOATTR)
+        return value
+
+    @_guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return [os.fsencode(n) for n in self._xattrs(inode)]
+
+    @_guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = self._next_ino
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- use / release ---------------------------------------------------------------------------
+
+    @_guarded
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        kd = self._key_by_ino.get(parent_inode)
+        if kd is None or parent_inode != kd.ino or name != b"use":
+            raise _fuse_error(errno.EROFS)
+        ref, key = kd.ref_dir.ref, kd.key
+        try:
+            await trio.to_thread.run_sync(
+                self._provider.use, ref, key, limiter=self._lookup_limiter
+            )
+            log.debug("layer_use", ref=ref, key=key)
+        except Exception as exc:
+            log.warning("layer_use_failed", ref=ref, key=key, error=repr(exc))
+        # containers/storage expects ENOENT from a store that counts users.
+        raise _fuse_error(errno.ENOENT)
+
+    @_guarded
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        ref_dir = self._ref_by_ino.get(parent_inode)
+        key = os.fsdecode(name)
+        if ref_dir is None or not _DIGEST_RE.fullmatch(key):
+            raise _fuse_error(errno.EROFS)
+        try:
+            await trio.to_thread.run_sync(
+                self._provider.release, ref_dir.ref, key, limiter=self._lookup_limiter
+            )
+            log.debug("layer_release", ref=ref_dir.ref, key=key)
+        except Exception as exc:
+            log.warning("layer_release_failed", ref=ref_dir.ref, key=key, error=repr(exc))
+        raise _fuse_error(errno.ENOENT)
+
+    # -- everything that would write -------------------------------------------------------------
+
+    async def _readonly(self, *args: Any, **kwargs: Any) -> Any:
+        raise _fuse_error(errno.EROFS)
+
+    setattr = _readonly
+    mknod = _readonly
+    mkdir = _readonly
+    unlink = _readonly
+    symlink = _readonly
+    rename = _readonly
+    link = _readonly
+    write = _readonly
+    setxattr = _readonly
+    removexattr = _readonly
+
+
+def ino_base_of(ops: StoreOperations, digest: str) -> int | None:
+    """The inode block base of a layer (tests and diagnostics)."""
+    block = ops._blocks.get(digest)
+    return None if block is None else block.base

@@ -1,0 +1,274 @@
+"""The FUSE adapter over a real mount (in-process, trio in a thread) and a fake layer provider."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from layerstore import errors as lse
+from stargz_store.config import FuseSettings
+from stargz_store.fusefs import StoreOperations, ino_base_of, mount_options
+from tests import fuse_util as fu
+
+ok, why = fu.fuse_available()
+pytestmark = [pytest.mark.fuse, pytest.mark.skipif(not ok, reason=why), pytest.mark.timeout(60)]
+
+
+@dataclass
+class Store:
+    mp: Path
+    mgr: fu.FakeManager
+    ops: StoreOperations
+    layer: fu.FakeLayer
+    other: fu.FakeLayer
+
+    @property
+    def refdir(self) -> Path:
+        return self.mp / fu.b64(fu.REF)
+
+    @property
+    def keydir(self) -> Path:
+        return self.refdir / self.layer.compressed_digest
+
+    @property
+    def diff(self) -> Path:
+        return self.keydir / "diff"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    mgr = fu.FakeManager()
+    layer = mgr.add(fu.REF, fu.FakeLayer(fu.sample_tree()))
+    other = mgr.add(fu.REF, fu.FakeLayer({"a": fu.file(b"A")}, blob_error=lse.RangeError("short")))
+    mgr.errors[(fu.REF, "sha256:" + "e" * 64)] = lse.NotEStargzError("plain gzip")
+    mgr.errors[(fu.REF, "sha256:" + "f" * 64)] = RuntimeError("provider bug")
+    from layerstore.reference import parse_reference
+
+    settings = FuseSettings(negative_timeout=1.0, store_dir_timeout=0.0)
+    ops = StoreOperations(mgr, settings, validate_ref=parse_reference)
+    mp = tmp_path_factory.mktemp("fusefs") / "mnt"
+    with fu.mounted_ops(ops, mp, mount_options(settings)) as mounted:
+        yield Store(mounted, mgr, ops, layer, other)
+    assert not fu.is_mounted(mp)
+
+
+def test_mount_options(store: Store) -> None:
+    entry = fu.mount_entry(store.mp)
+    assert entry is not None
+    opts = entry["options"].split(",")
+    assert "nosuid" not in opts and "nodev" not in opts
+    assert entry["fstype"] == "fuse.stargz-store"
+    assert entry["source"] == "stargz-store"
+    assert "allow_other" in entry["super_options"]
+    assert "default_permissions" in entry["super_options"]
+
+
+def test_root_and_ref_dir(store: Store) -> None:
+    assert os.listdir(store.mp) == []
+    assert stat.S_ISDIR(os.stat(store.refdir).st_mode)
+    # any valid reference is a directory, lazily; nothing is asked of the provider
+    before = store.mgr.count("get")
+    assert os.path.isdir(store.mp / fu.b64("docker.io/library/anything:latest"))
+    assert store.mgr.count("get") == before
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["not base64!", "YWJj=", fu.b64("UPPER/Case:bad ref"), fu.b64("a b"), "++++", "YQ"],
+)
+def test_bad_ref_dirs_are_enoent_fast(store: Store, name: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        os.stat(store.mp / name)
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_key_dir_both_schemes(store: Store) -> None:
+    for key, scheme_field in (
+        (store.layer.compressed_digest, "compressed-diff-digest"),
+        (store.layer.toc_digest, "toc-digest"),
+    ):
+        kd = store.refdir / key
+        assert sorted(os.listdir(kd)) == ["blob", "diff", "info"]
+        info = json.loads((kd / "info").read_bytes())
+        assert info[scheme_field] == key
+        assert os.stat(kd / "info").st_size == len((kd / "info").read_bytes())
+    # one layer under two keys has the same inodes (one block)
+    a = os.stat(store.refdir / store.layer.compressed_digest / "diff" / "etc" / "hostname")
+    b = os.stat(store.refdir / store.layer.toc_digest / "diff" / "etc" / "hostname")
+    assert a.st_ino == b.st_ino
+    base = ino_base_of(store.ops, store.layer.compressed_digest)
+    assert base is not None and a.st_ino == base + store.layer.index.ino("etc/hostname")
+
+
+def test_unknown_and_failing_keys_are_enoent_and_cached(store: Store) -> None:
+    cases = [
+        ("sha256:" + "0" * 64, errno.ENOENT),  # LayerNotFoundError
+        ("sha256:" + "e" * 64, errno.ENOENT),  # NotEStargzError
+        ("sha256:" + "f" * 64, errno.EIO),  # a bug in the provider: EIO, logged
+    ]
+    for key, code in cases:
+        before = store.mgr.count("get")
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as info:
+            os.stat(store.refdir / key / "diff")
+        assert info.value.errno == code
+        assert time.monotonic() - t0 < 0.5
+        assert store.mgr.count("get") == before + 1
+        with pytest.raises(OSError) as info:  # negative cache: the provider is not asked
+            os.stat(store.refdir / key)
+        assert info.value.errno == code
+        assert store.mgr.count("get") == before + 1
+    time.sleep(1.1)  # negative_timeout = 1 s
+    before = store.mgr.count("get")
+    with pytest.raises(FileNotFoundError):
+        os.stat(store.refdir / ("sha256:" + "0" * 64))
+    assert store.mgr.count("get") == before + 1
+    # malformed keys never reach the provider
+    before = store.mgr.count("get")
+    for bad in ("sha256:abc", "latest", "md5:" + "0" * 32):
+        with pytest.raises(FileNotFoundError):
+            os.stat(store.refdir / bad)
+    assert store.mgr.count("get") == before
+
+
+def test_getattr_readdir_read(store: Store) -> None:
+    d = store.diff
+    assert sorted(os.listdir(d)) == sorted(
+        ["bin", "broken", "dev", "etc", "home", "opaque", "run", "var"]
+    )
+    assert (d / "etc" / "hostname").read_bytes() == b"sample\n"
+    big = (d / "etc" / "big").read_bytes()
+    assert big == bytes(range(256)) * 4096
+    with open(d / "etc" / "big", "rb") as f:
+        f.seek(1000)
+        assert f.read(10) == (bytes(range(256)) * 4096)[1000:1010]
+    st = os.stat(d / "home" / "user" / "owned")
+    assert (st.st_uid, st.st_gid, st.st_size) == (1000, 1000, 1)
+    assert st.st_mtime_ns == 1_700_000_000_000_000_000
+    # readdirplus attributes agree with lookups
+    with os.scandir(d / "etc") as it:
+        seen = {e.name: e.inode() for e in it}
+    assert seen["hostname"] == os.stat(d / "etc" / "hostname").st_ino
+
+
+def test_special_files(store: Store) -> None:
+    d = store.diff
+    wh = os.lstat(d / "var" / "deleted")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    dev = os.lstat(d / "dev" / "null")
+    assert stat.S_ISCHR(dev.st_mode) and os.major(dev.st_rdev) == 1 and os.minor(dev.st_rdev) == 3
+    assert stat.S_ISFIFO(os.lstat(d / "run" / "fifo").st_mode)
+    su = os.lstat(d / "bin" / "su")
+    assert su.st_mode & stat.S_ISUID and stat.S_IMODE(su.st_mode) == 0o4755
+    assert os.readlink(d / "bin" / "sh") == "busybox"
+    assert stat.S_ISLNK(os.lstat(d / "bin" / "sh").st_mode)
+    h1, h2 = os.stat(d / "etc" / "hard"), os.stat(d / "etc" / "hard2")
+    assert h1.st_ino == h2.st_ino and h1.st_nlink == 2 == h2.st_nlink
+    assert (d / "etc" / "hard2").read_bytes() == b"shared inode\n"
+
+
+def test_opaque_xattrs(store: Store) -> None:
+    p = store.diff / "opaque"
+    assert os.getxattr(p, "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(p, "user.overlay.opaque") == b"y"
+    assert sorted(os.listxattr(p)) == ["trusted.overlay.opaque", "user.overlay.opaque"]
+    with pytest.raises(OSError) as info:
+        os.getxattr(store.diff / "etc", "user.overlay.opaque")
+    assert info.value.errno == errno.ENODATA
+    assert os.listxattr(store.keydir) == []
+
+
+def test_blob_is_lazy_registry_bytes(store: Store) -> None:
+    blob = store.keydir / "blob"
+    assert os.stat(blob).st_size == store.layer.blob_size
+    assert blob.read_bytes() == store.layer.blob
+
+
+def test_use_and_release(store: Store) -> None:
+    key = store.layer.compressed_digest
+    before_use, before_rel = store.mgr.count("use"), store.mgr.count("release")
+    with pytest.raises(FileNotFoundError):
+        open(store.keydir / "use", "w").close()
+    assert store.mgr.count("use") == before_use + 1
+    assert ("use", fu.REF, key) in store.mgr.calls
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(store.keydir)
+    assert store.mgr.count("release") == before_rel + 1
+    assert ("release", fu.REF, key) in store.mgr.calls
+    # still served afterwards
+    assert (store.diff / "etc" / "hostname").read_bytes() == b"sample\n"
+
+
+def test_read_errors_are_eio_and_serving_continues(store: Store) -> None:
+    for name in ("bad", "crash", "remote"):
+        with pytest.raises(OSError) as info:
+            fu.run_with_timeout(lambda n=name: (store.diff / "broken" / n).read_bytes(), 10)
+        assert info.value.errno == errno.EIO, name
+    other_blob = store.refdir / store.other.compressed_digest / "blob"
+    with pytest.raises(OSError) as info:
+        other_blob.read_bytes()
+    assert info.value.errno == errno.EIO
+    assert (store.diff / "etc" / "hostname").read_bytes() == b"sample\n"
+    assert store.ops.stats.read_errors >= 4
+
+
+def test_read_only(store: Store) -> None:
+    d = store.diff
+    cases = [
+        lambda: open(d / "etc" / "hostname", "w"),  # noqa: SIM115
+        lambda: open(d / "etc" / "new", "w"),  # noqa: SIM115
+        lambda: os.mkdir(d / "newdir"),
+        lambda: os.unlink(d / "etc" / "hostname"),
+        lambda: os.rename(d / "etc" / "hostname", d / "etc" / "x"),
+        lambda: os.symlink("x", d / "link"),
+        lambda: os.chmod(d / "etc" / "hostname", 0o777),
+        lambda: os.setxattr(d / "etc", "user.x", b"1"),
+        lambda: os.mkdir(store.mp / "x"),
+    ]
+    for case in cases:
+        with pytest.raises(OSError) as info:
+            case()
+        assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), info.value
+
+
+def test_statfs(store: Store) -> None:
+    st = os.statvfs(store.mp)
+    assert st.f_bsize == 4096 and st.f_namemax == 255
+
+
+def test_forget_drops_layer_but_keeps_inode_numbers(store: Store) -> None:
+    p = store.diff / "etc" / "hostname"
+    ino = os.stat(p).st_ino
+    base = ino_base_of(store.ops, store.layer.compressed_digest)
+    # ask the kernel to drop its dentries and inodes: forget arrives, counts go to 0
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    time.sleep(0.2)
+    assert os.stat(p).st_ino == ino
+    assert ino_base_of(store.ops, store.layer.compressed_digest) == base
+
+
+def test_concurrent_lookups_resolve(store: Store, tmp_path: Path) -> None:
+    import threading
+
+    keys = [store.layer.compressed_digest, store.layer.toc_digest, store.other.compressed_digest]
+    results: list[bool] = []
+
+    def worker(k: str) -> None:
+        results.append((store.refdir / k / "diff").is_dir())
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in keys * 5]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [True] * len(threads)
