@@ -24,6 +24,10 @@ sources are the mirrors in order (all of them only for digest pulls when
 ``digest-only``, ``tag-only``), then the primary ``location``; each with the prefix part of
 ``name`` replaced by its location. No matching table: the name itself, secure.
 
+``PullSource`` is ``layerstore.registry.PullSource`` (re-exported here): ``location`` is the
+rewritten repository name ``host[:port]/path`` (no tag or digest), ``insecure`` allows plain
+HTTP and unverified TLS, ``mirror`` tells a mirror from the primary location.
+
 Unknown keys are tolerated (podman's file has many we do not use); malformed TOML, wrong value
 types and the consistency errors upstream refuses raise RegistriesConfError.
 """
@@ -39,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from layerstore.errors import BlockedRegistryError, LayerStoreError
+
+# The registry client's type (layerstore.registry does not import this module: no cycle).
+from layerstore.registry import PullSource
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,19 +74,20 @@ _V2_KEYS = (
 )
 
 
+__all__ = [
+    "Mirror",
+    "PullSource",
+    "RegistriesConf",
+    "RegistriesConfError",
+    "Registry",
+    "describe",
+    "match_prefix",
+    "parse_registries_conf",
+]
+
+
 class RegistriesConfError(LayerStoreError, ValueError):
     """A registries.conf file (or drop-in) is malformed or inconsistent."""
-
-
-@dataclass(frozen=True)
-class PullSource:
-    """One place to pull from: ``location`` is the rewritten repository name
-    (``host[:port]/path``, no tag or digest), ``insecure`` allows plain HTTP and unverified TLS,
-    ``mirror`` tells a mirror from the primary location."""
-
-    location: str
-    insecure: bool
-    mirror: bool
 
 
 @dataclass(frozen=True)
