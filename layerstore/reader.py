@@ -1,0 +1,382 @@
+"""Open an eStargz (or legacy stargz) blob: footer -> TOC -> digest check -> TOCIndex.
+
+Reading a layer costs two ranged reads: the tail (footer, and the TOC too when the tail hint is
+large enough) and ``[toc_offset, blob_size - footer_size)``. The TOC member is a gzip member
+holding a tar header and ``stargz.index.json``; it is inflated with an output cap
+(``max_toc_size`` plus a little tar overhead) so that a gzip bomb cannot exhaust memory, and the
+compressed region itself is bounded before it is fetched.
+
+File data is verified chunk by chunk: :func:`decode_chunk` inflates ``[offset,
+compressed_end)``, skips ``inner_offset`` and checks sha256 against ``chunkDigest``; bytes that
+fail are never returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import zlib
+from collections.abc import Sequence
+
+from layerstore.errors import (
+    ChunkDigestMismatchError,
+    FormatError,
+    LimitExceededError,
+    NotEStargzError,
+    TOCDigestMismatchError,
+)
+from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.source import RangeSource
+from layerstore.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
+
+DEFAULT_MAX_TOC_SIZE = 150 * 2**20
+"""Cap on the TOC JSON (containers/storage uses the same 150 MiB)."""
+
+TOC_TAR_OVERHEAD = 64 * 1024
+"""Decompressed bytes allowed in the TOC member besides the JSON (tar headers, padding, end)."""
+
+DEFAULT_TAIL_FETCH = 64 * 1024
+"""First read from the end of a blob: the footer, and often the whole TOC member."""
+
+_GZIP = 31  # zlib wbits: gzip wrapper, 32 KiB window
+
+
+def tail_fetch_size(blob_size: int, hint: int = DEFAULT_TAIL_FETCH) -> int:
+    """How many bytes to read first from the end of a blob of *blob_size* bytes.
+
+    At least the 51-byte footer (or the whole blob when smaller); a larger *hint* often brings
+    the TOC member in the same request (see :meth:`EStargzReader.open`).
+    """
+    return max(0, min(blob_size, max(hint, ESTARGZ_FOOTER_SIZE)))
+
+
+def max_toc_member_size(max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> int:
+    """Largest compressed TOC region accepted (stored deflate blocks cost ~0.01 %)."""
+    return max_toc_size + max_toc_size // 64 + TOC_TAR_OVERHEAD
+
+
+def toc_region(
+    blob_size: int, toc_offset: int, footer_size: int, max_toc_size: int = DEFAULT_MAX_TOC_SIZE
+) -> tuple[int, int]:
+    """``(offset, length)`` of the TOC member, validated against the blob and the size cap."""
+    end = blob_size - footer_size
+    if not 0 <= toc_offset < end:
+        raise FormatError(
+            f"footer points at TOC offset {toc_offset}, outside the blob of {blob_size} bytes"
+        )
+    length = end - toc_offset
+    if length > max_toc_member_size(max_toc_size):
+        raise LimitExceededError(
+            f"TOC member of {length} bytes exceeds the limit for a {max_toc_size}-byte TOC"
+        )
+    return toc_offset, length
+
+
+def inflate_toc_member(member: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:
+    """Gunzip the TOC member (one or more gzip members), refusing output beyond the cap."""
+    cap = max_toc_size + TOC_TAR_OVERHEAD
+    parts: list[bytes] = []
+    total = 0
+    data: bytes | memoryview = memoryview(member)
+    if not member:
+        raise FormatError("empty TOC member")
+    try:
+        while True:
+            d = zlib.decompressobj(_GZIP)
+            buf = data
+            while True:
+                out = d.decompress(buf, cap + 1 - total)
+                total += len(out)
+                if total > cap:
+                    raise LimitExceededError(
+                        f"TOC member inflates to more than {cap} bytes (limit {max_toc_size})"
+                    )
+                parts.append(out)
+                if d.eof:
+                    break
+                buf = d.unconsumed_tail
+                if not buf:
+                    raise FormatError("TOC gzip member is truncated")
+            if not d.unused_data:
+                break
+            data = d.unused_data
+    except zlib.error as exc:
+        raise FormatError(f"TOC member is not valid gzip: {exc}") from None
+    return b"".join(parts)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        if field[0] & 0x40:
+            raise FormatError("negative number in the TOC tar header")
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    s = field.replace(b"\x00", b" ").strip()
+    if not s:
+        return 0
+    try:
+        return int(s, 8)
+    except ValueError:
+        raise FormatError(f"bad number {field!r} in the TOC tar header") from None
+
+
+def _check_tar_checksum(hdr: bytes) -> None:
+    want = _tar_number(hdr[148:156])
+    unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
+    if want != unsigned:
+        signed = unsigned - 2 * sum(b for b in hdr if b > 127)
+        if want != signed:
+            raise FormatError("TOC tar header checksum mismatch")
+
+
+def _parse_pax(payload: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload):
+        sp = payload.find(b" ", pos)
+        if sp < 0:
+            raise FormatError("malformed PAX header in the TOC member")
+        try:
+            length = int(payload[pos:sp])
+        except ValueError:
+            raise FormatError("malformed PAX header in the TOC member") from None
+        rec = payload[sp + 1 : pos + length]
+        if length <= sp - pos or pos + length > len(payload) or not rec.endswith(b"\n"):
+            raise FormatError("malformed PAX record in the TOC member")
+        key, eq, value = rec[:-1].partition(b"=")
+        if not eq:
+            raise FormatError("malformed PAX record in the TOC member")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def extract_toc_json(tar: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:
+    """The content of the ``stargz.index.json`` tar entry at the start of *tar*."""
+    pos = 0
+    override_name: str | None = None
+    override_size: int | None = None
+    while True:
+        hdr = tar[pos : pos + 512]
+        if len(hdr) < 512 or hdr == bytes(512):
+            raise FormatError(f"the TOC member has no {TOC_TAR_NAME} tar entry")
+        _check_tar_checksum(hdr)
+        size = _tar_number(hdr[124:136]) if override_size is None else override_size
+        typeflag = hdr[156:157]
+        body = pos + 512
+        if typeflag in (b"x", b"g", b"L"):
+            if size > TOC_TAR_OVERHEAD or body + size > len(tar):
+                raise FormatError("oversized or truncated extended header in the TOC member")
+            payload = tar[body : body + size]
+            if typeflag == b"x":
+                pax = _parse_pax(payload)
+                if "path" in pax:
+                    override_name = pax["path"]
+                if "size" in pax:
+                    try:
+                        override_size = int(pax["size"])
+                    except ValueError:
+                        raise FormatError("bad PAX size in the TOC member") from None
+            elif typeflag == b"L":
+                override_name = payload.split(b"\x00", 1)[0].decode("utf-8", "replace")
+            pos = body + (size + 511) // 512 * 512
+            continue
+        if override_name is not None:
+            name = override_name
+        else:
+            raw = hdr[:100].split(b"\x00", 1)[0]
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\x00", 1)[0]
+                if prefix:
+                    raw = prefix + b"/" + raw
+            name = raw.decode("utf-8", "replace")
+        if name != TOC_TAR_NAME:
+            raise FormatError(f"the TOC member holds {name[:100]!r}, not {TOC_TAR_NAME}")
+        if typeflag not in (b"0", b"\x00", b"7"):
+            raise FormatError(f"{TOC_TAR_NAME} is not a regular file in the TOC member")
+        if size > max_toc_size:
+            raise LimitExceededError(f"TOC of {size} bytes exceeds the limit of {max_toc_size}")
+        if body + size > len(tar):
+            raise FormatError(f"{TOC_TAR_NAME} is truncated in the TOC member")
+        return tar[body : body + size]
+
+
+def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
+    """Inflate *compressed* (the blob bytes from ``chunk.offset``, possibly several gzip
+    members), skip ``chunk.inner_offset``, take ``chunk.chunk_size`` bytes and verify them.
+
+    Raises :class:`ChunkDigestMismatchError` when the sha256 differs from ``chunk.digest`` and
+    :class:`FormatError` when the data is not gzip or ends early. Pure and thread-safe.
+    """
+    need = chunk.inner_offset + chunk.chunk_size
+    buf = memoryview(compressed)
+    parts: list[bytes] = []
+    have = 0
+    pos = 0
+    try:
+        while have < need:
+            if pos >= len(buf):
+                raise FormatError(
+                    f"chunk at {chunk.offset} inflates to {have} of {need} bytes: data ends early"
+                )
+            d = zlib.decompressobj(_GZIP)
+            data: bytes | memoryview = buf[pos:]
+            while True:
+                out = d.decompress(data, need - have)
+                if out:
+                    parts.append(out)
+                    have += len(out)
+                if have >= need or d.eof:
+                    break
+                data = d.unconsumed_tail
+                if not data:
+                    raise FormatError(f"chunk at {chunk.offset}: gzip member is truncated")
+            if have >= need:
+                break
+            pos = len(buf) - len(d.unused_data)
+    except zlib.error as exc:
+        raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
+    out_bytes = b"".join(parts)
+    if chunk.inner_offset:
+        out_bytes = out_bytes[chunk.inner_offset :]
+    got = "sha256:" + hashlib.sha256(out_bytes).hexdigest()
+    if got != chunk.digest:
+        raise ChunkDigestMismatchError(
+            f"chunk at blob offset {chunk.offset} (file offset {chunk.chunk_offset}): "
+            f"digest {got} != {chunk.digest}"
+        )
+    return out_bytes
+
+
+class EStargzReader:
+    """A verified TOC of one blob plus chunk reads through its :class:`RangeSource`."""
+
+    __slots__ = ("blob_size", "footer_size", "index", "source", "toc_digest", "toc_offset")
+
+    def __init__(
+        self,
+        source: RangeSource,
+        index: TOCIndex,
+        *,
+        toc_digest: str,
+        toc_offset: int,
+        footer_size: int,
+        blob_size: int,
+    ) -> None:
+        self.source = source
+        self.index = index
+        self.toc_digest = toc_digest
+        self.toc_offset = toc_offset
+        self.footer_size = footer_size
+        self.blob_size = blob_size
+
+    @property
+    def legacy(self) -> bool:
+        """True for a legacy (CRFS) stargz footer."""
+        return self.footer_size == LEGACY_FOOTER_SIZE
+
+    @classmethod
+    def open(
+        cls,
+        source: RangeSource,
+        *,
+        expected_toc_digest: str | None = None,
+        max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        tail_hint: int = DEFAULT_TAIL_FETCH,
+    ) -> EStargzReader:
+        """Read the footer and the TOC (at most two reads), verify and index it.
+
+        Raises :class:`NotEStargzError` for a blob without footer, :class:`FormatError` /
+        :class:`TOCError` / :class:`LimitExceededError` for malformed or oversized TOCs and
+        :class:`TOCDigestMismatchError` when *expected_toc_digest* does not match.
+        """
+        size = source.size()
+        if size < LEGACY_FOOTER_SIZE:
+            raise NotEStargzError(f"blob of {size} bytes is too small for an eStargz footer")
+        n = tail_fetch_size(size, tail_hint)
+        tail_start = size - n
+        tail = source.read_at(tail_start, n)
+        toc_offset, footer_size = parse_footer(tail)
+        off, length = toc_region(size, toc_offset, footer_size, max_toc_size)
+        if off >= tail_start:
+            member = tail[off - tail_start : off - tail_start + length]
+        else:
+            member = source.read_at(off, length)
+        del tail
+        return cls.from_toc_bytes(
+            source,
+            member,
+            toc_offset,
+            footer_size,
+            expected_toc_digest=expected_toc_digest,
+            max_toc_size=max_toc_size,
+            max_entries=max_entries,
+        )
+
+    @classmethod
+    def from_toc_bytes(
+        cls,
+        source: RangeSource,
+        toc_member_bytes: bytes,
+        toc_offset: int,
+        footer_size: int,
+        expected_toc_digest: str | None = None,
+        *,
+        max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> EStargzReader:
+        """Build a reader from the already fetched ``[toc_offset, size - footer_size)`` bytes."""
+        size = source.size()
+        _, length = toc_region(size, toc_offset, footer_size, max_toc_size)
+        if len(toc_member_bytes) != length:
+            raise FormatError(
+                f"TOC member is {len(toc_member_bytes)} bytes, expected {length} "
+                f"(blob {size}, TOC offset {toc_offset}, footer {footer_size})"
+            )
+        toc_json = extract_toc_json(
+            inflate_toc_member(toc_member_bytes, max_toc_size), max_toc_size
+        )
+        toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+        if expected_toc_digest is not None and toc_digest != expected_toc_digest:
+            raise TOCDigestMismatchError(
+                f"TOC digest {toc_digest} != expected {expected_toc_digest}"
+            )
+        index = TOCIndex.from_json(toc_json, toc_offset=toc_offset, max_entries=max_entries)
+        return cls(
+            source,
+            index,
+            toc_digest=toc_digest,
+            toc_offset=toc_offset,
+            footer_size=footer_size,
+            blob_size=size,
+        )
+
+    # --- data ---------------------------------------------------------------------------
+    def read_chunk(self, chunk: Chunk) -> bytes:
+        """One verified chunk (one ``read_at`` of ``[offset, compressed_end)``)."""
+        return decode_chunk(
+            self.source.read_at(chunk.offset, chunk.compressed_end - chunk.offset), chunk
+        )
+
+    def read_chunks(self, chunks: Sequence[Chunk]) -> list[bytes]:
+        """Several verified chunks fetched with one ``read_ranges`` call."""
+        datas = self.source.read_ranges([(c.offset, c.compressed_end - c.offset) for c in chunks])
+        return [decode_chunk(d, c) for d, c in zip(datas, chunks)]
+
+    def read_inode(self, ino: int) -> bytes:
+        """The whole content of a regular-file inode, every chunk verified."""
+        attr = self.index.getattr(ino)
+        if not stat.S_ISREG(attr.mode):
+            raise ValueError(f"inode {ino} is not a regular file")
+        chunks = self.index.chunks(ino)
+        data = b"".join(self.read_chunks(chunks)) if chunks else b""
+        if len(data) != attr.size:
+            raise FormatError(f"inode {ino}: read {len(data)} bytes, expected {attr.size}")
+        return data
+
+    def read_file(self, path: str) -> bytes:
+        """The whole content of the regular file at overlay-view *path*."""
+        ino = self.index.find(path)
+        if ino is None:
+            raise FileNotFoundError(path)
+        return self.read_inode(ino)
