@@ -1,0 +1,442 @@
+"""The benchmark environment: a loopback registry, the WAN proxy in front of it (in a thread of
+this process, so its byte counters can be read), private podman configuration, and the store
+daemon. Loopback addresses only; nothing touches the machine's global podman config/storage."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from benchmarks.wanproxy import WanProxy
+
+LOOPBACK = "127.0.0.1"
+
+
+class EnvError(Exception):
+    """A piece of the benchmark environment could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EnvError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise EnvError(f"nothing listens on {LOOPBACK}:{port} after {timeout:.0f} s")
+
+
+def registry_binary() -> str:
+    for name in ("docker-registry", "registry"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise EnvError("docker-registry is not installed (apt-get install docker-registry)")
+
+
+class Registry:
+    """``docker-registry serve`` on 127.0.0.1 with storage in *storage* (kept across runs)."""
+
+    def __init__(self, storage: Path, workdir: Path) -> None:
+        self.storage = storage
+        self.workdir = workdir
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cfg = self.workdir / "registry.yml"
+        cfg.write_text(
+            "version: 0.1\n"
+            "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: {LOOPBACK}:{self.port}\n"
+        )
+        log = open(self.workdir / "registry.log", "wb")  # noqa: SIM115 - lives with the process
+        self._proc = subprocess.Popen(
+            [registry_binary(), "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        _wait_port(self.port, 20, self._proc)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def has_manifest(self, repo: str, tag: str) -> bool:
+        req = urllib.request.Request(
+            f"http://{self.address}/v2/{repo}/manifests/{tag}",
+            method="HEAD",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                return True
+        except urllib.error.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+
+class ProxyThread:
+    """A :class:`WanProxy` served by trio in a daemon thread of this process."""
+
+    def __init__(self, upstream_port: int, rtt_s: float, bits_per_second: float) -> None:
+        self.proxy = WanProxy(LOOPBACK, upstream_port, rtt_s=rtt_s, bits_per_second=bits_per_second)
+        self.port = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._cancel: trio.CancelScope | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wanproxy", daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as nursery:
+                    self.port = await nursery.start(self.proxy.serve)
+                    self._started.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+        finally:
+            self._started.set()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(20)
+        if self._error is not None or not self.port:
+            raise EnvError(f"WAN proxy did not start: {self._error!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def bytes_down(self) -> int:
+        return self.proxy.down.bytes_total
+
+    @property
+    def bytes_up(self) -> int:
+        return self.proxy.up.bytes_total
+
+    def stop(self) -> None:
+        if self._token is not None and self._cancel is not None and self._thread.is_alive():
+            cancel = self._cancel
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(cancel.cancel, trio_token=self._token)
+        self._thread.join(10)
+
+
+# --------------------------------------------------------------------------------------------
+# Mounts
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below *path* (deepest first)."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].replace("\\040", " ")
+            if mnt == prefix or mnt.startswith(prefix + "/"):
+                found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount_all(path: Path) -> None:
+    """Unmount everything at or below *path*: FUSE with fusermount3, then lazily."""
+    for mnt in mounts_under(path):
+        if subprocess.run(["umount", mnt], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, check=False)
+            if mnt in mounts_under(path):
+                subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# --------------------------------------------------------------------------------------------
+# podman with private configuration
+
+
+@dataclass
+class Podman:
+    """podman with its own containers.conf / storage.conf / registries.conf under *workdir*."""
+
+    workdir: Path
+    registry: str  # host:port podman pulls from (the proxy)
+    als_mount: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        w = self.workdir
+        for d in ("graphroot", "runroot", "tmp", "netconf"):
+            (w / d).mkdir(parents=True, exist_ok=True)
+        (w / "containers.conf").write_text(
+            "[containers]\n"
+            'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "none"\n'
+            f'tmp_dir = "{w / "tmp"}"\n'
+            f'static_dir = "{w / "graphroot" / "libpod"}"\n'
+            f'volume_path = "{w / "graphroot" / "volumes"}"\n'
+            "[network]\n"
+            f'network_config_dir = "{w / "netconf"}"\n'
+        )
+        als = f'additionallayerstores = ["{self.als_mount}:ref"]\n' if self.als_mount else ""
+        (w / "storage.conf").write_text(
+            "[storage]\n"
+            'driver = "overlay"\n'
+            f'graphroot = "{w / "graphroot"}"\n'
+            f'runroot = "{w / "runroot"}"\n'
+            "[storage.options]\n" + als
+        )
+        (w / "registries.conf").write_text(registries_conf(self.registry))
+        self.env = {
+            **os.environ,
+            "CONTAINERS_CONF": str(w / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(w / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(w / "registries.conf"),
+            "REGISTRY_AUTH_FILE": str(w / "auth.json"),
+            "TMPDIR": str(w / "tmp"),
+        }
+        (w / "auth.json").write_text('{"auths": {}}')
+
+    def run(
+        self, *args: str, timeout: float = 1800, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["podman", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise EnvError(
+                f"podman {' '.join(args)}: exit {proc.returncode}: {proc.stderr[-2000:]}"
+            )
+        return proc
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run("rm", "-af", timeout=120, check=False)
+        with contextlib.suppress(Exception):
+            self.run("rmi", "-af", timeout=300, check=False)
+        unmount_all(self.workdir)
+
+
+def registries_conf(registry: str) -> str:
+    return (
+        "unqualified-search-registries = []\n"
+        "[[registry]]\n"
+        f'location = "{registry}"\n'
+        "insecure = true\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The store daemon
+
+
+def als_layer_dir(mount: Path, ref: str, key: str) -> Path:
+    return mount / base64.standard_b64encode(ref.encode()).decode() / key
+
+
+@dataclass
+class StoreDaemon:
+    """``python -m stargz_store --root ROOT --config FILE MOUNT``, waited for until mounted."""
+
+    root: Path
+    mount: Path
+    registry: str
+    background_fetch: bool = True
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: float = 0.0
+
+    def config_text(self) -> str:
+        regconf = self.root.parent / "store-registries.conf"
+        regconf.write_text(registries_conf(self.registry))
+        empty_d = self.root.parent / "store-registries.conf.d"
+        empty_d.mkdir(exist_ok=True)
+        return (
+            "[registry]\n"
+            f'insecure_registries = ["{self.registry}"]\n'
+            f'registries_conf = "{regconf}"\n'
+            f'registries_conf_d = "{empty_d}"\n'
+            "[auth]\n"
+            "extra_auth_files = []\n"
+            'helper_socket = ""\n'
+            "[fetch]\n"
+            f"background_fetch = {'true' if self.background_fetch else 'false'}\n"
+            "[log]\n"
+            'level = "warning"\n'
+            'format = "json"\n'
+        )
+
+    def start(self, timeout: float = 60) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.mount.mkdir(parents=True, exist_ok=True)
+        cfg = self.root.parent / "store-config.toml"
+        cfg.write_text(self.config_text())
+        log_path = self.log_path or self.root.parent / "store.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, "REGISTRY_AUTH_FILE": str(self.root.parent / "store-auth.json")}
+        (self.root.parent / "store-auth.json").write_text('{"auths": {}}')
+        env.pop("NOTIFY_SOCKET", None)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stargz_store",
+                "--root",
+                str(self.root),
+                "--config",
+                str(cfg),
+                str(self.mount),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        log.close()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-1500:]
+                raise EnvError(f"store daemon exited with {self.proc.returncode}: {tail}")
+            if os.path.ismount(self.mount):
+                self.startup_s = time.monotonic() - t0
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise EnvError(f"store daemon did not mount {self.mount} within {timeout:.0f} s")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def peak_rss_bytes(self) -> int:
+        """VmHWM of the daemon (0 when it is gone)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if os.path.ismount(self.mount) or self.mount.resolve().as_posix() in mounts_under(
+            self.mount
+        ):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False)
+            if os.path.ismount(self.mount):
+                subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Pushing images
+
+
+def skopeo_push(layout: str, tag: str, dest: str) -> None:
+    proc = subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{dest}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "REGISTRY_AUTH_FILE": "/dev/null"},
+    )
+    if proc.returncode != 0:
+        raise EnvError(f"skopeo copy oci:{layout}:{tag} docker://{dest}: {proc.stderr[-1500:]}")
+
+
+def manifest_layers(layout: str, tag: str) -> list[dict[str, object]]:
+    index = json.loads(Path(layout, "index.json").read_text())
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            algo, _, hexd = desc["digest"].partition(":")
+            manifest = json.loads(Path(layout, "blobs", algo, hexd).read_text())
+            layers: list[dict[str, object]] = manifest["layers"]
+            return layers
+    raise EnvError(f"{layout} has no tag {tag}")
+
+
+@contextlib.contextmanager
+def cleaned(path: Path) -> Iterator[Path]:
+    """A fresh directory that is unmounted and removed afterwards."""
+    if path.exists():
+        unmount_all(path)
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        unmount_all(path)
+        shutil.rmtree(path, ignore_errors=True)

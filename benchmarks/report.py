@@ -1,0 +1,167 @@
+"""Results: medians and within-run ratios, the JSON file and the one PNG chart."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+MODES = ("full-gzip", "lazy-esgz", "lazy-esgz-opt")
+MODE_LABELS = {
+    "full-gzip": "full pull (gzip)",
+    "lazy-esgz": "lazy (eStargz)",
+    "lazy-esgz-opt": "lazy (eStargz, optimized)",
+}
+_TIMES = ("pull_s", "run_s", "total_s")
+_MEDIANS = (*_TIMES, "bytes_down", "daemon_peak_rss_bytes")
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize_mode(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    ok = [r for r in runs if not r.get("error")]
+    return {key: median_of(ok, key) for key in _MEDIANS}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def compute_ratios(coldstart: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per image: every lazy mode against the full pull of the same run (medians)."""
+    by_image: dict[str, dict[str, dict[str, float | None]]] = {}
+    for entry in coldstart:
+        by_image.setdefault(entry["image"], {})[entry["mode"]] = entry.get("median") or {}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for image, modes in by_image.items():
+        full = modes.get("full-gzip", {})
+        out: dict[str, float | None] = {}
+        for mode in MODES[1:]:
+            lazy = modes.get(mode)
+            if not lazy:
+                continue
+            for key in _TIMES:
+                out[f"{mode}/{key}_vs_full"] = _ratio(lazy.get(key), full.get(key))
+            out[f"{mode}/bytes_vs_full"] = _ratio(lazy.get("bytes_down"), full.get("bytes_down"))
+        opt, plain = modes.get("lazy-esgz-opt"), modes.get("lazy-esgz")
+        if opt and plain:
+            out["lazy-esgz-opt/total_s_vs_lazy-esgz"] = _ratio(
+                opt.get("total_s"), plain.get("total_s")
+            )
+        ratios[image] = out
+    return ratios
+
+
+def finalize(results: dict[str, Any]) -> dict[str, Any]:
+    """Fill in medians and ratios (idempotent)."""
+    for entry in results.get("coldstart", []):
+        entry["median"] = summarize_mode(entry.get("runs", []))
+    results["ratios"] = compute_ratios(results.get("coldstart", []))
+    results.setdefault("schema", SCHEMA)
+    return results
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_chart(results: dict[str, Any], path: Path) -> Path:
+    """Stacked bars (pull, create+run) of the median cold start per image and mode."""
+    # Imported by name: matplotlib's sources need Python >= 3.10 to parse, mypy targets 3.9.
+    matplotlib: Any = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+
+    entries = [e for e in results.get("coldstart", []) if (e.get("median") or {}).get("total_s")]
+    labels = [f"{e['image']}\n{MODE_LABELS.get(e['mode'], e['mode'])}" for e in entries]
+    pulls = [float(e["median"]["pull_s"] or 0.0) for e in entries]
+    runs = [float(e["median"]["run_s"] or 0.0) for e in entries]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(entries) + 2), 5.0))
+    xs = list(range(len(entries)))
+    ax.bar(xs, pulls, label="pull", color="#4878a8")
+    ax.bar(xs, runs, bottom=pulls, label="create + run", color="#e0904a")
+    full_total = {
+        e["image"]: float(e["median"]["total_s"]) for e in entries if e["mode"] == "full-gzip"
+    }
+    for x, e, p, r in zip(xs, entries, pulls, runs):
+        text = f"{p + r:.1f} s"
+        base = full_total.get(e["image"])
+        if base and e["mode"] != "full-gzip":
+            text += f"\n{(p + r) / base:.2f}x full"
+        ax.text(x, p + r, text, ha="center", va="bottom", fontsize=8)
+    params = results.get("params", {})
+    ax.set_title(
+        f"Cold start, median of {params.get('runs', '?')} runs "
+        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s)"
+    )
+    ax.set_ylabel("seconds")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=8)
+    if entries:
+        ax.set_ylim(0, max(p + r for p, r in zip(pulls, runs)) * 1.25)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path]:
+    finalize(results)
+    png = out_dir / f"{stamp}.png"
+    results["chart"] = str(png)
+    js = write_json(results, out_dir / f"{stamp}.json")
+    write_chart(results, png)
+    return js, png
+
+
+def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{float(value) / scale:.{digits}f}{unit}"
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    """A human-readable table of the medians, the ratios and the filesystem figures."""
+    lines = ["image   mode                 pull s   run s   total s   MB down   vs full"]
+    for e in results.get("coldstart", []):
+        m = e.get("median") or {}
+        ratio = (results.get("ratios", {}).get(e["image"], {})).get(f"{e['mode']}/total_s_vs_full")
+        err = f"  ERROR: {e['error']}" if e.get("error") else ""
+        lines.append(
+            f"{e['image']:<7} {e['mode']:<18} {_fmt(m.get('pull_s')):>8} {_fmt(m.get('run_s')):>7}"
+            f" {_fmt(m.get('total_s')):>9} {_fmt(m.get('bytes_down'), '', 1e6, 1):>9}"
+            f" {_fmt(ratio, 'x'):>9}{err}"
+        )
+    fs = results.get("fs")
+    if fs:
+        lines.append("")
+        if fs.get("error"):
+            lines.append(f"filesystem figures: ERROR: {fs['error']}")
+        else:
+            lines.append(
+                f"filesystem ({fs.get('image')}, layer {fs.get('layer_mb', 0):.0f} MB compressed, "
+                f"{fs.get('entries')} entries): resolve {_fmt(fs.get('resolve_s'), ' s', 1, 3)}, "
+                f"walk {_fmt(fs.get('walk_s'), ' s')}, "
+                f"cold {_fmt(fs.get('cold_MBps'), ' MB/s', 1, 1)}, "
+                f"cached {_fmt(fs.get('cached_MBps'), ' MB/s', 1, 1)}, hot "
+                f"{_fmt(fs.get('hot_MBps'), ' MB/s', 1, 1)}, peak RSS "
+                f"{_fmt(fs.get('daemon_peak_rss_bytes'), ' MB', 1e6, 0)}, fetched "
+                f"{_fmt(fs.get('bytes_fetched'), ' MB', 1e6, 1)} "
+                f"({_fmt(fs.get('fetched_vs_layer'), '', 0.01, 1)}% of the layer)"
+            )
+    return "\n".join(lines)
