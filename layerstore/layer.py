@@ -17,20 +17,19 @@ mismatching blob fails, as does every later one).
   which containers/storage allows only with a TOC digest), ``compressed-size``, ``compression``,
   ``flags: {"expected-layer-diffid": DiffID}``, ``uidset``, ``gidset``.
 
-The uncompressed size: the layer annotation ``io.containers.estargz.uncompressed-size`` when the
-manifest has it. Otherwise, for the compressed-digest scheme (which needs a real number), it is
-the sum of the gzip ISIZE trailers of the blob's members: eStargz starts a member at every chunk
-offset, at the TOC and at the footer, so the 4 bytes before each of those boundaries are the
-uncompressed size of the member that ends there; they are fetched in one ``read_ranges`` call
-(batched) the first time the ``info`` is asked for. Sum of tar entry sizes from the TOC would not
-be exact (tar headers, PAX records, padding).
+The uncompressed size (``diff-size``): the layer annotation
+``io.containers.estargz.uncompressed-size`` when the manifest has it (eStargz converters and
+podman write it). Without it, the TOC scheme says -1 (allowed there, and what the reference
+store does), and the compressed-digest scheme, which needs a number, gets an estimate from the
+TOC (:func:`estimate_tar_size`), good enough for image size reporting. An exact
+figure would need the whole blob: the gzip member trailers do not help, because the Go writer
+also starts members where the TOC records no offset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -87,14 +86,27 @@ class LayerSettings:
     """Out-of-order ``blob`` reads buffered for the whole-blob digest check."""
 
 
-def member_boundaries(
-    chunks: Iterable[ChunkLike], toc_offset: int, blob_size: int, footer_size: int
-) -> list[int]:
-    """Blob offsets where an eStargz gzip member ends (and the next begins), ascending."""
-    ends = {c.offset for c in chunks if c.offset > 0}
-    ends.add(toc_offset)
-    ends.add(blob_size - footer_size)
-    return sorted(e for e in ends if 4 <= e <= blob_size)
+def _pad512(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def estimate_tar_size(chunks: Iterable[ChunkLike], index: Any) -> int:
+    """Approximate decompressed size of an eStargz blob from its TOC.
+
+    Every file with data costs a 512-byte header plus its padded size; every other entry (when
+    the index can count them) a header; the TOC entry and the end-of-archive blocks about 2 KiB
+    more. PAX records (long names, xattrs) are not counted, so this is a lower bound in practice.
+    """
+    sizes: dict[int, int] = {}
+    files = 0
+    for c in chunks:
+        if c.chunk_offset == 0:
+            files += 1
+        sizes[c.offset * 1_000_003 + c.chunk_offset] = c.chunk_size
+    data = sum(sizes.values())
+    entries = getattr(index, "entry_count", None)
+    others = max(0, int(entries) - files) if isinstance(entries, int) else 0
+    return data + files * (512 + 256) + others * 512 + 2048
 
 
 class Layer:
@@ -128,6 +140,7 @@ class Layer:
         self.footer_size = footer_size
         self.settings = settings or LayerSettings()
         self._uncompressed_size = uncompressed_size
+        self._estimate: int | None = None
         self._lock = threading.Lock()
         self._size_lock = threading.Lock()
         self._started = False
@@ -189,29 +202,14 @@ class Layer:
         return self._uncompressed_size
 
     def compute_uncompressed_size(self) -> int:
-        """The annotation value, else the sum of the members' gzip ISIZE trailers (fetched)."""
+        """The annotation value, else an estimate from the TOC (see the module docstring)."""
         with self._size_lock:
             if self._uncompressed_size is not None:
                 return self._uncompressed_size
-            bounds = member_boundaries(
-                self.fetcher.chunks, self.toc_offset, self.blob_size, self.footer_size
-            )
-            total = 0
-            for i in range(0, len(bounds), 512):
-                batch = bounds[i : i + 512]
-                try:
-                    trailers = self.source.read_ranges([(b - 4, 4) for b in batch])
-                except LayerStoreError:
-                    raise
-                except Exception as e:
-                    raise RegistryError(f"reading gzip trailers failed: {e}") from e
-                for t in trailers:
-                    if len(t) != 4:
-                        raise RegistryError("short gzip trailer read")
-                    total += struct.unpack("<I", t)[0]
-            self._log.info("uncompressed_size_computed", size=total, members=len(bounds))
-            self._uncompressed_size = total
-            return total
+            if self._estimate is None:
+                self._estimate = estimate_tar_size(self.fetcher.chunks, self.index)
+                self._log.info("uncompressed_size_estimated", size=self._estimate)
+            return self._estimate
 
     def info(self, scheme: str) -> dict[str, Any]:
         uids, gids = self._idsets()
