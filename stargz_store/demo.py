@@ -576,91 +576,115 @@ class LoopbackRegistry:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def client(self) -> RegistryHTTP:
+        user, password = next(iter(self.users.items())) if self.users else ("", "")
+        return RegistryHTTP(self.host, user, password)
+
     def auth_json(self, path: Path) -> Path:
         """A containers-auth.json(5) file with this registry's credentials (first user)."""
-        user, password = next(iter(self.users.items()))
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        path.write_text(json.dumps({"auths": {self.host: {"auth": token}}}))
-        return path
-
-    def get(self, path: str, accept: str = "") -> tuple[bytes, Mapping[str, str]]:
-        """GET ``/v2/<path>`` (with basic auth when configured); returns body and headers."""
-        req = urllib.request.Request(f"http://{self.host}/v2/{path}")
-        if accept:
-            req.add_header("Accept", accept)
-        if self.users:
-            user, password = next(iter(self.users.items()))
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.read(), dict(resp.headers.items())
+        return write_auth_json(path, {self.host: next(iter(self.users.items()))})
 
     def manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
-        """The raw manifest of ``repo:ref`` and its digest (as computed from the bytes)."""
-        body, _ = self.get(
-            f"{repo}/manifests/{ref}",
-            accept=", ".join(
-                [MEDIA_OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"]
-            ),
-        )
-        return body, sha256_digest(body)
+        return self.client.manifest(repo, ref)
 
     def blob(self, repo: str, digest: str) -> bytes:
-        return self.get(f"{repo}/blobs/{digest}")[0]
+        return self.client.blob(repo, digest)
+
+
+def write_auth_json(path: Path, creds: Mapping[str, tuple[str, str]]) -> Path:
+    """A containers-auth.json(5) file: {registry: (user, password)}."""
+    auths = {
+        host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+        for host, (user, password) in creds.items()
+    }
+    path.write_text(json.dumps({"auths": auths}))
+    path.chmod(0o600)
+    return path
+
+
+class RegistryHTTP:
+    """A minimal OCI distribution client over plain http (basic auth when a user is given):
+    enough to push an image byte for byte and read manifests and blobs back."""
+
+    def __init__(self, host: str, user: str = "", password: str = "") -> None:
+        self.host = host
+        self.user = user
+        self.password = password
 
     def _request(
-        self, method: str, url: str, body: bytes | None = None, content_type: str = ""
-    ) -> tuple[int, Mapping[str, str]]:
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         if url.startswith("/"):
             url = f"http://{self.host}{url}"
         req = urllib.request.Request(url, data=body, method=method)
-        if content_type:
-            req.add_header("Content-Type", content_type)
-        if self.users:
-            user, password = next(iter(self.users.items()))
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        if self.user:
+            token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
             req.add_header("Authorization", f"Basic {token}")
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
-                resp.read()
-                return resp.status, dict(resp.headers.items())
+                return resp.status, resp.read(), dict(resp.headers.items())
         except urllib.error.HTTPError as e:
             if method == "HEAD" and e.code == 404:
-                return 404, {}
+                return 404, b"", {}
             detail = e.read().decode(errors="replace")[:500]
             raise RuntimeError(f"{method} {url}: HTTP {e.code}: {detail}") from None
+
+    def manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        """The raw manifest of ``repo:ref`` and its digest (computed from the bytes)."""
+        accept = f"{MEDIA_OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"
+        _, body, _ = self._request("GET", f"/v2/{repo}/manifests/{ref}", None, {"Accept": accept})
+        return body, sha256_digest(body)
+
+    def blob(self, repo: str, digest: str) -> bytes:
+        body = self._request("GET", f"/v2/{repo}/blobs/{digest}")[1]
+        if sha256_digest(body) != digest:
+            raise RuntimeError(f"blob {digest} from {self.host}/{repo} does not match its digest")
+        return body
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        return self._request("HEAD", f"/v2/{repo}/blobs/{digest}")[0] == 200
 
     def put_blob(self, repo: str, data: bytes, digest: str | None = None) -> str:
         """Upload one blob (monolithic upload), unless the repository already has it."""
         digest = digest or sha256_digest(data)
         if sha256_digest(data) != digest:
             raise ValueError(f"blob does not match {digest}")
-        if self._request("HEAD", f"/v2/{repo}/blobs/{digest}")[0] == 200:
+        if self.has_blob(repo, digest):
             return digest
-        _, headers = self._request("POST", f"/v2/{repo}/blobs/uploads/")
+        _, _, headers = self._request("POST", f"/v2/{repo}/blobs/uploads/")
         location = headers["Location"]
         sep = "&" if "?" in location else "?"
         self._request(
             "PUT",
             f"{location}{sep}digest={urllib.parse.quote(digest)}",
             data,
-            "application/octet-stream",
+            {"Content-Type": "application/octet-stream"},
         )
         return digest
 
     def put_manifest(self, repo: str, ref: str, raw: bytes, media_type: str) -> str:
-        self._request("PUT", f"/v2/{repo}/manifests/{ref}", raw, media_type)
+        self._request("PUT", f"/v2/{repo}/manifests/{ref}", raw, {"Content-Type": media_type})
         return sha256_digest(raw)
 
 
-def push_image(image: ImageInfo, registry: LoopbackRegistry, repo: str, tag: str) -> str:
+def push_image(
+    image: ImageInfo, registry: LoopbackRegistry | RegistryHTTP, repo: str, tag: str
+) -> str:
     """Push ``image`` (from its OCI layout) to ``registry`` as ``repo:tag`` over the distribution
     API: blobs and manifest go byte for byte (no re-compression, no manifest conversion, no
     state outside the layout). Returns the manifest digest."""
+    client = registry.client if isinstance(registry, LoopbackRegistry) else registry
     raw = image.blob_path(image.manifest_digest).read_bytes()
     for digest in [image.config_digest, *(layer["digest"] for layer in image.layers)]:
-        registry.put_blob(repo, image.blob_path(digest).read_bytes(), digest)
-    registry.put_manifest(repo, tag, raw, image.manifest.get("mediaType", MEDIA_OCI_MANIFEST))
+        client.put_blob(repo, image.blob_path(digest).read_bytes(), digest)
+    client.put_manifest(repo, tag, raw, image.manifest.get("mediaType", MEDIA_OCI_MANIFEST))
     return image.manifest_digest
 
 
@@ -876,6 +900,33 @@ class PodmanError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
+def store_config_toml(
+    *,
+    registries_conf: Path | None,
+    registries_conf_d: Path,
+    insecure: Sequence[str] = (),
+    background_fetch: bool = True,
+    log_level: str = "debug",
+) -> str:
+    """The daemon's config.toml for a private set-up: our registries.conf (the machine's
+    drop-ins are not read), loopback registries reached over http, no kubelet auth file."""
+    lines = ["[registry]"]
+    if registries_conf is not None:
+        lines.append(f"registries_conf = {_toml_str(str(registries_conf))}")
+    lines += [
+        f"registries_conf_d = {_toml_str(str(registries_conf_d))}",
+        f"insecure_registries = [{', '.join(_toml_str(h) for h in insecure)}]",
+        "[auth]",
+        "extra_auth_files = []",
+        "[fetch]",
+        f"background_fetch = {'true' if background_fetch else 'false'}",
+        "[log]",
+        f"level = {_toml_str(log_level)}",
+        'format = "json"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class StoreDaemon:
     """``python -m stargz_store --root ROOT --config CONFIG MOUNTPOINT`` as a child process.
 
@@ -888,7 +939,11 @@ class StoreDaemon:
         self,
         workdir: Path,
         *,
-        config_text: str = "",
+        registries_conf: Path | None = None,
+        insecure: Sequence[str] = (),
+        authfile: Path | None = None,
+        background_fetch: bool = True,
+        config_text: str | None = None,
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
@@ -900,8 +955,29 @@ class StoreDaemon:
         self.config = workdir / "config.toml"
         self.log_path = workdir / "daemon.log"
         self.notify_path = workdir / "notify.sock"
+        self.home = workdir / "home"
         self.config_text = config_text
-        self.extra_env = dict(env or {})
+        if config_text is None:
+            self.config_text = store_config_toml(
+                registries_conf=registries_conf,
+                registries_conf_d=workdir / "registries.conf.d",
+                insecure=insecure,
+                background_fetch=background_fetch,
+            )
+        # The credential chain of containers-auth.json(5) is confined to our files: an explicit
+        # REGISTRY_AUTH_FILE (an empty one when none is given), and HOME, XDG_* and
+        # DOCKER_CONFIG in the work directory, so that root's own credentials never leak in.
+        self.authfile = authfile or workdir / "no-auth.json"
+        self.extra_env = {
+            "HOME": str(self.home),
+            "XDG_RUNTIME_DIR": str(self.home / "run"),
+            "XDG_CONFIG_HOME": str(self.home / "config"),
+            "DOCKER_CONFIG": str(self.home / "docker"),
+            "REGISTRY_AUTH_FILE": str(self.authfile),
+        }
+        if registries_conf is not None:
+            self.extra_env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
+        self.extra_env.update(env or {})
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -919,9 +995,17 @@ class StoreDaemon:
         ]
 
     def start(self, timeout: float = 60.0) -> StoreDaemon:
-        for d in (self.workdir, self.root, self.mountpoint):
+        for d in (
+            self.workdir,
+            self.root,
+            self.mountpoint,
+            self.home,
+            self.workdir / "registries.conf.d",
+        ):
             d.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(self.config_text)
+        self.config.write_text(self.config_text or "")
+        if not self.authfile.exists():
+            self.authfile.write_text('{"auths": {}}')
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -1105,9 +1189,13 @@ def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
             layer_store=workdir / "daemon" / "store",
             insecure=[registry.host],
         )
+        # No background filling: the numbers below then show what starting the container
+        # needed, not how far the background fetch had got.
         daemon = StoreDaemon(
             workdir / "daemon",
-            env={"CONTAINERS_REGISTRIES_CONF": str(podman_lazy.registries_conf)},
+            registries_conf=podman_lazy.registries_conf,
+            insecure=[registry.host],
+            background_fetch=False,
         )
         stack.callback(daemon.stop)
         daemon.start()
