@@ -34,18 +34,24 @@ types and the consistency errors upstream refuses raise RegistriesConfError.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pwd
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from layerstore.errors import BlockedRegistryError, LayerStoreError
 
 # The registry client's type (layerstore.registry does not import this module: no cycle).
 from layerstore.registry import PullSource
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,6 +86,7 @@ __all__ = [
     "RegistriesConf",
     "RegistriesConfError",
     "Registry",
+    "WatchedRegistriesConf",
     "describe",
     "match_prefix",
     "parse_registries_conf",
@@ -361,7 +368,9 @@ class RegistriesConf:
         """Load the main file and the drop-ins the way podman does (module docstring).
 
         *env* defaults to ``os.environ`` (``CONTAINERS_REGISTRIES_CONF``, ``HOME``); *home*
-        overrides ``$HOME``. *system_conf* / *system_conf_dir* exist for tests.
+        overrides ``$HOME``. *system_conf* / *system_conf_dir* replace the /etc defaults (the
+        daemon passes its configured paths there: a missing *system_conf* is an empty
+        configuration, whereas a missing explicit *path* is an error).
         """
         env = os.environ if env is None else env
         home_dir = home if home is not None else _home_from_env(env)
@@ -461,6 +470,105 @@ class RegistriesConf:
             sources.append(PullSource(rewrite(m.location), m.insecure, True))
         sources.append(PullSource(rewrite(reg.location), reg.insecure, False))
         return sources
+
+
+_Signature = tuple[tuple[str, Optional[tuple[int, int, int]]], ...]
+
+
+def _stat_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class WatchedRegistriesConf:
+    """A ``RegistriesConf`` that reloads itself when any file it may read changes (podman
+    re-reads the files for every command; a long-running daemon has to notice edits).
+
+    The check stats the candidate main files, the drop-in directories and their ``*.conf``
+    files, at most once per *min_interval* seconds. A reload that fails raises
+    RegistriesConfError from ``pull_sources`` until the files are fixed (podman would refuse
+    to pull too), so a broken edit never silently keeps an older, less strict configuration.
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        system_conf: str | os.PathLike[str] = SYSTEM_REGISTRIES_CONF,
+        system_conf_dir: str | os.PathLike[str] = SYSTEM_REGISTRIES_CONF_DIR,
+        home: str | None = None,
+        min_interval: float = 1.0,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._home = home if home is not None else _home_from_env(self._env)
+        self._path = Path(path) if path is not None else None
+        self._system_conf = Path(system_conf)
+        self._system_conf_dir = Path(system_conf_dir)
+        self._min_interval = min_interval
+        self._lock = threading.Lock()
+        self._signature: _Signature | None = None
+        self._checked_at = -1e18
+        self._conf: RegistriesConf | None = None
+        self._error: RegistriesConfError | None = None
+        self.current()  # fail early on a broken configuration
+
+    def _watched(self) -> list[Path]:
+        files: list[Path] = []
+        if self._path is not None:
+            files.append(self._path)
+        if self._env.get(ENV_REGISTRIES_CONF):
+            files.append(Path(self._env[ENV_REGISTRIES_CONF]))
+        dirs = [self._system_conf_dir]
+        if self._home:
+            files.append(Path(self._home) / USER_REGISTRIES_CONF)
+            dirs.append(Path(self._home) / USER_REGISTRIES_CONF_DIR)
+        files.append(self._system_conf)
+        for d in dirs:
+            files.append(d)
+            with contextlib.suppress(OSError):
+                files.extend(Path(d, n) for n in sorted(os.listdir(d)) if n.endswith(".conf"))
+        return files
+
+    def _compute_signature(self) -> _Signature:
+        return tuple((str(p), _stat_signature(p)) for p in self._watched())
+
+    def current(self) -> RegistriesConf:
+        """The configuration as of now; raises RegistriesConfError when the files are broken."""
+        with self._lock:
+            now = time.monotonic()
+            if self._conf is None or now - self._checked_at >= self._min_interval:
+                self._checked_at = now
+                signature = self._compute_signature()
+                if signature != self._signature:
+                    self._signature = signature
+                    try:
+                        self._conf = RegistriesConf.load(
+                            self._path,
+                            env=self._env,
+                            system_conf=self._system_conf,
+                            system_conf_dir=self._system_conf_dir,
+                            home=self._home,
+                        )
+                        self._error = None
+                    except RegistriesConfError as e:
+                        self._error = e
+                        log.warning("registries configuration: %s", e)
+            if self._error is not None:
+                raise self._error
+            assert self._conf is not None
+            return self._conf
+
+    def pull_sources(self, name: str, *, by_digest: bool) -> list[PullSource]:
+        return self.current().pull_sources(name, by_digest=by_digest)
+
+    @property
+    def additional_layer_store_auth_helper(self) -> str:
+        return self.current().additional_layer_store_auth_helper
 
 
 def describe(conf: RegistriesConf) -> Sequence[str]:

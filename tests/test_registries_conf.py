@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from layerstore.registries_conf import (
     PullSource,
     RegistriesConf,
     RegistriesConfError,
+    WatchedRegistriesConf,
     describe,
     match_prefix,
 )
@@ -399,3 +401,67 @@ def test_malformed_main_file(layout: dict[str, Path]) -> None:
     layout["conf"].write_text("this is = = not toml")
     with pytest.raises(RegistriesConfError, match="malformed TOML"):
         load(layout)
+
+
+# --- reloading ----------------------------------------------------------------------------------
+def bump(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def watched(layout: dict[str, Path]) -> WatchedRegistriesConf:
+    return WatchedRegistriesConf(
+        env={},
+        system_conf=layout["conf"],
+        system_conf_dir=layout["dir"],
+        home=str(layout["home"]),
+        min_interval=0,
+    )
+
+
+def test_watched_reloads_on_edit_and_drop_in(layout: dict[str, Path]) -> None:
+    w = watched(layout)
+    assert w.pull_sources("r.io/x", by_digest=False) == [PullSource("r.io/x", False, False)]
+    layout["conf"].write_text('[[registry]]\nlocation = "r.io"\ninsecure = true\n')
+    assert w.pull_sources("r.io/x", by_digest=False)[0].insecure
+    (layout["dir"] / "50-block.conf").write_text(
+        'additional-layer-store-auth-helper = "h"\n[[registry]]\nlocation = "r.io"\n'
+        "insecure = true\nblocked = true\n"
+    )
+    with pytest.raises(BlockedRegistryError):
+        w.pull_sources("r.io/x", by_digest=False)
+    assert w.additional_layer_store_auth_helper == "h"
+    (layout["dir"] / "50-block.conf").unlink()
+    assert w.pull_sources("r.io/x", by_digest=False)[0].insecure
+
+
+def test_watched_broken_edit_raises_until_fixed(layout: dict[str, Path]) -> None:
+    layout["conf"].write_text('[[registry]]\nlocation = "r.io"\nblocked = true\n')
+    w = watched(layout)
+    layout["conf"].write_text("[[registry]\nbroken")
+    bump(layout["conf"])
+    with pytest.raises(RegistriesConfError):
+        w.pull_sources("r.io/x", by_digest=False)
+    layout["conf"].write_text('[[registry]]\nlocation = "r.io"\nblocked = true\n')
+    bump(layout["conf"])
+    with pytest.raises(BlockedRegistryError):
+        w.pull_sources("r.io/x", by_digest=False)
+
+
+def test_watched_fails_early(layout: dict[str, Path]) -> None:
+    layout["conf"].write_text("= broken")
+    with pytest.raises(RegistriesConfError):
+        watched(layout)
+
+
+def test_watched_interval_caches(layout: dict[str, Path]) -> None:
+    w = WatchedRegistriesConf(
+        env={},
+        system_conf=layout["conf"],
+        system_conf_dir=layout["dir"],
+        home=str(layout["home"]),
+        min_interval=3600,
+    )
+    layout["conf"].write_text('[[registry]]\nlocation = "r.io"\nblocked = true\n')
+    # not re-checked within the interval
+    assert w.pull_sources("r.io/x", by_digest=False) == [PullSource("r.io/x", False, False)]
