@@ -104,7 +104,7 @@ def estimate_tar_size(chunks: Iterable[ChunkLike], index: Any) -> int:
             files += 1
         sizes[c.offset * 1_000_003 + c.chunk_offset] = c.chunk_size
     data = sum(sizes.values())
-    entries = getattr(index, "entry_count", None)
+    entries = getattr(index, "num_entries", None)
     others = max(0, int(entries) - files) if isinstance(entries, int) else 0
     return data + files * (512 + 256) + others * 512 + 2048
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Any, Callable, Generic, Protocol, TypeVar, cast
 
 import structlog
 
@@ -70,7 +70,9 @@ class ClientLike(Protocol):
 
     def resolve(self, ref: Reference, platform: Any = None) -> Any: ...
 
-    def blob_source(self, ref: Any, digest: str, size: int) -> RangeSource: ...
+    def blob_source(self, ref: Any, digest: str, size: int) -> RangeSource:
+        """*ref* is the ResolvedImage (so no extra HEAD request is needed)."""
+        ...
 
 
 class ReaderLike(Protocol):
@@ -99,8 +101,8 @@ def _default_open_toc(
 def _default_decode() -> DecodeFn:
     from layerstore.reader import decode_chunk
 
-    fn: DecodeFn = decode_chunk
-    return fn
+    # The fetcher only hands decode the index's own Chunk objects.
+    return cast(DecodeFn, decode_chunk)
 
 
 def all_chunks(index: Any) -> list[ChunkLike]:
@@ -249,7 +251,7 @@ class LayerManager:
             )
         diff_id = diff_ids[index]
         layer = self._sf_layer.do(
-            desc.digest, lambda: self._layer(reference, desc, toc_digest, diff_id)
+            desc.digest, lambda: self._layer(reference, image, desc, toc_digest, diff_id)
         )
         if layer.diff_id != diff_id:
             bound.warning("layer_diff_id_differs", digest=desc.digest, other=diff_id)
@@ -279,7 +281,9 @@ class LayerManager:
         return self._sf_resolve.do(ref, do)
 
     # --- building a layer -----------------------------------------------------------------
-    def _layer(self, reference: Reference, desc: Any, toc_digest: str, diff_id: str) -> Layer:
+    def _layer(
+        self, reference: Reference, image: Any, desc: Any, toc_digest: str, diff_id: str
+    ) -> Layer:
         with self._lock:
             existing = self._by_digest.get(desc.digest)
         if existing is not None:
@@ -287,7 +291,7 @@ class LayerManager:
         bound = log.bind(ref=str(reference), digest=desc.digest, toc_digest=toc_digest)
         t0 = time.monotonic()
         blob_size = int(desc.size)
-        source = self.client.blob_source(reference, desc.digest, blob_size)
+        source = self.client.blob_source(image, desc.digest, blob_size)
         toc_name = f"{_digest.hex_part(desc.digest)}-{_digest.hex_part(toc_digest)}"
         reader, toc_offset, footer_size, from_cache = None, 0, 0, False
         stored = self.cache.get_toc(toc_name)
