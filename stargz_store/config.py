@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 DEFAULT_CONFIG_PATH = Path("/etc/stargz-store/config.toml")
 DEFAULT_ROOT = Path("/var/lib/stargz-store")
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -49,20 +50,21 @@ class RegistrySettings(_Section):
     platform: str = ""
     registries_conf: str = "/etc/containers/registries.conf"
     registries_conf_d: str = "/etc/containers/registries.conf.d"
+    resolve_ttl: float = Field(default=60.0, ge=0)
 
 
 class AuthSettings(_Section):
     """Where credentials come from, besides the containers-auth.json(5) chain."""
 
     extra_auth_files: list[str] = Field(default_factory=lambda: ["/var/lib/kubelet/config.json"])
-    helper_socket: str = "/run/stargz-store/auth.sock"
+    helper_socket: str = "auth-helper.sock"
     credential_helper_timeout: float = Field(default=10.0, gt=0)
 
 
 class CacheSettings(_Section):
     """The persistent chunk cache."""
 
-    max_size_bytes: int = Field(default=10 * GiB, ge=0)
+    max_size_bytes: int = Field(default=10 * GiB, ge=1)
     dir: str = "cache"
 
 
@@ -70,7 +72,7 @@ class FetchSettings(_Section):
     """Lazy fetching of chunks from the registry."""
 
     concurrency: int = Field(default=8, ge=1)
-    read_ahead_bytes: int = Field(default=4 * MiB, ge=0)
+    read_ahead_bytes: int = Field(default=512 * KiB, ge=0)
     background_fetch: bool = True
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True

@@ -1,11 +1,408 @@
-"""The store daemon's lifecycle (being built: see issue 4)."""
+"""The store daemon: ``stargz-store [--config FILE] [--root DIR] [--log-level LEVEL] MOUNTPOINT``.
+
+Lifecycle:
+
+1. parse arguments and the configuration (errors: one readable line, exit status 2);
+2. set up logging (structlog; JSON lines unless stderr is a terminal);
+3. build the layer provider: CredentialStore -> RegistryClient -> ChunkCache -> LayerManager,
+   and start the podman auth-helper channel;
+4. make the mount point usable: a dead FUSE mount left by a killed daemon (``ENOTCONN``) is
+   detached with ``umount -l``; a live mount is refused (another daemon is serving it);
+5. mount (pyfuse3; ``allow_other``, ``suid``, ``dev``, ``default_permissions``), send
+   ``READY=1`` to ``$NOTIFY_SOCKET``, serve until SIGINT/SIGTERM or an external unmount;
+6. send ``STOPPING=1``, unmount, close the provider. Exit status 0.
+
+``STARGZ_STORE_PROVIDER_FACTORY=module:function`` replaces step 3 with ``function(config,
+root)`` returning a provider (tests and demos use it to serve an in-memory tree).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
+import importlib
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable, cast
+
+from stargz_store import notify
+from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, Config, ConfigError, load_config
+from stargz_store.log import LEVELS, configure_logging, get_logger
+
+log = get_logger("stargz_store.daemon")
+
+PROVIDER_FACTORY_ENV = "STARGZ_STORE_PROVIDER_FACTORY"
+SWEEP_INTERVAL = 60.0
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class DaemonError(Exception):
+    """A start-up failure with a user-facing message."""
+
+
+class _Stop(BaseException):
+    """A signal arrived before the trio loop took over signal handling."""
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stargz-store",
+        description="Serve lazily pulled eStargz layers to podman and CRI-O as an additional "
+        "layer store (FUSE). Also: 'stargz-store convert SRC DST'.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default {DEFAULT_CONFIG_PATH}, which may be absent)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help=f"state directory: chunk cache, auth-helper socket (default {DEFAULT_ROOT})",
+    )
+    p.add_argument(
+        "--log-level", choices=sorted(LEVELS), default=None, help="overrides [log] level"
+    )
+    p.add_argument("mountpoint", type=Path, help="where to mount the store")
+    return p
+
+
+# --- the mount point -----------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(s: str) -> str:
+    return (
+        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    )
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type of the topmost mount exactly on ``path``, or None."""
+    target = os.path.realpath(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
+                    found = right.split()[0] if right else ""
+    except OSError:
+        return None
+    return found
+
+
+def _detach(path: Path) -> None:
+    attempts = (["umount", "-l", str(path)], ["fusermount3", "-u", "-z", str(path)])
+    last = ""
+    for cmd in attempts:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            last = str(exc)
+            continue
+        if r.returncode == 0:
+            return
+        last = (r.stderr or r.stdout).strip()
+    raise DaemonError(f"cannot detach the dead mount on {path}: {last}")
+
+
+def prepare_mountpoint(path: Path) -> None:
+    """Make ``path`` an empty-able directory we can mount on; detach a dead FUSE mount."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise DaemonError(f"cannot use mount point {path}: {exc.strerror}") from None
+        log.warning("stale_mount_detached", mountpoint=str(path), error=exc.strerror)
+        _detach(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc2:
+            raise DaemonError(f"mount point {path} unusable after detach: {exc2}") from None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"mount point {path} is not a directory")
+    fstype = mount_fstype(path)
+    if fstype is not None and fstype.startswith("fuse"):
+        raise DaemonError(
+            f"{path} is already a live FUSE mount ({fstype}): is another stargz-store running?"
+        )
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Wiring:
+    provider: Any
+    validate_ref: Callable[[str], object] | None = None
+    closers: list[Callable[[], object]] = field(default_factory=list)
+    sweep: Callable[[], object] | None = None
+
+    def close(self) -> None:
+        for fn in reversed(self.closers):
+            try:
+                fn()
+            except Exception as exc:
+                log.warning("shutdown_close_failed", what=repr(fn), error=repr(exc))
+
+
+def _under(root: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else root / p
+
+
+def _load_factory(spec: str) -> Callable[[Config, Path], Any]:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise DaemonError(f"{PROVIDER_FACTORY_ENV} must be 'module:function', not {spec!r}")
+    try:
+        return cast(Callable[[Config, Path], Any], getattr(importlib.import_module(module), attr))
+    except (ImportError, AttributeError) as exc:
+        raise DaemonError(f"{PROVIDER_FACTORY_ENV}={spec}: {exc}") from None
+
+
+def build_wiring(config: Config, root: Path) -> Wiring:
+    """config -> CredentialStore -> RegistryClient -> ChunkCache -> LayerManager (+ helper)."""
+    factory = os.environ.get(PROVIDER_FACTORY_ENV)
+    if factory:
+        provider = _load_factory(factory)(config, root)
+        return Wiring(provider, sweep=getattr(provider, "sweep", None))
+
+    from auth.errors import AuthError
+    from auth.helper_channel import HelperChannelServer
+    from auth.store import CredentialStore
+    from layerstore.cache import ChunkCache
+    from layerstore.errors import LayerStoreError
+    from layerstore.fetcher import FetcherSettings
+    from layerstore.layer import LayerSettings
+    from layerstore.manager import LayerManager, ManagerSettings
+    from layerstore.reference import parse_reference
+    from layerstore.registries_conf import RegistriesConf
+    from layerstore.registry import RegistryClient
+    from layerstore.registry import RegistrySettings as ClientSettings
+
+    rc, fc, ac = config.registry, config.fetch, config.auth
+    wiring = Wiring(provider=None, validate_ref=parse_reference)
+    try:
+        try:
+            registries = RegistriesConf.load(
+                system_conf=rc.registries_conf, system_conf_dir=rc.registries_conf_d
+            )
+        except LayerStoreError as exc:
+            raise DaemonError(str(exc)) from None
+        credentials = CredentialStore(
+            extra_files=list(ac.extra_auth_files), helper_timeout=ac.credential_helper_timeout
+        )
+        platform = rc.platform or None
+        client = RegistryClient(
+            credentials,
+            registries,
+            settings=ClientSettings(
+                connect_timeout=rc.connect_timeout,
+                read_timeout=rc.read_timeout,
+                retries=rc.retries,
+                backoff_factor=rc.retry_backoff,
+                pool_size=rc.pool_size,
+                insecure_registries=frozenset(rc.insecure_registries),
+                platform=platform,
+            ),
+        )
+        wiring.closers.append(client.close)
+        cache_dir = _under(root, config.cache.dir)
+        try:
+            cache = ChunkCache(cache_dir, config.cache.max_size_bytes)
+        except (OSError, LayerStoreError, ValueError) as exc:
+            raise DaemonError(f"cannot open the cache in {cache_dir}: {exc}") from None
+        wiring.closers.append(cache.close)
+        manager = LayerManager(
+            client,
+            cache,
+            ManagerSettings(
+                resolve_ttl=rc.resolve_ttl,
+                negative_ttl=config.fuse.negative_timeout,
+                platform=platform,
+                fetcher=FetcherSettings(
+                    max_concurrent_requests=fc.concurrency,
+                    readahead_bytes=fc.read_ahead_bytes,
+                    background_fetch=fc.background_fetch,
+                    background_share=fc.background_bandwidth_share,
+                ),
+                layer=LayerSettings(
+                    prefetch_landmark=fc.prefetch_landmark, background_fetch=fc.background_fetch
+                ),
+            ),
+        )
+        wiring.provider = manager
+        wiring.closers.append(manager.close)
+        wiring.sweep = manager.sweep
+        if ac.helper_socket:
+            sock = _under(root, ac.helper_socket)
+            server = HelperChannelServer(sock, credentials)
+            try:
+                server.start()
+            except (AuthError, OSError) as exc:
+                # Credentials from auth files still work; podman only warns when the helper
+                # cannot reach us.
+                log.warning("auth_helper_channel_unavailable", socket=str(sock), error=str(exc))
+            else:
+                wiring.closers.append(server.stop)
+        return wiring
+    except BaseException:
+        wiring.close()
+        raise
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+_stopping_sent = False
+
+
+def _stopping() -> None:
+    """``STOPPING=1`` once: at the signal (the loop may wait for in-flight reads), else at exit."""
+    global _stopping_sent
+    if not _stopping_sent:
+        _stopping_sent = True
+        notify.stopping()
+
+
+async def _serve(ops: Any, wiring: Wiring, mountpoint: Path) -> str:
+    """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted")."""
+    import pyfuse3
+    import trio
+
+    reason = "unmounted"
+
+    async def on_signals() -> None:
+        nonlocal reason
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                reason = f"signal {name}"
+                log.info("signal_received", signal=name)
+                _stopping()
+                pyfuse3.terminate()
+                return
+
+    async def sweeper() -> None:
+        if wiring.sweep is None:
+            return
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            try:
+                dropped = await trio.to_thread.run_sync(wiring.sweep)
+                if dropped:
+                    log.info("layers_dropped", count=dropped)
+            except Exception as exc:
+                log.warning("sweep_failed", error=repr(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        nursery.start_soon(sweeper)
+        notify.ready(f"serving {mountpoint}")
+        log.info("ready", mountpoint=str(mountpoint))
+        await pyfuse3.main(min_tasks=4, max_tasks=256)
+        nursery.cancel_scope.cancel()
+    return reason
+
+
+@contextlib.contextmanager
+def _early_signals() -> Iterator[None]:
+    """Until trio handles signals, SIGINT/SIGTERM unwind the stack (so the mount is removed)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run(config: Config, root: Path, mountpoint: Path) -> int:
+    import pyfuse3
+    import trio
+
+    from stargz_store.fusefs import StoreOperations, mount_options
+
+    mountpoint = mountpoint.absolute()
+    log.info("daemon_starting", mountpoint=str(mountpoint), root=str(root), pid=os.getpid())
+    with _early_signals():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DaemonError(f"cannot create --root {root}: {exc.strerror}") from None
+        prepare_mountpoint(mountpoint)
+        wiring = build_wiring(config, root)
+        try:
+            ops = StoreOperations(wiring.provider, config.fuse, validate_ref=wiring.validate_ref)
+            options = mount_options(config.fuse)
+            try:
+                pyfuse3.init(ops, str(mountpoint), options)
+            except RuntimeError as exc:
+                raise DaemonError(f"cannot mount on {mountpoint}: {exc}") from None
+            started = time.monotonic()
+            log.info("mounted", mountpoint=str(mountpoint), options=sorted(options))
+            reason = "error"
+            try:
+                reason = trio.run(_serve, ops, wiring, mountpoint)
+            finally:
+                _stopping()
+                pyfuse3.close(unmount=True)
+                log.info(
+                    "unmounted",
+                    mountpoint=str(mountpoint),
+                    reason=reason,
+                    uptime_seconds=round(time.monotonic() - started, 3),
+                    stats=vars(ops.stats),
+                )
+        finally:
+            wiring.close()
+    return EXIT_OK
 
 
 def main(argv: Sequence[str]) -> int:
-    print("stargz-store: the daemon is not available in this build yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(list(argv))
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"stargz-store: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        configure_logging(args.log_level or config.log.level, config.log.format)
+    except ValueError as exc:
+        print(f"stargz-store: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(config, args.root.absolute(), args.mountpoint)
+    except DaemonError as exc:
+        log.error("daemon_failed", error=str(exc))
+        return EXIT_FAILURE
+    except _Stop:
+        log.info("daemon_interrupted_during_startup")
+        return EXIT_OK
+    except Exception as exc:
+        log.error("daemon_crashed", error=repr(exc), exc_info=True)
+        return EXIT_FAILURE
+    finally:
+        log.info("daemon_stopped")
