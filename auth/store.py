@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: At most this many helper-channel entries are kept (least recently added dropped first).
 MAX_HELPER_ENTRIES = 4096
+#: Seconds a credential helper's answer is reused.
+HELPER_CACHE_TTL = 60.0
 #: At most this many recent errors are kept for diagnostics.
 MAX_ERRORS = 64
 
@@ -134,7 +137,8 @@ class CredentialStore:
     """Thread-safe credential lookup (see the module docstring for the order).
 
     *environment* defaults to this process's (``AuthEnvironment.from_os``); *helper_runner*
-    replaces the docker-credential-* runner (tests).
+    replaces the docker-credential-* runner (tests). Helper answers are reused for
+    *helper_cache_ttl* seconds (shorter for "not found" and errors).
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class CredentialStore:
         helper_runner: HelperRunner | None = None,
         helper_timeout: float = DEFAULT_TIMEOUT,
         max_helper_entries: int = MAX_HELPER_ENTRIES,
+        helper_cache_ttl: float = HELPER_CACHE_TTL,
     ) -> None:
         if environment is None:
             environment = AuthEnvironment.from_os(extra_files)
@@ -158,6 +163,11 @@ class CredentialStore:
         self._environment = environment
         self._helper_timeout = helper_timeout
         self._helper_runner = helper_runner or self._run_helper
+        self._helper_cache_ttl = helper_cache_ttl
+        # (helper, server) -> (expiry, credentials or the error), see _cached_helper.
+        self._helper_cache: dict[
+            tuple[str, str], tuple[float, Credentials | None, AuthError | None]
+        ] = {}
         self._max_helper_entries = max_helper_entries
         self._lock = threading.Lock()
         # (host, repository) and (host, "") -> Credentials, most recently added last.
@@ -206,7 +216,7 @@ class CredentialStore:
             if content is None:
                 continue
             try:
-                creds = find_in_file(content, chost, repository, self._helper_runner)
+                creds = find_in_file(content, chost, repository, self._cached_helper)
             except AuthError as e:
                 self._record(e)
                 continue
@@ -224,12 +234,47 @@ class CredentialStore:
     def _run_helper(self, name: str, server: str) -> Credentials | None:
         return get_credentials(name, server, timeout=self._helper_timeout)
 
-    def _record(self, error: AuthError) -> None:
-        # Messages of the auth errors never contain secrets or file contents.
-        log.warning("credential lookup: %s", error)
+    def _cached_helper(self, name: str, server: str) -> Credentials | None:
+        """Helper answers are kept for a while: the registry client may ask for every request
+        (Basic auth), and a process per request is too much. "Not found" and errors are kept
+        for a shorter time so a fresh login or a fixed helper is noticed soon."""
+        key = (name, server)
+        now = time.monotonic()
         with self._lock:
+            hit = self._helper_cache.get(key)
+        if hit is not None and hit[0] > now:
+            if hit[2] is not None:
+                raise hit[2]
+            return hit[1]
+        try:
+            creds = self._helper_runner(name, server)
+        except AuthError as e:
+            self._store_helper_answer(key, now + min(self._helper_cache_ttl, 5.0), None, e)
+            raise
+        ttl = self._helper_cache_ttl if creds is not None else min(self._helper_cache_ttl, 10.0)
+        self._store_helper_answer(key, now + ttl, creds, None)
+        return creds
+
+    def _store_helper_answer(
+        self,
+        key: tuple[str, str],
+        expiry: float,
+        creds: Credentials | None,
+        error: AuthError | None,
+    ) -> None:
+        with self._lock:
+            if len(self._helper_cache) > 1024:
+                self._helper_cache.clear()
+            self._helper_cache[key] = (expiry, creds, error)
+
+    def _record(self, error: AuthError) -> None:
+        with self._lock:
+            if any(e is error for e in self._errors):
+                return  # the same (cached) error again: logged already
             self._errors.append(error)
             del self._errors[:-MAX_ERRORS]
+        # Messages of the auth errors never contain secrets or file contents.
+        log.warning("credential lookup: %s", error)
 
     def _load(self, auth_path: AuthPath) -> AuthFile | None:
         key = str(auth_path.path)

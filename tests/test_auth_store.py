@@ -274,3 +274,30 @@ def test_thread_safety(env: AuthEnvironment, home: Path) -> None:
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_cred_helper_answers_cached(env: AuthEnvironment, home: Path) -> None:
+    calls: list[str] = []
+
+    def runner(name: str, server: str) -> Credentials | None:
+        calls.append(server)
+        if server == "bad.io":
+            raise CredentialHelperError("helper failed")
+        return Credentials("helper", "h") if server == "h.io" else None
+
+    write_auth(
+        home / ".config" / "containers" / "auth.json",
+        {},
+        credHelpers={"h.io": "pass", "n.io": "pass", "bad.io": "pass"},
+    )
+    store = make_store(env, helper_runner=runner)
+    for _ in range(3):
+        assert store.lookup("h.io", "x") == Credentials("helper", "h")
+        assert store.lookup("n.io", "x") is None
+        assert store.lookup("bad.io", "x") is None
+    assert calls == ["h.io", "n.io", "bad.io"]
+    assert len(store.errors()) == 1
+    uncached = make_store(env, helper_runner=runner, helper_cache_ttl=0)
+    uncached.lookup("h.io", "x")
+    uncached.lookup("h.io", "x")
+    assert calls.count("h.io") == 3
