@@ -269,8 +269,8 @@ class CredentialStore:
 
     def _record(self, error: AuthError) -> None:
         with self._lock:
-            if any(e is error for e in self._errors):
-                return  # the same (cached) error again: logged already
+            if any(type(e) is type(error) and str(e) == str(error) for e in self._errors):
+                return  # the same error again (cached, or per request): logged already
             self._errors.append(error)
             del self._errors[:-MAX_ERRORS]
         # Messages of the auth errors never contain secrets or file contents.

@@ -301,3 +301,17 @@ def test_cred_helper_answers_cached(env: AuthEnvironment, home: Path) -> None:
     uncached.lookup("h.io", "x")
     uncached.lookup("h.io", "x")
     assert calls.count("h.io") == 3
+
+
+def test_bad_entry_logged_once(
+    env: AuthEnvironment, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = home / ".docker" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"auths": {"r.io": {"auth": "%%%notbase64"}}}))
+    store = make_store(env)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            assert store.lookup("r.io", "x") is None
+    assert len(caplog.records) == 1
+    assert "notbase64" not in caplog.text
