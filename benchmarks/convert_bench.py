@@ -1,0 +1,109 @@
+"""Benchmark of the eStargz writer on a realistic rootfs tar.
+
+Builds (once, cached) a ~170 MB tar of this machine's /usr/bin, /usr/lib and /usr/share (files
+taken in sorted walk order, each tree capped), then converts it with layerstore.writer and
+compresses it with ``gzip -6`` for comparison. Prints throughput (MB/s of source tar) and the
+size ratio eStargz / gzip -6.
+
+    .venv/bin/python benchmarks/convert_bench.py [--workdir DIR] [--runs N] [--min-chunk-size N]
+
+Targets (issue 2): >= 9.5 MB/s on 2 cores; ratio <= 1.065.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from layerstore.writer import WriterOptions, write_estargz  # noqa: E402
+
+BUDGETS = (("/usr/bin", 15_000_000), ("/usr/lib", 90_000_000), ("/usr/share", 65_000_000))
+
+
+def build_rootfs_tar(path: Path) -> None:
+    names: list[str] = []
+    for root, budget in BUDGETS:
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            filenames.sort()
+            if total >= budget:
+                break
+            names.append(dirpath)
+            for fn in filenames:
+                p = os.path.join(dirpath, fn)
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    continue
+                size = st.st_size if os.path.isfile(p) and not os.path.islink(p) else 0
+                if total + size > budget:
+                    continue
+                total += size
+                names.append(p)
+    listing = path.with_suffix(".list")
+    listing.write_text("".join(n + "\n" for n in names))
+    subprocess.run(
+        ["tar", "--no-recursion", "--ignore-failed-read", "-cf", str(path), "-T", str(listing)],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "stargz-convert-bench"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--min-chunk-size", type=int, default=0)
+    ap.add_argument("--level", type=int, default=6)
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "rootfs.tar"
+    if not src.exists():
+        print(f"building {src} ...", file=sys.stderr)
+        build_rootfs_tar(src)
+    size = src.stat().st_size
+    print(f"source tar: {size / 1e6:.1f} MB, cpus: {os.cpu_count()}")
+
+    t0 = time.perf_counter()
+    gz = subprocess.run(["gzip", "-6", "-c", str(src)], stdout=subprocess.PIPE, check=True).stdout
+    t_gzip = time.perf_counter() - t0
+    print(f"gzip -6: {len(gz) / 1e6:.2f} MB in {t_gzip:.1f} s ({size / 1e6 / t_gzip:.1f} MB/s)")
+
+    opts = WriterOptions(
+        min_chunk_size=args.min_chunk_size, compression_level=args.level, workers=args.workers
+    )
+    times: list[float] = []
+    out_path = work / "rootfs.esgz"
+    res = None
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        with open(out_path, "wb") as out:
+            res = write_estargz(src, out, opts)
+        times.append(time.perf_counter() - t0)
+    assert res is not None
+    med = statistics.median(times)
+    ratio = res.compressed_size / len(gz)
+    print(
+        f"estargz: {res.compressed_size / 1e6:.2f} MB, median {med:.2f} s of {args.runs} "
+        f"({size / 1e6 / med:.1f} MB/s), times {[round(t, 2) for t in times]}"
+    )
+    print(f"ratio estargz / gzip -6: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
+    print(f"toc offset {res.toc_offset}, TOC+footer {res.compressed_size - res.toc_offset} bytes")
+    ok = size / 1e6 / med >= 9.5 and ratio <= 1.065
+    print("targets (>= 9.5 MB/s, ratio <= 1.065):", "met" if ok else "MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
