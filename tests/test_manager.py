@@ -1,0 +1,380 @@
+"""LayerManager over the Go reference blobs, the real reader, and a fake registry client."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import (
+    ImageReferenceError,
+    LayerNotFoundError,
+    NotEStargzError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnavailableError,
+    TOCDigestMismatchError,
+)
+from layerstore.fetcher import FetcherSettings
+from layerstore.layer import LayerSettings
+from layerstore.manager import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    LayerManager,
+    ManagerSettings,
+)
+from layerstore.manifest import Descriptor
+from layerstore.reference import Reference
+from layerstore.source import BytesSource
+from tests.test_fetcher import CountingSource
+from tests.test_layer import tar_files, tiny_decode, tiny_open_toc
+
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+REF_A = "registry.example/app:v1"
+REF_B = "registry.example/other:v2"
+
+
+@dataclass(frozen=True)
+class Blob:
+    data: bytes
+    digest: str
+    toc_digest: str
+    diff_id: str
+    uncompressed: int
+
+
+def load(ref: Path, name: str) -> Blob:
+    m = json.loads((ref / f"{name}.json").read_text())
+    return Blob(
+        (ref / f"{name}.esgz").read_bytes(),
+        m["digest"],
+        m["tocDigest"],
+        m["diffID"],
+        len(gzip.decompress((ref / f"{name}.esgz").read_bytes())),
+    )
+
+
+def desc(b: Blob, *, toc: str | None = None, size_ann: bool = True, mt: str = GZIP) -> Descriptor:
+    ann = {TOC_DIGEST_ANNOTATION: toc or b.toc_digest}
+    if size_ann:
+        ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(b.uncompressed)
+    return Descriptor(mt, b.digest, len(b.data), ann)
+
+
+@dataclass
+class FakeImage:
+    manifest: Any
+    config: Any
+    manifest_digest: str
+
+
+@dataclass
+class _M:
+    layers: tuple[Descriptor, ...]
+
+
+@dataclass
+class _C:
+    diff_ids: tuple[str, ...]
+
+
+class FakeClient:
+    def __init__(self, blobs: dict[str, bytes], delay: float = 0.0) -> None:
+        self.images: dict[str, FakeImage] = {}
+        self.sources = {d: CountingSource(BytesSource(b)) for d, b in blobs.items()}
+        self.resolve_calls = 0
+        self.delay = delay
+        self.fail: Exception | None = None
+        self.lock = threading.Lock()
+
+    def add(self, ref: str, layers: list[tuple[Descriptor, str]]) -> None:
+        self.images[ref] = FakeImage(
+            _M(tuple(d for d, _ in layers)), _C(tuple(i for _, i in layers)), "sha256:" + "0" * 64
+        )
+
+    def resolve(self, ref: Reference, platform: Any = None) -> FakeImage:
+        with self.lock:
+            self.resolve_calls += 1
+        time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        try:
+            return self.images[str(ref)]
+        except KeyError:
+            raise NotFoundError(f"{ref}: manifest unknown") from None
+
+    def blob_source(self, image: Any, digest: str, size: int) -> CountingSource:
+        assert isinstance(image, FakeImage)
+        return self.sources[digest]
+
+
+@pytest.fixture
+def blobs(go_reference: Path) -> dict[str, Blob]:
+    return {n: load(go_reference, n) for n in ("ref-small", "ref-chunked-64k", "ref-prioritized")}
+
+
+@pytest.fixture
+def plain(go_reference: Path) -> Blob:
+    data = gzip.compress((go_reference / "small.tar").read_bytes(), mtime=0)
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    return Blob(data, d, "", "sha256:" + "1" * 64, 0)
+
+
+@pytest.fixture
+def client(blobs: dict[str, Blob], plain: Blob) -> FakeClient:
+    c = FakeClient({b.digest: b.data for b in [*blobs.values(), plain]})
+    small, chunked, prio = blobs["ref-small"], blobs["ref-chunked-64k"], blobs["ref-prioritized"]
+    c.add(
+        REF_A,
+        [
+            (Descriptor(GZIP, plain.digest, len(plain.data), {}), plain.diff_id),
+            (desc(small), small.diff_id),
+            (desc(chunked, size_ann=False), chunked.diff_id),
+        ],
+    )
+    c.add(REF_B, [(desc(chunked), chunked.diff_id), (desc(prio), prio.diff_id)])
+    return c
+
+
+def quiet(**kw: Any) -> ManagerSettings:
+    base = ManagerSettings(layer=LayerSettings(prefetch_landmark=False))
+    return replace(base, **kw)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> ChunkCache:
+    return ChunkCache(tmp_path / "cache", 1 << 30)
+
+
+def test_both_key_schemes_resolve_the_same_layer(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], go_reference: Path
+) -> None:
+    mgr = LayerManager(client, cache, quiet())
+    small = blobs["ref-small"]
+    by_digest = mgr.get(REF_A, small.digest)
+    by_toc = mgr.get(REF_A, small.toc_digest)
+    assert by_digest is by_toc
+    assert by_digest.scheme_for(small.digest) == "compressed"
+    assert mgr.scheme(REF_A, small.toc_digest) == "toc"
+    comp = json.loads(by_digest.info_json("compressed"))
+    assert comp["compressed-diff-digest"] == small.digest
+    assert comp["diff-digest"] == small.diff_id
+    assert comp["diff-size"] == small.uncompressed
+    assert comp["compression"] == 2
+    assert comp["uidset"] == [0, 1000] and comp["gidset"] == [0, 1000]
+    toc = json.loads(by_toc.info_json("toc"))
+    assert toc["toc-digest"] == small.toc_digest
+    assert toc["flags"] == {"expected-layer-diffid": small.diff_id}
+    assert toc["diff-size"] == small.uncompressed
+    assert toc["compressed-size"] == len(small.data)
+    # Real index, real data.
+    files = tar_files(go_reference)
+    ino = by_digest.index.find("app/data.bin")
+    assert ino is not None
+    assert by_digest.read(ino, 0, 400_000) == files["app/data.bin"]
+    # One tail request (the TOC fits the 64 KiB guess) plus the data.
+    assert mgr.tail_requests == 1
+
+
+def test_toc_scheme_without_size_annotation(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    mgr = LayerManager(client, cache, quiet())
+    chunked = blobs["ref-chunked-64k"]
+    layer = mgr.get(REF_A, chunked.toc_digest)
+    assert json.loads(layer.info_json("toc"))["diff-size"] == -1
+    est = json.loads(layer.info_json("compressed"))["diff-size"]
+    assert 0.9 * chunked.uncompressed <= est <= 1.1 * chunked.uncompressed
+
+
+def test_same_layer_under_two_refs_is_shared(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    mgr = LayerManager(client, cache, quiet())
+    chunked = blobs["ref-chunked-64k"]
+    a = mgr.get(REF_A, chunked.digest)
+    b = mgr.get(REF_B, chunked.toc_digest)
+    assert a is b and a.fetcher is b.fetcher
+    assert len(client.sources[chunked.digest].calls) == 1
+    assert len(mgr.loaded()) == 1
+
+
+def test_small_tail_guess_needs_two_requests(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], go_reference: Path
+) -> None:
+    mgr = LayerManager(client, cache, quiet(tail_guess_bytes=512))
+    layer = mgr.get(REF_A, blobs["ref-small"].digest)
+    assert mgr.tail_requests == 2
+    ino = layer.index.find("app/main.py")
+    assert ino is not None
+    assert layer.read(ino, 0, 100) == tar_files(go_reference)["app/main.py"]
+
+
+def test_lookup_failures(client: FakeClient, cache: ChunkCache, plain: Blob) -> None:
+    mgr = LayerManager(client, cache, quiet())
+    with pytest.raises(NotEStargzError):
+        mgr.get(REF_A, plain.digest)
+    with pytest.raises(LayerNotFoundError):
+        mgr.get(REF_A, "sha256:" + "ab" * 32)
+    with pytest.raises(LayerNotFoundError):
+        mgr.get(REF_A, "not-a-digest")
+    with pytest.raises(ImageReferenceError):
+        mgr.get("Registry.example/UPPER CASE", plain.digest)
+    with pytest.raises(NotFoundError):
+        mgr.get("registry.example/missing:v1", plain.digest)
+    # Not eStargz fails before any blob byte is fetched.
+    assert client.sources[plain.digest].calls == []
+
+
+def test_non_gzip_media_type_refused(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    small = blobs["ref-small"]
+    client.add("registry.example/zstd:v1", [(desc(small, mt=GZIP[:-4] + "zstd"), small.diff_id)])
+    mgr = LayerManager(client, cache, quiet())
+    with pytest.raises(NotEStargzError):
+        mgr.get("registry.example/zstd:v1", small.digest)
+
+
+@pytest.mark.parametrize("real_reader", [True, False])
+def test_toc_digest_mismatch(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], real_reader: bool
+) -> None:
+    small = blobs["ref-small"]
+    wrong = "sha256:" + "cd" * 32
+    client.add("registry.example/liar:v1", [(desc(small, toc=wrong), small.diff_id)])
+    kw: dict[str, Any] = {} if real_reader else {"open_toc": tiny_open_toc, "decode": tiny_decode}
+    mgr = LayerManager(client, cache, quiet(), **kw)
+    for key in (small.digest, wrong):
+        with pytest.raises(TOCDigestMismatchError):
+            mgr.get("registry.example/liar:v1", key)
+    assert mgr.loaded() == []
+
+
+def test_negative_cache_expires(client: FakeClient, cache: ChunkCache) -> None:
+    mgr = LayerManager(client, cache, quiet(negative_ttl=0.3))
+    key = "sha256:" + "ef" * 32
+    with pytest.raises(LayerNotFoundError):
+        mgr.get(REF_A, key)
+    n = client.resolve_calls
+    for _ in range(5):
+        with pytest.raises(LayerNotFoundError):
+            mgr.get(REF_A, key)
+    assert client.resolve_calls == n
+    time.sleep(0.35)
+    client.fail = RegistryUnavailableError("registry.example: connection refused")
+    mgr2 = mgr  # same manager: the negative entry expired, a new attempt is made
+    with pytest.raises(RegistryError):
+        mgr2.get("registry.example/fresh:v1", key)
+    assert client.resolve_calls == n + 1
+
+
+def test_single_flight_get_under_16_threads(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    client.delay = 0.2
+    mgr = LayerManager(client, cache, quiet())
+    chunked = blobs["ref-chunked-64k"]
+    barrier = threading.Barrier(16)
+    got: list[Any] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        layer = mgr.get(REF_B, chunked.digest if i % 2 else chunked.toc_digest)
+        with lock:
+            got.append(layer)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 16 and all(g is got[0] for g in got)
+    assert client.resolve_calls == 1
+    assert len(client.sources[chunked.digest].calls) == 1
+
+
+def test_toc_cache_survives_restart(
+    client: FakeClient, tmp_path: Path, blobs: dict[str, Blob], go_reference: Path
+) -> None:
+    small = blobs["ref-small"]
+    files = tar_files(go_reference)
+    mgr = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    layer = mgr.get(REF_A, small.toc_digest)
+    ino = layer.index.find("app/data.bin")
+    assert ino is not None
+    layer.read(ino, 0, 300_000)
+    calls = len(client.sources[small.digest].calls)
+    # Restart with the blob unreachable: TOC and data come from the disk cache.
+    client.sources[small.digest].fail = RegistryUnavailableError("blob store down")
+    mgr2 = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    layer2 = mgr2.get(REF_A, small.digest)
+    assert layer2 is not layer
+    assert mgr2.tail_requests == 0
+    assert layer2.read(ino, 0, 300_000) == files["app/data.bin"]
+    assert len(client.sources[small.digest].calls) == calls
+    # A damaged TOC cache entry is discarded and the TOC fetched again.
+    client.sources[small.digest].fail = None
+    for p in (tmp_path / "c" / "toc").iterdir():
+        p.write_bytes(p.read_bytes()[:-10] + b"0123456789")
+    mgr3 = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    assert mgr3.get(REF_A, small.digest).toc_digest == small.toc_digest
+    assert mgr3.tail_requests == 1
+
+
+def test_use_release_prefetch_and_sweep(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    prio = blobs["ref-prioritized"]
+    settings = ManagerSettings(layer=LayerSettings(prefetch_landmark=True), idle_drop_seconds=0)
+    mgr = LayerManager(client, cache, settings)
+    layer = mgr.get(REF_B, prio.toc_digest)
+    src = client.sources[prio.digest]
+    assert len(src.calls) == 1  # lookups do not prefetch
+    assert mgr.use(REF_B, prio.toc_digest) == 1
+    assert mgr.use(REF_B, prio.toc_digest) == 2
+    ino = layer.index.find("app/main.py")
+    assert ino is not None
+    wanted = layer.index.chunks(ino)[0]
+    deadline = time.monotonic() + 5
+    while wanted.digest not in cache and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wanted.digest in cache
+    assert len(src.calls) == 2  # one landmark request
+    assert mgr.sweep() == 0  # in use
+    assert mgr.release(REF_B, prio.toc_digest) == 1
+    assert mgr.release(REF_B, prio.toc_digest) == 0
+    assert mgr.release(REF_B, prio.toc_digest) == 0
+    assert mgr.users(REF_B, prio.toc_digest) == 0
+    assert mgr.sweep() == 1
+    assert mgr.loaded() == []
+    # Dropped from memory only: the chunks stay on disk.
+    assert wanted.digest in cache
+
+
+def test_background_fetch_after_use(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    chunked = blobs["ref-chunked-64k"]
+    settings = ManagerSettings(
+        layer=LayerSettings(prefetch_landmark=True, background_fetch=True),
+        fetcher=FetcherSettings(background_idle_seconds=0.0, background_share=1.0),
+    )
+    mgr = LayerManager(client, cache, settings)
+    layer = mgr.get(REF_A, chunked.digest)
+    mgr.use(REF_A, chunked.digest)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(c.digest in cache for c in layer.fetcher.chunks):
+        time.sleep(0.01)
+    assert all(c.digest in cache for c in layer.fetcher.chunks)
+    assert layer.fetcher.stats.background_chunks == len(layer.fetcher.chunks)
+    mgr.close()
