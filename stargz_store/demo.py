@@ -739,7 +739,9 @@ class PodmanEnv:
         self.insecure = list(insecure)
         self.authfile = authfile
         self.graphroot = workdir / "graph"
-        self.runroot = workdir / "run"
+        # podman refuses a runroot longer than 50 characters (conmon's socket paths live below
+        # it), so it cannot go below a deep work directory: a short directory in /tmp.
+        self.runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
         self.tmpdir = workdir / "tmp"
         self.containers_conf = workdir / "containers.conf"
         self.storage_conf = workdir / "storage.conf"
@@ -847,9 +849,9 @@ class PodmanEnv:
         return out.stdout
 
     def mounts_below(self) -> list[str]:
-        """Mount points below ``workdir`` (overlay, shm, ...), deepest first."""
-        root = str(self.workdir.resolve())
-        return mounts_below(root)
+        """Mount points below ``workdir`` and the runroot (overlay, shm, ...), deepest first."""
+        found = [*mounts_below(str(self.workdir.resolve())), *mounts_below(str(self.runroot))]
+        return sorted(set(found), key=len, reverse=True)
 
     def cleanup(self) -> None:
         """Stop containers, unmount everything below ``workdir``, delete ``workdir``."""
@@ -861,6 +863,7 @@ class PodmanEnv:
         for point in self.mounts_below():
             if subprocess.run(["umount", point], capture_output=True, check=False).returncode:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        remove_tree(self.runroot)
         remove_tree(self.workdir)
 
 
@@ -878,7 +881,7 @@ def mounts_below(root: str) -> list[str]:
 def remove_tree(path: Path) -> None:
     """``rm -rf path``, refused while anything is mounted below it (deleting through a live
     overlay or FUSE mount would reach into other file systems)."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     left = mounts_below(str(path.resolve()))
     if left:

@@ -1,0 +1,444 @@
+"""podman end to end: real images, a real registry on 127.0.0.1, the store daemon, podman 4.x.
+
+The first group proves the harness alone (image layouts, byte-exact pushes, private podman,
+clean-up). The second needs ``stargz-store convert`` and the daemon: images are converted to
+eStargz, the daemon is mounted and given to podman as an additional layer store, and podman
+pulls and runs them. Evidence that a layer came from the store: its ``diff`` under podman's
+graphroot is a symlink into the mount, and the graphroot stays small.
+
+Every podman runs with private containers.conf/storage.conf/registries.conf and its own
+graphroot under the test's tmp_path; the daemon's credential chain is confined to the test's
+files too (see ``stargz_store.demo.StoreDaemon``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stargz_store.demo import write_auth_json
+from tests.image_util import (
+    CHECK_OK,
+    ImageInfo,
+    RegistryHTTP,
+    archive_layer_diff_ids,
+    build_test_image,
+    convert_image,
+    decompressed_digest,
+    mix_layers,
+    push_image,
+    read_image,
+    registry_diff_ids,
+)
+from tests.podman_util import Podman, StoreDaemon, mounts_below, need_podman
+from tests.registry_fixtures import (  # noqa: F401 - pytest fixtures
+    RegistryHandle,
+    registry,
+    registry_htpasswd,
+)
+
+pytestmark = [pytest.mark.podman, pytest.mark.registry, pytest.mark.timeout(600)]
+
+BUSYBOX = Path("/bin/busybox")
+BUSYBOX_SHA256 = hashlib.sha256(BUSYBOX.read_bytes()).hexdigest() if BUSYBOX.is_file() else ""
+
+# Small but real: busybox (about 2 MB) and three 512 KiB incompressible data files.
+DATA_SIZE = 512 * 1024
+DATA_FILES = 3
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    need_podman()
+
+
+def _repo(request: pytest.FixtureRequest, suffix: str = "") -> str:
+    """A repository name unique to the test (the registries are shared by the session)."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
+    return f"e2e/{name}{suffix}"
+
+
+def _client(reg: RegistryHandle) -> RegistryHTTP:
+    return RegistryHTTP(reg.host, reg.username or "", reg.password or "")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ImageInfo]:
+    """The test image, plain gzip (tag ``gzip``), in an OCI layout."""
+    layout = tmp_path_factory.mktemp("layout")
+    return {"gzip": build_test_image(layout, "gzip", data_size=DATA_SIZE, data_files=DATA_FILES)}
+
+
+@pytest.fixture(scope="module")
+def esgz_images(images: dict[str, ImageInfo]) -> dict[str, ImageInfo]:
+    """The test image converted by ``stargz-store convert`` (tag ``estargz``), and the two
+    mixed images: ``mixed-top-plain`` (eStargz base, gzip data layer) and
+    ``mixed-base-plain`` (gzip base, eStargz data layer)."""
+    gz = images["gzip"]
+    esgz = convert_image(gz, "estargz")
+    return {
+        "gzip": gz,
+        "estargz": esgz,
+        "mixed-top-plain": mix_layers(esgz, gz, [1], "mixed-top-plain"),
+        "mixed-base-plain": mix_layers(esgz, gz, [0], "mixed-base-plain"),
+    }
+
+
+@pytest.fixture
+def podmans(tmp_path: Path) -> Iterator[list[Podman]]:
+    """Podmans made by a test are cleaned up (containers, mounts, graphroot) at teardown."""
+    made: list[Podman] = []
+    yield made
+    errors = []
+    for p in reversed(made):
+        try:
+            p.cleanup()
+        except RuntimeError as e:
+            errors.append(str(e))
+    assert not errors, errors
+
+
+@dataclass
+class Lazy:
+    """A podman whose additional layer store is a running store daemon."""
+
+    podman: Podman
+    daemon: StoreDaemon
+
+    def links(self) -> dict[str, str]:
+        return self.podman.layer_diff_links()
+
+    def store_links(self, image: str) -> list[bool]:
+        """Per image layer (base first): does its ``diff`` point into the store's mount?"""
+        links = self.links()
+        mount = str(self.daemon.mountpoint.resolve()) + "/"
+        return [links.get(layer, "").startswith(mount) for layer in self.podman.layer_ids(image)]
+
+
+@contextmanager
+def lazy_env(
+    workdir: Path,
+    reg: RegistryHandle,
+    *,
+    store_auth: Path | None = None,
+    podman_auth: Path | None = None,
+) -> Iterator[Lazy]:
+    """Start a store daemon and a podman that uses it; stop both (podman first: its overlay
+    mounts use the store's mount) and check that no mount is left."""
+    with ExitStack() as stack:
+        podman = Podman(
+            workdir / "podman",
+            layer_store=workdir / "daemon" / "store",
+            insecure=[reg.host],
+            authfile=podman_auth,
+        )
+        daemon = StoreDaemon(
+            workdir / "daemon",
+            registries_conf=podman.registries_conf,
+            insecure=[reg.host],
+            authfile=store_auth,
+        )
+        stack.callback(daemon.stop)
+        daemon.start()
+        stack.callback(podman.cleanup)
+        try:
+            yield Lazy(podman, daemon)
+        except BaseException:
+            sys.stderr.write("--- store daemon log (tail) ---\n" + daemon.log_tail(6000) + "\n")
+            raise
+    assert not mounts_below(str(workdir.resolve())), mounts_below(str(workdir.resolve()))
+
+
+# --------------------------------------------------------------------------------------------
+# The harness alone
+# --------------------------------------------------------------------------------------------
+
+
+def test_image_layout_is_real_and_deterministic(tmp_path: Path) -> None:
+    a = build_test_image(tmp_path / "a", "t", data_size=4096, data_files=2)
+    b = build_test_image(tmp_path / "b", "t", data_size=4096, data_files=2)
+    assert a.manifest_digest == b.manifest_digest
+    assert a.layers == b.layers
+    c = build_test_image(tmp_path / "a", "other", data_size=4096, data_files=2, seed=2)
+    assert c.layers[0] == a.layers[0] and c.layers[1] != a.layers[1]
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    tags = sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"])
+    assert tags == ["other", "t"]
+    assert json.loads((tmp_path / "a" / "oci-layout").read_text())["imageLayoutVersion"]
+    back = read_image(tmp_path / "a", "t")
+    assert back.manifest_digest == a.manifest_digest
+    for i, layer in enumerate(back.layers):
+        blob = back.blob_path(layer["digest"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == layer["digest"].split(":")[1]
+        assert len(blob) == layer["size"]
+        assert decompressed_digest(blob) == back.diff_ids[i]
+    assert back.config["os"] == "linux" and back.config["architecture"]
+    assert back.config["config"]["Cmd"] == ["/data/check.sh"]
+
+
+def test_push_is_byte_exact(registry: RegistryHandle, images: dict[str, ImageInfo]) -> None:  # noqa: F811
+    gz = images["gzip"]
+    client = _client(registry)
+    assert push_image(gz, client, "e2e/push-exact", "v1") == gz.manifest_digest
+    got = registry_diff_ids(client, "e2e/push-exact", "v1")
+    assert got["manifest_digest"] == gz.manifest_digest
+    assert got["layer_digests"] == [layer["digest"] for layer in gz.layers]
+    assert got["config_diff_ids"] == got["blob_diff_ids"] == gz.diff_ids
+
+
+def test_plain_pull_and_run(
+    registry: RegistryHandle,  # noqa: F811
+    images: dict[str, ImageInfo],
+    podmans: list[Podman],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    gz = images["gzip"]
+    repo = _repo(request)
+    push_image(gz, _client(registry), repo, "v1")
+    podman = Podman(tmp_path / "podman", insecure=[registry.host])
+    podmans.append(podman)
+    ref = f"{registry.host}/{repo}:v1"
+    podman.pull(ref)
+    assert podman.run(ref).strip() == CHECK_OK
+    assert podman.run(ref, "echo", "hello").strip() == "hello"
+    assert podman.run(ref, "sha256sum", "/bin/busybox").split()[0] == BUSYBOX_SHA256
+    # Without a store every layer is a real directory, and the layers take real space.
+    assert podman.layer_diff_links() == {}
+    assert len(podman.layer_ids(ref)) == 2
+    assert podman.graphroot_usage() > DATA_SIZE * DATA_FILES + 1_000_000
+
+
+def test_cleanup_unmounts_running_containers(
+    registry: RegistryHandle,  # noqa: F811
+    images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    gz = images["gzip"]
+    repo = _repo(request)
+    push_image(gz, _client(registry), repo, "v1")
+    podman = Podman(tmp_path / "podman", insecure=[registry.host])
+    try:
+        podman.pull(f"{registry.host}/{repo}:v1")
+        podman.run_podman(
+            "run", "-d", "--network", "none", f"{registry.host}/{repo}:v1", "sleep", "600"
+        )
+        assert mounts_below(str(podman.workdir.resolve())), "expected an overlay mount"
+    finally:
+        podman.cleanup()
+    assert not mounts_below(str(tmp_path.resolve()))
+    assert not podman.workdir.exists()
+
+
+def test_plain_save_and_push_keep_layer_content(
+    registry: RegistryHandle,  # noqa: F811
+    images: dict[str, ImageInfo],
+    podmans: list[Podman],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Baseline for the lazy case: what podman 4.x's save and push do with a plain pull."""
+    gz = images["gzip"]
+    repo = _repo(request)
+    push_image(gz, _client(registry), repo, "v1")
+    podman = Podman(tmp_path / "podman", insecure=[registry.host])
+    podmans.append(podman)
+    ref = f"{registry.host}/{repo}:v1"
+    podman.pull(ref)
+    _check_save_and_push(podman, ref, gz, registry, repo)
+
+
+def _check_save_and_push(
+    podman: Podman, ref: str, image: ImageInfo, reg: RegistryHandle, repo: str
+) -> None:
+    """``podman save`` in both archive formats and ``podman push`` to another repository: the
+    layers' content must be the original's, byte for byte (same DiffIDs), and pushing within
+    the registry must keep the original compressed blobs (same layer digests)."""
+    for fmt in ("docker-archive", "oci-archive"):
+        archive = podman.save(ref, podman.workdir / f"saved.{fmt}.tar", fmt)
+        config_ids, blob_ids = archive_layer_diff_ids(archive)
+        assert config_ids == image.diff_ids, fmt
+        assert blob_ids == image.diff_ids, fmt
+        archive.unlink()
+    podman.push(ref, f"{reg.host}/{repo}-copy:v1", *_creds(reg))
+    got = registry_diff_ids(_client(reg), f"{repo}-copy", "v1")
+    assert got["config_diff_ids"] == image.diff_ids
+    assert got["blob_diff_ids"] == image.diff_ids
+    assert got["layer_digests"] == [layer["digest"] for layer in image.layers]
+
+
+def _creds(reg: RegistryHandle) -> list[str]:
+    return [f"--creds={reg.username}:{reg.password}"] if reg.username else []
+
+
+# --------------------------------------------------------------------------------------------
+# With the store (needs `stargz-store convert` and the daemon)
+# --------------------------------------------------------------------------------------------
+
+
+def test_lazy_run(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    with lazy_env(tmp_path, registry) as lazy:
+        lazy.podman.pull(ref)
+        assert lazy.store_links(ref) == [True, True], lazy.links()
+        # The layers are symlinks into the mount: nothing of their content is in the graphroot.
+        for layer_dir in lazy.podman.image_layer_dirs(ref):
+            assert (layer_dir / "diff").is_symlink()
+        usage_after_pull = lazy.podman.graphroot_usage()
+        assert usage_after_pull < DATA_SIZE, usage_after_pull
+        # Every file is read through the store and checked against checksums in the image.
+        assert lazy.podman.run(ref).strip() == CHECK_OK
+        assert lazy.podman.run(ref, "sha256sum", "/bin/busybox").split()[0] == BUSYBOX_SHA256
+        assert lazy.podman.run(ref, "readlink", "/bin/sh").strip() == "busybox"
+        assert lazy.podman.graphroot_usage() < DATA_SIZE
+        # The store's landmark and TOC files stay hidden from the container.
+        listing = lazy.podman.run(ref, "ls", "-a", "/").split()
+        assert not {".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"} & set(
+            listing
+        )
+
+
+@pytest.mark.parametrize("which", ["mixed-top-plain", "mixed-base-plain"])
+def test_mixed_estargz_and_gzip_layers(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    which: str,
+) -> None:
+    image = esgz_images[which]
+    expect = [image.is_estargz(i) for i in range(len(image.layers))]
+    assert sorted(expect) == [False, True]
+    repo = _repo(request)
+    push_image(image, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    with lazy_env(tmp_path, registry) as lazy:
+        lazy.podman.pull(ref)
+        # The eStargz layer comes from the store, the gzip layer is pulled by podman.
+        assert lazy.store_links(ref) == expect, lazy.links()
+        assert lazy.podman.run(ref).strip() == CHECK_OK
+        assert lazy.podman.run(ref, "sha256sum", "/bin/busybox").split()[0] == BUSYBOX_SHA256
+
+
+def test_two_containers_in_parallel(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    with lazy_env(tmp_path, registry) as lazy:
+        lazy.podman.pull(ref)
+        assert lazy.store_links(ref) == [True, True]
+        outs = lazy.podman.run_many(
+            ref,
+            [
+                ["/data/check.sh"],
+                ["sh", "-c", "sha256sum /bin/busybox /data/file2.bin /data/file0.bin"],
+            ],
+        )
+        assert outs[0].strip() == CHECK_OK
+        sums = [line.split()[0] for line in outs[1].splitlines()]
+        assert sums[0] == BUSYBOX_SHA256
+        expected = _data_sums(esgz)
+        assert sums[1:] == [expected["/data/file2.bin"], expected["/data/file0.bin"]]
+
+
+def _data_sums(image: ImageInfo) -> dict[str, str]:
+    """The SHA256SUMS the test image carries (read back from the original gzip layer)."""
+    gz = read_image(image.layout, "gzip")
+    blob = gz.blob_path(gz.layers[1]["digest"]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+        member = tar.extractfile("data/SHA256SUMS")
+        assert member is not None
+        text = member.read().decode()
+    return {path: digest for digest, path in (line.split() for line in text.splitlines())}
+
+
+def test_save_and_push_of_a_lazily_pulled_image(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """podman reads the layers back through the store (``blob``/``diff``): the saved and pushed
+    layers must be the eStargz layers' exact content, and pushing to another repository of the
+    same registry must keep the eStargz blobs themselves."""
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    with lazy_env(tmp_path, registry) as lazy:
+        lazy.podman.pull(ref)
+        assert lazy.store_links(ref) == [True, True]
+        _check_save_and_push(lazy.podman, ref, esgz, registry, repo)
+
+
+def test_private_registry_with_auth_file(
+    registry_htpasswd: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """htpasswd registry; credentials in an auth.json given as REGISTRY_AUTH_FILE to podman and
+    to the daemon. A daemon without them cannot serve the layers, and podman falls back to an
+    ordinary pull (which is what proves the daemon used the file)."""
+    reg = registry_htpasswd
+    assert reg.username and reg.password
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(reg), repo, "v1")
+    ref = f"{reg.host}/{repo}:v1"
+    authfile = write_auth_json(tmp_path / "auth.json", {reg.host: (reg.username, reg.password)})
+
+    with lazy_env(tmp_path / "with", reg, store_auth=authfile, podman_auth=authfile) as lazy:
+        lazy.podman.pull(ref)
+        assert lazy.store_links(ref) == [True, True], lazy.links()
+        assert lazy.podman.run(ref).strip() == CHECK_OK
+        log = lazy.daemon.log_tail(1 << 20)
+        assert reg.password not in log, "the daemon logged the registry password"
+
+    with lazy_env(tmp_path / "without", reg, podman_auth=authfile) as lazy:
+        lazy.podman.pull(ref)
+        assert lazy.store_links(ref) == [False, False], lazy.links()
+        assert lazy.podman.run(ref).strip() == CHECK_OK
+
+
+def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
+    """``./run demo`` end to end (small data layer), leaving nothing behind."""
+    out = subprocess.run(
+        [sys.executable, "-m", "stargz_store.demo", "--data-mib", "2", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hello from the container" in out.stdout
+    assert "2 of 2 layers served by the store" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+    assert not mounts_below(str(tmp_path.resolve()))
