@@ -194,11 +194,16 @@ class LayerManager:
         self._sf_layer: _SingleFlight[str, Layer] = _SingleFlight()
         self._bg_slots = threading.Semaphore(max(1, self.settings.background_concurrency))
         self.tail_requests = 0
+        self._last_sweep = time.monotonic()
 
     # --- lookups ---------------------------------------------------------------------------
     def get(self, ref: str, key: str) -> Layer:
         """The verified layer *key* of image *ref*; raises a :class:`LayerStoreError`."""
         rk = (ref, key)
+        now = time.monotonic()
+        if now - self._last_sweep > min(60.0, max(1.0, self.settings.idle_drop_seconds)):
+            self._last_sweep = now
+            self.sweep()
         with self._lock:
             entry = self._by_ref_key.get(rk)
             if entry is not None:

@@ -15,6 +15,7 @@ import pytest
 
 from layerstore.cache import ChunkCache
 from layerstore.errors import (
+    ChunkDigestMismatchError,
     ImageReferenceError,
     LayerNotFoundError,
     NotEStargzError,
@@ -35,7 +36,7 @@ from layerstore.manifest import Descriptor
 from layerstore.reference import Reference
 from layerstore.source import BytesSource
 from tests.test_fetcher import CountingSource
-from tests.test_layer import tar_files, tiny_decode, tiny_open_toc
+from tests.test_layer import tamper_member, tar_files, tiny_decode, tiny_open_toc
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_A = "registry.example/app:v1"
@@ -378,3 +379,25 @@ def test_background_fetch_after_use(
     assert all(c.digest in cache for c in layer.fetcher.chunks)
     assert layer.fetcher.stats.background_chunks == len(layer.fetcher.chunks)
     mgr.close()
+
+
+def test_corrupted_chunk_real_reader(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], go_reference: Path
+) -> None:
+    chunked = blobs["ref-chunked-64k"]
+    files = tar_files(go_reference)
+    probe = LayerManager(client, ChunkCache(cache.root.parent / "probe", 1 << 30), quiet())
+    ino = probe.get(REF_B, chunked.digest).index.find("app/data.bin")
+    assert ino is not None
+    bad = probe.get(REF_B, chunked.digest).index.chunks(ino)[3]
+    src = client.sources[chunked.digest]
+    src.inner = BytesSource(tamper_member(chunked.data, bad.offset, bad.compressed_end))
+    mgr = LayerManager(client, cache, quiet())
+    layer = mgr.get(REF_B, chunked.toc_digest)
+    with pytest.raises(ChunkDigestMismatchError):
+        layer.read(ino, 0, 300_000)
+    assert layer.read(ino, 0, bad.chunk_offset) == files["app/data.bin"][: bad.chunk_offset]
+    main = layer.index.find("app/main.py")
+    assert main is not None
+    assert layer.read(main, 0, 100) == files["app/main.py"]
+    assert bad.digest not in cache
