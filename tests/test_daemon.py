@@ -1,0 +1,264 @@
+"""The daemon as a subprocess (``python -m stargz_store``): signals, stale mounts, sd_notify,
+readable configuration errors, and the real wiring (registry client, cache, manager)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stargz_store import daemon
+from tests import fuse_util as fu
+
+REPO = Path(__file__).resolve().parent.parent
+ok, why = fu.fuse_available()
+needs_fuse = pytest.mark.skipif(not ok, reason=why)
+pytestmark = [pytest.mark.timeout(90)]
+
+
+class Daemon:
+    """One daemon subprocess with a private notify socket; always cleaned up."""
+
+    def __init__(self, tmp: Path, *, fake: bool = True, config: str = "", name: str = "d") -> None:
+        self.tmp = tmp
+        self.root = tmp / "root"
+        self.mp = tmp / "mnt"
+        self.log = tmp / f"{name}.log"
+        self.config = tmp / "config.toml"
+        self.config.write_text(config)
+        self.notify_path = tmp / f"{name}.notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.notify_path.unlink()
+        self.sock.bind(str(self.notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        env.pop(daemon.PROVIDER_FACTORY_ENV, None)
+        if fake:
+            env[daemon.PROVIDER_FACTORY_ENV] = "tests.fuse_util:fake_provider_factory"
+        cmd = [
+            sys.executable,
+            "-m",
+            "stargz_store",
+            "--config",
+            str(self.config),
+            "--root",
+            str(self.root),
+            str(self.mp),
+        ]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL
+            )
+
+    def messages(self, until: str, timeout: float = 20.0) -> list[str]:
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while until not in got:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {until} in {got}; log:\n{self.log_text()}")
+            self.sock.settimeout(min(left, 0.2))
+            try:
+                got.extend(self.sock.recv(4096).decode().splitlines())
+            except socket.timeout:
+                if self.proc.poll() is not None and until not in got:
+                    raise AssertionError(
+                        f"daemon exited {self.proc.returncode}; log:\n{self.log_text()}"
+                    ) from None
+        return got
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(x) for x in self.log_text().splitlines() if x.startswith("{")]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.sock.close()
+        fu.force_unmount(self.mp)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.close()
+    fu.force_unmount(tmp_path / "mnt")
+    assert not fu.is_mounted(tmp_path / "mnt")
+
+
+def _sample_file(mp: Path) -> Path:
+    layer = fu.FakeLayer(fu.sample_tree())
+    return mp / fu.b64(fu.REF) / layer.compressed_digest / "diff" / "etc" / "hostname"
+
+
+@pytest.mark.fuse
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ready_serve_and_signal_unmounts(
+    tmp_path: Path, daemons: list[Daemon], sig: signal.Signals
+) -> None:
+    d = Daemon(tmp_path)
+    daemons.append(d)
+    t0 = time.monotonic()
+    assert "READY=1" in d.messages("READY=1")
+    ready_s = time.monotonic() - t0
+    assert fu.is_mounted(d.mp)  # READY=1 comes after the mount
+    entry = fu.mount_entry(d.mp)
+    assert entry is not None and entry["fstype"] == "fuse.stargz-store"
+    assert "nosuid" not in entry["options"] and "nodev" not in entry["options"]
+    assert fu.run_with_timeout(_sample_file(d.mp).read_bytes, 10) == b"sample\n"
+    d.proc.send_signal(sig)
+    assert "STOPPING=1" in d.messages("STOPPING=1")
+    assert d.proc.wait(15) == 0
+    assert not fu.is_mounted(d.mp)
+    events = [e["event"] for e in d.events()]
+    for name in (
+        "daemon_starting",
+        "mounted",
+        "ready",
+        "layer_resolved",
+        "signal_received",
+        "unmounted",
+        "daemon_stopped",
+    ):
+        assert name in events, (name, events)
+    print(f"startup to READY=1: {ready_s:.3f}s")
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_stale_mount_is_recovered(tmp_path: Path, daemons: list[Daemon]) -> None:
+    first = Daemon(tmp_path, name="first")
+    daemons.append(first)
+    first.messages("READY=1")
+    first.proc.kill()
+    first.proc.wait(10)
+    with pytest.raises(OSError) as info:
+        os.stat(first.mp)
+    assert info.value.errno == errno.ENOTCONN  # the dead mount that breaks podman
+    second = Daemon(tmp_path, name="second")
+    daemons.append(second)
+    second.messages("READY=1")
+    assert fu.run_with_timeout(_sample_file(second.mp).read_bytes, 10) == b"sample\n"
+    assert any(e["event"] == "stale_mount_detached" for e in second.events())
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(15) == 0
+    assert not fu.is_mounted(second.mp)
+    # the lazily detached mount is gone too: nothing at all is left on the path
+    os.stat(second.mp)
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_live_mount_is_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
+    first = Daemon(tmp_path, name="first")
+    daemons.append(first)
+    first.messages("READY=1")
+    second = Daemon(tmp_path, name="second")
+    daemons.append(second)
+    assert second.proc.wait(15) == 1
+    assert "already a live FUSE mount" in second.log_text()
+    assert fu.run_with_timeout(_sample_file(first.mp).read_bytes, 10) == b"sample\n"
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_external_unmount_ends_daemon(tmp_path: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(tmp_path)
+    daemons.append(d)
+    d.messages("READY=1")
+    subprocess.run(["fusermount3", "-u", str(d.mp)], check=True, timeout=10)
+    assert d.proc.wait(15) == 0
+    assert "STOPPING=1" in d.messages("STOPPING=1")
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_real_wiring_unreachable_registry_is_enoent(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """No provider factory: CredentialStore -> RegistryClient -> ChunkCache -> LayerManager."""
+    conf = (
+        f'[registry]\nregistries_conf = "{tmp_path}/registries.conf"\n'
+        f'registries_conf_d = "{tmp_path}/registries.conf.d"\nretries = 0\n'
+        "connect_timeout = 2.0\n[auth]\nextra_auth_files = []\n"
+    )
+    d = Daemon(tmp_path, fake=False, config=conf)
+    daemons.append(d)
+    d.messages("READY=1")
+    key = "sha256:" + "a" * 64
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        fu.run_with_timeout(
+            lambda: os.stat(d.mp / fu.b64("127.0.0.1:1/library/x:1") / key / "diff"), 20
+        )
+    assert time.monotonic() - t0 < 5
+    assert (d.root / "cache").is_dir()
+    assert (d.root / "auth-helper.sock").is_socket()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    assert not (d.root / "auth-helper.sock").exists()
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stargz_store", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def test_config_errors_are_readable(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fetch]\nconcurency = 4\n[fuse]\nentry_timeout = 'long'\n")
+    r = _run_cli("--config", str(bad), str(tmp_path / "mnt"))
+    assert r.returncode == 2
+    assert f"{bad}: unknown key 'fetch.concurency'" in r.stderr
+    assert "fuse.entry_timeout" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _run_cli("--config", str(tmp_path / "missing.toml"), str(tmp_path / "mnt"))
+    assert r.returncode == 2
+    assert "missing.toml: configuration file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "mnt").exists()  # nothing happens before the config is valid
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    r = _run_cli()
+    assert r.returncode == 2 and "MOUNTPOINT" in r.stderr.upper()
+    r = _run_cli("--log-level", "loud", str(tmp_path))
+    assert r.returncode == 2
+
+
+def test_mountpoint_that_is_a_file_fails_cleanly(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    r = _run_cli(
+        "--config",
+        str(cfg),
+        "--root",
+        str(tmp_path / "root"),
+        str(f),
+        env={daemon.PROVIDER_FACTORY_ENV: "tests.fuse_util:fake_provider_factory"},
+    )
+    assert r.returncode == 1
+    assert "is not a directory" in r.stderr
+    assert "Traceback" not in r.stderr
