@@ -1154,102 +1154,110 @@ def _blob_bytes(lines: Sequence[AccessLogLine], agent_has: str | None = None) ->
     )
 
 
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
 def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
-    stack = contextlib.ExitStack()
-    with stack:
+    with contextlib.ExitStack() as stack:
+        stack.callback(_say, "demo: cleaned up")
         if not keep:
             stack.callback(remove_tree, workdir)
-        _say(f"demo: working in {workdir}")
+        try:
+            _say(f"demo: working in {workdir}")
 
-        registry = LoopbackRegistry(workdir / "registry")
-        stack.callback(registry.stop)
-        registry.start()
-        _say(f"demo: registry listening on {registry.host}")
+            registry = LoopbackRegistry(workdir / "registry")
+            stack.callback(registry.stop)
+            registry.start()
+            _say(f"demo: registry listening on {registry.host}")
 
-        layout = workdir / "image"
-        _say(f"demo: building an image (busybox-static + {data_mib} MiB of data)")
-        gzip_image = build_demo_image(layout, "gzip", data_size=data_mib << 20)
-        _say("demo: converting it with `stargz-store convert`")
-        t0 = time.monotonic()
-        convert(f"oci:{layout}:gzip", f"oci:{layout}:estargz")
-        esgz_image = read_image(layout, "estargz")
-        _say(f"demo:   converted in {time.monotonic() - t0:.1f} s")
-        if not all(esgz_image.is_estargz(i) for i in range(len(esgz_image.layers))):
-            raise RuntimeError("the converted image has layers without a TOC digest annotation")
-        push_image(gzip_image, registry, "demo/app", "gzip")
-        push_image(esgz_image, registry, "demo/app", "estargz")
-        _say(
-            f"demo: pushed {registry.host}/demo/app:gzip ({_mib(gzip_image.compressed_size)}) and "
-            f":estargz ({_mib(esgz_image.compressed_size)})"
-        )
+            layout = workdir / "image"
+            _say(f"demo: building an image (busybox-static + {data_mib} MiB of data)")
+            gzip_image = build_demo_image(layout, "gzip", data_size=data_mib << 20)
+            _say("demo: converting it with `stargz-store convert`")
+            t0 = time.monotonic()
+            convert(f"oci:{layout}:gzip", f"oci:{layout}:estargz")
+            esgz_image = read_image(layout, "estargz")
+            _say(f"demo:   converted in {time.monotonic() - t0:.1f} s")
+            if not all(esgz_image.is_estargz(i) for i in range(len(esgz_image.layers))):
+                raise RuntimeError("the converted image has layers without a TOC digest annotation")
+            push_image(gzip_image, registry, "demo/app", "gzip")
+            push_image(esgz_image, registry, "demo/app", "estargz")
+            sizes = _mib(gzip_image.compressed_size), _mib(esgz_image.compressed_size)
+            _say(
+                f"demo: pushed {registry.host}/demo/app:gzip ({sizes[0]}) and :estargz ({sizes[1]})"
+            )
 
-        podman_lazy = PodmanEnv(
-            workdir / "podman-lazy",
-            layer_store=workdir / "daemon" / "store",
-            insecure=[registry.host],
-        )
-        # No background filling: the numbers below then show what starting the container
-        # needed, not how far the background fetch had got.
-        daemon = StoreDaemon(
-            workdir / "daemon",
-            registries_conf=podman_lazy.registries_conf,
-            insecure=[registry.host],
-            background_fetch=False,
-        )
-        stack.callback(daemon.stop)
-        daemon.start()
-        stack.callback(podman_lazy.cleanup)  # before daemon.stop: overlays use the mount
-        _say(f"demo: store daemon ready, mounted on {daemon.mountpoint}")
+            podman_lazy = PodmanEnv(
+                workdir / "podman-lazy",
+                layer_store=workdir / "daemon" / "store",
+                insecure=[registry.host],
+            )
+            # No background filling: the numbers below then show what starting the container
+            # needed, not how far the background fetch had got.
+            daemon = StoreDaemon(
+                workdir / "daemon",
+                registries_conf=podman_lazy.registries_conf,
+                insecure=[registry.host],
+                background_fetch=False,
+            )
+            stack.callback(daemon.stop)
+            stack.callback(podman_lazy.cleanup)  # runs before daemon.stop: overlays use the mount
+            daemon.start()
+            _say(f"demo: store daemon ready, mounted on {daemon.mountpoint}")
 
-        cmd = ["sh", "-c", "echo hello from the container; ls /data | wc -l"]
-        mark = len(registry.requests())
-        t0 = time.monotonic()
-        podman_lazy.pull(f"{registry.host}/demo/app:estargz")
-        t_pull_lazy = time.monotonic() - t0
-        out_lazy = podman_lazy.run(f"{registry.host}/demo/app:estargz", *cmd)
-        t_lazy = time.monotonic() - t0
-        lazy_requests = registry.requests()[mark:]
-        links = store_layer_links(podman_lazy, daemon.mountpoint)
-        _say(f"demo: lazy run printed: {out_lazy.strip()!r}")
-        _say(f"demo:   {len(links)} of {len(esgz_image.layers)} layers served by the store")
+            cmd = ["sh", "-c", "echo hello from the container; ls /data | wc -l"]
+            mark = len(registry.requests())
+            t0 = time.monotonic()
+            podman_lazy.pull(f"{registry.host}/demo/app:estargz")
+            t_pull_lazy = time.monotonic() - t0
+            out_lazy = podman_lazy.run(f"{registry.host}/demo/app:estargz", *cmd)
+            t_lazy = time.monotonic() - t0
+            lazy_requests = registry.requests()[mark:]
+            links = store_layer_links(podman_lazy, daemon.mountpoint)
+            _say(f"demo: lazy run printed: {out_lazy.strip()!r}")
+            _say(f"demo:   {len(links)} of {len(esgz_image.layers)} layers served by the store")
 
-        podman_full = PodmanEnv(workdir / "podman-full", insecure=[registry.host])
-        stack.callback(podman_full.cleanup)
-        mark = len(registry.requests())
-        t0 = time.monotonic()
-        podman_full.pull(f"{registry.host}/demo/app:gzip")
-        t_pull_full = time.monotonic() - t0
-        out_full = podman_full.run(f"{registry.host}/demo/app:gzip", *cmd)
-        t_full = time.monotonic() - t0
-        full_requests = registry.requests()[mark:]
-        if out_full != out_lazy:
-            raise RuntimeError(f"outputs differ: lazy {out_lazy!r}, full {out_full!r}")
+            podman_full = PodmanEnv(workdir / "podman-full", insecure=[registry.host])
+            stack.callback(podman_full.cleanup)
+            mark = len(registry.requests())
+            t0 = time.monotonic()
+            podman_full.pull(f"{registry.host}/demo/app:gzip")
+            t_pull_full = time.monotonic() - t0
+            out_full = podman_full.run(f"{registry.host}/demo/app:gzip", *cmd)
+            t_full = time.monotonic() - t0
+            full_requests = registry.requests()[mark:]
+            if out_full != out_lazy:
+                raise RuntimeError(f"outputs differ: lazy {out_lazy!r}, full {out_full!r}")
 
-        lazy_total = _blob_bytes(lazy_requests)
-        lazy_podman = _blob_bytes(lazy_requests, "containers/")
-        full_total = _blob_bytes(full_requests)
-        _say("")
-        _say("                          lazy (eStargz + store)   full pull (gzip)")
-        _say(
-            f"  image size (compressed) {_mib(esgz_image.compressed_size):>22} "
-            f"{_mib(gzip_image.compressed_size):>18}"
-        )
-        _say(f"  blob bytes from registry{_mib(lazy_total):>22} {_mib(full_total):>18}")
-        _say(f"    by podman             {_mib(lazy_podman):>22} {_mib(full_total):>18}")
-        _say(f"    by the store          {_mib(lazy_total - lazy_podman):>22} {'-':>18}")
-        _say(f"  pull time               {t_pull_lazy:>20.2f} s {t_pull_full:>16.2f} s")
-        _say(f"  pull + run time         {t_lazy:>20.2f} s {t_full:>16.2f} s")
-        _say(
-            f"  graphroot disk usage    {_mib(disk_usage(podman_lazy.graphroot)):>22} "
-            f"{_mib(disk_usage(podman_full.graphroot)):>18}"
-        )
-        _say("")
-        _say("demo: cleaning up")
-    _say("demo: done")
+            lazy_total = _blob_bytes(lazy_requests)
+            lazy_podman = _blob_bytes(lazy_requests, "containers/")
+            full_total = _blob_bytes(full_requests)
+            _say("")
+            _say("                          lazy (eStargz + store)   full pull (gzip)")
+            _say(
+                f"  image size (compressed) {_mib(esgz_image.compressed_size):>22} "
+                f"{_mib(gzip_image.compressed_size):>18}"
+            )
+            _say(f"  blob bytes from registry{_mib(lazy_total):>22} {_mib(full_total):>18}")
+            _say(f"    by podman             {_mib(lazy_podman):>22} {_mib(full_total):>18}")
+            _say(f"    by the store          {_mib(lazy_total - lazy_podman):>22} {'-':>18}")
+            _say(f"  pull time               {t_pull_lazy:>20.2f} s {t_pull_full:>16.2f} s")
+            _say(f"  pull + run time         {t_lazy:>20.2f} s {t_full:>16.2f} s")
+            _say(
+                f"  graphroot disk usage    {_mib(disk_usage(podman_lazy.graphroot)):>22} "
+                f"{_mib(disk_usage(podman_full.graphroot)):>18}"
+            )
+            _say("")
+        finally:
+            # A second Ctrl-C must not cut the clean-up short.
+            _ignore_signals()
+            _say("demo: cleaning up")
     return 0
 
 
@@ -1279,7 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_demo(workdir, args.data_mib, args.keep)
     except KeyboardInterrupt:
-        print("demo: interrupted; cleaned up", file=sys.stderr)
+        print("demo: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         print(f"demo: failed: {e}", file=sys.stderr)

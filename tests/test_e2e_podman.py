@@ -151,8 +151,8 @@ def lazy_env(
             authfile=store_auth,
         )
         stack.callback(daemon.stop)
+        stack.callback(podman.cleanup)  # runs first: podman's overlays use the store's mount
         daemon.start()
-        stack.callback(podman.cleanup)
         try:
             yield Lazy(podman, daemon)
         except BaseException:
