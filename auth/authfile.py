@@ -99,7 +99,7 @@ class AuthPath:
     legacy: bool = False
 
 
-def auth_file_paths(environment: AuthEnvironment) -> list[AuthPath]:
+def auth_file_paths(environment: AuthEnvironment, *, include_extra: bool = True) -> list[AuthPath]:
     """The files to search, in order (they need not exist). Extra files come last."""
     env = environment.env
     paths: list[AuthPath] = []
@@ -123,7 +123,8 @@ def auth_file_paths(environment: AuthEnvironment) -> list[AuthPath]:
         else:
             paths.append(AuthPath(Path(home) / ".docker" / "config.json"))
         paths.append(AuthPath(Path(home) / ".dockercfg", legacy=True))
-    paths.extend(AuthPath(Path(p)) for p in environment.extra_files)
+    if include_extra:
+        paths.extend(AuthPath(Path(p)) for p in environment.extra_files)
     return paths
 
 

@@ -8,9 +8,11 @@
    credentials when podman pulled from that mirror (the helper receives the *physical*
    reference). The docker.io aliases (``index.docker.io``, ``registry-1.docker.io``) count as
    one host.
-2. the containers-auth.json(5) chain (``auth.authfile``), each file re-read when its stat
-   signature (mtime, size, inode) changes,
-3. the extra files from our configuration (searched last, as part of the same walk).
+2. registries.conf's global ``credential-helpers`` in their order (default: only
+   ``containers-auth.json``), where ``containers-auth.json`` stands for the containers-auth.json(5)
+   chain (``auth.authfile``; each file re-read when its stat signature changes) and any other
+   name for ``docker-credential-<name>`` asked for the registry host,
+3. the extra files from our configuration (e.g. the kubelet's config.json), searched last.
 
 A malformed file, a failing credential helper or a bad ``auth`` value is recorded
 (``errors()``), logged without contents and skipped: the search goes on with the next file.
@@ -24,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: At most this many helper-channel entries are kept (least recently added dropped first).
 MAX_HELPER_ENTRIES = 4096
+#: registries.conf ``credential-helpers`` entry meaning the containers-auth.json(5) files.
+AUTH_FILE_HELPER = "containers-auth.json"
 #: Seconds a credential helper's answer is reused.
 HELPER_CACHE_TTL = 60.0
 #: At most this many recent errors are kept for diagnostics.
@@ -137,7 +141,9 @@ class CredentialStore:
     """Thread-safe credential lookup (see the module docstring for the order).
 
     *environment* defaults to this process's (``AuthEnvironment.from_os``); *helper_runner*
-    replaces the docker-credential-* runner (tests). Helper answers are reused for
+    replaces the docker-credential-* runner (tests). *credential_helpers* is registries.conf's
+    ``credential-helpers`` list (or a callable returning the current one, e.g.
+    ``lambda: watched_conf.credential_helpers``). Helper answers are reused for
     *helper_cache_ttl* seconds (shorter for "not found" and errors).
     """
 
@@ -150,6 +156,7 @@ class CredentialStore:
         helper_timeout: float = DEFAULT_TIMEOUT,
         max_helper_entries: int = MAX_HELPER_ENTRIES,
         helper_cache_ttl: float = HELPER_CACHE_TTL,
+        credential_helpers: Sequence[str] | Callable[[], Sequence[str]] = (AUTH_FILE_HELPER,),
     ) -> None:
         if environment is None:
             environment = AuthEnvironment.from_os(extra_files)
@@ -164,6 +171,7 @@ class CredentialStore:
         self._helper_timeout = helper_timeout
         self._helper_runner = helper_runner or self._run_helper
         self._helper_cache_ttl = helper_cache_ttl
+        self._global_helpers = credential_helpers
         # (helper, server) -> (expiry, credentials or the error), see _cached_helper.
         self._helper_cache: dict[
             tuple[str, str], tuple[float, Credentials | None, AuthError | None]
@@ -211,7 +219,37 @@ class CredentialStore:
                 found = self._helper.get(key)
                 if found is not None:
                     return found
-        for auth_path in auth_file_paths(self._environment):
+        helpers = self._credential_helpers()
+        for helper in helpers:
+            if helper == AUTH_FILE_HELPER:
+                creds = self._search_files(
+                    auth_file_paths(self._environment, include_extra=False), chost, repository
+                )
+            else:
+                try:
+                    creds = self._cached_helper(helper, chost)
+                except AuthError as e:
+                    self._record(e)
+                    continue
+            if creds is not None:
+                return creds
+        extra = [AuthPath(p) for p in self._environment.extra_files]
+        return self._search_files(extra, chost, repository)
+
+    def _credential_helpers(self) -> Sequence[str]:
+        helpers = self._global_helpers
+        if callable(helpers):
+            try:
+                helpers = helpers()
+            except Exception as e:  # a broken registries.conf: keep to the auth files
+                log.warning("credential lookup: cannot read credential-helpers: %s", e)
+                helpers = (AUTH_FILE_HELPER,)
+        return helpers or (AUTH_FILE_HELPER,)
+
+    def _search_files(
+        self, paths: Sequence[AuthPath], chost: str, repository: str
+    ) -> Credentials | None:
+        for auth_path in paths:
             content = self._load(auth_path)
             if content is None:
                 continue

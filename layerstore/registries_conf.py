@@ -28,6 +28,10 @@ sources are the mirrors in order (all of them only for digest pulls when
 rewritten repository name ``host[:port]/path`` (no tag or digest), ``insecure`` allows plain
 HTTP and unverified TLS, ``mirror`` tells a mirror from the primary location.
 
+Top-level ``credential-helpers`` (default ``["containers-auth.json"]``; a drop-in's list,
+even empty, replaces the earlier one; empty means the default) is exposed for
+``auth.store.CredentialStore``; ``additional-layer-store-auth-helper`` for diagnostics.
+
 Unknown keys are tolerated (podman's file has many we do not use); malformed TOML, wrong value
 types and the consistency errors upstream refuses raise RegistriesConfError.
 """
@@ -63,6 +67,8 @@ SYSTEM_REGISTRIES_CONF_DIR = Path("/etc/containers/registries.conf.d")
 USER_REGISTRIES_CONF = Path(".config/containers/registries.conf")
 USER_REGISTRIES_CONF_DIR = Path(".config/containers/registries.conf.d")
 ENV_REGISTRIES_CONF = "CONTAINERS_REGISTRIES_CONF"
+#: The ``credential-helpers`` entry meaning "the containers-auth.json(5) files".
+AUTH_FILE_HELPER = "containers-auth.json"
 
 PULL_FROM_MIRROR_ALL = "all"
 PULL_FROM_MIRROR_DIGEST_ONLY = "digest-only"
@@ -81,6 +87,7 @@ _V2_KEYS = (
 
 
 __all__ = [
+    "AUTH_FILE_HELPER",
     "Mirror",
     "PullSource",
     "RegistriesConf",
@@ -120,6 +127,7 @@ class Registry:
 class _ParsedFile:
     registries: tuple[Registry, ...]
     auth_helper: str
+    credential_helpers: tuple[str, ...] | None = None
 
 
 def _home_from_env(env: Mapping[str, str]) -> str:
@@ -172,6 +180,14 @@ def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise RegistriesConfError(f"{where}: expected a string")
     return value
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RegistriesConfError(f"{where}: expected an array of strings")
+    return tuple(value)
 
 
 def _location(value: str, where: str) -> str:
@@ -293,12 +309,14 @@ def parse_registries_conf(
             raise RegistriesConfError(f"{source}: mixing the v1 and v2 formats is not supported")
         raw_tables: list[Mapping[str, Any]] = list(_v1_to_tables(doc, source))
         auth_helper = ""
+        cred_helpers: tuple[str, ...] | None = None
     else:
         raw_tables = _tables(doc.get("registry"), f"{source}: [[registry]]")
         auth_helper = _str(
             doc.get("additional-layer-store-auth-helper"),
             f"{source}: additional-layer-store-auth-helper",
         )
+        cred_helpers = _str_list(doc.get("credential-helpers"), f"{source}: credential-helpers")
     registries = [
         _parse_registry(t, f"{source}: [[registry]] {i + 1}") for i, t in enumerate(raw_tables)
     ]
@@ -323,7 +341,11 @@ def parse_registries_conf(
     unique: dict[str, Registry] = {}
     for reg in registries:
         unique.setdefault(reg.prefix, reg)
-    return _ParsedFile(registries=tuple(unique[p] for p in sorted(unique)), auth_helper=auth_helper)
+    return _ParsedFile(
+        registries=tuple(unique[p] for p in sorted(unique)),
+        auth_helper=auth_helper,
+        credential_helpers=cred_helpers,
+    )
 
 
 def _drop_in_files(directory: Path) -> list[Path]:
@@ -344,6 +366,7 @@ class RegistriesConf:
 
     registries: tuple[Registry, ...] = ()
     additional_layer_store_auth_helper: str = ""
+    credential_helpers: tuple[str, ...] = (AUTH_FILE_HELPER,)
     sources: tuple[Path, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -353,7 +376,11 @@ class RegistriesConf:
     @classmethod
     def from_string(cls, text: str, *, source: str = "<string>") -> RegistriesConf:
         parsed = parse_registries_conf(text, source=source)
-        return cls(parsed.registries, parsed.auth_helper)
+        return cls(
+            parsed.registries,
+            parsed.auth_helper,
+            parsed.credential_helpers or (AUTH_FILE_HELPER,),
+        )
 
     @classmethod
     def load(
@@ -394,6 +421,7 @@ class RegistriesConf:
         sources: list[Path] = []
         registries: dict[str, Registry] = {}
         auth_helper = ""
+        cred_helpers: tuple[str, ...] | None = None
         try:
             text = main.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -407,6 +435,7 @@ class RegistriesConf:
             parsed = parse_registries_conf(text, source=str(main))
             registries = {r.prefix: r for r in parsed.registries}
             auth_helper = parsed.auth_helper
+            cred_helpers = parsed.credential_helpers
             sources.append(main)
 
         for directory in dirs:
@@ -422,11 +451,14 @@ class RegistriesConf:
                     registries[reg.prefix] = reg
                 if parsed.auth_helper:
                     auth_helper = parsed.auth_helper
+                if parsed.credential_helpers is not None:
+                    cred_helpers = parsed.credential_helpers
                 sources.append(drop_in)
 
         return cls(
             registries=tuple(registries[p] for p in sorted(registries)),
             additional_layer_store_auth_helper=auth_helper,
+            credential_helpers=cred_helpers or (AUTH_FILE_HELPER,),
             sources=tuple(sources),
         )
 
@@ -569,6 +601,10 @@ class WatchedRegistriesConf:
     @property
     def additional_layer_store_auth_helper(self) -> str:
         return self.current().additional_layer_store_auth_helper
+
+    @property
+    def credential_helpers(self) -> tuple[str, ...]:
+        return self.current().credential_helpers
 
 
 def describe(conf: RegistriesConf) -> Sequence[str]:

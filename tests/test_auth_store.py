@@ -315,3 +315,34 @@ def test_bad_entry_logged_once(
             assert store.lookup("r.io", "x") is None
     assert len(caplog.records) == 1
     assert "notbase64" not in caplog.text
+
+
+def test_global_credential_helpers_order(env: AuthEnvironment, home: Path, tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def runner(name: str, server: str) -> Credentials | None:
+        calls.append((name, server))
+        return Credentials("global", "g") if server == "g.io" else None
+
+    write_auth(home / ".docker" / "config.json", {"g.io": "file:f", "f.io": "file:f"})
+    kubelet = tmp_path / "kubelet.json"
+    write_auth(kubelet, {"k.io": "kube:k"})
+    first = make_store(
+        env,
+        helper_runner=runner,
+        credential_helpers=["secretservice", "containers-auth.json"],
+        extra_files=[kubelet],
+    )
+    assert first.lookup("g.io", "x") == Credentials("global", "g")
+    assert first.lookup("f.io", "x") == Credentials("file", "f")
+    assert first.lookup("k.io", "x") == Credentials("kube", "k")
+    assert calls[:2] == [("secretservice", "g.io"), ("secretservice", "f.io")]
+    # without containers-auth.json in the list, the auth files are not read (extras still are)
+    only = make_store(
+        env, helper_runner=runner, credential_helpers=lambda: ["pass"], extra_files=[kubelet]
+    )
+    assert only.lookup("f.io", "x") is None
+    assert only.lookup("k.io", "x") == Credentials("kube", "k")
+    # an empty list means the default
+    default = make_store(env, helper_runner=runner, credential_helpers=[])
+    assert default.lookup("g.io", "x") == Credentials("file", "f")

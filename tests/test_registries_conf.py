@@ -465,3 +465,16 @@ def test_watched_interval_caches(layout: dict[str, Path]) -> None:
     layout["conf"].write_text('[[registry]]\nlocation = "r.io"\nblocked = true\n')
     # not re-checked within the interval
     assert w.pull_sources("r.io/x", by_digest=False) == [PullSource("r.io/x", False, False)]
+
+
+def test_credential_helpers(layout: dict[str, Path]) -> None:
+    assert load(layout).credential_helpers == ("containers-auth.json",)
+    layout["conf"].write_text('credential-helpers = ["secretservice", "containers-auth.json"]\n')
+    assert load(layout).credential_helpers == ("secretservice", "containers-auth.json")
+    (layout["dir"] / "a.conf").write_text('credential-helpers = ["pass"]\n')
+    assert load(layout).credential_helpers == ("pass",)
+    (layout["dir"] / "b.conf").write_text("credential-helpers = []\n")
+    assert load(layout).credential_helpers == ("containers-auth.json",)
+    (layout["dir"] / "c.conf").write_text("credential-helpers = [1]\n")
+    with pytest.raises(RegistriesConfError, match="array of strings"):
+        load(layout)
