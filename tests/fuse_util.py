@@ -385,3 +385,83 @@ def run_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
     if errors:
         raise errors[0]
     return result[0]
+
+
+# --- the real LayerManager over the Go reference blobs (no registry) ------------------------------
+
+GO_REF_IMAGE = "registry.example/go-reference:v1"
+GO_REFERENCE_DIR = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / ("estargz-go-reference")
+)
+GO_BLOBS = ("ref-small", "ref-chunked-64k", "ref-prioritized")
+
+
+@dataclass(frozen=True)
+class GoBlob:
+    name: str
+    data: bytes
+    digest: str
+    toc_digest: str
+    diff_id: str
+
+
+def go_blobs(directory: Path = GO_REFERENCE_DIR) -> list[GoBlob]:
+    out = []
+    for name in GO_BLOBS:
+        meta = json.loads((directory / f"{name}.json").read_text())
+        data = (directory / f"{name}.esgz").read_bytes()
+        out.append(GoBlob(name, data, meta["digest"], meta["tocDigest"], meta["diffID"]))
+    return out
+
+
+class _LocalClient:
+    """Just enough of RegistryClient for LayerManager: one image of the Go blobs, in memory."""
+
+    def __init__(self, blobs: list[GoBlob]) -> None:
+        from layerstore.manager import TOC_DIGEST_ANNOTATION
+        from layerstore.manifest import Descriptor
+
+        media = "application/vnd.oci.image.layer.v1.tar+gzip"
+        layers = tuple(
+            Descriptor(media, b.digest, len(b.data), {TOC_DIGEST_ANNOTATION: b.toc_digest})
+            for b in blobs
+        )
+        self.image = _Image(_Manifest(layers), _ImageConfig(tuple(b.diff_id for b in blobs)))
+        self.blobs = {b.digest: b.data for b in blobs}
+
+    def resolve(self, ref: Any, platform: Any = None) -> Any:
+        if str(ref) != GO_REF_IMAGE:
+            raise lse.NotFoundError(f"{ref}: manifest unknown")
+        return self.image
+
+    def blob_source(self, ref: Any, digest: str, size: int) -> Any:
+        from layerstore.source import BytesSource
+
+        return BytesSource(self.blobs[digest])
+
+
+@dataclass
+class _Manifest:
+    layers: tuple[Any, ...]
+
+
+@dataclass
+class _ImageConfig:
+    diff_ids: tuple[str, ...]
+
+
+@dataclass
+class _Image:
+    manifest: _Manifest
+    config: _ImageConfig
+    manifest_digest: str = "sha256:" + "0" * 64
+
+
+def go_reference_provider_factory(config: Any, root: Path) -> Any:
+    """``STARGZ_STORE_PROVIDER_FACTORY=tests.fuse_util:go_reference_provider_factory``: the real
+    LayerManager, Layer, TOC index and chunk cache, with the Go blobs as the registry."""
+    from layerstore.cache import ChunkCache
+    from layerstore.manager import LayerManager
+
+    cache = ChunkCache(root / "cache", 1 << 30)
+    return LayerManager(_LocalClient(go_blobs()), cache)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,15 @@ pytestmark = [pytest.mark.timeout(90)]
 class Daemon:
     """One daemon subprocess with a private notify socket; always cleaned up."""
 
-    def __init__(self, tmp: Path, *, fake: bool = True, config: str = "", name: str = "d") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        fake: bool = True,
+        factory: str = "tests.fuse_util:fake_provider_factory",
+        config: str = "",
+        name: str = "d",
+    ) -> None:
         self.tmp = tmp
         self.root = tmp / "root"
         self.mp = tmp / "mnt"
@@ -44,7 +55,7 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
         env.pop(daemon.PROVIDER_FACTORY_ENV, None)
         if fake:
-            env[daemon.PROVIDER_FACTORY_ENV] = "tests.fuse_util:fake_provider_factory"
+            env[daemon.PROVIDER_FACTORY_ENV] = factory
         cmd = [
             sys.executable,
             "-m",
@@ -262,3 +273,102 @@ def test_mountpoint_that_is_a_file_fails_cleanly(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "is not a directory" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _expected_tree(tar_path: Path) -> dict[str, tuple[str, int, int, int, bytes, str]]:
+    """path -> (kind, mode bits, uid, gid, content, link target) in overlay form."""
+    out: dict[str, tuple[str, int, int, int, bytes, str]] = {}
+    with tarfile.open(tar_path) as t:
+        members = t.getmembers()
+        for m in members:
+            base = m.name.rpartition("/")[2]
+            parent = m.name.rpartition("/")[0]
+            if base == ".wh..wh..opq":
+                continue
+            if base.startswith(".wh."):
+                name = f"{parent}/{base[4:]}" if parent else base[4:]
+                out[name] = ("whiteout", 0, 0, 0, b"", "")
+            elif m.isreg():
+                f = t.extractfile(m)
+                assert f is not None
+                out[m.name] = ("file", m.mode, m.uid, m.gid, f.read(), "")
+            elif m.islnk():
+                out[m.name] = (*out[m.linkname][:5], m.linkname)
+            elif m.issym():
+                out[m.name] = ("symlink", m.mode, m.uid, m.gid, b"", m.linkname)
+            elif m.isdir():
+                out[m.name] = ("dir", m.mode, m.uid, m.gid, b"", "")
+            elif m.ischr():
+                out[m.name] = ("chr", m.mode, m.devmajor, m.devminor, b"", "")
+            elif m.isfifo():
+                out[m.name] = ("fifo", m.mode, m.uid, m.gid, b"", "")
+    return out
+
+
+def _check_layer_dir(keydir: Path, blob: fu.GoBlob, scheme: str, tar_path: Path) -> None:
+    diff = keydir / "diff"
+    expected = _expected_tree(tar_path)
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(diff):
+        for name in dirnames + filenames:
+            seen.add(os.path.relpath(os.path.join(dirpath, name), diff))
+    assert seen == set(expected), (blob.name, sorted(seen ^ set(expected)))
+    for path, (kind, mode, a, b, content, link) in expected.items():
+        st = os.lstat(diff / path)
+        if kind == "whiteout":
+            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, path
+            continue
+        assert stat.S_IMODE(st.st_mode) == mode, (blob.name, path)
+        assert st.st_mtime == 1600000000, (blob.name, path)
+        if kind == "file":
+            assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid) == (a, b)
+            assert (diff / path).read_bytes() == content, (blob.name, path)
+        elif kind == "symlink":
+            assert os.readlink(diff / path) == link
+        elif kind == "chr":
+            assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (
+                a,
+                b,
+            )
+        elif kind == "fifo":
+            assert stat.S_ISFIFO(st.st_mode)
+    main, hard = os.stat(diff / "app/main.py"), os.stat(diff / "app/hard")
+    assert main.st_ino == hard.st_ino and main.st_nlink == 2
+    assert os.getxattr(diff / "var", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(diff / "var", "user.overlay.opaque") == b"y"
+    assert os.getxattr(diff / "var/x", "user.k") == b"v"
+    info = json.loads((keydir / "info").read_bytes())
+    if scheme == "compressed":
+        assert info["compressed-diff-digest"] == blob.digest
+        assert info["diff-digest"] == blob.diff_id
+    else:
+        assert info["toc-digest"] == blob.toc_digest
+    assert info["compressed-size"] == len(blob.data)
+    data = (keydir / "blob").read_bytes()
+    assert data == blob.data
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_real_manager_over_go_reference_blobs(
+    tmp_path: Path, daemons: list[Daemon], go_reference: Path
+) -> None:
+    """The daemon with the real LayerManager/Layer/TOCIndex/cache, the Go writer's blobs as the
+    registry: every layer under both key schemes matches small.tar in overlay form."""
+    d = Daemon(tmp_path, factory="tests.fuse_util:go_reference_provider_factory")
+    daemons.append(d)
+    d.messages("READY=1")
+    refdir = d.mp / fu.b64(fu.GO_REF_IMAGE)
+    for blob in fu.go_blobs(go_reference):
+        for key, scheme in ((blob.digest, "compressed"), (blob.toc_digest, "toc")):
+            fu.run_with_timeout(
+                lambda k=key, s=scheme, b=blob: _check_layer_dir(
+                    refdir / k, b, s, go_reference / "small.tar"
+                ),
+                30,
+            )
+    with pytest.raises(FileNotFoundError):  # a key the image does not have
+        os.stat(refdir / ("sha256:" + "a" * 64))
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
