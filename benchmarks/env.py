@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -398,21 +399,26 @@ class StoreDaemon:
 
 
 def skopeo_push(layout: str, tag: str, dest: str) -> None:
-    proc = subprocess.run(
-        [
-            "skopeo",
-            "copy",
-            "-q",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            f"oci:{layout}:{tag}",
-            f"docker://{dest}",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "REGISTRY_AUTH_FILE": "/dev/null"},
-    )
+    with tempfile.TemporaryDirectory(prefix="bench-skopeo-") as tmp:
+        auth = Path(tmp) / "auth.json"
+        auth.write_text('{"auths": {}}')
+        proc = subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "-q",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                "--authfile",
+                str(auth),
+                f"oci:{layout}:{tag}",
+                f"docker://{dest}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "REGISTRY_AUTH_FILE": str(auth), "TMPDIR": tmp},
+        )
     if proc.returncode != 0:
         raise EnvError(f"skopeo copy oci:{layout}:{tag} docker://{dest}: {proc.stderr[-1500:]}")
 

@@ -1,0 +1,292 @@
+"""``python -m benchmarks`` (``./run bench``): cold starts of full pulls against lazy pulls
+through stargz-store, behind an emulated WAN link, plus filesystem figures. See README.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.coldstart import Target, cold_run, fs_figures
+from benchmarks.env import EnvError, ProxyThread, Registry, manifest_layers, skopeo_push
+from benchmarks.images import (
+    DEFAULT_CACHE,
+    RECIPES,
+    BuiltImage,
+    image_dir,
+    read_oci_image,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+# Sources whose changes invalidate converted images in the cache.
+_CONVERTER_SOURCES = (
+    "stargz_store/convert_cmd.py",
+    "layerstore/convert.py",
+    "layerstore/writer.py",
+    "layerstore/toc.py",
+    "layerstore/footer.py",
+    "layerstore/ocilayout.py",
+    "layerstore/manifest.py",
+)
+VARIANT_OF_MODE = {"full-gzip": "gzip", "lazy-esgz": "esgz", "lazy-esgz-opt": "esgz-opt"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def converter_key() -> str:
+    h = hashlib.sha256()
+    for rel in _CONVERTER_SOURCES:
+        p = REPO / rel
+        if p.exists():
+            h.update(rel.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def build_images(names: list[str], cache: Path) -> dict[str, BuiltImage]:
+    """Build what the cache lacks, niced, in a child process; then load the metadata."""
+    missing = [n for n in names if not (image_dir(cache, n) / "image.json").exists()]
+    if missing:
+        log(f"building images {', '.join(missing)} (cached under {cache}; first time only)")
+        cmd = ["nice", "-n", "19", sys.executable, "-m", "benchmarks.images", "build", *missing]
+        subprocess.run([*cmd, "--cache", str(cache)], check=True, cwd=REPO)
+    return {
+        n: BuiltImage.from_json(json.loads((image_dir(cache, n) / "image.json").read_text()))
+        for n in names
+    }
+
+
+def convert_image(img: BuiltImage, cache: Path, optimized: bool) -> str:
+    """The eStargz OCI layout of *img* (cached per converter version); raises EnvError."""
+    variant = "esgz-opt" if optimized else "esgz"
+    dst = image_dir(cache, img.name) / f"conv-{converter_key()}" / variant
+    if (dst / ".done").exists():
+        return str(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "stargz_store", "convert"]
+    if optimized:
+        cmd += ["--prioritized-files", str(image_dir(cache, img.name) / "prioritized-files.txt")]
+    cmd += [f"oci:{img.layout}:{img.tag}", f"oci:{dst}:{img.tag}"]
+    log(f"converting {img.name} to {variant}")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise EnvError(f"stargz-store convert failed ({proc.returncode}): {proc.stderr[-1000:]}")
+    (dst / ".done").write_text(f"{time.monotonic() - t0:.1f}\n")
+    return str(dst)
+
+
+def host_info() -> dict[str, Any]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "kernel": platform.release(),
+        "nproc": os.cpu_count(),
+        "podman": out(["podman", "--version"]),
+        "python": platform.python_version(),
+        "git_commit": out(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+        "converter_key": converter_key(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="python image only, 1 run (smoke)")
+    p.add_argument("--runs", type=int, default=3, help="cold runs per image and mode (median)")
+    p.add_argument("--rtt-ms", type=float, default=20.0, help="emulated round-trip time")
+    p.add_argument("--mbit", type=float, default=150.0, help="emulated bandwidth, 0 = unlimited")
+    p.add_argument("--images", default="python,large", help="comma-separated: tiny,python,large")
+    p.add_argument("--modes", default=",".join(report.MODES), help="comma-separated modes")
+    p.add_argument("--no-fs", action="store_true", help="skip the filesystem figures")
+    p.add_argument("--fs-read-mb", type=float, default=128.0, help="bytes read for fs figures")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="images, registry, scratch")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images = "python"
+        args.runs = 1
+        args.fs_read_mb = min(args.fs_read_mb, 16.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images = [n.strip() for n in args.images.split(",") if n.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for n in images:
+        if n not in RECIPES:
+            print(f"unknown image {n}; known: {', '.join(RECIPES)}", file=sys.stderr)
+            return 2
+    for m in modes:
+        if m not in report.MODES:
+            print(f"unknown mode {m}; known: {', '.join(report.MODES)}", file=sys.stderr)
+            return 2
+    if os.geteuid() != 0:
+        print("benchmarks need root (FUSE, overlay mounts, drop_caches)", file=sys.stderr)
+        return 2
+    cache: Path = args.cache.resolve()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "started": started,
+        "command": " ".join(
+            ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "params": {
+            "rtt_ms": args.rtt_ms,
+            "mbit": args.mbit,
+            "runs": args.runs,
+            "quick": args.quick,
+            "images": images,
+            "modes": modes,
+        },
+        "host": host_info(),
+        "images": {},
+        "coldstart": [],
+        "fs": None,
+    }
+
+    built = build_images(images, cache)
+    layouts: dict[tuple[str, str], str] = {}
+    conv_errors: dict[tuple[str, str], str] = {}
+    for n in images:
+        img = built[n]
+        layouts[(n, "gzip")] = img.layout
+        for variant, optimized in (("esgz", False), ("esgz-opt", True)):
+            if f"lazy-{variant}" not in modes and not (variant == "esgz" and not args.no_fs):
+                continue
+            try:
+                layouts[(n, variant)] = convert_image(img, cache, optimized)
+            except EnvError as exc:
+                conv_errors[(n, variant)] = str(exc)
+                log(f"{n}/{variant}: {exc}")
+        results["images"][n] = {
+            "uncompressed_bytes": img.uncompressed_bytes,
+            "gzip_bytes": img.compressed_bytes,
+            "rootfs_bytes": img.rootfs_bytes,
+            "layers": len(img.layers),
+            "cmd": img.cmd,
+            "opened_files": len(img.opened_files),
+            "opened_bytes": img.opened_bytes,
+            "opened_share": img.opened_bytes / img.rootfs_bytes if img.rootfs_bytes else None,
+            "variants": {},
+        }
+
+    scratch = cache / "scratch"
+    registry = Registry(cache / "registry-store", scratch / "registry")
+    proxy: ProxyThread | None = None
+    try:
+        registry.start()
+        refs: dict[tuple[str, str], str] = {}
+        for (n, variant), layout in layouts.items():
+            digest, _manifest, _config = read_oci_image(Path(layout), built[n].tag)
+            repo, tag = f"bench/{n}", f"{variant}-{digest.split(':')[1][:12]}"
+            if not registry.has_manifest(repo, tag):
+                log(f"pushing {n}:{variant} to the local registry")
+                skopeo_push(layout, built[n].tag, f"{registry.address}/{repo}:{tag}")
+            refs[(n, variant)] = f"{repo}:{tag}"
+            sizes = [int(str(la["size"])) for la in manifest_layers(layout, built[n].tag)]
+            results["images"][n]["variants"][variant] = {
+                "ref": f"{repo}:{tag}",
+                "manifest_digest": digest,
+                "compressed_bytes": sum(sizes),
+            }
+        mbit = args.mbit if args.mbit > 0 else float("inf")
+        proxy = ProxyThread(registry.port, args.rtt_ms / 1000, mbit * 1e6)
+        proxy.start()
+        log(
+            f"registry {registry.address}, WAN proxy {proxy.address} "
+            f"(RTT {args.rtt_ms:g} ms, {args.mbit:g} Mbit/s)"
+        )
+
+        entries: dict[tuple[str, str], dict[str, Any]] = {}
+        for n in images:
+            for m in modes:
+                entry: dict[str, Any] = {"image": n, "mode": m, "runs": [], "error": None}
+                if (n, VARIANT_OF_MODE[m]) not in refs:
+                    entry["error"] = conv_errors.get((n, VARIANT_OF_MODE[m]), "no image")
+                entries[(n, m)] = entry
+                results["coldstart"].append(entry)
+        for r in range(args.runs):
+            for n in images:
+                for m in modes:
+                    entry = entries[(n, m)]
+                    if entry["error"]:
+                        continue
+                    target = Target(
+                        image=n,
+                        mode=m,
+                        ref=f"{proxy.address}/{refs[(n, VARIANT_OF_MODE[m])]}",
+                        expect=built[n].expect,
+                        lazy=m != "full-gzip",
+                    )
+                    res = cold_run(target, proxy, scratch / "run", log=log)
+                    res["run"] = r
+                    entry["runs"].append(res)
+                    if res.get("error") is None:
+                        log(
+                            f"run {r + 1}/{args.runs} {n:<6} {m:<14} pull {res['pull_s']:6.2f} s"
+                            f"  run {res['run_s']:6.2f} s  total {res['total_s']:6.2f} s  "
+                            f"{res['bytes_down'] / 1e6:7.1f} MB down"
+                            + (f"  [{res['warning']}]" if res.get("warning") else "")
+                        )
+            report.write_json(report.finalize(results), args.out / f"{stamp}.json")
+        for entry in entries.values():
+            if entry["runs"] and all(r.get("error") for r in entry["runs"]):
+                entry["error"] = entry["runs"][-1]["error"]
+
+        if not args.no_fs:
+            fs_image = images[-1]
+            if (fs_image, "esgz") in refs:
+                layout = layouts[(fs_image, "esgz")]
+                layers = manifest_layers(layout, built[fs_image].tag)
+                biggest = max(layers, key=lambda la: int(str(la["size"])))
+                log(f"filesystem figures on {fs_image}'s largest eStargz layer")
+                results["fs"] = fs_figures(
+                    fs_image,
+                    f"{proxy.address}/{refs[(fs_image, 'esgz')]}",
+                    str(biggest["digest"]),
+                    int(str(biggest["size"])),
+                    proxy,
+                    scratch / "fs",
+                    int(args.fs_read_mb * 1e6),
+                    log=log,
+                )
+            else:
+                results["fs"] = {"error": conv_errors.get((fs_image, "esgz"), "no eStargz image")}
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        registry.stop()
+        results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        js, png = report.write_results(results, args.out, stamp)
+        print()
+        print(report.summary_text(results))
+        print(f"\nresults: {js}\nchart:   {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

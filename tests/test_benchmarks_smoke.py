@@ -1,0 +1,163 @@
+"""Fast checks of the benchmark harness pieces that need neither the daemon nor podman."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import report
+from benchmarks.coldstart import pick_files
+from benchmarks.images import (
+    build_image,
+    parse_strace,
+    read_oci_image,
+    resolve_in_root,
+    write_layer,
+    write_oci_image,
+)
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _check_layout(layout: Path, tag: str) -> dict[str, Any]:
+    assert json.loads((layout / "oci-layout").read_text())["imageLayoutVersion"] == "1.0.0"
+    digest, manifest, config = read_oci_image(layout, tag)
+    blobs = layout / "blobs" / "sha256"
+    for path in blobs.iterdir():
+        assert _sha(path.read_bytes()) == "sha256:" + path.name
+    assert (blobs / digest.split(":")[1]).exists()
+    assert manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert config["os"] == "linux" and config["architecture"] == "amd64"
+    diff_ids = config["rootfs"]["diff_ids"]
+    assert len(diff_ids) == len(manifest["layers"])
+    for layer, diff_id in zip(manifest["layers"], diff_ids):
+        blob = (blobs / layer["digest"].split(":")[1]).read_bytes()
+        assert layer["size"] == len(blob)
+        assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+        assert _sha(gzip.decompress(blob)) == diff_id
+    return manifest
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox-static")
+def test_tiny_recipe_builds_a_valid_oci_layout(tmp_path: Path) -> None:
+    record = shutil.which("strace") is not None and shutil.which("chroot") is not None
+    record = record and os.geteuid() == 0
+    img = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
+    manifest = _check_layout(Path(img.layout), img.tag)
+    assert len(manifest["layers"]) == 1
+    assert img.cmd == ["/bin/sh", "-c", "echo hello"]
+    if record:
+        assert "/usr/bin/busybox" in img.opened_files
+    # cached: a second call does not rebuild
+    again = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
+    assert again.manifest_digest == img.manifest_digest
+
+
+def test_layers_are_reproducible(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a/b").mkdir(parents=True)
+    (root / "a/b/f.txt").write_text("hello\n")
+    (root / "a/link").symlink_to("b/f.txt")
+    one = write_layer(root, tmp_path / "l1")
+    two = write_layer(root, tmp_path / "l2")
+    assert one == two
+    write_oci_image(tmp_path / "layout", "t", [], ["/x"])  # empty image is valid too
+    (tmp_path / "layout2/blobs/sha256").mkdir(parents=True)
+    shutil.copy(tmp_path / "l1" / one.digest[7:], tmp_path / "layout2/blobs/sha256")
+    write_oci_image(tmp_path / "layout2", "t", [one], ["/x"])
+    _check_layout(tmp_path / "layout2", "t")
+
+
+def test_strace_parsing_and_in_root_resolution(tmp_path: Path) -> None:
+    trace = "\n".join(
+        [
+            '10 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3',
+            '10 chroot("/tmp/x") = 0',
+            '10 execve("/usr/bin/python3", ["python3"], 0x1 /* 3 vars */) = 0',
+            '10 openat(AT_FDCWD, "/usr/lib/a.so", O_RDONLY|O_CLOEXEC) = 3',
+            '10 openat(AT_FDCWD, "/nope", O_RDONLY) = -1 ENOENT (No such file or directory)',
+            '10 openat(AT_FDCWD, "/usr/lib", O_RDONLY|O_DIRECTORY) = 4',
+            '11 openat(AT_FDCWD, "/usr/lib/b.py", O_RDONLY <unfinished ...>',
+            "11 <... openat resumed>) = 5",
+        ]
+    )
+    assert parse_strace(trace) == ["/usr/bin/python3", "/usr/lib/a.so", "/usr/lib/b.py"]
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/python3.11").write_text("x")
+    (tmp_path / "usr/bin/python3").symlink_to("python3.11")
+    (tmp_path / "bin").symlink_to("/usr/bin")  # absolute: must resolve inside the root
+    assert resolve_in_root(tmp_path, "/bin/python3") == "/usr/bin/python3.11"
+    assert resolve_in_root(tmp_path, "/usr/bin") is None
+    assert resolve_in_root(tmp_path, "/missing") is None
+
+
+def test_pick_files_is_deterministic() -> None:
+    files = [(f"f{i}", 100_000) for i in range(50)] + [("tiny", 10), ("huge", 1 << 30)]
+    picked = pick_files(files, 1_000_000)
+    assert picked == pick_files(list(reversed(files)), 1_000_000)
+    assert len(picked) == 10
+    assert ("tiny", 10) not in picked and ("huge", 1 << 30) not in picked
+
+
+def _synthetic() -> dict[str, Any]:
+    def runs(pull: float, run: float, mb: float) -> list[dict[str, Any]]:
+        return [
+            {"pull_s": pull * k, "run_s": run, "total_s": pull * k + run, "bytes_down": mb * 1e6}
+            for k in (0.9, 1.0, 1.1)
+        ]
+
+    return {
+        "schema": report.SCHEMA,
+        "params": {"rtt_ms": 20.0, "mbit": 150.0, "runs": 3, "images": ["python", "large"]},
+        "images": {"python": {}, "large": {}},
+        "coldstart": [
+            {"image": "python", "mode": "full-gzip", "runs": runs(10.0, 1.0, 56), "error": None},
+            {"image": "python", "mode": "lazy-esgz", "runs": runs(2.0, 3.0, 20), "error": None},
+            {"image": "python", "mode": "lazy-esgz-opt", "runs": runs(2.0, 1.0, 12), "error": None},
+            {"image": "large", "mode": "full-gzip", "runs": runs(80.0, 4.0, 900), "error": None},
+            {"image": "large", "mode": "lazy-esgz", "runs": [], "error": "converter missing"},
+        ],
+        "fs": {
+            "image": "large",
+            "layer_mb": 900.0,
+            "entries": 12000,
+            "resolve_s": 0.2,
+            "walk_s": 1.5,
+            "cold_MBps": 10.0,
+            "cached_MBps": 200.0,
+            "hot_MBps": 2000.0,
+            "daemon_peak_rss_bytes": 80e6,
+            "bytes_fetched": 40e6,
+            "fetched_vs_layer": 0.044,
+            "error": None,
+        },
+    }
+
+
+def test_results_json_and_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = _synthetic()
+    js, png = report.write_results(results, tmp_path, "20260101T000000Z")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    for key in ("schema", "params", "images", "coldstart", "ratios", "fs", "chart"):
+        assert key in data
+    first = data["coldstart"][0]
+    assert set(first["median"]) >= {"pull_s", "run_s", "total_s", "bytes_down"}
+    assert first["median"]["total_s"] == pytest.approx(11.0)
+    ratios = data["ratios"]["python"]
+    assert ratios["lazy-esgz/total_s_vs_full"] == pytest.approx(5.0 / 11.0)
+    assert ratios["lazy-esgz-opt/total_s_vs_lazy-esgz"] == pytest.approx(3.0 / 5.0)
+    assert data["coldstart"][4]["median"]["total_s"] is None
+    text = report.summary_text(data)
+    assert "converter missing" in text and "filesystem" in text
