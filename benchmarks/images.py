@@ -227,6 +227,13 @@ def populate_scientific(root: Path, weights_bytes: int = 600 * MB) -> None:
     site.mkdir(parents=True)
     for wheel in (_NUMPY_WHEEL, _SCIPY_WHEEL, _TORCH_WHEEL):
         unpack_wheel(site, find_wheel(wheel))
+    # manylinux wheels expect the system's libstdc++/libgcc_s: add what their modules need.
+    sos = [str(p) for pkg in ("numpy", "scipy") for p in (site / pkg).rglob("*.so")]
+    dynload = [str(p) for p in Path(f"/usr/lib/{_PY}/lib-dynload").glob("*.so")]
+    in_base = _ldd([f"/usr/bin/{_PY}", *dynload])  # already in the python layer below
+    for lib in sorted(_ldd(sos) - in_base):
+        if not lib.startswith(str(root)):
+            copy_host_file(root, lib)
     models = root / "opt/models"
     models.mkdir(parents=True)
     rng = random.Random(20261122)
