@@ -206,6 +206,12 @@ class _Gunzip:
         self._eof = False
 
     def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except zlib.error as e:
+            raise TarFormatError(f"corrupt gzip stream: {e}") from None
+
+    def _read(self, n: int) -> bytes:
         while not self._eof:
             if self._d.unconsumed_tail:
                 out = self._d.decompress(self._d.unconsumed_tail, n)
@@ -225,13 +231,10 @@ class _Gunzip:
                     self._d = zlib.decompressobj(31)
                     data = rest
                 else:
-                    data = self._d.unused_data or self._raw.read(_READ_PIECE)
+                    data = self._raw.read(_READ_PIECE)
                     if not data:
                         raise TarFormatError("gzip stream is truncated")
-                try:
-                    out = self._d.decompress(data, n)
-                except zlib.error as e:
-                    raise TarFormatError(f"corrupt gzip stream: {e}") from None
+                out = self._d.decompress(data, n)
             if out:
                 return out
         return b""
