@@ -804,9 +804,24 @@ class PodmanEnv:
         return env
 
     def command(self, *args: str) -> list[str]:
-        # --root/--runroot repeat storage.conf so that no podman command can ever fall back to
-        # the machine's storage, even if CONTAINERS_STORAGE_CONF were ignored.
-        return ["podman", "--root", str(self.graphroot), "--runroot", str(self.runroot), *args]
+        # Not --root/--runroot: podman 4.3 then drops every option of storage.conf, including
+        # additionallayerstores. CONTAINERS_STORAGE_CONF carries them (``check_storage``).
+        return ["podman", *args]
+
+    def check_storage(self) -> dict[str, Any]:
+        """``podman info``'s store section, after checking that podman uses our graphroot,
+        runroot and (when configured) additional layer store."""
+        out = self.run_podman("info", "--format", "{{json .Store}}")
+        store: dict[str, Any] = json.loads(out.stdout)
+        if store.get("graphRoot") != str(self.graphroot) or store.get("runRoot") != str(
+            self.runroot
+        ):
+            raise RuntimeError(f"podman does not use our storage: {store}")
+        if self.layer_store is not None:
+            opts = store.get("graphOptions") or {}
+            if opts.get("overlay.additionallayerstore") != f"{self.layer_store}:ref":
+                raise RuntimeError(f"podman does not use the additional layer store: {opts}")
+        return store
 
     def run_podman(
         self, *args: str, timeout: float = 300, check: bool = True, input: str | None = None

@@ -5,24 +5,39 @@ ulimits that this machine allows, storage.conf with its own graphroot/runroot an
 the store as ``additionallayerstores``, registries.conf marking the loopback registry insecure)
 with what the tests inspect: which layers podman took from the store, disk usage, save, push.
 
-podman 4.3.1 quirk: as root it writes containers/image's blob-info cache to
-/var/lib/containers/cache whatever the configuration says (nothing else global is touched).
+podman 4.3.1 quirks met here:
+- as root it writes containers/image's blob-info cache to /var/lib/containers/cache whatever
+  the configuration says (nothing else global is touched);
+- ``--root``/``--runroot`` on the command line make it drop every option of storage.conf,
+  additionallayerstores included: only CONTAINERS_STORAGE_CONF is used (``check_storage``);
+- the runroot may not be longer than 50 characters.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stargz_store.demo import PodmanEnv, PodmanError, StoreDaemon, disk_usage, mounts_below
+from stargz_store.demo import (
+    ImageInfo,
+    PodmanEnv,
+    PodmanError,
+    StoreDaemon,
+    disk_usage,
+    mounts_below,
+)
 
 __all__ = [
     "Podman",
@@ -30,6 +45,7 @@ __all__ = [
     "StoreDaemon",
     "mounts_below",
     "need_podman",
+    "static_layer_store",
 ]
 
 
@@ -109,3 +125,34 @@ class Podman(PodmanEnv):
         return self.run_podman(
             "run", "--rm", "--network", "none", "--pull", "never", image, *cmd, check=False
         )
+
+
+def static_layer_store(store: Path, ref: str, image: ImageInfo) -> list[Path]:
+    """Lay out ``image``'s layers as a plain-directory additional layer store for ``ref``
+    (compressed-digest keys, podman <= 5.0): ``<store>/<base64(ref)>/<digest>/{diff,info,blob}``.
+    Not the product: a known-good store to check the harness and podman's side of the contract
+    (which reference string podman asks for, what it reads for save and push)."""
+    layer_dirs = []
+    refdir = store / base64.b64encode(ref.encode()).decode()
+    for i, layer in enumerate(image.layers):
+        blob = image.blob_path(layer["digest"]).read_bytes()
+        tar = gzip.decompress(blob)
+        d = refdir / layer["digest"]
+        (d / "diff").mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            # Our own image: every member is trusted (devices, ownership and modes kept).
+            if hasattr(tarfile, "fully_trusted_filter"):
+                t.extractall(d / "diff", numeric_owner=True, filter="fully_trusted")
+            else:  # Python < 3.9.17 / 3.10.12 / 3.11.4
+                t.extractall(d / "diff", numeric_owner=True)
+        (d / "blob").write_bytes(blob)
+        info = {
+            "compressed-diff-digest": layer["digest"],
+            "compressed-size": len(blob),
+            "diff-digest": image.diff_ids[i],
+            "diff-size": len(tar),
+            "compression": 2,
+        }
+        (d / "info").write_text(json.dumps(info))
+        layer_dirs.append(d)
+    return layer_dirs

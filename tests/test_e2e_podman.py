@@ -42,7 +42,13 @@ from tests.image_util import (
     read_image,
     registry_diff_ids,
 )
-from tests.podman_util import Podman, StoreDaemon, mounts_below, need_podman
+from tests.podman_util import (
+    Podman,
+    StoreDaemon,
+    mounts_below,
+    need_podman,
+    static_layer_store,
+)
 from tests.registry_fixtures import (  # noqa: F401 - pytest fixtures
     RegistryHandle,
     registry,
@@ -153,6 +159,7 @@ def lazy_env(
         stack.callback(daemon.stop)
         stack.callback(podman.cleanup)  # runs first: podman's overlays use the store's mount
         daemon.start()
+        podman.check_storage()
         try:
             yield Lazy(podman, daemon)
         except BaseException:
@@ -210,6 +217,8 @@ def test_plain_pull_and_run(
     push_image(gz, _client(registry), repo, "v1")
     podman = Podman(tmp_path / "podman", insecure=[registry.host])
     podmans.append(podman)
+    store = podman.check_storage()
+    assert store["graphOptions"] == {} and store["graphRoot"].startswith(str(tmp_path))
     ref = f"{registry.host}/{repo}:v1"
     podman.pull(ref)
     assert podman.run(ref).strip() == CHECK_OK
@@ -258,15 +267,22 @@ def test_plain_save_and_push_keep_layer_content(
     podmans.append(podman)
     ref = f"{registry.host}/{repo}:v1"
     podman.pull(ref)
-    _check_save_and_push(podman, ref, gz, registry, repo)
+    _check_save_and_push(podman, ref, gz, registry, repo, same_blobs=True)
 
 
 def _check_save_and_push(
-    podman: Podman, ref: str, image: ImageInfo, reg: RegistryHandle, repo: str
+    podman: Podman,
+    ref: str,
+    image: ImageInfo,
+    reg: RegistryHandle,
+    repo: str,
+    *,
+    same_blobs: bool,
 ) -> None:
     """``podman save`` in both archive formats and ``podman push`` to another repository: the
-    layers' content must be the original's, byte for byte (same DiffIDs), and pushing within
-    the registry must keep the original compressed blobs (same layer digests)."""
+    layers' content must be the original's, byte for byte (same DiffIDs, recomputed from the
+    archive's and the registry's blobs). With ``same_blobs`` the pushed compressed blobs must
+    be the original blobs too (podman reuses them when it pulled them itself)."""
     for fmt in ("docker-archive", "oci-archive"):
         archive = podman.save(ref, podman.workdir / f"saved.{fmt}.tar", fmt)
         config_ids, blob_ids = archive_layer_diff_ids(archive)
@@ -277,11 +293,42 @@ def _check_save_and_push(
     got = registry_diff_ids(_client(reg), f"{repo}-copy", "v1")
     assert got["config_diff_ids"] == image.diff_ids
     assert got["blob_diff_ids"] == image.diff_ids
-    assert got["layer_digests"] == [layer["digest"] for layer in image.layers]
+    if same_blobs:
+        assert got["layer_digests"] == [layer["digest"] for layer in image.layers]
 
 
 def _creds(reg: RegistryHandle) -> list[str]:
     return [f"--creds={reg.username}:{reg.password}"] if reg.username else []
+
+
+def test_static_layer_store_contract(
+    registry: RegistryHandle,  # noqa: F811
+    images: dict[str, ImageInfo],
+    podmans: list[Podman],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """podman's side of the ALS contract, with a plain directory as the store: it asks for
+    ``<base64(host/repo:tag)>/<compressed digest>``, links ``diff`` instead of pulling, and
+    reads ``blob`` back for save and push. This checks the harness (``store_links``, disk
+    usage, save/push checks) independently of the daemon."""
+    gz = images["gzip"]
+    repo = _repo(request)
+    push_image(gz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    store = tmp_path / "store"
+    layer_dirs = static_layer_store(store, ref, gz)
+    podman = Podman(tmp_path / "podman", layer_store=store, insecure=[registry.host])
+    podmans.append(podman)
+    podman.check_storage()
+    podman.pull(ref)
+    links = podman.layer_diff_links()
+    assert [links.get(layer) for layer in podman.layer_ids(ref)] == [
+        str(d / "diff") for d in layer_dirs
+    ]
+    assert podman.graphroot_usage() < DATA_SIZE
+    assert podman.run(ref).strip() == CHECK_OK
+    _check_save_and_push(podman, ref, gz, registry, repo, same_blobs=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,9 +432,13 @@ def test_save_and_push_of_a_lazily_pulled_image(
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    """podman reads the layers back through the store (``blob``/``diff``): the saved and pushed
-    layers must be the eStargz layers' exact content, and pushing to another repository of the
-    same registry must keep the eStargz blobs themselves."""
+    """podman reads the layers back through the store (its ``blob`` files): the saved and
+    pushed layers must be the eStargz layers' exact content (same DiffIDs).
+
+    podman 4.3.1 (containers/image 5.23) does not reuse the compressed blob of a layer it took
+    from an additional layer store: it decompresses ``blob`` and compresses it again, so the
+    pushed layer digests differ from the eStargz blobs' (seen with a plain-directory store in
+    ``test_static_layer_store_contract``); only the content can be compared."""
     esgz = esgz_images["estargz"]
     repo = _repo(request)
     push_image(esgz, _client(registry), repo, "v1")
@@ -395,7 +446,7 @@ def test_save_and_push_of_a_lazily_pulled_image(
     with lazy_env(tmp_path, registry) as lazy:
         lazy.podman.pull(ref)
         assert lazy.store_links(ref) == [True, True]
-        _check_save_and_push(lazy.podman, ref, esgz, registry, repo)
+        _check_save_and_push(lazy.podman, ref, esgz, registry, repo, same_blobs=False)
 
 
 def test_private_registry_with_auth_file(
