@@ -18,7 +18,14 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.coldstart import Target, cold_run, fs_figures
-from benchmarks.env import EnvError, ProxyThread, Registry, manifest_layers, skopeo_push
+from benchmarks.env import (
+    EnvError,
+    ProxyThread,
+    Registry,
+    manifest_layers,
+    measure_link,
+    skopeo_push,
+)
 from benchmarks.images import (
     DEFAULT_CACHE,
     RECIPES,
@@ -217,6 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"registry {registry.address}, WAN proxy {proxy.address} "
             f"(RTT {args.rtt_ms:g} ms, {args.mbit:g} Mbit/s)"
+        )
+        first = built[images[0]]
+        biggest_gzip = max(first.layers, key=lambda la: la.size)
+        link = measure_link(
+            proxy.address,
+            f"bench/{first.name}",
+            biggest_gzip.digest,
+            min(biggest_gzip.size, 32 << 20),
+        )
+        results["link"] = link
+        log(
+            f"link check: {link['bytes'] / 1e6:.1f} MB in {link['seconds']:.2f} s, first byte "
+            f"after {link['first_byte_s'] * 1000:.0f} ms, {link['effective_mbit']:.0f} Mbit/s "
+            "effective"
         )
 
         entries: dict[tuple[str, str], dict[str, Any]] = {}

@@ -446,3 +446,28 @@ def cleaned(path: Path) -> Iterator[Path]:
     finally:
         unmount_all(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def measure_link(address: str, repo: str, digest: str, nbytes: int) -> dict[str, float]:
+    """Time a ranged blob GET through *address*: time to first byte and the effective
+    throughput of the emulated link (which may fall short of the nominal rate)."""
+    req = urllib.request.Request(
+        f"http://{address}/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes=0-{nbytes - 1}"}
+    )
+    t0 = time.monotonic()
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        first = resp.read(1)
+        t1 = time.monotonic()
+        got = len(first)
+        while True:
+            data = resp.read(1 << 20)
+            if not data:
+                break
+            got += len(data)
+    t2 = time.monotonic()
+    return {
+        "bytes": got,
+        "first_byte_s": t1 - t0,
+        "seconds": t2 - t0,
+        "effective_mbit": got * 8 / 1e6 / (t2 - t1) if t2 > t1 else 0.0,
+    }

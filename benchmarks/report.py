@@ -105,7 +105,8 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
     params = results.get("params", {})
     ax.set_title(
         f"Cold start, median of {params.get('runs', '?')} runs "
-        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s)"
+        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s"
+        + (f", {results['link']['effective_mbit']:.0f} effective)" if results.get("link") else ")")
     )
     ax.set_ylabel("seconds")
     ax.set_xticks(xs)
@@ -137,7 +138,15 @@ def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str
 
 def summary_text(results: dict[str, Any]) -> str:
     """A human-readable table of the medians, the ratios and the filesystem figures."""
-    lines = ["image   mode                 pull s   run s   total s   MB down   vs full"]
+    lines = []
+    link = results.get("link")
+    if link:
+        lines.append(
+            f"link: first byte {link['first_byte_s'] * 1000:.0f} ms, "
+            f"{link['effective_mbit']:.0f} Mbit/s effective "
+            f"(nominal {results.get('params', {}).get('mbit')} Mbit/s)"
+        )
+    lines.append("image   mode                 pull s   run s   total s   MB down   vs full")
     for e in results.get("coldstart", []):
         m = e.get("median") or {}
         ratio = (results.get("ratios", {}).get(e["image"], {})).get(f"{e['mode']}/total_s_vs_full")
