@@ -467,15 +467,20 @@ class RegistryClient:
             )
         except requests.exceptions.Timeout as exc:
             raise RegistryUnavailableError(
-                f"registry {ep.host} timed out ({_reason(exc)}) for {ep.describe()}"
+                f"registry {urlsplit(url).netloc} timed out ({_reason(exc)}) for {ep.describe()}"
             ) from None
         except requests.exceptions.SSLError as exc:
             raise RegistryUnavailableError(
                 f"TLS failure talking to {urlsplit(url).netloc} ({_reason(exc)})"
             ) from None
         except requests.exceptions.ConnectionError as exc:
+            reason = _reason(exc)
+            if "Timeout" in reason:  # read timeouts after retries arrive as ConnectionError
+                raise RegistryUnavailableError(
+                    f"registry {urlsplit(url).netloc} timed out ({reason}) for {ep.describe()}"
+                ) from None
             raise RegistryUnavailableError(
-                f"cannot reach {urlsplit(url).netloc} for {ep.describe()} ({_reason(exc)})"
+                f"cannot reach {urlsplit(url).netloc} for {ep.describe()} ({reason})"
             ) from None
         except requests.exceptions.RequestException as exc:
             raise RegistryError(

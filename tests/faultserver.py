@@ -97,7 +97,9 @@ class FaultServer:
             )
 
     def start(self) -> FaultServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
         return self
 
@@ -125,6 +127,7 @@ class FaultServer:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -270,6 +273,7 @@ class FakeRegistry:
     blob_reply: Callable[[Request, bytes], Reply] | None = None
     manifest_reply: Callable[[Request, bytes, str], Reply] | None = None
     valid_signatures: set[str] = field(default_factory=set)
+    issued_token: str | None = None  # what /token hands out, when not ``token``
 
     def __post_init__(self) -> None:
         self.server.route("GET", r"/v2/?", self._ping)
@@ -357,7 +361,8 @@ class FakeRegistry:
     def _token(self, req: Request) -> Reply:
         if (req.header("Authorization") or "") != self.basic_header():
             return Reply(401, [("Content-Type", "application/json")], b"{}")
-        body = json.dumps({"token": self.token, "expires_in": 300}).encode()
+        tok = self.issued_token or self.token
+        body = json.dumps({"token": tok, "expires_in": 300}).encode()
         return Reply(200, [("Content-Type", "application/json")], body)
 
     def _manifest(self, req: Request) -> Reply:
