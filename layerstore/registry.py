@@ -423,22 +423,27 @@ class RegistryClient:
         with st.lock:
             if st.scheme is not None:
                 return st.scheme
-        scheme = "http"
+        # Insecure registries: https (unverified) first, plain http when TLS fails, as
+        # containers/image does. Only a definite answer is remembered.
+        remember = True
         try:
             resp = self._probe_session.get(
                 f"https://{ep.host}/v2/",
-                timeout=self._timeout,
+                timeout=(self.settings.connect_timeout, min(self.settings.read_timeout, 5.0)),
                 verify=False,
                 allow_redirects=False,
                 stream=True,
             )
             resp.close()
             scheme = "https"
-        except requests.RequestException:
+        except requests.exceptions.SSLError:
             scheme = "http"
-        with st.lock:
-            st.scheme = scheme
-        log.debug("registry_scheme_probed", host=ep.host, scheme=scheme)
+        except requests.RequestException:
+            scheme, remember = "http", False
+        if remember:
+            with st.lock:
+                st.scheme = scheme
+        log.debug("registry_scheme_probed", host=ep.host, scheme=scheme, remembered=remember)
         return scheme
 
     def _base(self, ep: _Endpoint) -> str:

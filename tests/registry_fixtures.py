@@ -181,6 +181,13 @@ class TokenServer:
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True
 
+            def handle(self) -> None:
+                # A TLS ClientHello (the client probing https first) is dropped at once instead
+                # of waiting for a request line that never comes.
+                if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
+                    return
+                super().handle()
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
