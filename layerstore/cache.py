@@ -19,6 +19,10 @@ Rules:
   young end and touches its mtime at most once a minute so the order survives a restart.
 * ``read(digest, offset, length)`` preads a slice through a small LRU of open descriptors, so a
   128 KiB FUSE read does not read a whole 4 MiB chunk.
+* ``put_async`` hands the write to a small writer pool (creating a file costs ~1 ms on a
+  journaling file system, more than fetching a small chunk). Until it is on disk the entry is
+  served from memory (``get``, ``read``, ``in``); pending bytes are bounded
+  (``max_pending_bytes``; beyond it the caller writes synchronously). ``flush`` waits.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -80,6 +85,8 @@ class ChunkCache:
         max_bytes: int,
         *,
         max_open_files: int = 64,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        writer_threads: int = 2,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
@@ -92,6 +99,13 @@ class ChunkCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # hex -> entry, oldest first
         self._fds: OrderedDict[str, _Fd] = OrderedDict()
         self._total = 0
+        self._pending: dict[str, bytes] = {}
+        self._pending_bytes = 0
+        self._max_pending = max_pending_bytes
+        self._pending_done = threading.Condition(self._lock)
+        self._writer_threads = max(1, writer_threads)
+        self._executor: ThreadPoolExecutor | None = None
+        self._shards: set[str] = set()
         self._hits = 0
         self._misses = 0
         try:
@@ -147,7 +161,7 @@ class ChunkCache:
         if not isinstance(digest, str) or not digest.startswith("sha256:"):
             return False
         with self._lock:
-            return digest[7:] in self._entries
+            return digest[7:] in self._entries or digest[7:] in self._pending
 
     def contains(self, digest: str) -> bool:
         return digest in self
@@ -176,6 +190,10 @@ class ChunkCache:
         """The whole verified entry, or None (absent, or found corrupt and removed)."""
         hexd = _hex_of(digest)
         with self._lock:
+            pending = self._pending.get(hexd)
+            if pending is not None:
+                self._hits += 1
+                return pending
             entry = self._entries.get(hexd)
             if entry is None:
                 self._misses += 1
@@ -200,6 +218,10 @@ class ChunkCache:
             raise ValueError("negative offset or length")
         hexd = _hex_of(digest)
         with self._lock:
+            pending = self._pending.get(hexd)
+            if pending is not None:
+                self._hits += 1
+                return pending[offset : offset + length]
             entry = self._entries.get(hexd)
             if entry is None:
                 self._misses += 1
@@ -269,7 +291,9 @@ class ChunkCache:
                 return True
         path = self._path(hexd)
         try:
-            path.parent.mkdir(exist_ok=True)
+            if hexd[:2] not in self._shards:
+                path.parent.mkdir(exist_ok=True)
+                self._shards.add(hexd[:2])
             self._write_atomic(path, data)
         except OSError as e:
             log.warning("chunk_cache_write_failed", digest=digest, error=str(e))
@@ -279,6 +303,58 @@ class ChunkCache:
                 self._entries[hexd] = _Entry(size, time.time(), verified=True)
                 self._total += size
             self._evict_locked(keep=hexd)
+        return True
+
+    def put_async(self, digest: str, data: bytes, *, verified: bool = False) -> None:
+        """Like :meth:`put`, but written by the writer pool; served from memory meanwhile."""
+        hexd = _hex_of(digest)
+        if not verified and hashlib.sha256(data).hexdigest() != hexd:
+            raise VerificationError(f"refusing to cache bytes that do not match {digest}")
+        size = len(data)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if hexd in self._entries or hexd in self._pending:
+                return
+            if self._pending_bytes + size > self._max_pending:
+                sync = True
+            else:
+                sync = False
+                self._pending[hexd] = data
+                self._pending_bytes += size
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self._writer_threads, thread_name_prefix="chunk-cache-writer"
+                    )
+                executor = self._executor
+        if sync:
+            self.put(digest, data, verified=True)
+            return
+        try:
+            executor.submit(self._write_pending, digest, hexd, data)
+        except RuntimeError:  # shut down: write here
+            self._write_pending(digest, hexd, data)
+
+    def _write_pending(self, digest: str, hexd: str, data: bytes) -> None:
+        try:
+            self.put(digest, data, verified=True)
+        except Exception as e:  # never lose the pending slot
+            log.warning("chunk_cache_write_failed", digest=digest, error=str(e))
+        finally:
+            with self._lock:
+                if self._pending.pop(hexd, None) is not None:
+                    self._pending_bytes -= len(data)
+                self._pending_done.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every pending write is on disk. Returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._pending_done.wait(left)
         return True
 
     @staticmethod
@@ -364,6 +440,11 @@ class ChunkCache:
                 os.close(handle.fd)
 
     def close(self) -> None:
+        self.flush()
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         with self._lock:
             for hexd in list(self._fds):
                 self._forget_fd_locked(hexd)

@@ -389,7 +389,7 @@ class ChunkFetcher:
             self._verification_failed(c, err)
             return
         if c.digest.startswith("sha256:"):
-            self._cache.put(c.digest, data, verified=True)
+            self._cache.put_async(c.digest, data, verified=True)
         with self._lock:
             self.stats.chunks_fetched += 1
             if background:

@@ -294,10 +294,10 @@ def test_short_range_answer_is_rejected(cache: ChunkCache) -> None:
 def test_served_from_cache_when_source_fails(tmp_path: Path) -> None:
     payloads = [os.urandom(5000) for _ in range(3)]
     blob, chunks = build_blob(payloads)
-    f1 = ChunkFetcher(
-        BytesSource(blob), ChunkCache(tmp_path, 1 << 20), chunks, fake_decode, small_settings()
-    )
+    c1 = ChunkCache(tmp_path, 1 << 20)
+    f1 = ChunkFetcher(BytesSource(blob), c1, chunks, fake_decode, small_settings())
     f1.get_chunks(chunks)
+    c1.close()  # a clean shutdown: pending writes reach the disk
     src = CountingSource(BytesSource(blob))
     src.fail = RegistryUnavailableError("offline")
     f2 = ChunkFetcher(src, ChunkCache(tmp_path, 1 << 20), chunks, fake_decode, small_settings())
@@ -368,3 +368,18 @@ def test_background_yields_to_foreground(cache: ChunkCache) -> None:
     f.close()
     f.join_background(5)
     assert f._bg_thread is not None and not f._bg_thread.is_alive()
+
+
+def test_async_cache_writes_serve_from_memory_then_disk(tmp_path: Path) -> None:
+    payloads = [os.urandom(5000) for _ in range(20)]
+    blob, chunks = build_blob(payloads)
+    cache = ChunkCache(tmp_path, 1 << 20)
+    f = ChunkFetcher(BytesSource(blob), cache, chunks, fake_decode, small_settings())
+    assert f.get_chunks(chunks) == payloads
+    # Served at once, whether or not the writer pool has finished.
+    assert all(c.digest in cache for c in chunks)
+    assert cache.read(chunks[3].digest, 10, 5) == payloads[3][10:15]
+    assert cache.flush(10)
+    files = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
+    assert len(files) == 20
+    assert cache.total_bytes == 20 * 5000

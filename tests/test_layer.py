@@ -248,6 +248,7 @@ def test_cached_reads_make_no_requests(go_reference: Path, tmp_path: Path) -> No
     assert layer.read(ino, 70_000, 128 * 1024) == whole[70_000 : 70_000 + 128 * 1024]
     assert len(src.calls) == n
     # Restart: a new cache on the same directory, and the registry is gone.
+    cache.close()
     src.fail = OSError("registry down")
     cache2 = ChunkCache(tmp_path / "c", 1 << 30)
     layer2, _ = make_layer(go_reference, "ref-chunked-64k", cache2, blob=blob, source=src)

@@ -315,6 +315,7 @@ def test_toc_cache_survives_restart(
     assert ino is not None
     layer.read(ino, 0, 300_000)
     calls = len(client.sources[small.digest].calls)
+    mgr.cache.close()
     # Restart with the blob unreachable: TOC and data come from the disk cache.
     client.sources[small.digest].fail = RegistryUnavailableError("blob store down")
     mgr2 = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
