@@ -630,8 +630,12 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             used = auth
-            data = body() if callable(body) else body
-            resp = self._send(method, url, ep, headers=hdrs, data=data)
+            data: Any = body() if callable(body) else body
+            try:
+                resp = self._send(method, url, ep, headers=hdrs, data=data)
+            finally:
+                if callable(body) and hasattr(data, "close"):
+                    data.close()  # a file opened for this attempt; fully sent by now
             if resp.status_code != 401 or not same_origin:
                 return resp
             header_values = resp.raw.headers.getlist("WWW-Authenticate") if resp.raw else []

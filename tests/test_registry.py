@@ -288,3 +288,20 @@ def test_mirror_falls_through_to_primary(registry: RegistryHandle, image) -> Non
     assert r.manifest_digest == image.manifest_digest
     data = c.get_blob(registry.ref("test/app", "v1"), image.layer_digests[1], 1 << 20)
     assert data == image.layers[1]
+
+
+def test_concurrent_reads_share_one_token(registry_token: RegistryHandle) -> None:  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = registry_token
+    assert h.token_server is not None
+    img = h.push_image("tok/conc", "v1", [layer(12, 60)])
+    data = img.layers[0]
+    c = client_for(h, Creds({h.host: Credentials(h.username or "", h.password or "")}))
+    src = c.blob_source(h.ref("tok/conc", "v1"), img.layer_digests[0], len(data))
+    before = len(h.token_server.requests)
+    step = len(data) // 64
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: src.read_at(i * step, step), range(64)))
+    assert b"".join(got) == data[: 64 * step]
+    assert len(h.token_server.requests) - before <= 1

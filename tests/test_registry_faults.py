@@ -19,6 +19,7 @@ import structlog
 from auth.types import Credentials
 from layerstore.errors import (
     AuthenticationError,
+    BlockedRegistryError,
     ManifestError,
     RangeError,
     RegistryError,
@@ -520,3 +521,14 @@ def test_no_secrets_in_logs(
 
 def test_redact_url() -> None:
     assert redact_url("https://u:p@h:8/a/b?sig=1#f") == "https://h:8/a/b"
+
+
+def test_blocked_registry_propagates(fault: FaultServer) -> None:
+    class Conf:
+        def pull_sources(self, name: str, *, by_digest: bool) -> list[PullSource]:
+            raise BlockedRegistryError(f"registry of {name} is blocked")
+
+    c = RegistryClient(None, Conf())
+    with pytest.raises(BlockedRegistryError):
+        c.resolve(f"{fault.netloc}/app:v1")
+    assert fault.requests == []
