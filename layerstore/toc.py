@@ -44,7 +44,7 @@ import re
 import stat
 from array import array
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 from layerstore.errors import LimitExceededError, TOCError
 
@@ -148,6 +148,7 @@ class TOCEntry(NamedTuple):
 # --- small parsing helpers ---------------------------------------------------------------------
 _BAD_COMPONENT = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
 _WS = re.compile(r"[ \t\n\r]*")
+_WS_CHARS = " \t\n\r"
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(?:[Zz]|([+-])(\d\d):(\d\d))\Z"
 )
@@ -225,6 +226,37 @@ def _hex(d: bytes) -> str:
 
 def _bad_int(e: dict[str, Any], key: str) -> TOCError:
     return TOCError(f"TOC entry {_describe(e)}: {key} {str(e.get(key))[:40]!r} is not valid")
+
+
+def _bad_fields(e: dict[str, Any]) -> TOCError:
+    for key, hi in (("mode", _I64), ("uid", _U32), ("gid", _U32), ("size", _I64)):
+        v = e.get(key, 0)
+        if type(v) is not int or not 0 <= v <= hi:
+            return _bad_int(e, key)
+    return TOCError(f"TOC entry {_describe(e)} is not valid")  # pragma: no cover
+
+
+def _bad_chunk(e: dict[str, Any], toc_offset: int) -> TOCError:
+    off = e.get("offset")
+    if type(off) is not int or not 0 <= off < toc_offset:
+        return TOCError(
+            f"TOC entry {_describe(e)}: offset {str(off)[:40]} is outside [0, {toc_offset})"
+        )
+    for key in ("chunkSize", "innerOffset"):
+        v = e.get(key, 0)
+        if type(v) is not int or not 0 <= v <= _I64:
+            return _bad_int(e, key)
+    return TOCError(f"TOC entry {_describe(e)} is not valid")  # pragma: no cover
+
+
+def _bad_fit(e: dict[str, Any], start: int, cs: int, size: int) -> TOCError:
+    return TOCError(
+        f"TOC entry {_describe(e)}: chunk {start}+{cs} does not fit the file of {size} bytes"
+    )
+
+
+def _bad_cover(name: str, covered: int, size: int) -> TOCError:
+    return TOCError(f"the chunks of {name[:200]!r} cover {covered} of {size} bytes")
 
 
 # --- the index ---------------------------------------------------------------------------------
@@ -370,7 +402,7 @@ class TOCIndex:
             text = toc_json
         b = _Builder(toc_offset, max_entries)
         try:
-            _scan_toc(text, b.add, max_entries)
+            b.run(_iter_toc_entries(text, max_entries))
         except RecursionError:
             raise TOCError("TOC JSON is nested too deeply") from None
         del text
@@ -612,8 +644,11 @@ def _makedev(major: int, minor: int) -> int:
 
 
 # --- streaming scan of the TOC document --------------------------------------------------------
-def _scan_toc(text: str, on_entry: Callable[[Any], None], max_entries: int) -> None:
-    """Walk ``{"version": 1, "entries": [...]}`` calling *on_entry* per element of entries."""
+def _iter_toc_entries(text: str, max_entries: int) -> Iterator[Any]:
+    """Yield the elements of ``entries`` of ``{"version": 1, "entries": [...]}`` one by one.
+
+    The rest of the document is parsed normally; the version is checked at the end.
+    """
     scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
     ws = _WS.match
 
@@ -626,16 +661,21 @@ def _scan_toc(text: str, on_entry: Callable[[Any], None], max_entries: int) -> N
             raise TOCError(f"invalid JSON in TOC: {exc}") from None
         return v, end
 
+    def skip(pos: int) -> int:
+        return ws(text, pos).end()  # type: ignore[union-attr]
+
     def expect(pos: int, ch: str) -> int:
-        pos = ws(text, pos).end()  # type: ignore[union-attr]
+        pos = skip(pos)
         if text[pos : pos + 1] != ch:
             raise TOCError(f"invalid JSON in TOC at offset {pos}: expected {ch!r}")
-        return ws(text, pos + 1).end()  # type: ignore[union-attr]
+        return skip(pos + 1)
 
     pos = expect(0, "{")
     seen: set[str] = set()
     version: object = None
-    if text[pos : pos + 1] != "}":
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
         while True:
             if text[pos : pos + 1] != '"':
                 raise TOCError(f"invalid JSON in TOC at offset {pos}: expected a key")
@@ -645,60 +685,56 @@ def _scan_toc(text: str, on_entry: Callable[[Any], None], max_entries: int) -> N
             seen.add(key)
             pos = expect(pos, ":")
             if key == "entries":
-                pos = _scan_entries(text, pos, on_entry, max_entries, value, expect)
+                if text[pos : pos + 1] != "[":
+                    raise TOCError("TOC entries is not an array")
+                pos = skip(pos + 1)
+                if text[pos : pos + 1] == "]":
+                    pos += 1
+                else:
+                    n = 0
+                    while True:
+                        try:
+                            e, pos = scan(text, pos)
+                        except StopIteration:
+                            raise TOCError(f"invalid JSON in TOC at offset {pos}") from None
+                        except ValueError as exc:
+                            raise TOCError(f"invalid JSON in TOC: {exc}") from None
+                        n += 1
+                        if n > max_entries:
+                            raise LimitExceededError(f"TOC has more than {max_entries} entries")
+                        yield e
+                        c = text[pos : pos + 1]
+                        if c != "," and c != "]":
+                            pos = skip(pos)
+                            c = text[pos : pos + 1]
+                        if c == ",":
+                            pos += 1
+                            if text[pos : pos + 1] in _WS_CHARS:
+                                pos = skip(pos)
+                        elif c == "]":
+                            pos += 1
+                            break
+                        else:
+                            raise TOCError(f"invalid JSON in TOC entries at offset {pos}")
             else:
                 v, pos = value(pos)
                 if key == "version":
                     version = v
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
+            pos = skip(pos)
             c = text[pos : pos + 1]
             if c == ",":
-                pos = ws(text, pos + 1).end()  # type: ignore[union-attr]
+                pos = skip(pos + 1)
                 continue
             if c == "}":
                 pos += 1
                 break
             raise TOCError(f"invalid JSON in TOC at offset {pos}")
-    else:
-        pos += 1
-    if ws(text, pos).end() != len(text):  # type: ignore[union-attr]
+    if skip(pos) != len(text):
         raise TOCError("trailing data after the TOC JSON")
     if type(version) is not int or version != 1:
         raise TOCError(f"unsupported TOC version {str(version)[:20]!r} (want 1)")
     if "entries" not in seen:
         raise TOCError("TOC has no entries")
-
-
-def _scan_entries(
-    text: str,
-    pos: int,
-    on_entry: Callable[[Any], None],
-    max_entries: int,
-    value: Callable[[int], tuple[Any, int]],
-    expect: Callable[[int, str], int],
-) -> int:
-    if text[pos : pos + 1] != "[":
-        raise TOCError("TOC entries is not an array")
-    pos = expect(pos, "[")
-    if text[pos : pos + 1] == "]":
-        return pos + 1
-    ws = _WS.match
-    n = 0
-    while True:
-        e, pos = value(pos)
-        n += 1
-        if n > max_entries:
-            raise LimitExceededError(f"TOC has more than {max_entries} entries")
-        on_entry(e)
-        if text[pos : pos + 1] not in (",", "]"):
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
-        c = text[pos : pos + 1]
-        if c == ",":
-            pos = ws(text, pos + 1).end()  # type: ignore[union-attr]
-        elif c == "]":
-            return pos + 1
-        else:
-            raise TOCError(f"invalid JSON in TOC entries at offset {pos}")
 
 
 # --- the builder -------------------------------------------------------------------------------
@@ -745,101 +781,245 @@ class _Builder:
         self.has_no_landmark = False
         self.strings: dict[str, str] = {"": ""}
         self.mtimes: dict[str, int] = {}
-        # the regular file whose chunk entries may follow
-        self.cur_rec = -1
-        self.cur_name = ""
-        self.cur_next = 0
-        self.cur_size = 0
 
-    # --- per entry ----------------------------------------------------------------------
-    def add(self, e: Any) -> None:
-        if type(e) is not dict:
-            raise TOCError("TOC entry is not an object")
-        name = e.get("name")
-        typ = e.get("type")
-        if type(name) is not str or type(typ) is not str:
-            raise TOCError(f"TOC entry {_describe(e)} has no string name/type")
-        code = _TYPE_CODES.get(typ)
-        if code is None:
-            raise TOCError(f"TOC entry {_describe(e)} has unknown type {typ[:40]!r}")
-        if not name:
-            raise TOCError("TOC entry with an empty name")
-        n = clean_name(name)
-        if code == _CHUNK:
-            self._add_chunk_entry(e, n)
-            return
-        self._finish_reg()
-        if not n and code != _DIR:
-            raise TOCError(f"non-directory TOC entry {name[:200]!r} names the root")
+    # --- the entry loop (hot: everything common is inlined) ------------------------------
+    def run(self, entries: Iterator[Any]) -> None:
+        """Process every entry. Wrongly typed or out-of-range numbers surface as TypeError /
+        OverflowError from the typed arrays and are reported as :class:`TOCError`."""
+        holder: list[Any] = [None]
+        try:
+            self._run(entries, holder)
+        except (TypeError, OverflowError) as exc:
+            raise TOCError(
+                f"TOC entry {_describe(holder[0]) if type(holder[0]) is dict else '?'} "
+                f"has a field of the wrong type or range ({exc})"
+            ) from None
 
-        r = len(self.r_type)
-        get = e.get
-        mode = get("mode", 0)
-        uid = get("uid", 0)
-        gid = get("gid", 0)
-        size = get("size", 0)
-        if type(mode) is not int or not 0 <= mode <= _I64:
-            raise _bad_int(e, "mode")
-        if type(uid) is not int or not 0 <= uid <= _U32:
-            raise _bad_int(e, "uid")
-        if type(gid) is not int or not 0 <= gid <= _U32:
-            raise _bad_int(e, "gid")
-        if type(size) is not int or not 0 <= size <= _I64:
-            raise _bad_int(e, "size")
-        mt = get("modtime")
-        if mt is None or mt == "":
-            mtime = 0
-        elif type(mt) is not str:
-            raise _bad_int(e, "modtime")
-        else:
-            mtime = self.mtimes.get(mt)  # type: ignore[assignment]
-            if mtime is None:
-                mtime = parse_rfc3339_ns(mt)
-                if len(self.mtimes) < 4096:
-                    self.mtimes[mt] = mtime
+    def _run(self, entries: Iterator[Any], holder: list[Any]) -> None:
+        type_codes = _TYPE_CODES
+        hidden = _HIDDEN_AT_ROOT
+        dirmap = self.dirmap
+        children = self.n_children
+        n_kind = self.n_kind
+        n_rec = self.n_rec
+        n_path = self.n_path
+        r_type = self.r_type
+        r_name = self.r_name
+        r_dir = self.r_dir
+        r_mode = self.r_mode
+        r_uid = self.r_uid
+        r_gid = self.r_gid
+        r_size = self.r_size
+        r_mtime = self.r_mtime
+        r_digest = self.r_digest
+        r_chunk_lo = self.r_chunk_lo
+        r_chunk_hi = self.r_chunk_hi
+        r_uname = self.r_uname
+        r_gname = self.r_gname
+        c_offset = self.c_offset
+        c_start = self.c_start
+        c_size = self.c_size
+        c_inner = self.c_inner
+        c_digest = self.c_digest
+        c_open = self.c_open
+        mtimes = self.mtimes
         strings = self.strings
-        un = get("userName", "")
-        gn = get("groupName", "")
-        if type(un) is not str or type(gn) is not str:
-            raise _bad_int(e, "userName")
-        un = strings.setdefault(un, un) if len(strings) < 65536 else un
-        gn = strings.setdefault(gn, gn) if len(strings) < 65536 else gn
-        dg = get("digest")
-        if dg is None or dg == "":
-            self.r_digest += _NO_DIGEST
-        else:
-            self.r_digest += _digest_bytes(dg, "digest", e)
-        xa = get("xattrs")
-        if xa is not None:
-            self._xattrs(r, xa, e)
+        toc_offset = self.toc_offset
+        digest_bytes = _digest_bytes
+        no_digest = _NO_DIGEST
+        cur_rec = -1
+        cur_name = ""
+        cur_next = 0
+        cur_size = 0
+        nchunks = len(c_offset)
+        for e in entries:
+            holder[0] = e
+            if type(e) is not dict:
+                raise TOCError("TOC entry is not an object")
+            get = e.get
+            name = get("name")
+            typ = get("type")
+            if type(name) is not str or type(typ) is not str or not name:
+                raise TOCError(f"TOC entry {_describe(e)} has no valid name/type")
+            code = type_codes.get(typ)
+            if code is None:
+                raise TOCError(f"TOC entry {_describe(e)} has unknown type {typ[:40]!r}")
+            n = name[:-1] if name[-1] == "/" else name
+            if (
+                len(n) > 255
+                or "//" in n
+                or "/." in n
+                or n[:1] in "./"
+                or "\x00" in n
+                or not n.isascii()
+            ):
+                n = clean_name(name)
 
-        if n:
-            i = n.rfind("/")
-            parent_path = n[:i] if i >= 0 else ""
-            base = n[i + 1 :]
-            parent = self.dirmap.get(parent_path)
-            if parent is None:
-                parent = self._mkdirs(parent_path)
-        else:
-            parent, base = 1, ""
+            if code == _CHUNK:
+                start = get("chunkOffset")
+                off: Any = get("offset")
+                cs = get("chunkSize", 0)
+                inner = get("innerOffset", 0)
+                if cur_rec < 0 or n != cur_name:
+                    raise TOCError(f"chunk entry {_describe(e)} does not follow its reg entry")
+                if type(start) is not int or start != cur_next or start == 0:
+                    raise TOCError(
+                        f"chunk entry {_describe(e)}: chunkOffset {str(start)[:40]} is not "
+                        f"{cur_next} (chunks must be contiguous)"
+                    )
+                if not 0 <= off < toc_offset or cs < 0 or inner < 0:
+                    raise _bad_chunk(e, toc_offset)
+                size = cur_size - start if cs == 0 else cs
+                if size <= 0 or start + size > cur_size:
+                    raise _bad_fit(e, start, cs, cur_size)
+                c_offset.append(off)
+                c_start.append(start)
+                c_size.append(size)
+                c_inner.append(inner)
+                c_digest += digest_bytes(get("chunkDigest"), "chunkDigest", e)
+                c_open.append(cs == 0)
+                nchunks += 1
+                cur_next = start + size
+                r_chunk_hi[cur_rec] = nchunks
+                continue
 
-        self.r_type.append(code)
-        self.r_name.append(base)
-        self.r_dir.append(parent)
-        self.r_mode.append(mode & 0o7777)
-        self.r_uid.append(uid)
-        self.r_gid.append(gid)
-        self.r_size.append(size if code == _REG else 0)
-        self.r_mtime.append(mtime)
-        self.r_uname.append(un)
-        self.r_gname.append(gn)
-        lo = len(self.c_offset)
-        self.r_chunk_lo.append(lo)
-        self.r_chunk_hi.append(lo)
+            if cur_rec >= 0:
+                if cur_next != cur_size:
+                    raise _bad_cover(cur_name, cur_next, cur_size)
+                cur_rec = -1
+            if not n and code != _DIR:
+                raise TOCError(f"non-directory TOC entry {name[:200]!r} names the root")
 
-        if code == _REG:
-            self._add_first_chunk(e, r, n, size)
-        elif code in (_SYMLINK, _HARDLINK):
+            r = len(r_type)
+            mode = get("mode", 0)
+            uid = get("uid", 0)
+            gid = get("gid", 0)
+            size = get("size", 0)
+            if size < 0 or mode < 0:
+                raise _bad_fields(e)
+            mt = get("modtime")
+            if mt is None or mt == "":
+                mtime = 0
+            else:
+                if type(mt) is not str:
+                    raise _bad_int(e, "modtime")
+                cached = mtimes.get(mt)
+                if cached is None:
+                    mtime = parse_rfc3339_ns(mt)
+                    if len(mtimes) < 4096:
+                        mtimes[mt] = mtime
+                else:
+                    mtime = cached
+            un = get("userName", "")
+            gn = get("groupName", "")
+            if type(un) is not str or type(gn) is not str:
+                raise _bad_int(e, "userName/groupName")
+            un = strings.get(un) or (strings.setdefault(un, un) if len(strings) < 65536 else un)
+            gn = strings.get(gn) or (strings.setdefault(gn, gn) if len(strings) < 65536 else gn)
+            dg = get("digest")
+            dgb = no_digest if dg is None or dg == "" else digest_bytes(dg, "digest", e)
+            r_digest += dgb
+            xa = get("xattrs")
+            if xa is not None:
+                self._xattrs(r, xa, e)
+
+            if n:
+                i = n.rfind("/")
+                if i >= 0:
+                    parent = dirmap.get(n[:i])
+                    if parent is None:
+                        parent = self._mkdirs(n[:i])
+                    base = n[i + 1 :]
+                else:
+                    parent = 1
+                    base = n
+            else:
+                parent, base = 1, ""
+
+            r_type.append(code)
+            r_name.append(base)
+            r_dir.append(parent)
+            r_mode.append(mode & 0o7777)
+            r_uid.append(uid)
+            r_gid.append(gid)
+            r_size.append(size if code == _REG else 0)
+            r_mtime.append(mtime)
+            r_uname.append(un)
+            r_gname.append(gn)
+            r_chunk_lo.append(nchunks)
+            r_chunk_hi.append(nchunks)
+
+            if code == _REG:
+                co = get("chunkOffset", 0)
+                if co != 0 or type(co) is not int:
+                    raise TOCError(f"TOC entry {_describe(e)}: a reg entry's chunkOffset must be 0")
+                cur_rec = r
+                cur_name = n
+                cur_next = 0
+                cur_size = size
+                off = get("offset")
+                if size or off is not None:
+                    cs = get("chunkSize", 0)
+                    inner = get("innerOffset", 0)
+                    if off is None or not 0 <= off < toc_offset or cs < 0 or inner < 0:
+                        raise _bad_chunk(e, toc_offset)
+                    if size:
+                        cd = get("chunkDigest")
+                        if cd is None or cd == "":
+                            if cs not in (0, size) or dgb is no_digest:
+                                raise TOCError(f"TOC entry {_describe(e)} has no chunkDigest")
+                            cdb = dgb
+                        elif cd == dg:
+                            cdb = dgb
+                        else:
+                            cdb = digest_bytes(cd, "chunkDigest", e)
+                        csize = size if cs == 0 else cs
+                        if csize > size:
+                            raise _bad_fit(e, 0, cs, size)
+                        c_offset.append(off)
+                        c_start.append(0)
+                        c_size.append(csize)
+                        c_inner.append(inner)
+                        c_digest += cdb
+                        c_open.append(cs == 0)
+                        nchunks += 1
+                        cur_next = csize
+                        r_chunk_hi[r] = nchunks
+            elif code != _DIR and code != _FIFO:
+                self._special_fields(r, code, e)
+
+            if not n:  # the root directory's own entry
+                n_rec[1] = r
+                continue
+            if base[:4] == ".wh." or code == _HARDLINK or (parent == 1 and base in hidden):
+                self._place(parent, base, r, code, n)
+                continue
+            ch = children[parent]
+            assert ch is not None
+            old = ch.get(base)
+            if old is not None and old > 0 and n_kind[old] == _DIR:
+                if code == _DIR:  # directory over directory: new attributes, same children
+                    n_rec[old] = r
+                    continue
+                self._drop_subtree(n, old)
+            node = len(n_kind)
+            n_kind.append(code)
+            n_rec.append(r)
+            if code == _DIR:
+                children.append({})
+                n_path.append(n)
+                dirmap[n] = node
+            else:
+                children.append(None)
+                n_path.append(None)
+            ch[base] = node
+
+        if cur_rec >= 0 and cur_next != cur_size:
+            raise _bad_cover(cur_name, cur_next, cur_size)
+
+    def _special_fields(self, r: int, code: int, e: dict[str, Any]) -> None:
+        get = e.get
+        if code in (_SYMLINK, _HARDLINK):
             ln = get("linkName", "")
             if type(ln) is not str or "\x00" in ln:
                 raise TOCError(f"TOC entry {_describe(e)} has an invalid linkName")
@@ -857,11 +1037,6 @@ class _Builder:
                 raise _bad_int(e, "devMinor")
             if major or minor:
                 self.r_dev[r] = (major, minor)
-
-        if not n:  # the root directory's own entry
-            self.n_rec[1] = r
-            return
-        self._place(parent, base, r, code, n)
 
     def _xattrs(self, r: int, xa: object, e: dict[str, Any]) -> None:
         if type(xa) is not dict:
@@ -956,88 +1131,6 @@ class _Builder:
         ch[base] = node
         return node
 
-    # --- chunks -------------------------------------------------------------------------
-    def _chunk_fields(self, e: dict[str, Any]) -> tuple[int, int, int]:
-        off = e.get("offset")
-        cs = e.get("chunkSize", 0)
-        inner = e.get("innerOffset", 0)
-        if type(off) is not int or not 0 <= off < self.toc_offset:
-            raise TOCError(
-                f"TOC entry {_describe(e)}: offset {str(off)[:40]} is outside "
-                f"[0, {self.toc_offset})"
-            )
-        if type(cs) is not int or not 0 <= cs <= _I64:
-            raise _bad_int(e, "chunkSize")
-        if type(inner) is not int or not 0 <= inner <= _I64:
-            raise _bad_int(e, "innerOffset")
-        return off, cs, inner
-
-    def _push_chunk(
-        self, e: dict[str, Any], off: int, start: int, cs: int, inner: int, digest: bytes
-    ) -> None:
-        remaining = self.cur_size - start
-        size = remaining if cs == 0 else cs
-        if size <= 0 or size > remaining:
-            raise TOCError(
-                f"TOC entry {_describe(e)}: chunk {start}+{cs} does not fit the file of "
-                f"{self.cur_size} bytes"
-            )
-        self.c_offset.append(off)
-        self.c_start.append(start)
-        self.c_size.append(size)
-        self.c_inner.append(inner)
-        self.c_digest += digest
-        self.c_open.append(1 if cs == 0 else 0)
-        self.cur_next = start + size
-        self.r_chunk_hi[self.cur_rec] = len(self.c_offset)
-
-    def _add_first_chunk(self, e: dict[str, Any], r: int, n: str, size: int) -> None:
-        co = e.get("chunkOffset", 0)
-        if co != 0 or type(co) is not int:
-            raise TOCError(f"TOC entry {_describe(e)}: a reg entry's chunkOffset must be 0")
-        self.cur_rec = r
-        self.cur_name = n
-        self.cur_next = 0
-        self.cur_size = size
-        if size == 0:
-            if e.get("offset") is not None:
-                self._chunk_fields(e)  # still validated
-            return
-        off, cs, inner = self._chunk_fields(e)
-        cd = e.get("chunkDigest")
-        if cd is None or cd == "":
-            if cs not in (0, size):
-                raise TOCError(f"TOC entry {_describe(e)} has no chunkDigest")
-            d = self.r_digest[32 * r : 32 * r + 32]
-            if d == _NO_DIGEST:
-                raise TOCError(f"TOC entry {_describe(e)} has neither chunkDigest nor digest")
-            digest = bytes(d)
-        else:
-            digest = _digest_bytes(cd, "chunkDigest", e)
-        self._push_chunk(e, off, 0, cs, inner, digest)
-
-    def _add_chunk_entry(self, e: dict[str, Any], n: str) -> None:
-        if self.cur_rec < 0 or n != self.cur_name:
-            raise TOCError(f"chunk entry {_describe(e)} does not follow its reg entry")
-        start = e.get("chunkOffset")
-        if type(start) is not int or start != self.cur_next or start == 0:
-            raise TOCError(
-                f"chunk entry {_describe(e)}: chunkOffset {str(start)[:40]} is not "
-                f"{self.cur_next} (chunks must be contiguous)"
-            )
-        off, cs, inner = self._chunk_fields(e)
-        digest = _digest_bytes(e.get("chunkDigest"), "chunkDigest", e)
-        self._push_chunk(e, off, start, cs, inner, digest)
-
-    def _finish_reg(self) -> None:
-        if self.cur_rec >= 0:
-            if self.cur_next != self.cur_size:
-                raise TOCError(
-                    f"the chunks of {self.cur_name[:200]!r} cover {self.cur_next} of "
-                    f"{self.cur_size} bytes"
-                )
-            self.cur_rec = -1
-
     # --- end ----------------------------------------------------------------------------
     def _lookup_path(self, path: str) -> int | None:
         ch: dict[str, int] | None = self.n_children[1]
@@ -1085,7 +1178,6 @@ class _Builder:
                 ch[base] = resolved[k]
 
     def finish(self, idx: TOCIndex) -> TOCIndex:
-        self._finish_reg()
         self._resolve_hardlinks()
         # whiteouts last, in TOC order, unless a real entry has the name
         for (parent, target), r in self.whiteouts.items():
