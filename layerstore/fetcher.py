@@ -29,7 +29,7 @@ import bisect
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -161,6 +161,7 @@ class ChunkFetcher:
         self._fg_cond = threading.Condition(self._lock)
         self._bg_slots = background_slots or threading.Semaphore(1)
         self._bg_thread: threading.Thread | None = None
+        self._ahead: ThreadPoolExecutor | None = None
         self._closed = threading.Event()
         self.stats = FetchStats()
         self._log = log.bind(digest=name) if name else log
@@ -194,6 +195,34 @@ class ChunkFetcher:
 
     def _cached(self, c: ChunkLike) -> bytes | None:
         return self._cache.get(c.digest) if c.digest.startswith("sha256:") else None
+
+    def fetch_async(self, chunks: Sequence[ChunkLike]) -> int:
+        """Fetch *chunks* (those not cached nor in flight) on a helper thread, for readers
+        expected soon (sequential read-ahead in large files). Returns how many were queued."""
+        with self._lock:
+            if self._closed.is_set():
+                return 0
+            todo = [
+                c
+                for c in chunks
+                if chunk_key(c) not in self._inflight and c.digest not in self._cache
+            ]
+            if not todo:
+                return 0
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(2, thread_name_prefix="stargz-readahead")
+            ahead = self._ahead
+        try:
+            ahead.submit(self._fetch_ahead, todo)
+        except RuntimeError:  # shutting down
+            return 0
+        return len(todo)
+
+    def _fetch_ahead(self, chunks: Sequence[ChunkLike]) -> None:
+        try:
+            self._claim_and_fetch(chunks, foreground=True, readahead=False)
+        except Exception as e:  # readers that need these chunks see the error themselves
+            self._log.warning("readahead_failed", error=str(e))
 
     def prefetch(self, end: int) -> int:
         """Fetch, verify and cache every chunk starting before *end*, in one range request.
@@ -230,6 +259,10 @@ class ChunkFetcher:
 
     def close(self) -> None:
         self._closed.set()
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.shutdown(wait=False)
         with self._fg_cond:
             self._fg_cond.notify_all()
 

@@ -78,6 +78,10 @@ class IndexLike(Protocol):
 class LayerSettings:
     prefetch_landmark: bool = True
     background_fetch: bool = False
+    sequential_readahead_chunks: int = 2
+    """When a read ends in the second half of a chunk, fetch this many following chunks of the
+    file ahead (0 disables): sequential readers of large files do not wait a round trip per
+    chunk."""
     blob_readahead_bytes: int = 4 * MiB
     """Minimum range fetched for the ``blob`` file; later sequential reads hit the window."""
     blob_windows: int = 4
@@ -291,6 +295,12 @@ class Layer:
             raise FormatError(
                 f"inode {ino}: chunks cover {len(out)} of {end - offset} bytes at {offset}"
             )
+        ahead = self.settings.sequential_readahead_chunks
+        if ahead > 0 and i < len(chunks):
+            last = needed[-1]
+            lo, hi = self._span(last, last.chunk_offset, fsize, fsize)
+            if end - last.chunk_offset > (hi - lo) // 2:
+                self.fetcher.fetch_async(list(chunks[i : i + ahead]))
         return out
 
     @staticmethod

@@ -392,3 +392,31 @@ def test_tiny_reader_digest(go_reference: Path) -> None:
     blob = (go_reference / "ref-small.esgz").read_bytes()
     r = tiny_open_toc(BytesSource(blob), *toc_member(blob), "")
     assert r.toc_digest == meta(go_reference, "ref-small")["tocDigest"]
+
+
+def test_sequential_readahead_in_large_files(go_reference: Path, cache: ChunkCache) -> None:
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    src = CountingSource(BytesSource(blob))
+    layer, idx = make_layer(
+        go_reference,
+        "ref-chunked-64k",
+        cache,
+        blob=blob,
+        source=src,
+        fetch=FetcherSettings(readahead_bytes=0),
+        settings=LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=2),
+    )
+    data = tar_files(go_reference)["app/data.bin"]
+    ino = idx.files["app/data.bin"]
+    cs = idx.chunks(ino)
+    assert layer.read(ino, 0, 10_000) == data[:10_000]  # first half: no read-ahead
+    time.sleep(0.1)
+    assert len(src.calls) == 1 and cs[1].digest not in cache
+    assert layer.read(ino, 40_000, 10_000) == data[40_000:50_000]  # second half of chunk 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (cs[1].digest in cache and cs[2].digest in cache):
+        time.sleep(0.01)
+    assert cs[1].digest in cache and cs[2].digest in cache and cs[3].digest not in cache
+    n = len(src.calls)
+    assert layer.read(ino, 65_536, 65_536 * 2) == data[65_536 : 65_536 * 3]
+    assert len(src.calls) == n
