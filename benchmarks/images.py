@@ -6,9 +6,10 @@ Recipes (:data:`RECIPES`):
 * ``python`` - ~170 MB: Debian 12's ``/usr/bin/python3.11``, the shared libraries it and its
   extension modules need, the standard library, pip/setuptools/wheel/pygments, zoneinfo and
   locale data up to the target size. Workload ``python3 -c "print('hello')"``.
-* ``large``  - >= 1.5 GB: the ``python`` layer, then one layer with numpy + scipy (from local
-  wheels), the PyTorch CPU wheel unpacked (never imported) and seeded pseudo-random "model
-  weights". Workload ``python3 -c "import scipy.linalg; print('ok')"`` reads a few percent.
+* ``large``  - ~2.4 GB: the ``python`` layer, then one layer with numpy + scipy (from local
+  wheels), the PyTorch CPU and NVIDIA cuBLAS wheels unpacked (never loaded) and 700 MB of seeded
+  pseudo-random "model weights". Workload ``python3 -c "import scipy.linalg; print('ok')"``
+  opens under 5% of the bytes.
 
 Every image is written as a gzip OCI layout (the full-pull baseline). The files the workload
 opens are recorded once (``strace`` of the workload in a chroot of the merged layers) for
@@ -55,6 +56,7 @@ _WHEEL_DIRS = (Path("/opt/pypi-more/files"), Path("/opt/wheels"))
 _NUMPY_WHEEL = "numpy-2.1.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 _SCIPY_WHEEL = "scipy-1.15.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 _TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+_CUBLAS_WHEEL = "nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl"
 _PY_DIST_PACKAGES = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel", "pygments")
 
 
@@ -221,11 +223,11 @@ def find_wheel(name: str) -> Path:
     raise BuildError(f"wheel {name} not found under /opt, /root or /work")
 
 
-def populate_scientific(root: Path, weights_bytes: int = 600 * MB) -> None:
-    """numpy + scipy (used), torch (unused) and model weights (unused) in one layer."""
+def populate_scientific(root: Path, weights_bytes: int = 700 * MB) -> None:
+    """numpy + scipy (used); torch, CUDA cuBLAS and model weights (unused) in one layer."""
     site = root / _PY_SITE
     site.mkdir(parents=True)
-    for wheel in (_NUMPY_WHEEL, _SCIPY_WHEEL, _TORCH_WHEEL):
+    for wheel in (_NUMPY_WHEEL, _SCIPY_WHEEL, _TORCH_WHEEL, _CUBLAS_WHEEL):
         unpack_wheel(site, find_wheel(wheel))
     # manylinux wheels expect the system's libstdc++/libgcc_s: add what their modules need.
     sos = [str(p) for pkg in ("numpy", "scipy") for p in (site / pkg).rglob("*.so")]
@@ -525,6 +527,7 @@ class Recipe:
     layers: tuple[Callable[[Path], None], ...]
     cmd: tuple[str, ...]
     expect: str  # what the workload prints
+    version: int = 1  # bump when the recipe changes: the cache key
 
 
 RECIPES: dict[str, Recipe] = {
@@ -537,6 +540,7 @@ RECIPES: dict[str, Recipe] = {
         (populate_python, populate_scientific),
         ("/usr/bin/python3", "-c", "import scipy.linalg; print('ok')"),
         "ok",
+        version=2,
     ),
 }
 
@@ -573,7 +577,7 @@ class BuiltImage:
 
 
 def image_dir(cache: Path, name: str) -> Path:
-    return cache / f"images-r{RECIPE_VERSION}" / name
+    return cache / f"images-r{RECIPE_VERSION}" / f"{name}-v{RECIPES[name].version}"
 
 
 def build_image(
