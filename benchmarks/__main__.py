@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "images": images,
             "modes": modes,
+            "store": "config defaults; background_fetch off for the fs figures only",
         },
         "host": host_info(),
         "images": {},
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         js, png = report.write_results(results, args.out, stamp)
         print()
         print(report.summary_text(results))
-        print(f"\nresults: {js}\nchart:   {png}")
+        print(f"\nresults: {js}\nchart:   {png or results.get('chart_error')}")
     return 0
 
 

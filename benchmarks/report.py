@@ -121,12 +121,19 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_results(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path]:
+def write_results(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path | None]:
+    """Write ``<stamp>.json`` and ``<stamp>.png`` (no chart without matplotlib)."""
     finalize(results)
-    png = out_dir / f"{stamp}.png"
-    results["chart"] = str(png)
+    png: Path | None = out_dir / f"{stamp}.png"
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        png = None
+        results["chart_error"] = "matplotlib is not installed: .venv/bin/pip install matplotlib"
+    results["chart"] = str(png) if png else None
     js = write_json(results, out_dir / f"{stamp}.json")
-    write_chart(results, png)
+    if png is not None:
+        write_chart(results, png)
     return js, png
 
 

@@ -148,6 +148,7 @@ def test_results_json_and_chart(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     results = _synthetic()
     js, png = report.write_results(results, tmp_path, "20260101T000000Z")
+    assert png is not None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(js.read_text())
     for key in ("schema", "params", "images", "coldstart", "ratios", "fs", "chart"):
