@@ -200,7 +200,8 @@ def _install_log_filter() -> None:
     global _FILTER_INSTALLED
     with _FILTER_LOCK:
         if not _FILTER_INSTALLED:
-            logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueryFilter())
+            for name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
+                logging.getLogger(name).addFilter(_RedactQueryFilter())
             _FILTER_INSTALLED = True
 
 

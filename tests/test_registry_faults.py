@@ -505,6 +505,10 @@ def test_no_secrets_in_logs(
     assert any(e["event"] == "registry_signed_url_refused" for e in captured)
     text = "\n".join([caplog.text, *map(repr, captured), *messages])
     assert "storage" in text  # the redirect target is logged, without its query
+    # urllib3's own request lines for the signed URLs were captured (and redacted)
+    assert any(
+        r.name.startswith("urllib3") and "/storage/" in r.getMessage() for r in caplog.records
+    )
     import base64
 
     secrets = [
