@@ -499,7 +499,7 @@ def test_no_secrets_in_logs(
         messages.append(str(info.value))
         reg.blob_reply = lambda req, data: Reply(500)
         with pytest.raises(RegistryError) as info2:
-            make_client(fault, creds=good, retries=0).get_blob(ref, digest, 1 << 20)
+            make_client(fault, creds=good, retries=1).get_blob(ref, digest, 1 << 20)
         messages.append(str(info2.value))
     assert captured, "structlog events were captured"
     assert any(e["event"] == "registry_signed_url_refused" for e in captured)
@@ -509,6 +509,7 @@ def test_no_secrets_in_logs(
     assert any(
         r.name.startswith("urllib3") and "/storage/" in r.getMessage() for r in caplog.records
     )
+    assert any(r.name == "urllib3.util.retry" for r in caplog.records), "a retry was logged"
     import base64
 
     secrets = [
