@@ -112,11 +112,11 @@ def test_platform_parsing_and_host(monkeypatch: pytest.MonkeyPatch) -> None:
     assert m.parse_platform("linux/aarch64") == m.Platform("linux", "arm64", "v8")
     with pytest.raises(ManifestError):
         m.parse_platform("linux")
-    monkeypatch.setattr(m._platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert m.host_platform() == m.Platform("linux", "amd64", "")
-    monkeypatch.setattr(m._platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
     assert m.host_platform() == m.Platform("linux", "arm64", "v8")
-    monkeypatch.setattr(m._platform, "machine", lambda: "armv7l")
+    monkeypatch.setattr("platform.machine", lambda: "armv7l")
     assert str(m.host_platform()) == "linux/arm/v7"
 
 

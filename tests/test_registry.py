@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from layerstore import manifest as m
 from layerstore.errors import (
     AuthenticationError,
     ImageReferenceError,
+    ManifestError,
     NotFoundError,
     RegistryError,
     VerificationError,
@@ -19,6 +21,7 @@ from layerstore.reference import parse_reference
 from layerstore.registry import PullSource, RegistryClient, RegistrySettings
 from tests.registry_fixtures import (  # noqa: F401 - fixtures
     DOCKER_MANIFEST,
+    PushedImage,
     RegistryHandle,
     gzip_tar,
     registry,
@@ -56,11 +59,11 @@ def layer(seed: int, n: int = 40) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def image(registry: RegistryHandle):  # noqa: F811
+def image(registry: RegistryHandle) -> PushedImage:  # noqa: F811
     return registry.push_image("test/app", "v1", [layer(1), layer(2, 5)])
 
 
-def test_resolve_by_tag_and_digest(registry: RegistryHandle, image) -> None:  # noqa: F811
+def test_resolve_by_tag_and_digest(registry: RegistryHandle, image: PushedImage) -> None:  # noqa: F811
     c = client_for(registry)
     r = c.resolve(registry.ref("test/app", "v1"))
     assert r.manifest_digest == image.manifest_digest == r.digest
@@ -102,11 +105,11 @@ def test_index_platform_selection(registry: RegistryHandle) -> None:  # noqa: F8
     assert r.manifest_digest == amd.manifest_digest
     default = client_for(registry, platform="linux/arm64/v8")
     assert default.resolve(registry.ref("test/multi")).manifest_digest == arm.manifest_digest
-    with pytest.raises(m.ManifestError, match="s390x"):
+    with pytest.raises(ManifestError, match="s390x"):
         c.resolve(registry.ref("test/multi", "latest"), platform="linux/s390x")
 
 
-def test_blob_source_ranges(registry: RegistryHandle, image) -> None:  # noqa: F811
+def test_blob_source_ranges(registry: RegistryHandle, image: PushedImage) -> None:  # noqa: F811
     c = client_for(registry, max_ranges_per_request=3)
     r = c.resolve(registry.ref("test/app", "v1"))
     data = image.layers[0]
@@ -133,7 +136,7 @@ def test_blob_source_ranges(registry: RegistryHandle, image) -> None:  # noqa: F
         c.blob_source(registry.ref("test/app", "v1"), image.layer_digests[1], 5)
 
 
-def test_get_blob(registry: RegistryHandle, image) -> None:  # noqa: F811
+def test_get_blob(registry: RegistryHandle, image: PushedImage) -> None:  # noqa: F811
     c = client_for(registry)
     ref = registry.ref("test/app", "v1")
     assert c.get_blob(ref, image.config_digest, 1 << 20) == image.config
@@ -146,7 +149,7 @@ def test_get_blob(registry: RegistryHandle, image) -> None:  # noqa: F811
         c.get_blob(ref, "sha256:short", 100)
 
 
-def test_not_found(registry: RegistryHandle, image) -> None:  # noqa: F811
+def test_not_found(registry: RegistryHandle, image: PushedImage) -> None:  # noqa: F811
     c = client_for(registry)
     with pytest.raises(NotFoundError) as info:
         c.resolve(registry.ref("test/app", "nope"))
@@ -185,7 +188,7 @@ def test_push_with_client(registry: RegistryHandle) -> None:  # noqa: F811
     assert c.get_blob(ref, d, 1 << 20) == blob
 
 
-def test_push_blob_from_file(registry: RegistryHandle, tmp_path) -> None:  # noqa: F811
+def test_push_blob_from_file(registry: RegistryHandle, tmp_path: Path) -> None:  # noqa: F811
     blob = layer(11, 20)
     path = tmp_path / "blob"
     path.write_bytes(blob)
@@ -274,7 +277,7 @@ def test_token_identity_token(registry_token: RegistryHandle) -> None:  # noqa: 
         client_for(h, Creds({h.host: bad})).resolve(h.ref("tok/idt", "v1"))
 
 
-def test_mirror_falls_through_to_primary(registry: RegistryHandle, image) -> None:  # noqa: F811
+def test_mirror_falls_through_to_primary(registry: RegistryHandle, image: PushedImage) -> None:  # noqa: F811
     primary = PullSource(f"{registry.host}/test/app", insecure=True)
     mirror = PullSource(f"{registry.host}/mirror/missing", insecure=True, mirror=True)
 
