@@ -1033,6 +1033,9 @@ class StoreDaemon:
             env.update(self.extra_env)
             env["NOTIFY_SOCKET"] = str(self.notify_path)
             env.setdefault("PYTHONUNBUFFERED", "1")
+            # A daemon that hangs is sent SIGABRT before SIGKILL: faulthandler then writes
+            # every thread's stack to the log.
+            env.setdefault("PYTHONFAULTHANDLER", "1")
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     self.command(),
@@ -1052,7 +1055,11 @@ class StoreDaemon:
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RuntimeError("no READY=1 from the store daemon: " + self.log_tail())
+                    self._dump_stacks(self.proc)
+                    raise RuntimeError(
+                        f"no READY=1 from the store daemon in {timeout:.0f} s: "
+                        + self.log_tail(12000)
+                    )
                 sock.settimeout(min(left, 0.2))
                 try:
                     data = sock.recv(4096)
@@ -1070,6 +1077,16 @@ class StoreDaemon:
             self.stop()
             raise RuntimeError(f"READY=1 but {self.mountpoint} is not a FUSE mount")
         return self
+
+    def _dump_stacks(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGABRT (faulthandler prints every thread's stack to the log), then SIGKILL."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def is_mounted(self) -> bool:
         target = self._target
@@ -1097,6 +1114,7 @@ class StoreDaemon:
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
+                    self._dump_stacks(proc)
                     proc.kill()
                     proc.wait()
             code = proc.returncode
