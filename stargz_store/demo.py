@@ -965,7 +965,7 @@ class StoreDaemon:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.workdir = workdir
+        workdir = self.workdir = workdir.absolute()
         self.root = workdir / "root"
         self.mountpoint = workdir / "store"
         # Resolved now: resolving a dead FUSE mount later would fail with ENOTCONN.
@@ -1044,6 +1044,7 @@ class StoreDaemon:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
+                    cwd=self.workdir,  # where a core file would go, if enabled
                 )
             deadline = time.monotonic() + timeout
             messages: list[str] = []
