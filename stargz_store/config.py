@@ -88,6 +88,7 @@ class FuseSettings(_Section):
     allow_other: bool = True
     lookup_threads: int = Field(default=16, ge=1)
     read_threads: int = Field(default=32, ge=1)
+    read_ahead_kb: int = Field(default=1024, ge=0)
 
 
 class LogSettings(_Section):

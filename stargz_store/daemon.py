@@ -24,8 +24,10 @@ import errno
 import importlib
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ log = get_logger("stargz_store.daemon")
 
 PROVIDER_FACTORY_ENV = "STARGZ_STORE_PROVIDER_FACTORY"
 SWEEP_INTERVAL = 60.0
+STARTUP_CHECK_SECONDS = 30.0
+PROBE_SECONDS = 5.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -91,7 +95,7 @@ def _unescape_mountinfo(s: str) -> str:
 
 def mount_fstype(path: Path) -> str | None:
     """The filesystem type of the topmost mount exactly on ``path``, or None."""
-    target = os.path.realpath(path)
+    target = _resolved(path)
     found = None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -103,6 +107,44 @@ def mount_fstype(path: Path) -> str | None:
     except OSError:
         return None
     return found
+
+
+def _resolved(path: Path) -> str:
+    """The canonical path without touching ``path`` itself (it may be a dead or not yet served
+    FUSE mount, where even lstat would fail or block)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def mount_device(path: Path) -> str | None:
+    """``major:minor`` of the topmost mount on ``path`` (from mountinfo: no access to the FS,
+    which is not served yet when this is asked)."""
+    target = _resolved(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(" - ")[0].split()
+                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
+                    found = parts[2]
+    except OSError:
+        return None
+    return found
+
+
+def set_read_ahead(path: Path, kib: int) -> None:
+    """Raise the mount's read-ahead so the kernel sends fewer, larger reads (best effort)."""
+    if kib <= 0:
+        return
+    dev = mount_device(path)
+    if dev is None:
+        return
+    knob = Path("/sys/class/bdi") / dev / "read_ahead_kb"
+    try:
+        knob.write_text(str(kib))
+    except OSError as exc:
+        log.warning("read_ahead_not_set", knob=str(knob), error=exc.strerror)
+    else:
+        log.debug("read_ahead_set", knob=str(knob), kib=kib)
 
 
 def _detach(path: Path) -> None:
@@ -120,31 +162,60 @@ def _detach(path: Path) -> None:
     raise DaemonError(f"cannot detach the dead mount on {path}: {last}")
 
 
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def _probe(path: Path, timeout: float = PROBE_SECONDS) -> int | None:
+    """Ask the FUSE server behind ``path`` something it must answer (opendir is never cached by
+    the kernel, unlike a stat of the root). The errno, 0 when it answered, None on timeout."""
+    result: list[int] = []
+
+    def target() -> None:
+        try:
+            os.listdir(path)
+            result.append(0)
+        except OSError as exc:
+            result.append(exc.errno or errno.EIO)
+
+    t = threading.Thread(target=target, name="mount-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else None
+
+
 def prepare_mountpoint(path: Path) -> None:
-    """Make ``path`` an empty-able directory we can mount on; detach a dead FUSE mount."""
+    """Make ``path`` a directory we can mount on; detach a dead FUSE mount (``ENOTCONN``) left
+    by a killed daemon; refuse a live one."""
+    dead: int | None = None
     try:
         st = os.stat(path)
     except FileNotFoundError:
         path.mkdir(parents=True, exist_ok=True)
         return
     except OSError as exc:
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+        if exc.errno not in _DEAD:
             raise DaemonError(f"cannot use mount point {path}: {exc.strerror}") from None
-        log.warning("stale_mount_detached", mountpoint=str(path), error=exc.strerror)
+        dead = exc.errno
+    else:
+        fstype = mount_fstype(path)
+        if fstype is not None and fstype.startswith("fuse"):
+            answer = _probe(path)
+            if answer not in _DEAD:
+                state = "not answering" if answer is None else "live"
+                raise DaemonError(
+                    f"{path} is already a {state} FUSE mount ({fstype}): "
+                    "is another stargz-store running?"
+                )
+            dead = answer
+    if dead is not None:
+        log.warning("stale_mount_detached", mountpoint=str(path), error=os.strerror(dead))
         _detach(path)
         try:
             st = os.stat(path)
         except OSError as exc2:
             raise DaemonError(f"mount point {path} unusable after detach: {exc2}") from None
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise DaemonError(f"mount point {path} is not a directory")
-    fstype = mount_fstype(path)
-    if fstype is not None and fstype.startswith("fuse"):
-        raise DaemonError(
-            f"{path} is already a live FUSE mount ({fstype}): is another stargz-store running?"
-        )
 
 
 # --- wiring --------------------------------------------------------------------------------------
@@ -284,7 +355,7 @@ def _stopping() -> None:
         notify.stopping()
 
 
-async def _serve(ops: Any, wiring: Wiring, mountpoint: Path) -> str:
+async def _serve(ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int) -> str:
     """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted")."""
     import pyfuse3
     import trio
@@ -314,11 +385,22 @@ async def _serve(ops: Any, wiring: Wiring, mountpoint: Path) -> str:
             except Exception as exc:
                 log.warning("sweep_failed", error=repr(exc))
 
+    async def announce() -> None:
+        # The kernel answers nothing before the INIT handshake, which the loop below performs:
+        # once a stat of the root returns, the mount serves. Only then is the read-ahead
+        # raised (INIT resets it) and READY=1 sent.
+        with trio.move_on_after(STARTUP_CHECK_SECONDS) as scope:
+            await trio.to_thread.run_sync(os.stat, str(mountpoint), abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("mount_self_check_timeout", mountpoint=str(mountpoint))
+        await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+        notify.ready(f"serving {mountpoint}")
+        log.info("ready", mountpoint=str(mountpoint))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         nursery.start_soon(sweeper)
-        notify.ready(f"serving {mountpoint}")
-        log.info("ready", mountpoint=str(mountpoint))
+        nursery.start_soon(announce)
         await pyfuse3.main(min_tasks=4, max_tasks=256)
         nursery.cancel_scope.cancel()
     return reason
@@ -345,7 +427,7 @@ def run(config: Config, root: Path, mountpoint: Path) -> int:
 
     from stargz_store.fusefs import StoreOperations, mount_options
 
-    mountpoint = mountpoint.absolute()
+    mountpoint = Path(_resolved(mountpoint.absolute()))
     log.info("daemon_starting", mountpoint=str(mountpoint), root=str(root), pid=os.getpid())
     with _early_signals():
         try:
@@ -365,7 +447,7 @@ def run(config: Config, root: Path, mountpoint: Path) -> int:
             log.info("mounted", mountpoint=str(mountpoint), options=sorted(options))
             reason = "error"
             try:
-                reason = trio.run(_serve, ops, wiring, mountpoint)
+                reason = trio.run(_serve, ops, wiring, mountpoint, config.fuse.read_ahead_kb)
             finally:
                 _stopping()
                 pyfuse3.close(unmount=True)

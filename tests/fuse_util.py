@@ -208,6 +208,7 @@ class FakeIndex:
         self._nodes: dict[int, Node] = {}
         self._children: dict[int, dict[str, int]] = {}
         self._nlink: dict[int, int] = {}
+        self._sorted: dict[int, tuple[tuple[str, int], ...]] = {}
         for path in sorted(nodes, key=lambda p: (p.count("/"), p)):
             node = nodes[path]
             if node.link_to:
@@ -240,7 +241,10 @@ class FakeIndex:
         return Attr(ino, n.mode, nlink, n.uid, n.gid, size, n.rdev, n.mtime_ns)
 
     def readdir(self, ino: int) -> Sequence[tuple[str, int]]:
-        return sorted(self._children.get(ino, {}).items())
+        cached = self._sorted.get(ino)
+        if cached is None:
+            cached = self._sorted[ino] = tuple(sorted(self._children.get(ino, {}).items()))
+        return cached
 
     def readlink(self, ino: int) -> str:
         return self._nodes[ino].target

@@ -133,6 +133,9 @@ def test_ready_serve_and_signal_unmounts(
     assert entry is not None and entry["fstype"] == "fuse.stargz-store"
     assert "nosuid" not in entry["options"] and "nodev" not in entry["options"]
     assert fu.run_with_timeout(_sample_file(d.mp).read_bytes, 10) == b"sample\n"
+    dev = os.stat(d.mp).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert knob.read_text().strip() == "1024"  # [fuse] read_ahead_kb default
     d.proc.send_signal(sig)
     assert "STOPPING=1" in d.messages("STOPPING=1")
     assert d.proc.wait(15) == 0
@@ -160,7 +163,7 @@ def test_stale_mount_is_recovered(tmp_path: Path, daemons: list[Daemon]) -> None
     first.proc.kill()
     first.proc.wait(10)
     with pytest.raises(OSError) as info:
-        os.stat(first.mp)
+        os.listdir(first.mp)
     assert info.value.errno == errno.ENOTCONN  # the dead mount that breaks podman
     second = Daemon(tmp_path, name="second")
     daemons.append(second)
