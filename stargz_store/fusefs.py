@@ -165,6 +165,7 @@ def _guarded(fn: F) -> F:
 
 _DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o444
+NEGATIVE_CACHE_MAX = 4096
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
@@ -173,6 +174,8 @@ class _RefDir:
     ino: int
     name: str  # the base64 name
     ref: str
+    lookups: int = 0  # kernel references
+    keys: int = 0  # resolved key dirs below it (kept for good)
 
 
 @dataclass
@@ -356,7 +359,11 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._content_attr(ino, layer.index.getattr(local))
 
     def _count_lookup(self, ino: int) -> None:
-        if ino == pyfuse3.ROOT_INODE or ino in self._ref_by_ino:
+        if ino == pyfuse3.ROOT_INODE:
+            return
+        rd = self._ref_by_ino.get(ino)
+        if rd is not None:
+            rd.lookups += 1
             return
         kd = self._key_by_ino.get(ino)
         if kd is not None:
@@ -443,7 +450,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
             expected = isinstance(exc, lse.LayerStoreError)
             code = errno.ENOENT if expected else errno.EIO
             expires = self._clock() + self._settings.negative_timeout
-            self._negative[slot] = _Negative(expires, type(exc).__name__, code)
+            self._remember_failure(slot, _Negative(expires, type(exc).__name__, code))
             fields = {"ref": ref, "key": key, "error_type": type(exc).__name__, "error": str(exc)}
             if not expected:
                 log.error("layer_lookup_crashed", exc_info=True, **fields)
@@ -456,6 +463,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         kd = self._key_dirs.get(slot)  # another request may have won the race
         if kd is None:
             kd = _KeyDir(ino=self._alloc(3), ref_dir=ref_dir, key=key)
+            ref_dir.keys += 1
             self._key_dirs[slot] = kd
             for i in range(3):
                 self._key_by_ino[kd.ino + i] = kd
@@ -470,6 +478,14 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
             seconds=round(self._clock() - started, 4),
         )
         return kd
+
+    def _remember_failure(self, slot: tuple[str, str], neg: _Negative) -> None:
+        if len(self._negative) >= NEGATIVE_CACHE_MAX:
+            now = self._clock()
+            self._negative = {k: v for k, v in self._negative.items() if v.expires > now}
+            while len(self._negative) >= NEGATIVE_CACHE_MAX:  # oldest first
+                del self._negative[next(iter(self._negative))]
+        self._negative[slot] = neg
 
     def _resolve(self, ref: str, key: str) -> tuple[LayerLike, str, bytes]:
         """Worker thread: get the layer and its ``info`` for the key's scheme."""
@@ -505,6 +521,14 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for ino, n in inode_list:
+                rd = self._ref_by_ino.get(ino)
+                if rd is not None:
+                    rd.lookups = max(0, rd.lookups - n)
+                    if rd.lookups == 0 and rd.keys == 0:
+                        # Any local user can look up any valid name: do not keep them all.
+                        del self._ref_by_ino[ino]
+                        self._ref_dirs.pop(rd.name, None)
+                    continue
                 kd = self._key_by_ino.get(ino)
                 if kd is not None:
                     kd.lookups = max(0, kd.lookups - n)

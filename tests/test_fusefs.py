@@ -245,16 +245,33 @@ def test_statfs(store: Store) -> None:
     assert st.f_bsize == 4096 and st.f_namemax == 255
 
 
+def _drop_kernel_caches() -> None:
+    # dentries and inodes: the kernel sends FORGET for everything it let go of
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    time.sleep(0.3)
+
+
 def test_forget_drops_layer_but_keeps_inode_numbers(store: Store) -> None:
     p = store.diff / "etc" / "hostname"
     ino = os.stat(p).st_ino
-    base = ino_base_of(store.ops, store.layer.compressed_digest)
-    # ask the kernel to drop its dentries and inodes: forget arrives, counts go to 0
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2")
-    time.sleep(0.2)
-    assert os.stat(p).st_ino == ino
-    assert ino_base_of(store.ops, store.layer.compressed_digest) == base
+    digest = store.layer.compressed_digest
+    base = ino_base_of(store.ops, digest)
+    _drop_kernel_caches()
+    assert store.ops._blocks[digest].layer is None  # no kernel reference left: dropped
+    assert store.ops._blocks[digest].lookups == 0
+    assert os.stat(p).st_ino == ino  # resolved again, same numbers
+    assert ino_base_of(store.ops, digest) == base
+    assert store.ops._blocks[digest].layer is store.layer
+
+
+def test_unused_ref_dirs_are_pruned(store: Store) -> None:
+    for i in range(300):
+        assert os.path.isdir(store.mp / fu.b64(f"docker.io/library/img{i}:latest"))
+    assert len(store.ops._ref_dirs) >= 300
+    _drop_kernel_caches()
+    # only ref dirs with resolved layers stay
+    assert len(store.ops._ref_dirs) < 10
 
 
 def test_concurrent_lookups_resolve(store: Store, tmp_path: Path) -> None:
