@@ -204,14 +204,23 @@ class _Gunzip:
         self._raw = raw
         self._d = zlib.decompressobj(31)
         self._eof = False
+        self._buf = b""
+        self._pos = 0
 
     def read(self, n: int) -> bytes:
-        try:
-            return self._read(n)
-        except zlib.error as e:
-            raise TarFormatError(f"corrupt gzip stream: {e}") from None
+        if self._pos >= len(self._buf):
+            try:
+                self._buf = self._inflate(_READ_PIECE)
+            except zlib.error as e:
+                raise TarFormatError(f"corrupt gzip stream: {e}") from None
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
 
-    def _read(self, n: int) -> bytes:
+    def _inflate(self, n: int) -> bytes:
+        """Up to *n* decompressed bytes (b"" at the end). Inflating in large pieces keeps the
+        cost of zlib's unconsumed-tail copies linear."""
         while not self._eof:
             if self._d.unconsumed_tail:
                 out = self._d.decompress(self._d.unconsumed_tail, n)

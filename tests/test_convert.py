@@ -1,0 +1,425 @@
+"""Image conversion: OCI layouts built by hand (and a real registry), via the CLI entry point."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerstore.convert import OCIDestination, OCISource, convert_image
+from layerstore.ocilayout import REF_NAME_ANNOTATION, OCILayout, parse_oci_reference
+from layerstore.reader import EStargzReader
+from layerstore.source import FileSource
+from stargz_store.convert_cmd import main
+from tests.registry_fixtures import RegistryHandle, registry  # noqa: F401 - fixture
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
+SIZE_ANN = "io.containers.estargz.uncompressed-size"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1600000000
+            ti.mode = 0o644
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+LAYER1 = {"bin/hello": b"#!/bin/sh\necho hello\n", "etc/os-release": b"ID=test\n"}
+LAYER2 = {"app/data.bin": bytes(range(256)) * 100, "app/main.py": b"print(1)\n"}
+
+
+class Layout:
+    """Writes an OCI layout by hand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blobs" / "sha256").mkdir(parents=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        self.index: dict[str, Any] = {"schemaVersion": 2, "manifests": []}
+        self.save()
+
+    def blob(self, data: bytes) -> str:
+        d = sha(data)
+        (self.root / "blobs" / "sha256" / d[7:]).write_bytes(data)
+        return d
+
+    def save(self) -> None:
+        (self.root / "index.json").write_text(json.dumps(self.index))
+
+    def image(
+        self,
+        layers: list[tuple[bytes, str]],
+        *,
+        docker: bool = False,
+        arch: str = "amd64",
+        layer_annotations: list[dict[str, str]] | None = None,
+    ) -> tuple[str, bytes]:
+        diff_ids = [sha(gzip.decompress(b)) if b[:2] == b"\x1f\x8b" else sha(b) for b, _ in layers]
+        config = json.dumps(
+            {
+                "architecture": arch,
+                "os": "linux",
+                "config": {"Env": ["PATH=/bin"]},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                "history": [{"created_by": "test"}],
+                "x-unknown-config-field": {"kept": True},
+            }
+        ).encode()
+        descs = []
+        for i, (b, mt) in enumerate(layers):
+            d: dict[str, Any] = {"mediaType": mt, "digest": self.blob(b), "size": len(b)}
+            if layer_annotations and layer_annotations[i]:
+                d["annotations"] = layer_annotations[i]
+            descs.append(d)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
+            "config": {
+                "mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
+                "digest": self.blob(config),
+                "size": len(config),
+            },
+            "layers": descs,
+            "annotations": {"org.example.kept": "yes"},
+        }
+        body = json.dumps(manifest, indent=2).encode()
+        return self.blob(body), body
+
+    def tag(self, tag: str, digest: str, body: bytes, mt: str, **extra: Any) -> None:
+        d = {"mediaType": mt, "digest": digest, "size": len(body), **extra}
+        d["annotations"] = {REF_NAME_ANNOTATION: tag}
+        self.index["manifests"].append(d)
+        self.save()
+
+
+def std_image(root: Path, docker: bool = False) -> Layout:
+    lay = Layout(root)
+    layers = [
+        (gzip.compress(tar_of(LAYER1), mtime=0), DOCKER_GZIP if docker else OCI_GZIP),
+        (tar_of(LAYER2), OCI_TAR),
+    ]
+    digest, body = lay.image(layers, docker=docker)
+    lay.tag("v1", digest, body, DOCKER_MANIFEST if docker else OCI_MANIFEST)
+    return lay
+
+
+def load(layout: Path, digest: str) -> Any:
+    return json.loads((layout / "blobs" / "sha256" / digest[7:]).read_bytes())
+
+
+def resolve(layout: Path, tag: str) -> dict[str, Any]:
+    idx = json.loads((layout / "index.json").read_text())
+    found = [
+        m for m in idx["manifests"] if m.get("annotations", {}).get(REF_NAME_ANNOTATION) == tag
+    ]
+    assert len(found) == 1
+    return dict(found[0])
+
+
+def check_image(dst: Path, manifest: dict[str, Any], layer_files: list[dict[str, bytes]]) -> None:
+    """Every layer is eStargz with right annotations, DiffIDs and readable files."""
+    blobs = dst / "blobs" / "sha256"
+    config_raw = (blobs / manifest["config"]["digest"][7:]).read_bytes()
+    assert sha(config_raw) == manifest["config"]["digest"]
+    assert len(config_raw) == manifest["config"]["size"]
+    config = json.loads(config_raw)
+    assert config["x-unknown-config-field"] == {"kept": True}
+    assert config["history"] == [{"created_by": "test"}]
+    assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"])
+    for i, (layer, files) in enumerate(zip(manifest["layers"], layer_files)):
+        path = blobs / layer["digest"][7:]
+        blob = path.read_bytes()
+        assert sha(blob) == layer["digest"] and len(blob) == layer["size"]
+        plain = gzip.decompress(blob)
+        assert config["rootfs"]["diff_ids"][i] == sha(plain)
+        assert layer["annotations"][SIZE_ANN] == str(len(plain))
+        with FileSource(path) as src:
+            r = EStargzReader.open(src, expected_toc_digest=layer["annotations"][TOC_ANN])
+            for name, data in files.items():
+                assert r.read_file(name) == data
+
+
+def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_convert_oci_single_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    std_image(tmp_path / "src")
+    rc, err = run(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'dst'}:v1-esgz", capsys=capsys)
+    assert rc == 0, err
+    assert "layer 1/2" in err and "layer 2/2" in err and "2 of 2 layers converted" in err
+    desc = resolve(tmp_path / "dst", "v1-esgz")
+    assert desc["mediaType"] == OCI_MANIFEST
+    manifest = load(tmp_path / "dst", desc["digest"])
+    assert manifest["annotations"] == {"org.example.kept": "yes"}
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [OCI_GZIP, OCI_GZIP]
+    check_image(tmp_path / "dst", manifest, [LAYER1, LAYER2])
+    # deterministic: converting again gives the same manifest digest
+    rc, err = run(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'dst2'}", capsys=capsys)
+    assert rc == 0, err
+    assert (
+        json.loads((tmp_path / "dst2" / "index.json").read_text())["manifests"][0]["digest"]
+        == desc["digest"]
+    )
+
+
+def test_convert_docker_flavour_and_in_place(tmp_path: Path) -> None:
+    std_image(tmp_path / "img", docker=True)
+    layout = OCILayout.open(tmp_path / "img")
+    res = convert_image(OCISource(layout, "v1"), OCIDestination(layout, "esgz"))
+    assert res.media_type == DOCKER_MANIFEST
+    desc = resolve(tmp_path / "img", "esgz")
+    manifest = load(tmp_path / "img", desc["digest"])
+    assert manifest["mediaType"] == DOCKER_MANIFEST
+    assert manifest["config"]["mediaType"] == DOCKER_CONFIG
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [DOCKER_GZIP, DOCKER_GZIP]
+    check_image(tmp_path / "img", manifest, [LAYER1, LAYER2])
+    assert resolve(tmp_path / "img", "v1")  # the source tag is still there
+
+
+def test_already_estargz_layers_are_kept_and_reconvert_is_idempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    std_image(tmp_path / "src")
+    assert run(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'a'}:t", capsys=capsys)[0] == 0
+    rc, err = run(f"oci:{tmp_path / 'a'}:t", f"oci:{tmp_path / 'b'}:t", capsys=capsys)
+    assert rc == 0, err
+    assert "kept as is" in err and "0 of 2 layers converted" in err
+    rc, err = run(
+        "--reconvert", f"oci:{tmp_path / 'a'}:t", f"oci:{tmp_path / 'c'}:t", capsys=capsys
+    )
+    assert rc == 0, err
+    a, b, c = (resolve(tmp_path / x, "t")["digest"] for x in "abc")
+    assert a == b == c  # re-converting our own output reproduces it byte for byte
+
+
+def test_index_all_platforms_and_one_platform(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lay = Layout(tmp_path / "src")
+    shared = gzip.compress(tar_of(LAYER1), mtime=0)
+    m1 = lay.image([(shared, OCI_GZIP)], arch="amd64")
+    m2 = lay.image([(shared, OCI_GZIP), (tar_of(LAYER2), OCI_TAR)], arch="arm64")
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": m1[0],
+                "size": len(m1[1]),
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": m2[0],
+                "size": len(m2[1]),
+                "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"},
+            },
+        ],
+        "annotations": {"x": "y"},
+    }
+    body = json.dumps(index).encode()
+    lay.tag("multi", lay.blob(body), body, OCI_INDEX)
+    rc, err = run(f"oci:{tmp_path / 'src'}:multi", f"oci:{tmp_path / 'dst'}:multi", capsys=capsys)
+    assert rc == 0, err
+    assert "shared with an earlier manifest" in err
+    desc = resolve(tmp_path / "dst", "multi")
+    assert desc["mediaType"] == OCI_INDEX
+    new_index = load(tmp_path / "dst", desc["digest"])
+    assert new_index["annotations"] == {"x": "y"}
+    assert [m["platform"]["architecture"] for m in new_index["manifests"]] == ["amd64", "arm64"]
+    for m, files in zip(new_index["manifests"], [[LAYER1], [LAYER1, LAYER2]]):
+        raw = (tmp_path / "dst" / "blobs" / "sha256" / m["digest"][7:]).read_bytes()
+        assert sha(raw) == m["digest"] and len(raw) == m["size"]
+        check_image(tmp_path / "dst", json.loads(raw), files)
+    rc, err = run(
+        "--platform",
+        "linux/arm64",
+        f"oci:{tmp_path / 'src'}:multi",
+        f"oci:{tmp_path / 'one'}",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    one = json.loads((tmp_path / "one" / "index.json").read_text())["manifests"][0]
+    sub = load(tmp_path / "one", one["digest"])
+    assert [m["platform"]["architecture"] for m in sub["manifests"]] == ["arm64"]
+    rc, err = run(
+        "--platform",
+        "linux/s390x",
+        f"oci:{tmp_path / 'src'}:multi",
+        f"oci:{tmp_path / 'none'}",
+        capsys=capsys,
+    )
+    assert rc == 1 and "no manifest for platform linux/s390x" in err
+
+
+def test_prioritized_files_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    std_image(tmp_path / "src")
+    plist = tmp_path / "prio.txt"
+    plist.write_text("# start-up files\napp/main.py\n")
+    rc, err = run(
+        "--prioritized-files",
+        str(plist),
+        "--chunk-size",
+        "4KiB",
+        f"oci:{tmp_path / 'src'}:v1",
+        f"oci:{tmp_path / 'dst'}:v1",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    manifest = load(tmp_path / "dst", resolve(tmp_path / "dst", "v1")["digest"])
+    layer = manifest["layers"][1]
+    with FileSource(tmp_path / "dst" / "blobs" / "sha256" / layer["digest"][7:]) as src:
+        r = EStargzReader.open(src)
+        assert r.index.prefetch_landmark_offset is not None
+        names = [e.name for e in r.index.entries()]
+        assert names[:2] == ["app/main.py", ".prefetch.landmark"]  # no dir entries in LAYER2
+        assert (
+            sum(1 for e in r.index.entries() if e.type == "chunk") == 25 * 256 * 100 // 4096 // 25
+        )
+    check_image(tmp_path / "dst", manifest, [LAYER1, LAYER2])
+
+
+def test_errors_are_messages_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lay = std_image(tmp_path / "src")
+    src = f"oci:{tmp_path / 'src'}"
+    dst = f"oci:{tmp_path / 'dst'}"
+    cases = [
+        ((f"oci:{tmp_path / 'missing'}", dst), 1, "no such directory"),
+        ((f"{src}:nope", dst), 1, "no image tagged 'nope' (tags: v1)"),
+        ((f"tarball:{tmp_path}", dst), 2, "unknown or missing transport"),
+        ((src + ":v1", "dir:/tmp/x"), 2, "unknown or missing transport"),
+        (("--chunk-size", "-5", src, dst), 2, "size must be positive"),
+        (("--chunk-size", "4X", src, dst), 2, "invalid size"),
+        (("--prioritized-files", str(tmp_path / "nofile"), src, dst), 2, "No such file"),
+        (("--platform", "bad", src, dst), 1, "invalid platform"),
+        ((src,), 2, "usage"),
+    ]
+    for argv, code, msg in cases:
+        rc, err = run(*argv, capsys=capsys)
+        assert rc == code, (argv, err)
+        assert msg in err, (argv, err)
+        assert "Traceback" not in err
+    # a corrupt layer blob: detected while converting, nothing left behind
+    manifest = load(tmp_path / "src", resolve(tmp_path / "src", "v1")["digest"])
+    victim = tmp_path / "src" / "blobs" / "sha256" / manifest["layers"][1]["digest"][7:]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 1
+    victim.write_bytes(bytes(data))
+    rc, err = run(f"{src}:v1", f"{dst}:v1", capsys=capsys)
+    assert rc == 1 and "corrupt" in err, err
+    assert not [
+        p for p in (tmp_path / "dst" / "blobs" / "sha256").iterdir() if p.name.startswith(".")
+    ]
+    # a zstd layer cannot be converted
+    zdigest, zbody = lay.image([(b"(\xb5/\xfd not really zstd", OCI_ZSTD)])
+    lay.tag("zstd", zdigest, zbody, OCI_MANIFEST)
+    rc, err = run(f"{src}:zstd", f"{dst}:z", capsys=capsys)
+    assert rc == 1 and "cannot be converted" in err
+    # a layer that is not a tar
+    gdigest, gbody = lay.image([(gzip.compress(b"hello" * 1000), OCI_GZIP)])
+    lay.tag("notar", gdigest, gbody, OCI_MANIFEST)
+    rc, err = run(f"{src}:notar", f"{dst}:n", capsys=capsys)
+    assert rc == 1 and "tar" in err, err
+    # destination directory that is not a layout
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    rc, err = run(f"{src}:v1", f"oci:{tmp_path / 'junk'}", capsys=capsys)
+    assert rc == 1 and "not an OCI image layout" in err
+
+
+def test_parse_oci_reference() -> None:
+    assert parse_oci_reference("/a/b") == ("/a/b", None)
+    assert parse_oci_reference("/a/b:tag") == ("/a/b", "tag")
+    assert parse_oci_reference("rel:v1.2") == ("rel", "v1.2")
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
+def test_skopeo_accepts_the_converted_layout(tmp_path: Path) -> None:
+    std_image(tmp_path / "src")
+    assert main([f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'dst'}:v1"]) == 0
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", f"oci:{tmp_path / 'dst'}:v1"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    assert json.loads(out)["layers"][0]["annotations"][TOC_ANN].startswith("sha256:")
+    # skopeo copy verifies every blob digest and size
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", f"oci:{tmp_path / 'dst'}:v1", f"dir:{tmp_path / 'copy'}"],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_registry_to_layout_and_back(
+    tmp_path: Path,
+    registry: RegistryHandle,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    img = registry.push_image(
+        "conv/src",
+        "v1",
+        [gzip.compress(tar_of(LAYER1), mtime=0), gzip.compress(tar_of(LAYER2))],
+        config_extra={
+            "x-unknown-config-field": {"kept": True},
+            "history": [{"created_by": "test"}],
+        },
+    )
+    assert img.tag == "v1"
+    rc, err = run(
+        "--src-tls-verify=false",
+        f"docker://{registry.ref('conv/src', 'v1')}",
+        f"oci:{tmp_path / 'dst'}:v1",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    manifest = load(tmp_path / "dst", resolve(tmp_path / "dst", "v1")["digest"])
+    check_image(tmp_path / "dst", manifest, [LAYER1, LAYER2])
+    rc, err = run(
+        "--dest-tls-verify=false",
+        f"oci:{tmp_path / 'dst'}:v1",
+        f"docker://{registry.ref('conv/esgz', 'v1')}",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    # registry -> registry: the converted image pulled back converts to the same digest
+    rc, err = run(
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        f"docker://{registry.ref('conv/src', 'v1')}",
+        f"docker://{registry.ref('conv/esgz2', 'v1')}",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    assert resolve(tmp_path / "dst", "v1")["digest"] in err
