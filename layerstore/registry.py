@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
@@ -203,6 +204,11 @@ def _install_log_filter() -> None:
             for name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
                 logging.getLogger(name).addFilter(_RedactQueryFilter())
             _FILTER_INSTALLED = True
+
+
+def _silence_insecure_warnings() -> None:
+    """Unverified TLS is what an insecure registry means; do not warn on every request."""
+    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
 
 class _BoundedRetry(Retry):
@@ -424,6 +430,7 @@ class RegistryClient:
         with st.lock:
             if st.scheme is not None:
                 return st.scheme
+        _silence_insecure_warnings()
         # Insecure registries: https (unverified) first, plain http when TLS fails, as
         # containers/image does. Only a definite answer is remembered.
         remember = True

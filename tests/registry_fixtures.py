@@ -281,11 +281,20 @@ class RegistryHandle:
     username: str | None = None
     password: str | None = None
     token_server: TokenServer | None = None
+    tls_cert: Path | None = None
+    """The self-signed certificate when the registry serves https (``tls=True``)."""
     _session: requests.Session = field(default_factory=requests.Session, repr=False)
+
+    def __post_init__(self) -> None:
+        # Environment CA bundles (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) and proxies would override
+        # session.verify and reach for the network: this session talks to loopback only.
+        self._session.trust_env = False
+        if self.tls_cert is not None:
+            self._session.verify = str(self.tls_cert)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_cert else 'http'}://{self.host}"
 
     def ref(self, repo: str, tag: str | None = None, digest: str | None = None) -> str:
         out = f"{self.host}/{repo}"
@@ -437,9 +446,11 @@ def start_registry(
     username: str = "alice",
     password: str | None = None,
     anonymous_pull: bool = False,
+    tls: bool = False,
 ) -> RegistryHandle:
     """Start ``docker-registry serve`` on 127.0.0.1:<free port>; *auth* is ``none``,
-    ``htpasswd`` or ``token``. Waits until ``/v2/`` answers."""
+    ``htpasswd`` or ``token``; *tls* serves https with a self-signed certificate for
+    127.0.0.1 (``handle.tls_cert``). Waits until ``/v2/`` answers."""
     binary = registry_binary()
     if binary is None:
         pytest.skip("no docker-registry/registry binary (apt-get install docker-registry)")
@@ -464,6 +475,19 @@ def start_registry(
         f"  addr: 127.0.0.1:{port}",
         f"  secret: {secrets.token_hex(16)}",
     ]
+    tls_cert: Path | None = None
+    if tls:
+        tls_cert, tls_key = workdir / "tls.crt", workdir / "tls.key"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048",  # P-256: "bad record MAC"
+                "-nodes", "-keyout", str(tls_key), "-out", str(tls_cert), "-days", "2",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        lines += ["  tls:", f"    certificate: {tls_cert}", f"    key: {tls_key}"]
     if auth == "htpasswd":
         out = subprocess.run(
             ["htpasswd", "-Bbn", username, password], check=True, capture_output=True
@@ -500,6 +524,7 @@ def start_registry(
         username=username if auth != "none" else None,
         password=password if auth != "none" else None,
         token_server=token_server,
+        tls_cert=tls_cert,
     )
     deadline = time.monotonic() + 20
     while True:
@@ -509,7 +534,7 @@ def start_registry(
                 f"docker-registry exited: {(workdir / 'registry.log').read_text()[-2000:]}"
             )
         try:
-            r = requests.get(f"{handle.url}/v2/", timeout=1)
+            r = handle._session.get(f"{handle.url}/v2/", timeout=1)
             if r.status_code in (200, 401):
                 return handle
         except requests.RequestException:

@@ -15,10 +15,12 @@ from layerstore.errors import (
     ManifestError,
     NotFoundError,
     RegistryError,
+    RegistryUnavailableError,
     VerificationError,
 )
 from layerstore.reference import parse_reference
 from layerstore.registry import PullSource, RegistryClient, RegistrySettings
+from layerstore.source import RangeSource
 from tests.registry_fixtures import (  # noqa: F401 - fixtures
     DOCKER_MANIFEST,
     PushedImage,
@@ -310,3 +312,24 @@ def test_concurrent_reads_share_one_token(registry_token: RegistryHandle) -> Non
         got = list(pool.map(lambda i: src.read_at(i * step, step), range(64)))
     assert b"".join(got) == data[: 64 * step]
     assert len(h.token_server.requests) - before == 1, "one token fetch for 16 threads"
+
+
+def test_tls_registry(tmp_path: Path) -> None:
+    from tests.registry_fixtures import start_registry
+
+    h = start_registry(tmp_path / "tls", tls=True)
+    try:
+        img = h.push_image("tls/app", "v1", [layer(13, 3)])
+        # insecure: https is probed first and used without verification
+        c = client_for(h)
+        r = c.resolve(h.ref("tls/app", "v1"))
+        assert r.manifest_digest == img.manifest_digest
+        assert c._state(h.host).scheme == "https"
+        src = c.blob_source(r, img.layer_digests[0], len(img.layers[0]))
+        assert isinstance(src, RangeSource)
+        assert src.read_at(1, 5) == img.layers[0][1:6]
+        # secure (the default): the self-signed certificate is refused
+        with pytest.raises(RegistryUnavailableError, match="TLS"):
+            RegistryClient(settings=RegistrySettings(retries=0)).resolve(h.ref("tls/app", "v1"))
+    finally:
+        h.stop()
