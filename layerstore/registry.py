@@ -17,10 +17,12 @@ Security rules kept here:
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import logging
 import os
 import re
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -116,6 +118,11 @@ class RegistrySettings:
     upload_chunk_size: int = 0
     """0: monolithic blob uploads; otherwise PATCH chunks of this many bytes."""
     user_agent: str = "stargz-store/0.1"
+    ca_bundle: str | None = None
+    """CA certificates for TLS; None: the system bundle when found, else certifi's."""
+    certs_dirs: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
+    """containers-certs.d(5): ``<dir>/<host[:port]>/*.crt`` are extra CAs for that host;
+    ``*.cert`` with a matching ``*.key`` is a client certificate."""
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -330,6 +337,27 @@ class _HostState:
 Body = Union[bytes, Callable[[], Any], None]
 
 
+_SYSTEM_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",
+)
+
+
+def system_ca_bundle() -> str | None:
+    for path in _SYSTEM_CA_BUNDLES:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class _TLSConfig:
+    verify: bool | str
+    cert: tuple[str, str] | None = None
+
+
 # --- the client -----------------------------------------------------------------------------------
 class RegistryClient:
     def __init__(
@@ -365,6 +393,8 @@ class RegistryClient:
         self._tokens = _token.TokenCache()
         self._hosts: dict[str, _HostState] = {}
         self._token_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._tls: dict[tuple[str, bool], _TLSConfig] = {}
+        self._tls_files: list[str] = []
         self._lock = threading.Lock()
 
     def _make_session(self, retry: Retry) -> requests.Session:
@@ -384,6 +414,56 @@ class RegistryClient:
     def close(self) -> None:
         self._session.close()
         self._probe_session.close()
+        with self._lock:
+            files, self._tls_files = self._tls_files, []
+        for path in files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _tls_config(self, ep: _Endpoint) -> _TLSConfig:
+        """Verification and client certificate for the registry host (certs.d aware)."""
+        key = (ep.host, ep.insecure)
+        with self._lock:
+            cached = self._tls.get(key)
+        if cached is not None:
+            return cached
+        base: bool | str = self.settings.ca_bundle or system_ca_bundle() or True
+        cas: list[str] = []
+        cert: tuple[str, str] | None = None
+        for root in self.settings.certs_dirs:
+            d = os.path.join(root, ep.host)
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            cas += [os.path.join(d, n) for n in names if n.endswith(".crt")]
+            for n in names:
+                if cert is None and n.endswith(".cert"):
+                    keyfile = os.path.join(d, n[: -len(".cert")] + ".key")
+                    if os.path.isfile(keyfile):
+                        cert = (os.path.join(d, n), keyfile)
+        verify: bool | str = base
+        if ep.insecure:
+            verify = False
+        elif cas:
+            parts: list[bytes] = []
+            if isinstance(base, str):
+                with open(base, "rb") as f:
+                    parts.append(f.read())
+            for path in cas:
+                with open(path, "rb") as f:
+                    parts.append(f.read())
+            fd, bundle = tempfile.mkstemp(prefix="stargz-store-ca-", suffix=".pem")
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\n".join(parts))
+            with self._lock:
+                self._tls_files.append(bundle)
+            verify = bundle
+            log.info("registry_extra_cas", host=ep.host, files=len(cas))
+        config = _TLSConfig(verify, cert)
+        with self._lock:
+            self._tls.setdefault(key, config)
+            return self._tls[key]
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -439,6 +519,7 @@ class RegistryClient:
                 f"https://{ep.host}/v2/",
                 timeout=(self.settings.connect_timeout, min(self.settings.read_timeout, 5.0)),
                 verify=False,
+                cert=self._tls_config(ep).cert,
                 allow_redirects=False,
                 stream=True,
             )
@@ -467,6 +548,7 @@ class RegistryClient:
         headers: Mapping[str, str],
         data: Any = None,
     ) -> requests.Response:
+        tls = self._tls_config(ep)
         try:
             resp = self._session.request(
                 method,
@@ -476,7 +558,8 @@ class RegistryClient:
                 stream=True,
                 allow_redirects=False,
                 timeout=self._timeout,
-                verify=not ep.insecure,
+                verify=tls.verify,
+                cert=tls.cert if _origin(url)[1] == ep.host.lower() else None,
             )
         except requests.exceptions.Timeout as exc:
             raise RegistryUnavailableError(
@@ -572,7 +655,7 @@ class RegistryClient:
                 data=dict(req.form) if req.form is not None else None,
                 timeout=self._timeout,
                 allow_redirects=True,
-                verify=not ep.insecure,
+                verify=self._tls_config(ep).verify,
                 stream=True,
             )
         except requests.RequestException as exc:

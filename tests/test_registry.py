@@ -329,7 +329,20 @@ def test_tls_registry(tmp_path: Path) -> None:
         assert isinstance(src, RangeSource)
         assert src.read_at(1, 5) == img.layers[0][1:6]
         # secure (the default): the self-signed certificate is refused
+        no_certs = RegistrySettings(retries=0, certs_dirs=(str(tmp_path / "none"),))
         with pytest.raises(RegistryUnavailableError, match="TLS"):
-            RegistryClient(settings=RegistrySettings(retries=0)).resolve(h.ref("tls/app", "v1"))
+            RegistryClient(settings=no_certs).resolve(h.ref("tls/app", "v1"))
+        # ... unless certs.d has a CA for that host
+        assert h.tls_cert is not None
+        host_dir = tmp_path / "certs.d" / h.host
+        host_dir.mkdir(parents=True)
+        (host_dir / "ca.crt").write_bytes(h.tls_cert.read_bytes())
+        with RegistryClient(
+            settings=RegistrySettings(retries=0, certs_dirs=(str(tmp_path / "certs.d"),))
+        ) as secure:
+            assert secure.resolve(h.ref("tls/app", "v1")).manifest_digest == img.manifest_digest
+            bundles = list(secure._tls_files)
+            assert bundles and all(Path(b).exists() for b in bundles)
+        assert not any(Path(b).exists() for b in bundles), "temporary CA bundles removed"
     finally:
         h.stop()
