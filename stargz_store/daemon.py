@@ -355,23 +355,34 @@ def _stopping() -> None:
         notify.stopping()
 
 
-async def _serve(ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int) -> str:
-    """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted")."""
+async def _serve(
+    ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int, grace: float
+) -> str:
+    """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted").
+
+    The first SIGINT/SIGTERM stops taking requests; requests in flight (a registry read may
+    take long) get ``grace`` seconds, then are abandoned, like at once after a second signal.
+    """
     import pyfuse3
     import trio
 
     reason = "unmounted"
+    fuse_scope = trio.CancelScope()
 
     async def on_signals() -> None:
         nonlocal reason
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if reason.startswith("signal"):
+                    log.info("signal_received_again", signal=name)
+                    fuse_scope.cancel()
+                    continue
                 reason = f"signal {name}"
-                log.info("signal_received", signal=name)
+                log.info("signal_received", signal=name, grace_seconds=grace)
                 _stopping()
                 pyfuse3.terminate()
-                return
+                fuse_scope.deadline = trio.current_time() + grace
 
     async def sweeper() -> None:
         if wiring.sweep is None:
@@ -401,7 +412,10 @@ async def _serve(ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int)
         nursery.start_soon(on_signals)
         nursery.start_soon(sweeper)
         nursery.start_soon(announce)
-        await pyfuse3.main(min_tasks=4, max_tasks=256)
+        with fuse_scope:
+            await pyfuse3.main(min_tasks=4, max_tasks=256)
+        if fuse_scope.cancelled_caught:
+            log.warning("requests_abandoned_at_shutdown", grace_seconds=grace)
         nursery.cancel_scope.cancel()
     return reason
 
@@ -447,7 +461,14 @@ def run(config: Config, root: Path, mountpoint: Path) -> int:
             log.info("mounted", mountpoint=str(mountpoint), options=sorted(options))
             reason = "error"
             try:
-                reason = trio.run(_serve, ops, wiring, mountpoint, config.fuse.read_ahead_kb)
+                reason = trio.run(
+                    _serve,
+                    ops,
+                    wiring,
+                    mountpoint,
+                    config.fuse.read_ahead_kb,
+                    config.fuse.shutdown_grace_seconds,
+                )
             finally:
                 _stopping()
                 pyfuse3.close(unmount=True)

@@ -441,7 +441,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         started = self._clock()
         try:
             layer, scheme, info = await trio.to_thread.run_sync(
-                self._resolve, ref, key, limiter=self._lookup_limiter
+                self._resolve, ref, key, limiter=self._lookup_limiter, abandon_on_cancel=True
             )
         except Exception as exc:
             # Any failure makes containers/storage treat the layer as unknown and pull it
@@ -647,10 +647,15 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         try:
             if handle.kind == "blob":
                 return await trio.to_thread.run_sync(
-                    layer.read_blob, off, size, limiter=self._read_limiter
+                    layer.read_blob, off, size, limiter=self._read_limiter, abandon_on_cancel=True
                 )
             return await trio.to_thread.run_sync(
-                layer.read, handle.local, off, size, limiter=self._read_limiter
+                layer.read,
+                handle.local,
+                off,
+                size,
+                limiter=self._read_limiter,
+                abandon_on_cancel=True,
             )
         except (lse.VerificationError, lse.RegistryError, lse.CacheError) as exc:
             self.stats.read_errors += 1

@@ -469,3 +469,22 @@ def go_reference_provider_factory(config: Any, root: Path) -> Any:
 
     cache = ChunkCache(root / "cache", 1 << 30)
     return LayerManager(_LocalClient(go_blobs()), cache)
+
+
+class SlowLayer(FakeLayer):
+    """Reads of file data block for ``delay`` seconds (a registry that hangs)."""
+
+    delay = 60.0
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        time.sleep(self.delay)
+        return super().read(ino, offset, size)
+
+
+SLOW_BLOB = b"slow layer blob"
+
+
+def slow_provider_factory(config: Any, root: Path) -> FakeManager:
+    mgr = FakeManager()
+    mgr.add(REF, SlowLayer({"slow": file(b"never served in time")}, blob=SLOW_BLOB))
+    return mgr

@@ -375,3 +375,32 @@ def test_real_manager_over_go_reference_blobs(
         os.stat(refdir / ("sha256:" + "a" * 64))
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(15) == 0
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_sigterm_abandons_hung_reads_after_grace(tmp_path: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(
+        tmp_path,
+        factory="tests.fuse_util:slow_provider_factory",
+        config="[fuse]\nshutdown_grace_seconds = 1.0\n",
+    )
+    daemons.append(d)
+    d.messages("READY=1")
+    key = "sha256:" + hashlib.sha256(fu.SLOW_BLOB).hexdigest()
+    slow = d.mp / fu.b64(fu.REF) / key / "diff" / "slow"
+    reader = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # the read is now blocked in the provider
+        assert reader.poll() is None
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 6  # not the 60 s the read would take
+        assert not fu.is_mounted(d.mp)
+        assert reader.wait(10) != 0  # the reader got an error, not hung
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait()
+    assert any(e["event"] == "requests_abandoned_at_shutdown" for e in d.events())
