@@ -1222,10 +1222,9 @@ def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
                 raise RuntimeError("the converted image has layers without a TOC digest annotation")
             push_image(gzip_image, registry, "demo/app", "gzip")
             push_image(esgz_image, registry, "demo/app", "estargz")
-            sizes = _mib(gzip_image.compressed_size), _mib(esgz_image.compressed_size)
-            _say(
-                f"demo: pushed {registry.host}/demo/app:gzip ({sizes[0]}) and :estargz ({sizes[1]})"
-            )
+            repo = f"{registry.host}/demo/app"
+            _say(f"demo: pushed {repo}:gzip ({_mib(gzip_image.compressed_size)})")
+            _say(f"demo: pushed {repo}:estargz ({_mib(esgz_image.compressed_size)})")
 
             podman_lazy = PodmanEnv(
                 workdir / "podman-lazy",
@@ -1254,7 +1253,7 @@ def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
             t_lazy = time.monotonic() - t0
             lazy_requests = registry.requests()[mark:]
             links = store_layer_links(podman_lazy, daemon.mountpoint)
-            _say(f"demo: lazy run printed: {out_lazy.strip()!r}")
+            _say("demo: the container printed: " + " | ".join(out_lazy.strip().splitlines()))
             _say(f"demo:   {len(links)} of {len(esgz_image.layers)} layers served by the store")
 
             podman_full = PodmanEnv(workdir / "podman-full", insecure=[registry.host])
@@ -1315,8 +1314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="stargz-demo-", dir=args.workdir))
     try:
         return run_demo(workdir, args.data_mib, args.keep)
