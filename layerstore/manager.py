@@ -40,10 +40,8 @@ import structlog
 from layerstore import digest as _digest
 from layerstore.cache import ChunkCache
 from layerstore.errors import (
-    FormatError,
     LayerNotFoundError,
     LayerStoreError,
-    LimitExceededError,
     ManifestError,
     NotEStargzError,
     RegistryError,
@@ -52,6 +50,7 @@ from layerstore.errors import (
 from layerstore.fetcher import ChunkFetcher, ChunkLike, DecodeFn, FetcherSettings
 from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.layer import IndexLike, Layer, LayerSettings
+from layerstore.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.reference import Reference, parse_reference
 from layerstore.source import RangeSource
 
@@ -59,7 +58,7 @@ log = structlog.get_logger(__name__)
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-MAX_TOC_BYTES = 150 * 1024 * 1024
+MAX_TOC_BYTES = DEFAULT_MAX_TOC_SIZE
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -90,8 +89,6 @@ OpenTOC = Callable[[RangeSource, bytes, int, int, str], ReaderLike]
 def _default_open_toc(
     source: RangeSource, member: bytes, toc_offset: int, footer_size: int, expected: str
 ) -> ReaderLike:
-    from layerstore.reader import EStargzReader
-
     reader: ReaderLike = EStargzReader.from_toc_bytes(
         source, member, toc_offset, footer_size, expected
     )
@@ -99,8 +96,6 @@ def _default_open_toc(
 
 
 def _default_decode() -> DecodeFn:
-    from layerstore.reader import decode_chunk
-
     # The fetcher only hands decode the index's own Chunk objects.
     return cast(DecodeFn, decode_chunk)
 
@@ -126,6 +121,7 @@ class ManagerSettings:
     tail_guess_bytes: int = 64 * 1024
     """First range request at the blob's end; the TOC of most layers fits in it."""
     max_toc_bytes: int = MAX_TOC_BYTES
+    """Cap on the TOC JSON (containers/storage: 150 MiB); the compressed region is checked too."""
     idle_drop_seconds: float = 600.0
     background_concurrency: int = 2
     """Background-fill range requests in flight across all layers."""
@@ -372,13 +368,9 @@ class LayerManager:
         tail_start = blob_size - tail_len
         tail = self._read(source, [(tail_start, tail_len)])[0]
         toc_offset, footer_size = parse_footer(tail)
-        toc_end = blob_size - footer_size
-        if not 0 <= toc_offset < toc_end:
-            raise FormatError(f"TOC offset {toc_offset} is outside the blob")
-        if toc_end - toc_offset > self.settings.max_toc_bytes:
-            raise LimitExceededError(
-                f"TOC of {toc_end - toc_offset} bytes exceeds {self.settings.max_toc_bytes}"
-            )
+        # Offset inside the blob, compressed TOC region within the cap (else FormatError /
+        # LimitExceededError) before any larger request is made.
+        toc_region(blob_size, toc_offset, footer_size, self.settings.max_toc_bytes)
         if toc_offset >= tail_start:
             return tail[toc_offset - tail_start : tail_len - footer_size], toc_offset, footer_size
         head = self._read(source, [(toc_offset, tail_start - toc_offset)])[0]
