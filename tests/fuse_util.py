@@ -69,6 +69,7 @@ def mount_entry(path: str | Path) -> dict[str, str] | None:
             if _unescape(parts[4]) == target:
                 found = {
                     "mountpoint": target,
+                    "device": parts[2],
                     "options": parts[5],
                     "fstype": rparts[0],
                     "source": rparts[1] if len(rparts) > 1 else "",
@@ -109,6 +110,13 @@ def force_unmount(path: str | Path) -> None:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
 
 
+def abort_connection(device: str) -> None:
+    """Abort the FUSE connection of mount device ``0:NN`` (ends its server loop)."""
+    minor = device.partition(":")[2]
+    with contextlib.suppress(OSError):
+        Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+
+
 # --- in-process mount -----------------------------------------------------------------------------
 
 
@@ -134,6 +142,8 @@ def mounted_ops(ops: Any, mountpoint: str | Path, options: set[str]) -> Iterator
 
     thread = threading.Thread(target=serve, name="fuse-test-loop", daemon=True)
     thread.start()
+    entry = mount_entry(mp)
+    device = entry["device"] if entry else ""
     try:
         yield mp
     finally:
@@ -142,7 +152,10 @@ def mounted_ops(ops: Any, mountpoint: str | Path, options: set[str]) -> Iterator
         thread.join(10)
         if thread.is_alive() or is_mounted(mp):
             force_unmount(mp)
-            thread.join(10)
+            thread.join(5)
+        if thread.is_alive() and device:
+            abort_connection(device)  # a lazily detached mount still held open somewhere
+            thread.join(5)
         if not thread.is_alive():
             pyfuse3.close(unmount=False)
     if errors:
