@@ -373,7 +373,7 @@ class RegistryClient:
         s = self.settings
         _install_log_filter()
         retry = _BoundedRetry(
-            total=None,
+            total=max(s.retries, s.read_retries),  # one budget across kinds of failure
             connect=s.retries,
             read=s.read_retries,
             status=s.retries,
