@@ -150,7 +150,8 @@ class ChunkCache:
             stale_temp_files_removed=removed,
         )
         with self._lock:
-            self._evict_locked(keep=None)
+            victims = self._evict_locked(keep=None)
+        self._unlink(victims)
 
     # --- paths -----------------------------------------------------------------------------
     def _path(self, hexd: str) -> Path:
@@ -202,12 +203,12 @@ class ChunkCache:
             with open(self._path(hexd), "rb") as f:
                 data = f.read()
         except OSError:
-            self._drop(hexd, reason="unreadable")
+            self._drop(hexd, entry, reason="unreadable")
             return None
         if len(data) != entry.size or (
             not entry.verified and hashlib.sha256(data).hexdigest() != hexd
         ):
-            self._drop(hexd, reason="corrupt")
+            self._drop(hexd, entry, reason="corrupt")
             return None
         self._hit(hexd, entry)
         return data
@@ -236,7 +237,7 @@ class ChunkCache:
         length = min(length, entry.size - offset)
         handle = self._acquire_fd(hexd)
         if handle is None:
-            self._drop(hexd, reason="unreadable")
+            self._drop(hexd, entry, reason="unreadable")
             return None
         try:
             parts: list[bytes] = []
@@ -252,7 +253,7 @@ class ChunkCache:
         finally:
             self._release_fd(handle)
         if done != length:
-            self._drop(hexd, reason="short")
+            self._drop(hexd, entry, reason="short")
             return None
         self._hit(hexd, entry)
         return b"".join(parts)
@@ -302,7 +303,8 @@ class ChunkCache:
             if hexd not in self._entries:
                 self._entries[hexd] = _Entry(size, time.time(), verified=True)
                 self._total += size
-            self._evict_locked(keep=hexd)
+            victims = self._evict_locked(keep=hexd)
+        self._unlink(victims)
         return True
 
     def put_async(self, digest: str, data: bytes, *, verified: bool = False) -> None:
@@ -369,8 +371,10 @@ class ChunkCache:
                 os.unlink(tmp)
             raise
 
-    def _evict_locked(self, keep: str | None) -> None:
-        evicted = 0
+    def _evict_locked(self, keep: str | None) -> list[Path]:
+        """Forget the oldest entries until under the limit; returns the files to unlink
+        (after the lock is released: unlinking can take a millisecond)."""
+        victims: list[Path] = []
         freed = 0
         while self._total > self.max_bytes and self._entries:
             hexd, entry = next(iter(self._entries.items()))
@@ -382,20 +386,27 @@ class ChunkCache:
             del self._entries[hexd]
             self._total -= entry.size
             self._forget_fd_locked(hexd)
-            with contextlib.suppress(OSError):
-                os.unlink(self._path(hexd))
-            evicted += 1
+            victims.append(self._path(hexd))
             freed += entry.size
-        if evicted:
-            log.debug("chunk_cache_evicted", entries=evicted, bytes=freed, total=self._total)
+        if victims:
+            log.debug("chunk_cache_evicted", entries=len(victims), bytes=freed, total=self._total)
+        return victims
 
-    def _drop(self, hexd: str, *, reason: str) -> None:
+    @staticmethod
+    def _unlink(paths: list[Path]) -> None:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+    def _drop(self, hexd: str, entry: _Entry, *, reason: str) -> None:
+        """Remove *entry* (unless it was already evicted or replaced meanwhile)."""
         with self._lock:
-            entry = self._entries.pop(hexd, None)
-            if entry is not None:
-                self._total -= entry.size
-            self._forget_fd_locked(hexd)
             self._misses += 1
+            if self._entries.get(hexd) is not entry:
+                return  # evicted (or rewritten) by someone else: just a miss
+            del self._entries[hexd]
+            self._total -= entry.size
+            self._forget_fd_locked(hexd)
         with contextlib.suppress(OSError):
             os.unlink(self._path(hexd))
         log.warning("chunk_cache_entry_removed", digest="sha256:" + hexd, reason=reason)

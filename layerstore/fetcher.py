@@ -249,6 +249,13 @@ class ChunkFetcher:
 
     def start_background(self) -> bool:
         """Start the background whole-blob fill (once). Returns whether a thread was started."""
+        total = sum(c.chunk_size for c in self._chunks)
+        if total > self._cache.max_bytes // 2:
+            # It would only evict itself (and everything else) from the cache.
+            self._log.info(
+                "background_fetch_skipped", bytes=total, cache_max_bytes=self._cache.max_bytes
+            )
+            return False
         with self._lock:
             if self._bg_thread is not None or self._closed.is_set():
                 return False

@@ -383,3 +383,12 @@ def test_async_cache_writes_serve_from_memory_then_disk(tmp_path: Path) -> None:
     files = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
     assert len(files) == 20
     assert cache.total_bytes == 20 * 5000
+
+
+def test_background_fill_skipped_when_layer_exceeds_half_the_cache(tmp_path: Path) -> None:
+    payloads = [os.urandom(10_000) for _ in range(10)]
+    blob, chunks = build_blob(payloads)
+    f = ChunkFetcher(
+        BytesSource(blob), ChunkCache(tmp_path, 150_000), chunks, fake_decode, small_settings()
+    )
+    assert not f.start_background()
