@@ -366,6 +366,8 @@ async def _serve(
     import pyfuse3
     import trio
 
+    from stargz_store.fusefs import run_in_thread
+
     reason = "unmounted"
     fuse_scope = trio.CancelScope()
 
@@ -390,7 +392,7 @@ async def _serve(
         while True:
             await trio.sleep(SWEEP_INTERVAL)
             try:
-                dropped = await trio.to_thread.run_sync(wiring.sweep)
+                dropped = await run_in_thread(wiring.sweep)
                 if dropped:
                     log.info("layers_dropped", count=dropped)
             except Exception as exc:
@@ -401,10 +403,10 @@ async def _serve(
         # once a stat of the root returns, the mount serves. Only then is the read-ahead
         # raised (INIT resets it) and READY=1 sent.
         with trio.move_on_after(STARTUP_CHECK_SECONDS) as scope:
-            await trio.to_thread.run_sync(os.stat, str(mountpoint), abandon_on_cancel=True)
+            await run_in_thread(os.stat, str(mountpoint))
         if scope.cancelled_caught:
             log.warning("mount_self_check_timeout", mountpoint=str(mountpoint))
-        await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+        await run_in_thread(set_read_ahead, mountpoint, read_ahead_kb)
         notify.ready(f"serving {mountpoint}")
         log.info("ready", mountpoint=str(mountpoint))
 

@@ -32,6 +32,7 @@ import binascii
 import bisect
 import errno
 import functools
+import inspect
 import os
 import re
 import stat
@@ -131,6 +132,25 @@ _EXPECTED_LOOKUP_ERRORS: tuple[type[BaseException], ...] = (
     lse.ImageReferenceError,
     lse.DigestError,
 )
+
+
+T = TypeVar("T")
+
+# trio >= 0.23 calls it abandon_on_cancel; older releases (Debian 12 ships 0.22) cancellable.
+_ABANDON_KW = (
+    "abandon_on_cancel"
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+    else "cancellable"
+)
+
+
+async def run_in_thread(
+    fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
+) -> T:
+    """``fn(*args)`` in a worker thread. If the caller is cancelled (only at shutdown), the
+    thread is abandoned: it finishes on its own and its result is dropped."""
+    kwargs: dict[str, Any] = {"limiter": limiter, _ABANDON_KW: True}
+    return cast(T, await trio.to_thread.run_sync(fn, *args, **kwargs))
 
 
 def _fuse_error(code: int) -> pyfuse3.FUSEError:
@@ -440,8 +460,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         ref = ref_dir.ref
         started = self._clock()
         try:
-            layer, scheme, info = await trio.to_thread.run_sync(
-                self._resolve, ref, key, limiter=self._lookup_limiter, abandon_on_cancel=True
+            layer, scheme, info = await run_in_thread(
+                self._resolve, ref, key, limiter=self._lookup_limiter
             )
         except Exception as exc:
             # Any failure makes containers/storage treat the layer as unknown and pull it
@@ -646,16 +666,9 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.stats.reads += 1
         try:
             if handle.kind == "blob":
-                return await trio.to_thread.run_sync(
-                    layer.read_blob, off, size, limiter=self._read_limiter, abandon_on_cancel=True
-                )
-            return await trio.to_thread.run_sync(
-                layer.read,
-                handle.local,
-                off,
-                size,
-                limiter=self._read_limiter,
-                abandon_on_cancel=True,
+                return await run_in_thread(layer.read_blob, off, size, limiter=self._read_limiter)
+            return await run_in_thread(
+                layer.read, handle.local, off, size, limiter=self._read_limiter
             )
         except (lse.VerificationError, lse.RegistryError, lse.CacheError) as exc:
             self.stats.read_errors += 1
@@ -727,9 +740,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise _fuse_error(errno.EROFS)
         ref, key = kd.ref_dir.ref, kd.key
         try:
-            await trio.to_thread.run_sync(
-                self._provider.use, ref, key, limiter=self._lookup_limiter
-            )
+            await run_in_thread(self._provider.use, ref, key, limiter=self._lookup_limiter)
             log.debug("layer_use", ref=ref, key=key)
         except Exception as exc:
             log.warning("layer_use_failed", ref=ref, key=key, error=repr(exc))
@@ -743,7 +754,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         if ref_dir is None or not _DIGEST_RE.fullmatch(key):
             raise _fuse_error(errno.EROFS)
         try:
-            await trio.to_thread.run_sync(
+            await run_in_thread(
                 self._provider.release, ref_dir.ref, key, limiter=self._lookup_limiter
             )
             log.debug("layer_release", ref=ref_dir.ref, key=key)
