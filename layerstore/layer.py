@@ -151,6 +151,7 @@ class Layer:
         self._info: dict[str, bytes] = {}
         self._ids: tuple[list[int], list[int]] | None = None
         self._windows: OrderedDict[int, bytes] = OrderedDict()  # start offset -> bytes
+        self._blob_inflight: dict[int, tuple[int, threading.Event]] = {}
         self._blob_hash = hashlib.sha256()
         self._blob_pos = 0
         self._blob_pending: dict[int, bytes] = {}
@@ -312,7 +313,12 @@ class Layer:
 
     # --- raw blob --------------------------------------------------------------------------
     def read_blob(self, offset: int, size: int) -> bytes:
-        """Raw registry bytes of the blob at *offset* (short at the end)."""
+        """Raw registry bytes of the blob at *offset* (short at the end).
+
+        Served from a few read-ahead windows (``blob_readahead_bytes`` each); a read in the
+        second half of a window starts fetching the next one in the background, so a
+        sequential reader (``podman push``) rarely waits a full round trip.
+        """
         self.last_used = time.monotonic()
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
@@ -321,32 +327,72 @@ class Layer:
             return b""
         if self._blob_bad:
             raise VerificationError(f"blob {self.compressed_digest} does not match its digest")
-        data = self._from_windows(offset, end)
-        if data is None:
+        hit = self._from_windows(offset, end)
+        if hit is None:
+            self._wait_inflight_window(offset, end)
+            hit = self._from_windows(offset, end)
+        if hit is None:
             length = max(end - offset, self.settings.blob_readahead_bytes)
-            length = min(length, self.blob_size - offset)
-            try:
-                window = self.source.read_at(offset, length)
-            except LayerStoreError:
-                raise
-            except Exception as e:
-                raise RegistryError(f"reading the blob failed: {e}") from e
-            if len(window) != length:
-                raise RegistryError(f"blob range of {length} bytes answered with {len(window)}")
-            with self._lock:
-                self._windows[offset] = window
-                while len(self._windows) > max(1, self.settings.blob_windows):
-                    self._windows.popitem(last=False)
-            data = window[: end - offset]
+            window = self._fetch_window(offset, min(length, self.blob_size - offset))
+            hit = (offset, window)
+        start, window = hit
+        data = window[offset - start : end - start]
+        if self.settings.blob_readahead_bytes > 0 and end - start > len(window) // 2:
+            self._prefetch_window(start + len(window))
         self._track_digest(offset, data)
         return data
 
-    def _from_windows(self, offset: int, end: int) -> bytes | None:
+    def _fetch_window(self, start: int, length: int) -> bytes:
+        try:
+            window = self.source.read_at(start, length)
+        except LayerStoreError:
+            raise
+        except Exception as e:
+            raise RegistryError(f"reading the blob failed: {e}") from e
+        if len(window) != length:
+            raise RegistryError(f"blob range of {length} bytes answered with {len(window)}")
+        with self._lock:
+            self._windows[start] = window
+            while len(self._windows) > max(2, self.settings.blob_windows):
+                self._windows.popitem(last=False)
+        return window
+
+    def _prefetch_window(self, start: int) -> None:
+        length = min(self.settings.blob_readahead_bytes, self.blob_size - start)
+        if length <= 0:
+            return
+        with self._lock:
+            if start in self._windows or start in self._blob_inflight:
+                return
+            done = threading.Event()
+            self._blob_inflight[start] = (length, done)
+
+        def run() -> None:
+            try:
+                self._fetch_window(start, length)
+            except Exception as e:  # the reader fetches it again and sees the error
+                self._log.warning("blob_readahead_failed", offset=start, error=str(e))
+            finally:
+                with self._lock:
+                    self._blob_inflight.pop(start, None)
+                done.set()
+
+        threading.Thread(target=run, name="stargz-blob-readahead", daemon=True).start()
+
+    def _wait_inflight_window(self, offset: int, end: int) -> None:
+        with self._lock:
+            waits = [
+                ev for s, (n, ev) in self._blob_inflight.items() if s <= offset and end <= s + n
+            ]
+        for ev in waits:
+            ev.wait(timeout=120)
+
+    def _from_windows(self, offset: int, end: int) -> tuple[int, bytes] | None:
         with self._lock:
             for start, window in self._windows.items():
                 if start <= offset and end <= start + len(window):
                     self._windows.move_to_end(start)
-                    return window[offset - start : end - start]
+                    return start, window
         return None
 
     def _track_digest(self, offset: int, data: bytes) -> None:
