@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,29 +80,41 @@ def main() -> int:
     size = src.stat().st_size
     print(f"source tar: {size / 1e6:.1f} MB, cpus: {os.cpu_count()}")
 
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     gz = subprocess.run(["gzip", "-6", "-c", str(src)], stdout=subprocess.PIPE, check=True).stdout
     t_gzip = time.perf_counter() - t0
-    print(f"gzip -6: {len(gz) / 1e6:.2f} MB in {t_gzip:.1f} s ({size / 1e6 / t_gzip:.1f} MB/s)")
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_gzip = c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
+    print(
+        f"gzip -6: {len(gz) / 1e6:.2f} MB in {t_gzip:.1f} s ({size / 1e6 / t_gzip:.1f} MB/s), "
+        f"{cpu_gzip:.1f} CPU s"
+    )
 
     opts = WriterOptions(
         min_chunk_size=args.min_chunk_size, compression_level=args.level, workers=args.workers
     )
     times: list[float] = []
+    cpus: list[float] = []
     out_path = work / "rootfs.esgz"
     res = None
     for _ in range(args.runs):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         with open(out_path, "wb") as out:
             res = write_estargz(src, out, opts)
         times.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     assert res is not None
     med = statistics.median(times)
     ratio = res.compressed_size / len(gz)
     print(
         f"estargz: {res.compressed_size / 1e6:.2f} MB, median {med:.2f} s of {args.runs} "
-        f"({size / 1e6 / med:.1f} MB/s), times {[round(t, 2) for t in times]}"
+        f"({size / 1e6 / med:.1f} MB/s), times {[round(t, 2) for t in times]}, "
+        f"CPU s {[round(c, 1) for c in cpus]}"
     )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"ratio estargz / gzip -6: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
     if args.gzip_input:
         gz_path = work / "rootfs.tar.gz"
