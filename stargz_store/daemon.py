@@ -437,14 +437,20 @@ def _early_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run(config: Config, root: Path, mountpoint: Path) -> int:
+def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> int:
     import pyfuse3
     import trio
 
     from stargz_store.fusefs import StoreOperations, mount_options
 
     mountpoint = Path(_resolved(mountpoint.absolute()))
-    log.info("daemon_starting", mountpoint=str(mountpoint), root=str(root), pid=os.getpid())
+    log.info(
+        "daemon_starting",
+        mountpoint=str(mountpoint),
+        root=str(root),
+        config=config_path,
+        pid=os.getpid(),
+    )
     with _early_signals():
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -499,7 +505,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return run(config, args.root.absolute(), args.mountpoint)
+        config_path = str(args.config) if args.config else f"{DEFAULT_CONFIG_PATH} (if present)"
+        return run(config, args.root.absolute(), args.mountpoint, config_path)
     except DaemonError as exc:
         log.error("daemon_failed", error=str(exc))
         return EXIT_FAILURE
