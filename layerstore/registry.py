@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import email.message
+import json
 import logging
 import os
 import re
@@ -63,6 +64,7 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _MULTIPART_OVERHEAD_PER_PART = 1024
 _READ_CHUNK = 256 * 1024
+_ERROR_CODE_RE = re.compile(r"[A-Z][A-Z_]{0,63}")
 
 
 # --- collaborators --------------------------------------------------------------------------------
@@ -1442,21 +1444,21 @@ def _drain(resp: requests.Response, limit: int = 65536) -> None:
 
 
 def _error_detail(resp: requests.Response) -> str:
-    """``: CODE message`` from a distribution error body, bounded; empty when absent."""
+    """``: CODE`` from a distribution error body (bounded); empty when absent.
+
+    Only the error code is kept: a registry's free-text message could echo what we sent it
+    (a token), and error messages end up in logs.
+    """
     ctype = resp.headers.get("Content-Type", "")
     length = resp.headers.get("Content-Length")
     if "json" not in ctype or length is None or not length.isdigit() or int(length) > 16384:
         return ""
     try:
-        import json
-
         obj = json.loads(resp.raw.read(int(length), decode_content=False))
-        err = obj["errors"][0]
-        code = str(err.get("code", ""))[:64]
-        message = str(err.get("message", ""))[:200]
+        code = str(obj["errors"][0]["code"])
     except Exception:  # a detail only
         return ""
-    return f": {code} {message}".rstrip()
+    return f": {code}" if _ERROR_CODE_RE.fullmatch(code) else ""
 
 
 def _read_file(path: str, offset: int, length: int) -> bytes:

@@ -156,6 +156,7 @@ def test_not_found(registry: RegistryHandle, image: PushedImage) -> None:  # noq
     with pytest.raises(NotFoundError) as info:
         c.resolve(registry.ref("test/app", "nope"))
     assert info.value.status == 404
+    assert "MANIFEST_UNKNOWN" in str(info.value)
     with pytest.raises(NotFoundError):
         c.resolve(registry.ref("test/absent", "v1"))
 

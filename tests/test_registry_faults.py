@@ -7,6 +7,7 @@ mirror on the other.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 import time
@@ -537,3 +538,21 @@ def test_blocked_registry_propagates(fault: FaultServer) -> None:
     with pytest.raises(BlockedRegistryError):
         c.resolve(f"{fault.netloc}/app:v1")
     assert fault.requests == []
+
+
+def test_registry_error_text_echoing_the_token_is_not_repeated(fault: FaultServer) -> None:
+    reg = FakeRegistry(fault, auth="bearer")
+    ref, _ = setup_image(reg)
+
+    def echo(req: Request, body: bytes, media_type: str) -> Reply:
+        text = json.dumps(
+            {"errors": [{"code": "DENIED", "message": f"bad {req.header('Authorization')}"}]}
+        ).encode()
+        return Reply(400, [("Content-Type", "application/json")], text)
+
+    reg.manifest_reply = echo
+    c = make_client(fault, creds=Creds({fault.netloc: Credentials(reg.username, reg.password)}))
+    with pytest.raises(RegistryError) as info:
+        c.resolve(ref)
+    assert "DENIED" in str(info.value)
+    assert reg.token not in str(info.value)
