@@ -556,3 +556,17 @@ def test_registry_error_text_echoing_the_token_is_not_repeated(fault: FaultServe
         c.resolve(ref)
     assert "DENIED" in str(info.value)
     assert reg.token not in str(info.value)
+
+
+def test_upload_location_on_another_host_refused(fault: FaultServer, other: FaultServer) -> None:
+    reg = FakeRegistry(fault, auth="basic")
+    fault.route(
+        "POST",
+        r"/v2/app/blobs/uploads/",
+        lambda req: Reply(202, [("Location", f"{other.url}/upload/1")]),
+    )
+    c = make_client(fault, creds=Creds({fault.netloc: Credentials(reg.username, reg.password)}))
+    with pytest.raises(RegistryError, match="another host"):
+        c.push_blob(f"{fault.netloc}/app:v1", b"data", sha256(b"data"))
+    assert other.requests == []
+    assert any(r.header("Authorization") == reg.basic_header() for r in fault.requests)
