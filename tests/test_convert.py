@@ -423,3 +423,39 @@ def test_registry_to_layout_and_back(
     )
     assert rc == 0, err
     assert resolve(tmp_path / "dst", "v1")["digest"] in err
+
+
+def test_progress_display_tty_and_log() -> None:
+    from layerstore.convert import LayerReport
+    from stargz_store.convert_cmd import Progress
+
+    rep = LayerReport(
+        "linux/amd64",
+        0,
+        "sha256:" + "a" * 64,
+        10_000_000,
+        "sha256:" + "b" * 64,
+        5_000_000,
+        "converted",
+        "sha256:" + "c" * 64,
+        "sha256:" + "d" * 64,
+        2.0,
+    )
+    out = io.StringIO()
+    p = Progress(out, tty=True)
+    p.layer_start("linux/amd64", 0, 3, rep.source_digest, 10_000_000)
+    p._last -= 1  # as if 1 s had passed since the last refresh
+    p.layer_progress(5_000_000)
+    p.layer_done(rep)
+    text = out.getvalue()
+    assert "\r\x1b[Klinux/amd64 layer 1/3 aaaaaaaaaaaa: 5.0 MB / 10.0 MB (50%)" in text
+    assert "10.0 MB -> 5.0 MB eStargz in 2.0 s (5.0 MB/s)" in text
+    out = io.StringIO()
+    p = Progress(out, tty=False, log_interval=0.0)
+    p.layer_start("", 1, 2, rep.source_digest, 10_000_000)
+    p.layer_progress(1_000_000)
+    p.layer_done(rep)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "layer 2/2 aaaaaaaaaaaa: converting 10.0 MB"
+    assert lines[1].startswith("layer 2/2 aaaaaaaaaaaa: 1.0 MB / 10.0 MB (10%)")
+    assert "\r" not in out.getvalue() and len(lines) == 3
