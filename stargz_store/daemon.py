@@ -69,18 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=None,
+        metavar="FILE",
         help=f"configuration file (default {DEFAULT_CONFIG_PATH}, which may be absent)",
     )
     p.add_argument(
         "--root",
         type=Path,
         default=DEFAULT_ROOT,
+        metavar="DIR",
         help=f"state directory: chunk cache, auth-helper socket (default {DEFAULT_ROOT})",
     )
     p.add_argument(
-        "--log-level", choices=sorted(LEVELS), default=None, help="overrides [log] level"
+        "--log-level",
+        choices=sorted(LEVELS),
+        default=None,
+        metavar="LEVEL",
+        help="debug, info, warning or error (overrides [log] level)",
     )
-    p.add_argument("mountpoint", type=Path, help="where to mount the store")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="where to mount the store")
     return p
 
 
