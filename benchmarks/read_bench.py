@@ -236,6 +236,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         src = WanSource(blob, rtt, bps)
         cache = ChunkCache(os.path.join(d, "cache"), 4 << 30)
+        mgr = LayerManager(
+            OneImageClient(desc, res.diff_id, src),
+            cache,
+            ManagerSettings(layer=LayerSettings(prefetch_landmark=False)),
+        )
+        layer = mgr.get("r/x:1", res.toc_digest)
+
+        def read_blob() -> None:
+            got = bytearray()
+            for off in range(0, len(blob), 128 * KiB):
+                got += layer.read_blob(off, 128 * KiB)
+            assert bytes(got) == blob
+
+        run("blob file: sequential 128 KiB reads of the whole blob", read_blob, src)
+        mgr.close()
+        cache.close()
+    with tempfile.TemporaryDirectory() as d:
+        src = WanSource(blob, rtt, bps)
+        cache = ChunkCache(os.path.join(d, "cache"), 4 << 30)
         settings = ManagerSettings(
             layer=LayerSettings(prefetch_landmark=False, background_fetch=True),
             fetcher=replace(FetcherSettings(), background_share=1.0, background_idle_seconds=0),
