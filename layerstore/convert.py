@@ -329,6 +329,7 @@ class ConvertResult:
     media_type: str
     layers: list[LayerReport] = field(default_factory=list)
     platforms: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # index entries left out (not images)
 
 
 class ProgressListener(Protocol):
@@ -435,6 +436,7 @@ class _Converter:
         self.opts = opts
         self.progress = progress
         self.reports: list[LayerReport] = []
+        self.dropped: list[str] = []
         # source layer digest -> (new descriptor, new diff_id); layers shared between platforms
         self._done: dict[str, tuple[dict[str, Any], str | None]] = {}
 
@@ -499,10 +501,15 @@ class _Converter:
             for d in entries:
                 if not isinstance(d, dict):
                     raise ManifestError("index entry is not an object")
-                if d.get("mediaType") in mf.MANIFEST_MEDIA_TYPES and _platform_str(d) not in (
-                    "unknown/unknown",
-                ):
+                dmt = d.get("mediaType")
+                if dmt in mf.INDEX_MEDIA_TYPES:
+                    raise ManifestError(
+                        f"{self.src.describe()}: nested image indexes are not supported"
+                    )
+                if dmt in mf.MANIFEST_MEDIA_TYPES and _platform_str(d) != "unknown/unknown":
                     selected.append(d)
+                else:  # attestations, signatures, artifacts: not images, not converted
+                    self.dropped.append(f"{d.get('digest')} ({dmt}, {_platform_str(d) or '-'})")
             if not selected:
                 raise ManifestError(f"{self.src.describe()}: index has no image manifests")
         new_entries = []
@@ -527,7 +534,7 @@ class _Converter:
         new_index["manifests"] = new_entries
         new_index_body = _dump(new_index)
         digest = self.dst.commit(new_index_body, mt)
-        return ConvertResult(digest, mt, self.reports, platforms)
+        return ConvertResult(digest, mt, self.reports, platforms, self.dropped)
 
     def _config(self, manifest: dict[str, Any]) -> dict[str, Any]:
         cdesc = manifest.get("config")

@@ -265,6 +265,8 @@ def main(argv: Sequence[str], stderr: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstargz-store convert: interrupted", file=err)
         return 130
+    for d in result.dropped:
+        print(f"stargz-store convert: left out of the new index (not an image): {d}", file=err)
     converted = sum(1 for r in result.layers if r.action == "converted")
     print(
         f"wrote {dst.describe()} ({result.media_type}, {result.digest}): "

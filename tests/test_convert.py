@@ -246,11 +246,19 @@ def test_index_all_platforms_and_one_platform(
         ],
         "annotations": {"x": "y"},
     }
+    att = {
+        "mediaType": OCI_MANIFEST,
+        "digest": m1[0],
+        "size": len(m1[1]),
+        "platform": {"os": "unknown", "architecture": "unknown"},
+    }
+    index["manifests"].append(att)  # type: ignore[attr-defined]
     body = json.dumps(index).encode()
     lay.tag("multi", lay.blob(body), body, OCI_INDEX)
     rc, err = run(f"oci:{tmp_path / 'src'}:multi", f"oci:{tmp_path / 'dst'}:multi", capsys=capsys)
     assert rc == 0, err
     assert "shared with an earlier manifest" in err
+    assert "left out of the new index (not an image)" in err
     desc = resolve(tmp_path / "dst", "multi")
     assert desc["mediaType"] == OCI_INDEX
     new_index = load(tmp_path / "dst", desc["digest"])
