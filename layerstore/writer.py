@@ -138,7 +138,7 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _gzip_member(data: bytes, level: int) -> bytes:
+def _gzip_member(data: bytes | bytearray, level: int) -> bytes:
     """One gzip member: header without name, mtime 0 (wbits 31 gives exactly that)."""
     c = zlib.compressobj(level, zlib.DEFLATED, 31, 9)
     return c.compress(data) + c.flush()
@@ -615,7 +615,7 @@ class _BlobBuilder:
         self._dst = dst
         self._level = level
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz-gzip")
-        self._pending: deque[tuple[Future[bytes], int]] = deque()
+        self._pending: deque[tuple[Future[bytes], int]] = deque()  # (member, input size)
         self._inflight = 0
         self._max_inflight = max_inflight
         self.cur = bytearray()
@@ -630,7 +630,7 @@ class _BlobBuilder:
         """End the current member (no-op when it is empty)."""
         if not self.cur:
             return
-        data = bytes(self.cur)
+        data = self.cur  # handed over as is: never mutated again
         self.cur = bytearray()
         self.segment += 1
         self.diff_hash.update(data)
