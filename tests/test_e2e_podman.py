@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.demo import write_auth_json
+from stargz_store.demo import LoopbackRegistry, skopeo_push, write_auth_json
 from tests.image_util import (
     CHECK_OK,
     ImageInfo,
@@ -477,6 +478,87 @@ def test_private_registry_with_auth_file(
         lazy.podman.pull(ref)
         assert lazy.store_links(ref) == [False, False], lazy.links()
         assert lazy.podman.run(ref).strip() == CHECK_OK
+
+
+def test_estargz_image_pulls_without_the_store(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    podmans: list[Podman],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A converted image stays an ordinary gzip image: podman without the store pulls and runs
+    it (containers/image checks every layer's DiffID while it pulls)."""
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    podman = Podman(tmp_path / "podman", insecure=[registry.host])
+    podmans.append(podman)
+    podman.pull(ref)
+    assert podman.layer_diff_links() == {}
+    assert podman.run(ref).strip() == CHECK_OK
+    # The landmark and TOC files are ordinary files of the layers, visible without the store.
+    assert "stargz.index.json" in podman.run(ref, "ls", "-a", "/").split()
+
+
+def test_skopeo_copy_preserves_estargz_blobs(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    request: pytest.FixtureRequest,
+) -> None:
+    """``skopeo copy --preserve-digests`` (skopeo 1.9) keeps a converted image byte for byte:
+    how users push what ``stargz-store convert`` wrote to an OCI layout. (skopeo as root writes
+    containers/image's blob-info cache below /var/lib/containers/cache, as podman does.)"""
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (./run setup installs it)")
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    skopeo_push(esgz.layout, esgz.tag, f"{registry.host}/{repo}:v1")
+    got = registry_diff_ids(_client(registry), repo, "v1")
+    assert got["manifest_digest"] == esgz.manifest_digest
+    assert got["layer_digests"] == [layer["digest"] for layer in esgz.layers]
+    assert got["manifest"]["layers"][0]["annotations"] == esgz.layers[0]["annotations"]
+
+
+def test_lazy_pull_fetches_only_what_is_read(
+    esgz_images: dict[str, ImageInfo], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Without background filling, starting a container that reads only busybox makes the
+    store fetch far less than the image, and podman itself fetches no layer at all. Measured
+    on the registry's side (its access log: bytes per request and user agent), so this needs a
+    registry of our own rather than the shared fixture (whose access log is off)."""
+    big = build_test_image(
+        tmp_path_factory.mktemp("big"), "gzip", data_size=4 << 20, data_files=3, seed=7
+    )
+    esgz = convert_image(big, "estargz")
+    with LoopbackRegistry(tmp_path / "registry") as reg:
+        push_image(esgz, reg, "e2e/lazy-bytes", "v1")
+        ref = f"{reg.host}/e2e/lazy-bytes:v1"
+        podman = Podman(
+            tmp_path / "podman", layer_store=tmp_path / "daemon" / "store", insecure=[reg.host]
+        )
+        daemon = StoreDaemon(
+            tmp_path / "daemon",
+            registries_conf=podman.registries_conf,
+            insecure=[reg.host],
+            background_fetch=False,
+        )
+        try:
+            daemon.start()
+            mark = len(reg.requests())
+            podman.pull(ref)
+            assert podman.run(ref, "echo", "hello").strip() == "hello"
+            requests = [r for r in reg.requests()[mark:] if r.is_blob_get]
+        finally:
+            podman.cleanup()
+            daemon.stop()
+    layer_digests = {layer["digest"] for layer in esgz.layers}
+    by_podman = [r for r in requests if r.agent.startswith("containers/")]
+    assert {r.digest for r in by_podman} == {esgz.config_digest}, by_podman
+    by_store = sum(r.size for r in requests if r.digest in layer_digests)
+    data_layer = esgz.layers[1]["size"]
+    assert 0 < by_store < data_layer // 4, (by_store, data_layer)
 
 
 def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
