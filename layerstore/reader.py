@@ -39,6 +39,7 @@ DEFAULT_TAIL_FETCH = 64 * 1024
 """First read from the end of a blob: the footer, and often the whole TOC member."""
 
 _GZIP = 31  # zlib wbits: gzip wrapper, 32 KiB window
+_SKIP_PIECE = 1 << 20
 
 
 def tail_fetch_size(blob_size: int, hint: int = DEFAULT_TAIL_FETCH) -> int:
@@ -207,7 +208,8 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
     Raises :class:`ChunkDigestMismatchError` when the sha256 differs from ``chunk.digest`` and
     :class:`FormatError` when the data is not gzip or ends early. Pure and thread-safe.
     """
-    need = chunk.inner_offset + chunk.chunk_size
+    skip = chunk.inner_offset
+    need = chunk.chunk_size
     buf = memoryview(compressed)
     parts: list[bytes] = []
     have = 0
@@ -216,28 +218,33 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
         while have < need:
             if pos >= len(buf):
                 raise FormatError(
-                    f"chunk at {chunk.offset} inflates to {have} of {need} bytes: data ends early"
+                    f"chunk at {chunk.offset} inflates to {have} of {need} bytes "
+                    f"(after skipping {chunk.inner_offset - skip}): data ends early"
                 )
             d = zlib.decompressobj(_GZIP)
             data: bytes | memoryview = buf[pos:]
             while True:
-                out = d.decompress(data, need - have)
-                if out:
-                    parts.append(out)
-                    have += len(out)
+                if skip:  # the inner offset is inflated and dropped in bounded pieces
+                    limit = min(skip, _SKIP_PIECE)
+                    out = d.decompress(data, limit)
+                    skip -= len(out)
+                else:
+                    limit = need - have
+                    out = d.decompress(data, limit)
+                    if out:
+                        parts.append(out)
+                        have += len(out)
                 if have >= need or d.eof:
                     break
                 data = d.unconsumed_tail
-                if not data:
+                if not data and len(out) < limit:  # input used up and nothing pending
                     raise FormatError(f"chunk at {chunk.offset}: gzip member is truncated")
             if have >= need:
                 break
             pos = len(buf) - len(d.unused_data)
     except zlib.error as exc:
         raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
-    out_bytes = b"".join(parts)
-    if chunk.inner_offset:
-        out_bytes = out_bytes[chunk.inner_offset :]
+    out_bytes = parts[0] if len(parts) == 1 else b"".join(parts)
     got = "sha256:" + hashlib.sha256(out_bytes).hexdigest()
     if got != chunk.digest:
         raise ChunkDigestMismatchError(

@@ -19,7 +19,8 @@ Validation (a TOC failing any rule raises :class:`~layerstore.errors.TOCError`):
 * every chunk has an ``offset`` inside ``[0, toc_offset)`` and a ``chunkDigest`` (a legacy
   single-chunk file may instead rely on ``digest``): nothing is ever served unverified;
 * hardlink targets must exist (chains are resolved) and must not be directories;
-* more than ``max_entries`` entries raises :class:`LimitExceededError` while scanning.
+* more than ``max_entries`` entries raises :class:`LimitExceededError` while scanning, and so
+  does a chunk larger than ``MAX_CHUNK_SIZE`` (256 MiB; chunks are inflated whole).
 
 The overlay view (what ``diff/`` serves): inodes are numbered 1..N in TOC order (root is 1,
 implied directories take the number of the point where they are first needed, whiteouts come
@@ -52,6 +53,8 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
 MAX_HARDLINK_CHAIN = 256
+MAX_CHUNK_SIZE = 256 << 20
+"""A chunk is inflated into memory whole; the Go writer's default is 4 MiB."""
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -252,6 +255,12 @@ def _bad_chunk(e: dict[str, Any], toc_offset: int) -> TOCError:
 def _bad_fit(e: dict[str, Any], start: int, cs: int, size: int) -> TOCError:
     return TOCError(
         f"TOC entry {_describe(e)}: chunk {start}+{cs} does not fit the file of {size} bytes"
+    )
+
+
+def _big_chunk(e: dict[str, Any], size: int) -> LimitExceededError:
+    return LimitExceededError(
+        f"TOC entry {_describe(e)}: a chunk of {size} bytes exceeds {MAX_CHUNK_SIZE} bytes"
     )
 
 
@@ -872,6 +881,8 @@ class _Builder:
                 size = cur_size - start if cs == 0 else cs
                 if size <= 0 or start + size > cur_size:
                     raise _bad_fit(e, start, cs, cur_size)
+                if size > MAX_CHUNK_SIZE:
+                    raise _big_chunk(e, size)
                 c_offset.append(off)
                 c_start.append(start)
                 c_size.append(size)
@@ -976,6 +987,8 @@ class _Builder:
                         csize = size if cs == 0 else cs
                         if csize > size:
                             raise _bad_fit(e, 0, cs, size)
+                        if csize > MAX_CHUNK_SIZE:
+                            raise _big_chunk(e, csize)
                         c_offset.append(off)
                         c_start.append(0)
                         c_size.append(csize)

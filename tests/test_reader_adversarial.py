@@ -441,3 +441,13 @@ def test_large_toc_memory_per_entry() -> None:
     # 2k files in 2k directories: well under 300 bytes per entry once built
     assert current < 300 * 2 * n, current
     assert idx.find("d0001999/f") == 2 * n + 1
+
+
+def test_large_inner_offset_is_skipped_in_pieces() -> None:
+    data = b"\0" * (5 << 20) + bytes(range(256)) * 4 + b"\1" * (3 << 20)
+    comp = gzip.compress(data)
+    inner = (5 << 20) + 10
+    want = data[inner : inner + (2 << 20)]
+    assert decode_chunk(comp, Chunk(0, len(comp), 0, len(want), inner, sha(want))) == want
+    with pytest.raises(FormatError):  # runs past the end of the data
+        decode_chunk(comp, Chunk(0, len(comp), 0, 10, len(data) - 5, sha(b"x")))

@@ -560,3 +560,24 @@ def test_readdir_sorted_and_large_directory() -> None:
     assert idx.readdir(idx.find("d") or 0) is got  # large listings are cached
     # inode numbers follow the TOC order, not the name order
     assert idx.find("d/f0299") == 3 and idx.find("d/f0000") == 302
+
+
+def test_chunk_size_limit() -> None:
+    big = 300 << 20
+    with pytest.raises(LimitExceededError):
+        mk([reg("f", big)])
+    with pytest.raises(LimitExceededError):
+        mk(
+            [
+                reg("f", big, chunkSize=1 << 20),
+                {
+                    "name": "f",
+                    "type": "chunk",
+                    "offset": 200,
+                    "chunkOffset": 1 << 20,
+                    "chunkDigest": dg("x"),
+                },
+            ]
+        )
+    ok = chunked("f", 512 << 20, [(100, 0, 256 << 20), (200, 256 << 20, 0)])
+    assert mk(ok).getattr(2).size == 512 << 20
