@@ -202,15 +202,18 @@ class _RangeStream:
         self._pos = 0
         self._piece = piece
         self._buf = b""
+        self._off = 0
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             n = self._size
-        if not self._buf and self._pos < self._size:
+        if self._off >= len(self._buf) and self._pos < self._size:
             k = min(self._piece, self._size - self._pos)
             self._buf = self._src.read_at(self._pos, k)
+            self._off = 0
             self._pos += k
-        out, self._buf = self._buf[:n], self._buf[n:]
+        out = self._buf[self._off : self._off + n]
+        self._off += len(out)
         return out
 
     def close(self) -> None:
