@@ -88,8 +88,8 @@ class ChunkCache:
         max_pending_bytes: int = 64 * 1024 * 1024,
         writer_threads: int = 2,
     ) -> None:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")  # 0: nothing is cached
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._max_fds = max(1, max_open_files)

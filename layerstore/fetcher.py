@@ -26,6 +26,7 @@ so a later read tries again.
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -89,6 +90,9 @@ class FetcherSettings:
     """The background fill waits until foreground requests have been idle this long."""
     background_share: float = 0.5
     """Fraction of wall time the background fill may spend fetching (it sleeps the rest)."""
+    failed_chunk_ttl: float = 5.0
+    """Seconds a chunk that failed verification is answered with its error without refetching
+    (a corrupt blob must not turn every read into a download); then it is tried again."""
 
 
 @dataclass
@@ -99,6 +103,21 @@ class FetchStats:
     chunks_fetched: int = 0
     verification_failures: int = 0
     background_chunks: int = 0
+
+
+_URL_QUERY = re.compile(r"""(https?://[^\s?#'"<>]*)[?#][^\s'"<>]*""")
+_USERINFO = re.compile(r"(https?://)[^/\s@'\"]+@")
+
+
+def redact(text: str) -> str:
+    """*text* with URL query strings and user-info removed (signed URLs carry credentials)."""
+    return _USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1?<redacted>", text))
+
+
+def describe_error(e: BaseException) -> str:
+    """A loggable description of a foreign exception: its type and redacted message."""
+    msg = redact(str(e))[:300]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def chunk_key(c: ChunkLike) -> str:
@@ -155,6 +174,7 @@ class ChunkFetcher:
         self._offsets = [c.offset for c in ordered]
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
+        self._failed: dict[str, tuple[float, VerificationError]] = {}
         self._requests = threading.Semaphore(max(1, self.settings.max_concurrent_requests))
         self._fg_active = 0
         self._fg_last = 0.0
@@ -187,6 +207,16 @@ class ChunkFetcher:
                 results[i] = data
             else:
                 missing.append(i)
+        if missing and self._failed:
+            now = time.monotonic()
+            with self._lock:
+                for i in missing:
+                    k = chunk_key(chunks[i])
+                    bad = self._failed.get(k)
+                    if bad is not None:
+                        if bad[0] > now:
+                            raise bad[1].with_traceback(None)
+                        del self._failed[k]
         if missing:
             futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
             for i, fut in zip(missing, futures):
@@ -222,7 +252,7 @@ class ChunkFetcher:
         try:
             self._claim_and_fetch(chunks, foreground=True, readahead=False)
         except Exception as e:  # readers that need these chunks see the error themselves
-            self._log.warning("readahead_failed", error=str(e))
+            self._log.warning("readahead_failed", error=describe_error(e))
 
     def prefetch(self, end: int) -> int:
         """Fetch, verify and cache every chunk starting before *end*, in one range request.
@@ -397,10 +427,12 @@ class ChunkFetcher:
         except BaseException as e:
             err: BaseException = e
             if not isinstance(e, LayerStoreError):
-                err = RegistryError(f"fetching {len(ranges)} range(s) failed: {e}")
-                err.__cause__ = e
+                err = RegistryError(f"fetching {len(ranges)} range(s) failed: {describe_error(e)}")
             self._log.warning(
-                "chunk_fetch_failed", ranges=len(ranges), chunks=len(chunks), error=str(err)
+                "chunk_fetch_failed",
+                ranges=len(ranges),
+                chunks=len(chunks),
+                error=redact(str(err)),
             )
             for c in chunks:
                 self._resolve(chunk_key(c), None, err)
@@ -424,8 +456,9 @@ class ChunkFetcher:
             self._verification_failed(c, e)
             return
         except Exception as e:
-            err = VerificationError(f"chunk at blob offset {c.offset} did not decode: {e}")
-            err.__cause__ = e
+            err = VerificationError(
+                f"chunk at blob offset {c.offset} did not decode: {describe_error(e)}"
+            )
             self._verification_failed(c, err)
             return
         if c.digest.startswith("sha256:"):
@@ -439,6 +472,11 @@ class ChunkFetcher:
     def _verification_failed(self, c: ChunkLike, err: VerificationError) -> None:
         with self._lock:
             self.stats.verification_failures += 1
+            if self.settings.failed_chunk_ttl > 0:
+                if len(self._failed) > 10_000:
+                    self._failed.clear()
+                expiry = time.monotonic() + self.settings.failed_chunk_ttl
+                self._failed[chunk_key(c)] = (expiry, err)
         self._log.error(
             "chunk_verification_failed",
             chunk_digest=c.digest,
@@ -501,7 +539,7 @@ class ChunkFetcher:
                     except LayerStoreError:
                         failed += 1
         except Exception as e:  # never let the thread die silently
-            self._log.error("background_fetch_crashed", error=str(e))
+            self._log.error("background_fetch_crashed", error=describe_error(e))
         self._log.info(
             "background_fetch_done",
             chunks=fetched,

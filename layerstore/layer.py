@@ -41,7 +41,7 @@ import structlog
 
 from layerstore.cache import ChunkCache
 from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
-from layerstore.fetcher import ChunkFetcher, ChunkLike
+from layerstore.fetcher import ChunkFetcher, ChunkLike, describe_error
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -180,7 +180,7 @@ class Layer:
             if self.settings.prefetch_landmark and end:
                 self.fetcher.prefetch(end)
         except Exception as e:  # logged; reads still work lazily
-            self._log.warning("landmark_prefetch_failed", error=str(e))
+            self._log.warning("landmark_prefetch_failed", error=describe_error(e))
         if self.settings.background_fetch:
             self.fetcher.start_background()
 
@@ -348,7 +348,7 @@ class Layer:
         except LayerStoreError:
             raise
         except Exception as e:
-            raise RegistryError(f"reading the blob failed: {e}") from e
+            raise RegistryError(f"reading the blob failed: {describe_error(e)}") from None
         if len(window) != length:
             raise RegistryError(f"blob range of {length} bytes answered with {len(window)}")
         with self._lock:
@@ -371,7 +371,7 @@ class Layer:
             try:
                 self._fetch_window(start, length)
             except Exception as e:  # the reader fetches it again and sees the error
-                self._log.warning("blob_readahead_failed", offset=start, error=str(e))
+                self._log.warning("blob_readahead_failed", offset=start, error=describe_error(e))
             finally:
                 with self._lock:
                     self._blob_inflight.pop(start, None)

@@ -47,7 +47,13 @@ from layerstore.errors import (
     RegistryError,
     TOCDigestMismatchError,
 )
-from layerstore.fetcher import ChunkFetcher, ChunkLike, DecodeFn, FetcherSettings
+from layerstore.fetcher import (
+    ChunkFetcher,
+    ChunkLike,
+    DecodeFn,
+    FetcherSettings,
+    describe_error,
+)
 from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.layer import IndexLike, Layer, LayerSettings
 from layerstore.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
@@ -304,7 +310,7 @@ class LayerManager:
                 reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
                 from_cache = True
             except (ValueError, KeyError, TypeError, LayerStoreError) as e:
-                bound.warning("toc_cache_entry_discarded", error=str(e))
+                bound.warning("toc_cache_entry_discarded", error=describe_error(e))
                 self.cache.remove_toc(toc_name)
                 reader = None
         if reader is None:
@@ -384,7 +390,7 @@ class LayerManager:
         except LayerStoreError:
             raise
         except Exception as e:
-            raise RegistryError(f"reading the blob tail failed: {e}") from e
+            raise RegistryError(f"reading the blob tail failed: {describe_error(e)}") from None
         if [len(b) for b in out] != [n for _, n in ranges]:
             raise RegistryError("blob tail range answered with the wrong length")
         return out

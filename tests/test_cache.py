@@ -199,3 +199,13 @@ def test_toc_store(tmp_path: Path) -> None:
     assert ChunkCache(tmp_path, 1000).get_toc("abc-def") == b"x" * 5000
     with pytest.raises(CacheError):
         c.get_toc("../x")
+
+
+def test_zero_size_cache_stores_nothing(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 0)
+    data = b"abc"
+    assert c.put(dg(data), data) is False
+    c.put_async(dg(data), data)
+    assert c.get(dg(data)) is None and dg(data) not in c
+    with pytest.raises(ValueError):
+        ChunkCache(tmp_path, -1)

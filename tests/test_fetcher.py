@@ -26,7 +26,7 @@ from layerstore.errors import (
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.fetcher import ChunkFetcher, ChunkLike, FetcherSettings, plan_ranges
+from layerstore.fetcher import ChunkFetcher, ChunkLike, FetcherSettings, plan_ranges, redact
 from layerstore.source import BytesSource, RangeSource
 
 
@@ -231,7 +231,25 @@ def test_corrupted_chunk_fails_only_its_readers(cache: ChunkCache) -> None:
     assert chunks[2].digest not in cache
     with pytest.raises(ChunkDigestMismatchError):
         f.get_chunk(chunks[2])
-    assert f.stats.verification_failures == 2
+    # Remembered for failed_chunk_ttl: no refetch of a chunk known to be bad.
+    assert f.stats.verification_failures == 1
+    assert len(src.calls) == 1
+
+
+def test_failed_chunk_retried_after_ttl(cache: ChunkCache) -> None:
+    payloads = [os.urandom(5000) for i in range(2)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(corrupt_member(blob, chunks[0])))
+    f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings(failed_chunk_ttl=0.2))
+    with pytest.raises(VerificationError):
+        f.get_chunk(chunks[0])
+    with pytest.raises(VerificationError):
+        f.get_chunk(chunks[0])
+    assert len(src.calls) == 1
+    time.sleep(0.25)
+    src.inner = BytesSource(blob)  # the registry got better
+    assert f.get_chunk(chunks[0]) == payloads[0]
+    assert len(src.calls) == 2
 
 
 def test_undecodable_member_is_a_verification_error(cache: ChunkCache) -> None:
@@ -270,13 +288,25 @@ def test_registry_error_reaches_all_waiters_then_retry_succeeds(cache: ChunkCach
     assert f.get_chunk(chunks[0]) == payloads[0]
 
 
-def test_foreign_exception_wrapped_as_registry_error(cache: ChunkCache) -> None:
+def test_foreign_exception_wrapped_as_registry_error_and_redacted(cache: ChunkCache) -> None:
     blob, chunks = build_blob([b"abc"])
     src = CountingSource(BytesSource(blob))
-    src.fail = OSError("boom")
+    src.fail = OSError(
+        "connection reset: https://user:pw@s3.example/blob?X-Amz-Signature=deadbeef&X=1 (x)"
+    )
     f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
-    with pytest.raises(RegistryError):
+    with pytest.raises(RegistryError) as info:
         f.get_chunk(chunks[0])
+    msg = str(info.value)
+    assert "OSError" in msg and "s3.example/blob" in msg
+    assert "deadbeef" not in msg and "pw@" not in msg
+    assert info.value.__cause__ is None
+
+
+def test_redact() -> None:
+    assert redact("GET https://h/p?sig=1#f done") == "GET https://h/p?<redacted> done"
+    assert redact("http://a:b@h/p") == "http://h/p"
+    assert redact("no url here") == "no url here"
 
 
 def test_short_range_answer_is_rejected(cache: ChunkCache) -> None:
