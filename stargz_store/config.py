@@ -45,12 +45,16 @@ class RegistrySettings(_Section):
     read_timeout: float = Field(default=30.0, gt=0)
     retries: int = Field(default=3, ge=0)
     retry_backoff: float = Field(default=0.5, ge=0)
-    pool_size: int = Field(default=16, ge=1)
+    pool_size: int = Field(default=32, ge=1)
     insecure_registries: list[str] = Field(default_factory=list)
     platform: str = ""
     registries_conf: str = "/etc/containers/registries.conf"
     registries_conf_d: str = "/etc/containers/registries.conf.d"
     resolve_ttl: float = Field(default=60.0, ge=0)
+    ca_bundle: str = ""
+    certs_dirs: list[str] = Field(
+        default_factory=lambda: ["/etc/containers/certs.d", "/etc/docker/certs.d"]
+    )
 
 
 class AuthSettings(_Section):
@@ -76,6 +80,7 @@ class FetchSettings(_Section):
     background_fetch: bool = True
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True
+    background_concurrency: int = Field(default=2, ge=1)
 
 
 class FuseSettings(_Section):

@@ -301,6 +301,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 pool_size=rc.pool_size,
                 insecure_registries=frozenset(rc.insecure_registries),
                 platform=platform,
+                ca_bundle=rc.ca_bundle or None,
+                certs_dirs=tuple(rc.certs_dirs),
             ),
         )
         wiring.closers.append(client.close)
@@ -316,6 +318,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
             ManagerSettings(
                 resolve_ttl=rc.resolve_ttl,
                 negative_ttl=config.fuse.negative_timeout,
+                background_concurrency=fc.background_concurrency,
                 platform=platform,
                 fetcher=FetcherSettings(
                     max_concurrent_requests=fc.concurrency,
