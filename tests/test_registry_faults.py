@@ -482,6 +482,7 @@ def test_no_secrets_in_logs(
     fault: FaultServer, other: FaultServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")  # other tests may have quietened it
     reg = FakeRegistry(fault, auth="bearer", redirect_blobs_to=other)
     ref, digest = setup_image(reg)
     good = Creds({fault.netloc: Credentials(reg.username, reg.password)})
