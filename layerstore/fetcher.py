@@ -84,7 +84,8 @@ class FetcherSettings:
     small_chunk_bytes: int = 256 * KiB
     """A chunk whose compressed size is at most this is 'small' for read-ahead."""
     background_fetch: bool = False
-    """Fetch the whole layer in the background after first use."""
+    """Fetch the whole layer in the background after first use (the layer starts it when this
+    or ``LayerSettings.background_fetch`` is set)."""
     background_range_bytes: int = 8 * MiB
     background_idle_seconds: float = 0.05
     """The background fill waits until foreground requests have been idle this long."""

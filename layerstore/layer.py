@@ -168,7 +168,7 @@ class Layer:
             if self._started:
                 return False
             self._started = True
-        if not (self.settings.prefetch_landmark or self.settings.background_fetch):
+        if not (self.settings.prefetch_landmark or self._background_enabled):
             return True
         t = threading.Thread(target=self._warm, name="stargz-prefetch", daemon=True)
         t.start()
@@ -181,11 +181,15 @@ class Layer:
                 self.fetcher.prefetch(end)
         except Exception as e:  # logged; reads still work lazily
             self._log.warning("landmark_prefetch_failed", error=describe_error(e))
-        if self.settings.background_fetch:
+        if self._background_enabled:
             self.fetcher.start_background()
 
     def close(self) -> None:
         self.fetcher.close()
+
+    @property
+    def _background_enabled(self) -> bool:
+        return self.settings.background_fetch or self.fetcher.settings.background_fetch
 
     # --- info ------------------------------------------------------------------------------
     def scheme_for(self, key: str) -> str:
