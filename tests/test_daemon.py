@@ -404,3 +404,73 @@ def test_sigterm_abandons_hung_reads_after_grace(tmp_path: Path, daemons: list[D
             reader.kill()
         reader.wait()
     assert any(e["event"] == "requests_abandoned_at_shutdown" for e in d.events())
+
+
+def test_build_wiring_maps_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each configuration key reaches the constructor it is meant for."""
+    from stargz_store.config import parse_config_text
+
+    monkeypatch.delenv(daemon.PROVIDER_FACTORY_ENV, raising=False)
+    monkeypatch.delenv("CONTAINERS_REGISTRIES_CONF", raising=False)
+    (tmp_path / "registries.conf").write_text(
+        '[[registry]]\nlocation = "blocked.example"\nblocked = true\n'
+    )
+    cfg = parse_config_text(
+        f"""
+[registry]
+connect_timeout = 3.5
+read_timeout = 7.0
+retries = 1
+retry_backoff = 0.25
+pool_size = 5
+insecure_registries = ["127.0.0.1:5000"]
+platform = "linux/arm64"
+registries_conf = "{tmp_path}/registries.conf"
+registries_conf_d = "{tmp_path}/none.d"
+resolve_ttl = 9.0
+[auth]
+extra_auth_files = []
+helper_socket = "sock/helper.sock"
+[cache]
+max_size_bytes = 12345678
+dir = "c"
+[fetch]
+concurrency = 3
+read_ahead_bytes = 65536
+background_fetch = false
+background_bandwidth_share = 0.25
+prefetch_landmark = false
+background_concurrency = 4
+[fuse]
+negative_timeout = 4.0
+"""
+    )
+    (tmp_path / "sock").mkdir()
+    wiring = daemon.build_wiring(cfg, tmp_path)
+    try:
+        mgr = wiring.provider
+        rs = mgr.client.settings
+        assert (rs.connect_timeout, rs.read_timeout, rs.retries, rs.backoff_factor) == (
+            3.5,
+            7.0,
+            1,
+            0.25,
+        )
+        assert rs.pool_size == 5 and rs.insecure_registries == frozenset({"127.0.0.1:5000"})
+        assert rs.platform == "linux/arm64"
+        ms = mgr.settings
+        assert (ms.resolve_ttl, ms.negative_ttl, ms.background_concurrency) == (9.0, 4.0, 4)
+        assert ms.fetcher.max_concurrent_requests == 3 and ms.fetcher.readahead_bytes == 65536
+        assert ms.fetcher.background_share == 0.25 and not ms.fetcher.background_fetch
+        assert not ms.layer.prefetch_landmark and not ms.layer.background_fetch
+        assert mgr.cache.max_bytes == 12345678 and mgr.cache.root == tmp_path / "c"
+        assert (tmp_path / "sock" / "helper.sock").is_socket()
+        # registries.conf is in force: a blocked registry fails the lookup
+        from layerstore.errors import BlockedRegistryError
+
+        with pytest.raises(BlockedRegistryError):
+            mgr.get("blocked.example/x:1", "sha256:" + "a" * 64)
+        assert wiring.validate_ref is not None
+    finally:
+        wiring.close()
+    assert not (tmp_path / "sock" / "helper.sock").exists()
