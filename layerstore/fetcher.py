@@ -29,6 +29,7 @@ import bisect
 import re
 import threading
 import time
+from array import array
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,18 +162,14 @@ class ChunkFetcher:
         self._cache = cache
         self._decode = decode
         self.settings = settings or FetcherSettings()
-        # Distinct chunks with a byte range, in blob order.
-        seen: set[tuple[int, str]] = set()
-        ordered: list[ChunkLike] = []
-        for c in sorted(chunks, key=lambda c: (c.offset, c.chunk_offset)):
-            if c.compressed_end <= c.offset:
-                continue
-            k = (c.offset, c.digest)
-            if k not in seen:
-                seen.add(k)
-                ordered.append(c)
-        self._chunks = ordered
-        self._offsets = [c.offset for c in ordered]
+        # The chunks in blob order. The index's own (lazy, compact) sequence is kept as is when
+        # it is already ordered, as eStargz writers produce it; otherwise a sorted copy.
+        offsets = array("q", (c.offset for c in chunks))
+        if any(offsets[i] > offsets[i + 1] for i in range(len(offsets) - 1)):
+            chunks = sorted(chunks, key=lambda c: (c.offset, c.chunk_offset))
+            offsets = array("q", (c.offset for c in chunks))
+        self._chunks: Sequence[ChunkLike] = chunks
+        self._offsets = offsets
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
         self._failed: dict[str, tuple[float, VerificationError]] = {}
