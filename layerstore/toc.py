@@ -859,6 +859,7 @@ class _Builder:
                 or "//" in n
                 or "/." in n
                 or n[:1] in "./"
+                or n[-1:] == "/"
                 or "\x00" in n
                 or not n.isascii()
             ):
@@ -925,8 +926,8 @@ class _Builder:
             gn = get("groupName", "")
             if type(un) is not str or type(gn) is not str:
                 raise _bad_int(e, "userName/groupName")
-            un = strings.get(un) or (strings.setdefault(un, un) if len(strings) < 65536 else un)
-            gn = strings.get(gn) or (strings.setdefault(gn, gn) if len(strings) < 65536 else gn)
+            un = strings.setdefault(un, un)  # one shared object per distinct name
+            gn = strings.setdefault(gn, gn)
             dg = get("digest")
             dgb = no_digest if dg is None or dg == "" else digest_bytes(dg, "digest", e)
             r_digest += dgb

@@ -280,10 +280,11 @@ def test_modes_devices_symlinks_xattrs() -> None:
 
 
 def test_names_are_cleaned() -> None:
-    idx = mk([reg("./a/b"), reg("/c"), reg("d//e"), d("f/./g/")])
-    assert names(idx) == ["a", "c", "d", "f"]
+    idx = mk([reg("./a/b"), reg("/c"), reg("d//e"), d("f/./g/"), d("h//"), reg("i///")])
+    assert names(idx) == ["a", "c", "d", "f", "h", "i"]
+    assert names(idx, "h") == []
     assert idx.find("a/b") and idx.find("c") and idx.find("d/e") and idx.find("f/g")
-    assert [e.name for e in idx.entries()] == ["a/b", "c", "d/e", "f/g"]
+    assert [e.name for e in idx.entries()] == ["a/b", "c", "d/e", "f/g", "h", "i"]
     assert idx.find("/a//b") == idx.find("a/b")
     assert idx.find("nope") is None and idx.find("a/b/c") is None
 
