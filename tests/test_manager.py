@@ -402,3 +402,63 @@ def test_corrupted_chunk_real_reader(
     assert main is not None
     assert layer.read(main, 0, 100) == files["app/main.py"]
     assert bad.digest not in cache
+
+
+@pytest.mark.parametrize("cache_bytes", [200_000, 2_000_000])
+def test_concurrent_random_reads_with_background_fill(
+    client: FakeClient,
+    tmp_path: Path,
+    blobs: dict[str, Blob],
+    go_reference: Path,
+    cache_bytes: int,
+) -> None:
+    """16 threads of random reads racing the landmark prefetch, the sequential read-ahead and
+    either LRU eviction (a cache smaller than the layer: no background fill) or the
+    background fill (a large cache)."""
+    import random
+
+    chunked = blobs["ref-chunked-64k"]
+    files = tar_files(go_reference)
+    client.sources[chunked.digest].delay = 0.01
+    cache = ChunkCache(tmp_path / "small", cache_bytes, max_open_files=2)
+    settings = ManagerSettings(
+        layer=LayerSettings(prefetch_landmark=True, background_fetch=True),
+        fetcher=FetcherSettings(
+            background_idle_seconds=0.0, background_share=1.0, readahead_bytes=70_000
+        ),
+    )
+    mgr = LayerManager(client, cache, settings)
+    layer = mgr.get(REF_A, chunked.digest)
+    mgr.use(REF_A, chunked.digest)
+    names = sorted(p for p in files if layer.index.find(p) is not None)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(60):
+            path = rnd.choice(names)
+            ino = layer.index.find(path)
+            assert ino is not None
+            want = files[path]
+            off = rnd.randrange(0, max(1, len(want)))
+            n = rnd.randrange(1, 140_000)
+            if layer.read(ino, off, n) != want[off : off + n]:
+                errors.append(f"{path} {off} {n}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    if cache_bytes > 1_000_000:
+        deadline = time.monotonic() + 10
+        while layer.fetcher._bg_thread is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        layer.fetcher.join_background(10)
+        assert all(c.digest in cache for c in layer.fetcher.chunks)
+    else:
+        assert layer.fetcher.stats.background_chunks == 0
+    mgr.close()
+    cache.close()
+    assert cache.total_bytes <= cache_bytes
