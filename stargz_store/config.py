@@ -34,7 +34,8 @@ class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid. The message is user-facing."""
 
 
-class _Section(BaseModel):
+# (The ignore is for mypy set-ups that do not follow imports into pydantic: BaseModel is Any.)
+class _Section(BaseModel):  # type: ignore[misc,unused-ignore]
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -135,9 +136,10 @@ def _describe(exc: ValidationError, source: str) -> str:
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate an already decoded TOML document."""
     try:
-        return Config.model_validate(data)
+        config: Config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    return config
 
 
 def parse_config_text(text: str, source: str = "<config>") -> Config:
