@@ -3,7 +3,8 @@
 Layout under *root*::
 
     chunks/<2 hex>/<64 hex>   one decompressed, verified chunk, named by its sha256
-    toc/<name>                verified TOC members (opaque bytes; re-verified by their reader)
+    toc/<name>                verified TOC members (opaque bytes; re-verified by their reader),
+                              kept under their own budget (``max_toc_bytes``), oldest dropped
 
 Rules:
 
@@ -87,6 +88,7 @@ class ChunkCache:
         max_open_files: int = 64,
         max_pending_bytes: int = 64 * 1024 * 1024,
         writer_threads: int = 2,
+        max_toc_bytes: int | None = None,
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must not be negative")  # 0: nothing is cached
@@ -106,6 +108,12 @@ class ChunkCache:
         self._writer_threads = max(1, writer_threads)
         self._executor: ThreadPoolExecutor | None = None
         self._shards: set[str] = set()
+        # TOC members: name -> size, oldest first; budget defaults to 5 % of the chunk budget.
+        self._toc_entries: OrderedDict[str, int] = OrderedDict()
+        self._toc_total = 0
+        self.max_toc_bytes = (
+            max_toc_bytes if max_toc_bytes is not None else max(64 << 20, max_bytes // 20)
+        )
         self._hits = 0
         self._misses = 0
         try:
@@ -118,6 +126,7 @@ class ChunkCache:
     # --- start-up --------------------------------------------------------------------------
     def _rebuild(self) -> None:
         found: list[tuple[float, str, int]] = []
+        tocs: list[tuple[float, str, int]] = []
         removed = 0
         for d in (self._chunks, self._tocs):
             for dirpath, _dirs, files in os.walk(d):
@@ -128,7 +137,13 @@ class ChunkCache:
                             os.unlink(path)
                             removed += 1
                         continue
-                    if d is self._tocs or not _HEX64.fullmatch(name):
+                    if d is self._tocs:
+                        if _TOC_NAME.fullmatch(name):
+                            with contextlib.suppress(OSError):
+                                st = os.stat(path)
+                                tocs.append((st.st_mtime, name, st.st_size))
+                        continue
+                    if not _HEX64.fullmatch(name):
                         continue
                     try:
                         st = os.stat(path)
@@ -137,6 +152,9 @@ class ChunkCache:
                     if os.path.basename(dirpath) != name[:2]:
                         continue
                     found.append((max(st.st_mtime, st.st_atime), name, st.st_size))
+        for _stamp, name, size in sorted(tocs):
+            self._toc_entries[name] = size
+            self._toc_total += size
         found.sort()
         for stamp, name, size in found:
             self._entries[name] = _Entry(size, stamp, verified=False)
@@ -465,20 +483,43 @@ class ChunkCache:
         """Persist a TOC member (its reader re-verifies it against the TOC digest on load)."""
         if not _TOC_NAME.fullmatch(name):
             raise CacheError(f"invalid TOC cache name {name!r}")
+        if len(data) > self.max_toc_bytes:
+            return
         try:
             self._write_atomic(self._tocs / name, data)
         except OSError as e:
             log.warning("toc_cache_write_failed", name=name, error=str(e))
+            return
+        victims: list[Path] = []
+        with self._lock:
+            old = self._toc_entries.pop(name, None)
+            if old is not None:
+                self._toc_total -= old
+            self._toc_entries[name] = len(data)
+            self._toc_total += len(data)
+            while self._toc_total > self.max_toc_bytes and len(self._toc_entries) > 1:
+                victim, size = self._toc_entries.popitem(last=False)
+                self._toc_total -= size
+                victims.append(self._tocs / victim)
+        self._unlink(victims)
 
     def get_toc(self, name: str) -> bytes | None:
         if not _TOC_NAME.fullmatch(name):
             raise CacheError(f"invalid TOC cache name {name!r}")
         try:
-            return (self._tocs / name).read_bytes()
+            data = (self._tocs / name).read_bytes()
         except OSError:
             return None
+        with self._lock:
+            if name in self._toc_entries:
+                self._toc_entries.move_to_end(name)
+        return data
 
     def remove_toc(self, name: str) -> None:
         if _TOC_NAME.fullmatch(name):
+            with self._lock:
+                size = self._toc_entries.pop(name, None)
+                if size is not None:
+                    self._toc_total -= size
             with contextlib.suppress(OSError):
                 (self._tocs / name).unlink()

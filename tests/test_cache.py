@@ -199,6 +199,23 @@ def test_toc_store(tmp_path: Path) -> None:
     assert ChunkCache(tmp_path, 1000).get_toc("abc-def") == b"x" * 5000
     with pytest.raises(CacheError):
         c.get_toc("../x")
+    c.remove_toc("abc-def")
+    assert c.get_toc("abc-def") is None
+
+
+def test_toc_store_budget(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 1000, max_toc_bytes=10_000)
+    for i in range(5):
+        c.put_toc(f"t{i}", bytes([i]) * 3000)
+        os.utime(tmp_path / "toc" / f"t{i}", (1_000_000 + i, 1_000_000 + i))
+    names = sorted(p.name for p in (tmp_path / "toc").iterdir())
+    assert names == ["t2", "t3", "t4"]
+    c2 = ChunkCache(tmp_path, 1000, max_toc_bytes=7000)
+    assert c2.get_toc("t2") is not None  # now the youngest in use
+    c2.put_toc("t5", b"z" * 3000)
+    assert sorted(p.name for p in (tmp_path / "toc").iterdir()) == ["t2", "t5"]
+    c2.put_toc("huge", b"z" * 8000)  # over the whole budget: not stored
+    assert c2.get_toc("huge") is None
 
 
 def test_zero_size_cache_stores_nothing(tmp_path: Path) -> None:
