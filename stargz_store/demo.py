@@ -41,6 +41,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from layerstore.ocilayout import OCILayout
+
 # ---------------------------------------------------------------------------------------------
 # Small real OCI images, built without the network
 # ---------------------------------------------------------------------------------------------
@@ -274,17 +276,6 @@ def blob_path(layout: Path, digest: str) -> Path:
     return layout / "blobs" / algo / hexpart
 
 
-def _write_blob(layout: Path, data: bytes) -> str:
-    digest = sha256_digest(data)
-    path = blob_path(layout, digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return digest
-
-
 def _canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -318,16 +309,16 @@ def write_image(
     layers: Sequence[BuiltLayer],
     config: dict[str, Any] | None = None,
 ) -> ImageInfo:
-    """Write (or add to) an OCI image layout: blobs, config, manifest, and ``index.json`` with
-    ``tag`` as the ``org.opencontainers.image.ref.name`` annotation (replacing that tag)."""
-    layout.mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    """Write (or add to) an OCI image layout (``layerstore.ocilayout``): blobs, config,
+    manifest, and ``index.json`` with ``tag`` as the ``org.opencontainers.image.ref.name``
+    annotation (replacing that tag)."""
+    oci = OCILayout.create(layout)
     if config is None:
         config = image_config([layer.diff_id for layer in layers])
     if config["rootfs"]["diff_ids"] != [layer.diff_id for layer in layers]:
         raise ValueError("config rootfs.diff_ids do not match the layers")
     config_raw = _canonical_json(config)
-    config_digest = _write_blob(layout, config_raw)
+    config_digest = oci.write_blob(config_raw)
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": MEDIA_OCI_MANIFEST,
@@ -337,40 +328,19 @@ def write_image(
     for layer in layers:
         desc: dict[str, Any] = {
             "mediaType": layer.media_type,
-            "digest": _write_blob(layout, layer.blob),
+            "digest": oci.write_blob(layer.blob),
             "size": len(layer.blob),
         }
         if layer.annotations:
             desc["annotations"] = dict(layer.annotations)
         manifest["layers"].append(desc)
     manifest_raw = _canonical_json(manifest)
-    manifest_digest = _write_blob(layout, manifest_raw)
-    _set_tag(layout, tag, manifest_digest, len(manifest_raw))
-    return ImageInfo(layout, tag, manifest_digest, manifest, config_digest, config)
-
-
-def _set_tag(layout: Path, tag: str, digest: str, size: int) -> None:
-    index_path = layout / "index.json"
-    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": []}
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-    manifests = [
-        m
-        for m in index.get("manifests", [])
-        if m.get("annotations", {}).get(REF_NAME_ANNOTATION) != tag
-    ]
-    manifests.append(
-        {
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "digest": digest,
-            "size": size,
-            "annotations": {REF_NAME_ANNOTATION: tag},
-        }
+    manifest_digest = oci.write_blob(manifest_raw)
+    oci.set_ref(
+        {"mediaType": MEDIA_OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest_raw)},
+        tag,
     )
-    index["manifests"] = manifests
-    tmp = index_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(index_path)
+    return ImageInfo(layout, tag, manifest_digest, manifest, config_digest, config)
 
 
 def read_image(layout: Path, tag: str) -> ImageInfo:
