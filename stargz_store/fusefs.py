@@ -229,6 +229,14 @@ class _Handle:
     data: bytes = b""
 
 
+class _Absent(Exception):
+    """A lookup miss the kernel may remember for ``timeout`` seconds (a negative dentry)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timeout)
+        self.timeout = timeout
+
+
 @dataclass
 class _Negative:
     expires: float
@@ -238,7 +246,8 @@ class _Negative:
 
 @dataclass
 class _Stats:
-    lookups: int = 0
+    fuse_lookups: int = 0  # every LOOKUP request
+    lookups: int = 0  # layer (key dir) lookups
     resolved: int = 0
     failed: int = 0
     negative_hits: int = 0
@@ -399,9 +408,22 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        attr = await self._lookup(parent_inode, name)
+        self.stats.fuse_lookups += 1
+        try:
+            attr = await self._lookup(parent_inode, name)
+        except _Absent as absent:
+            # A negative entry: the kernel answers ENOENT itself for ``timeout`` seconds
+            # (the dynamic loader and PATH searches probe many names that do not exist).
+            return self._negative_entry(absent.timeout)
         self._count_lookup(attr.st_ino)
         return attr
+
+    def _negative_entry(self, timeout: float) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = max(0.0, timeout)
+        a.attr_timeout = 0
+        return a
 
     async def _lookup(self, parent: int, name_b: bytes) -> pyfuse3.EntryAttributes:
         name = os.fsdecode(name_b)
@@ -421,7 +443,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
         layer, local = self._content(parent)
         child = layer.index.lookup(local, name)
         if child is None:
-            raise _fuse_error(errno.ENOENT)
+            raise _Absent(self._settings.entry_timeout)  # layer content never changes
         block = self._block_for(layer)
         return self._content_attr(block.base + child, layer.index.getattr(child))
 
@@ -437,7 +459,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
             self._validate_ref(ref)
         except (ValueError, binascii.Error, UnicodeError, lse.LayerStoreError) as exc:
             log.debug("lookup_bad_ref_dir", name=name, error=str(exc))
-            raise _fuse_error(errno.ENOENT) from None
+            raise _Absent(self._settings.negative_timeout) from None
         rd = _RefDir(ino=self._alloc(1), name=name, ref=ref)
         self._ref_dirs[name] = rd
         self._ref_by_ino[rd.ino] = rd
@@ -446,15 +468,18 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def _key_dir(self, ref_dir: _RefDir, key: str) -> _KeyDir:
         self.stats.lookups += 1
         if not _DIGEST_RE.fullmatch(key):
-            raise _fuse_error(errno.ENOENT)
+            raise _Absent(self._settings.negative_timeout)
         slot = (ref_dir.name, key)
         kd = self._key_dirs.get(slot)
         if kd is not None and kd.layer is not None:
             return kd
         neg = self._negative.get(slot)
         if neg is not None:
-            if neg.expires > self._clock():
+            now = self._clock()
+            if neg.expires > now:
                 self.stats.negative_hits += 1
+                if neg.errno == errno.ENOENT:
+                    raise _Absent(neg.expires - now)
                 raise _fuse_error(neg.errno)
             del self._negative[slot]
         ref = ref_dir.ref
@@ -478,6 +503,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
                 log.info("layer_lookup_failed", **fields)
             else:
                 log.warning("layer_lookup_failed", **fields)
+            if code == errno.ENOENT:
+                raise _Absent(self._settings.negative_timeout) from None
             raise _fuse_error(code) from None
         self.stats.resolved += 1
         kd = self._key_dirs.get(slot)  # another request may have won the race

@@ -170,6 +170,23 @@ def test_getattr_readdir_read(store: Store) -> None:
     assert seen["hostname"] == os.stat(d / "etc" / "hostname").st_ino
 
 
+def test_missing_names_in_layers_are_cached_by_the_kernel(store: Store) -> None:
+    # (relative to a directory fd: the ALS dirs above have a 0 s entry timeout in this module)
+    fd = os.open(store.diff / "etc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name = "ld.so.preload"  # the dynamic loader probes names like this
+        with pytest.raises(FileNotFoundError):
+            os.stat(name, dir_fd=fd)
+        before = store.ops.stats.fuse_lookups
+        for _ in range(20):
+            with pytest.raises(FileNotFoundError):
+                os.stat(name, dir_fd=fd)
+        assert store.ops.stats.fuse_lookups == before  # negative dentry: never asked again
+        assert os.stat("hostname", dir_fd=fd).st_size == 7
+    finally:
+        os.close(fd)
+
+
 def test_special_files(store: Store) -> None:
     d = store.diff
     wh = os.lstat(d / "var" / "deleted")
