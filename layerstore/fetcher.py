@@ -75,7 +75,7 @@ DecodeFn = Callable[[bytes, "ChunkLike"], bytes]
 @dataclass(frozen=True)
 class FetcherSettings:
     max_concurrent_requests: int = 8
-    """Foreground range requests in flight at once, per layer."""
+    """Foreground range requests in flight at once (across all layers of a LayerManager)."""
     coalesce_gap: int = 64 * KiB
     """Chunks separated by at most this many bytes are fetched in one range."""
     max_range_bytes: int = 32 * MiB
@@ -156,6 +156,7 @@ class ChunkFetcher:
         settings: FetcherSettings | None = None,
         *,
         background_slots: threading.Semaphore | None = None,
+        request_slots: threading.Semaphore | None = None,
         name: str = "",
     ) -> None:
         self._source = source
@@ -173,7 +174,10 @@ class ChunkFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
         self._failed: dict[str, tuple[float, VerificationError]] = {}
-        self._requests = threading.Semaphore(max(1, self.settings.max_concurrent_requests))
+        # Shared across layers when the manager passes one; else per fetcher.
+        self._requests = request_slots or threading.Semaphore(
+            max(1, self.settings.max_concurrent_requests)
+        )
         self._fg_active = 0
         self._fg_last = 0.0
         self._fg_cond = threading.Condition(self._lock)

@@ -195,6 +195,9 @@ class LayerManager:
         self._sf_get: _SingleFlight[tuple[str, str], Layer] = _SingleFlight()
         self._sf_layer: _SingleFlight[str, Layer] = _SingleFlight()
         self._bg_slots = threading.Semaphore(max(1, self.settings.background_concurrency))
+        self._request_slots = threading.Semaphore(
+            max(1, self.settings.fetcher.max_concurrent_requests)
+        )
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -331,6 +334,7 @@ class LayerManager:
             decode,
             self.settings.fetcher,
             background_slots=self._bg_slots,
+            request_slots=self._request_slots,
             name=desc.digest,
         )
         size_ann = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)

@@ -462,3 +462,46 @@ def test_concurrent_random_reads_with_background_fill(
     mgr.close()
     cache.close()
     assert cache.total_bytes <= cache_bytes
+
+
+def test_request_limit_is_shared_across_layers(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    lock = threading.Lock()
+    active = [0, 0]  # current, max
+
+    class Gate:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def read_ranges(self, ranges: Any) -> list[bytes]:
+            with lock:
+                active[0] += 1
+                active[1] = max(active[1], active[0])
+            try:
+                time.sleep(0.05)
+                return self.inner.read_ranges(ranges)  # type: ignore[no-any-return]
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    settings = quiet(fetcher=FetcherSettings(max_concurrent_requests=2, readahead_bytes=0))
+    mgr = LayerManager(client, cache, settings)
+    layers = [
+        mgr.get(REF_B, blobs["ref-chunked-64k"].digest),
+        mgr.get(REF_B, blobs["ref-prioritized"].digest),
+    ]
+    for layer in layers:
+        layer.fetcher._source = Gate(layer.fetcher._source)  # type: ignore[assignment]
+    jobs = [(layer, c) for layer in layers for c in layer.fetcher.chunks]
+    threads = [threading.Thread(target=lay.fetcher.get_chunk, args=(c,)) for lay, c in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(jobs) >= 8
+    assert active[1] == 2
+    assert all(c.digest in cache for _, c in jobs)
