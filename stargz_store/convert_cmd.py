@@ -9,6 +9,7 @@ on stderr and a non-zero exit status: 1 for a failed conversion, 2 for bad usage
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +52,16 @@ def _size(text: str) -> int:
     return v
 
 
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v
+
+
 def _bool(text: str) -> bool:
     t = text.strip().lower()
     if t in ("true", "1", "yes"):
@@ -84,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", help="only this platform of an index: os/arch[/variant]")
     p.add_argument(
         "--min-chunk-size",
-        type=int,
+        type=_nonneg,
         default=0,
         help="pack files smaller than this into shared gzip members (innerOffset); default off",
     )
@@ -265,6 +276,13 @@ def main(argv: Sequence[str], stderr: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstargz-store convert: interrupted", file=err)
         return 130
+    except Exception as e:  # a bug: still one line, not a traceback (STARGZ_DEBUG=1 shows it)
+        if os.environ.get("STARGZ_DEBUG"):
+            raise
+        if tty:
+            err.write("\n")
+        print(f"stargz-store convert: internal error: {type(e).__name__}: {e}", file=err)
+        return EXIT_FAILED
     for d in result.dropped:
         print(f"stargz-store convert: left out of the new index (not an image): {d}", file=err)
     converted = sum(1 for r in result.layers if r.action == "converted")

@@ -332,6 +332,7 @@ def test_errors_are_messages_not_tracebacks(
         (("--prioritized-files", str(tmp_path / "nofile"), src, dst), 2, "No such file"),
         (("--platform", "bad", src, dst), 1, "invalid platform"),
         ((src,), 2, "usage"),
+        (("--min-chunk-size", "-1", src, dst), 2, "must not be negative"),
     ]
     for argv, code, msg in cases:
         rc, err = run(*argv, capsys=capsys)
