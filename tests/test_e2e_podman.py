@@ -13,6 +13,7 @@ files too (see ``stargz_store.demo.StoreDaemon``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import hashlib
 import io
@@ -370,6 +371,10 @@ def test_lazy_run(
         assert not {".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"} & set(
             listing
         )
+        # Removing the image releases the store's layers (rmdir answered with ENOENT).
+        lazy.podman.run_podman("rmi", ref)
+        assert lazy.podman.storage_layers() == []
+        assert lazy.links() == {}
 
 
 @pytest.mark.parametrize("which", ["mixed-top-plain", "mixed-base-plain"])
@@ -419,6 +424,38 @@ def test_two_containers_in_parallel(
         assert sums[0] == BUSYBOX_SHA256
         expected = _data_sums(esgz)
         assert sums[1:] == [expected["/data/file2.bin"], expected["/data/file0.bin"]]
+
+
+def test_two_podmans_share_one_store(
+    registry: RegistryHandle,  # noqa: F811
+    esgz_images: dict[str, ImageInfo],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Two podmans (two graphroots, as two users of one machine would have) pull and run the
+    same image through one store at the same time."""
+    esgz = esgz_images["estargz"]
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    with lazy_env(tmp_path, registry) as lazy:
+        other = Podman(
+            tmp_path / "podman2", layer_store=lazy.daemon.mountpoint, insecure=[registry.host]
+        )
+        try:
+
+            def pull_and_run(podman: Podman) -> str:
+                podman.pull(ref)
+                return podman.run(ref)
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                outs = list(pool.map(pull_and_run, [lazy.podman, other]))
+            assert [o.strip() for o in outs] == [CHECK_OK, CHECK_OK]
+            assert lazy.store_links(ref) == [True, True]
+            mount = str(lazy.daemon.mountpoint.resolve()) + "/"
+            assert [t.startswith(mount) for t in other.layer_diff_links().values()] == [True] * 2
+        finally:
+            other.cleanup()
 
 
 def _data_sums(image: ImageInfo) -> dict[str, str]:
