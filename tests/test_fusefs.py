@@ -29,6 +29,7 @@ class Store:
     ops: StoreOperations
     layer: fu.FakeLayer
     other: fu.FakeLayer
+    wide: fu.FakeLayer
 
     @property
     def refdir(self) -> Path:
@@ -48,6 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     mgr = fu.FakeManager()
     layer = mgr.add(fu.REF, fu.FakeLayer(fu.sample_tree()))
     other = mgr.add(fu.REF, fu.FakeLayer({"a": fu.file(b"A")}, blob_error=lse.RangeError("short")))
+    wide = mgr.add(fu.REF, fu.FakeLayer({f"d/f{i:05d}": fu.file(b"%d" % i) for i in range(1500)}))
     mgr.errors[(fu.REF, "sha256:" + "e" * 64)] = lse.NotEStargzError("plain gzip")
     mgr.errors[(fu.REF, "sha256:" + "f" * 64)] = RuntimeError("provider bug")
     from layerstore.reference import parse_reference
@@ -56,7 +58,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     ops = StoreOperations(mgr, settings, validate_ref=parse_reference)
     mp = tmp_path_factory.mktemp("fusefs") / "mnt"
     with fu.mounted_ops(ops, mp, mount_options(settings)) as mounted:
-        yield Store(mounted, mgr, ops, layer, other)
+        yield Store(mounted, mgr, ops, layer, other, wide)
     assert not fu.is_mounted(mp)
 
 
@@ -185,6 +187,18 @@ def test_missing_names_in_layers_are_cached_by_the_kernel(store: Store) -> None:
         assert os.stat("hostname", dir_fd=fd).st_size == 7
     finally:
         os.close(fd)
+
+
+def test_large_directory_listing_resumes_correctly(store: Store) -> None:
+    d = store.refdir / store.wide.compressed_digest / "diff" / "d"
+    with os.scandir(d) as it:
+        entries = [(e.name, e.inode()) for e in it]  # many READDIRPLUS requests
+    names = [n for n, _ in entries]
+    assert len(names) == 1500 == len(set(names))
+    assert sorted(names) == [f"f{i:05d}" for i in range(1500)]
+    for name, ino in entries[::250]:
+        assert os.stat(d / name).st_ino == ino
+        assert (d / name).read_bytes() == str(int(name[1:])).encode()
 
 
 def test_special_files(store: Store) -> None:
