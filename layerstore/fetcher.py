@@ -84,6 +84,9 @@ class FetcherSettings:
     """Budget of following small chunks fetched along with a small chunk (0 disables)."""
     small_chunk_bytes: int = 256 * KiB
     """A chunk whose compressed size is at most this is 'small' for read-ahead."""
+    readahead_inline_bytes: int = 1 * MiB
+    """At most this much of the read-ahead rides in the reader's own request (it delays that
+    reader by its transfer time); the rest of the budget is fetched in a parallel request."""
     background_fetch: bool = False
     """Fetch the whole layer in the background after first use (the layer starts it when this
     or ``LayerSettings.background_fetch`` is set)."""
@@ -360,12 +363,21 @@ class ChunkFetcher:
                     mine.append(c)
                 futures.append(fut)
             extra = self._readahead(mine, taken) if (readahead and mine) else []
+            later: list[ChunkLike] = []
+            if extra:
+                inline_end = max(c.compressed_end for c in mine) + max(
+                    0, self.settings.readahead_inline_bytes
+                )
+                later = [c for c in extra if c.compressed_end > inline_end]
+                extra = [c for c in extra if c.compressed_end <= inline_end]
             for c in extra:
                 fut = Future()
                 self._inflight[chunk_key(c)] = fut
                 owned.append((chunk_key(c), fut))
             if mine and foreground:
                 self._fg_active += 1
+        if later:
+            self.fetch_async(later)
         if mine:
             try:
                 # A chunk may have landed in the cache between our lookup and the claim.

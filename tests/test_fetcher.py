@@ -422,3 +422,26 @@ def test_background_fill_skipped_when_layer_exceeds_half_the_cache(tmp_path: Pat
         BytesSource(blob), ChunkCache(tmp_path, 150_000), chunks, fake_decode, small_settings()
     )
     assert not f.start_background()
+
+
+def test_readahead_beyond_inline_budget_goes_in_a_parallel_request(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(40)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(
+        readahead_bytes=200_000, readahead_inline_bytes=50_000, small_chunk_bytes=64 * 1024
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.get_chunk(chunks[0]) == payloads[0]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(src.calls) < 2:
+        time.sleep(0.01)
+    assert len(src.calls) == 2
+    first, second = sorted(src.calls)  # issued in parallel: any order
+    assert first[0][0] == chunks[0].offset and sum(n for _, n in first) < 70_000
+    assert second[0][0] >= first[0][0] + first[0][1]
+    assert (
+        chunks[0].compressed_end + 50_000
+        < second[0][0] + second[0][1]
+        <= (chunks[0].compressed_end + 200_000)
+    )
