@@ -223,6 +223,16 @@ def _digest_bytes(v: object, what: str, e: dict[str, Any]) -> bytes:
     raise TOCError(f"TOC entry {_describe(e)}: {what} {str(v)[:80]!r} is not a sha256 digest")
 
 
+def _utf8_ok(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _hex(d: bytes) -> str:
     return "sha256:" + d.hex()
 
@@ -465,7 +475,7 @@ class TOCIndex:
         if kind == _REG:
             size = self._r_size[r]
         elif kind == _SYMLINK:
-            size = len(self._r_link[r].encode("utf-8", "surrogateescape"))
+            size = len(self._r_link[r].encode("utf-8"))
         else:
             size = 0
         rdev = 0
@@ -1035,7 +1045,7 @@ class _Builder:
         get = e.get
         if code in (_SYMLINK, _HARDLINK):
             ln = get("linkName", "")
-            if type(ln) is not str or "\x00" in ln:
+            if type(ln) is not str or "\x00" in ln or not _utf8_ok(ln):
                 raise TOCError(f"TOC entry {_describe(e)} has an invalid linkName")
             if code == _HARDLINK:
                 ln = clean_name(ln)
@@ -1057,7 +1067,7 @@ class _Builder:
             raise TOCError(f"TOC entry {_describe(e)}: xattrs is not an object")
         out: dict[str, bytes] = {}
         for k, v in xa.items():
-            if type(v) is not str or not k or "\x00" in k:
+            if type(v) is not str or not k or "\x00" in k or not _utf8_ok(k):
                 raise TOCError(f"TOC entry {_describe(e)}: invalid xattr {k[:60]!r}")
             try:
                 out[k] = base64.b64decode(v, validate=True)

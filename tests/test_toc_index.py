@@ -336,6 +336,8 @@ def test_long_names_limits() -> None:
         {"name": "x", "type": "char", "devMajor": -1},
         {"name": "x", "type": "symlink", "linkName": 3},
         {"name": "x", "type": "symlink", "linkName": "a\x00b"},
+        {"name": "x", "type": "symlink", "linkName": "a\ud800b"},
+        {"name": "x", "type": "reg", "xattrs": {"user.\udc80": ""}},
         {"name": "x", "type": "reg", "size": 4},  # data without offset
         {"name": "x", "type": "reg", "size": 4, "offset": 5},  # no digest at all
         {"name": "x", "type": "reg", "size": 4, "offset": TOC_OFFSET, "chunkDigest": dg("x")},
