@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -118,6 +119,7 @@ def clean_entry_name(name: str) -> str:
     return p.lstrip("/")
 
 
+@functools.lru_cache(maxsize=4096)
 def _rfc3339(mtime: int) -> str:
     if mtime == 0:
         return ""
@@ -317,6 +319,11 @@ def _num(field_: bytes, what: str) -> int:
         raise TarFormatError(f"bad octal number in tar header field {what}: {s!r}") from None
 
 
+def _signed_checksum(blk: bytes) -> int:
+    """The historical checksum over signed chars (some old tars wrote that)."""
+    return sum(b - 256 if b & 0x80 else b for b in blk[:148] + blk[156:]) + 256
+
+
 def _cstr(field_: bytes) -> bytes:
     return field_.split(b"\0", 1)[0]
 
@@ -451,8 +458,7 @@ class _TarParser:
                 return None
             stored = _num(blk[148:156], "chksum")
             unsigned = sum(blk[:148]) + 256 + sum(blk[156:])
-            signed = unsigned - 2 * sum(b for b in blk[:148] + blk[156:] if b & 0x80)
-            if stored not in (unsigned, signed):
+            if stored != unsigned and stored != _signed_checksum(blk):
                 raise TarFormatError(f"bad tar header checksum at byte {self._s.pos - _BLOCK}")
             tflag = blk[156:157]
             size = _num(blk[124:136], "size")
@@ -601,7 +607,8 @@ def _finish_toc(records: list[_TocRecord], seg_offsets: list[int]) -> bytes:
             d = out
         entries.append(d)
     toc = {"version": 1, "entries": entries}
-    return json.dumps(toc, indent="\t", ensure_ascii=False).encode("utf-8")
+    # Compact (the C encoder; indentation would use the pure-Python one): readers only parse it.
+    return json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 # --- the blob builder --------------------------------------------------------------------------
