@@ -18,10 +18,10 @@ mismatching blob fails, as does every later one).
   ``flags: {"expected-layer-diffid": DiffID}``, ``uidset``, ``gidset``.
 
 The uncompressed size (``diff-size``): the layer annotation
-``io.containers.estargz.uncompressed-size`` when the manifest has it (eStargz converters and
-podman write it). Without it, the TOC scheme says -1 (allowed there, and what the reference
-store does), and the compressed-digest scheme, which needs a number, gets an estimate from the
-TOC (:func:`estimate_tar_size`), good enough for image size reporting. An exact
+``io.containers.estargz.uncompressed-size`` when the manifest has it (our converter writes
+it). Without it, the TOC scheme says -1 (allowed there), and the compressed-digest scheme, which
+needs a number, gets an estimate from the TOC (:func:`estimate_tar_size`), meant for size
+reporting only. An exact
 figure would need the whole blob: the gzip member trailers do not help, because the Go writer
 also starts members where the TOC records no offset.
 """
