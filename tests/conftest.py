@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Fails the run when a log line contains a registered secret (see tests/secret_guard.py).
+pytest_plugins = ["tests.secret_guard"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 GO_REFERENCE = SHARED / "testdata" / "estargz-go-reference"
