@@ -42,6 +42,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests import secret_guard
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -104,6 +106,7 @@ class TokenServer:
         self.anonymous_pull = anonymous_pull
         self.expires_in = 300
         self.identity_token = "idtok-" + secrets.token_hex(8)
+        secret_guard.register(self.identity_token, "identity token")
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.key = workdir / "token.key"
@@ -157,7 +160,9 @@ class TokenServer:
             check=True,
             capture_output=True,
         ).stdout
-        return signing_input + "." + _b64url(sig)
+        token = signing_input + "." + _b64url(sig)
+        secret_guard.register(token, "bearer token")
+        return token
 
     def full_access(self, repo: str) -> list[dict[str, Any]]:
         return [{"type": "repository", "name": repo, "actions": ["pull", "push"]}]
@@ -456,6 +461,8 @@ def start_registry(
         pytest.skip("no docker-registry/registry binary (apt-get install docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
     password = password or "pw-" + secrets.token_hex(8)
+    if auth != "none":
+        secret_guard.register_basic(username, password, "registry password")
     port = free_port()
     storage = workdir / "storage"
     storage.mkdir(exist_ok=True)
