@@ -284,6 +284,11 @@ class FakeRegistry:
     issued_token: str | None = None  # what /token hands out, when not ``token``
 
     def __post_init__(self) -> None:
+        from tests import secret_guard
+
+        secret_guard.register_basic(self.username, self.password, "registry password")
+        secret_guard.register(self.token, "bearer token")
+        secret_guard.register(self.signature, "signed URL query")
         self.server.route("GET", r"/v2/?", self._ping)
         self.server.route("GET", r"/token", self._token)
         self.server.route("*", r"/v2/(.+)/manifests/([^/]+)", self._manifest)
