@@ -378,3 +378,61 @@ def test_options_validation() -> None:
         convert(b"", chunk_size=0)
     with pytest.raises(ValueError):
         convert(b"", compression_level=10)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_made_archive(tmp_path: Path, fmt: str) -> None:
+    """A tree written by GNU tar (long names, hardlink, symlink, fifo, xattr) converts and
+    lists identically with ``tar -tv``."""
+    root = tmp_path / "root"
+    deep = root / ("d" * 80) / ("e" * 80)
+    deep.mkdir(parents=True)
+    (deep / "f.txt").write_bytes(b"deep file\n")
+    (root / "big").write_bytes(os.urandom(70_000))
+    os.link(root / "big", root / "big.hard")
+    os.symlink("big", root / "sym")
+    os.mkfifo(root / "fifo")
+    (root / "setuid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "setuid", 0o4755)
+    xattr_ok = True
+    try:
+        os.setxattr(root / "big", "user.test", b"v\x00\xff")
+    except OSError:
+        xattr_ok = False  # file system without user xattrs: the rest still runs
+    src = tmp_path / "src.tar"
+    subprocess.run(
+        [
+            "tar",
+            f"--format={fmt}",
+            "--xattrs",
+            "--sort=name",
+            "-C",
+            str(root),
+            "-cf",
+            str(src),
+            ".",
+        ],
+        check=True,
+    )
+    dst = tmp_path / "out.esgz"
+    write_estargz_file(src, dst, WriterOptions(chunk_size=16384))
+
+    def listing(cmd: str) -> list[str]:
+        out = subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+        return out.splitlines()
+
+    want = listing(f"tar -tvf {src}")
+    got = listing(f"gzip -dc {dst} | tar -tvf -")
+    assert got[0].endswith(NO_PREFETCH_LANDMARK) and got[-1].endswith(TOC_TAR_NAME)
+    assert got[1:-1] == want
+    blob = dst.read_bytes()
+    toc = toc_of(blob)
+    entries = {e["name"]: e for e in toc["entries"] if e["type"] != "chunk"}  # type: ignore[union-attr]
+    long_name = f"{'d' * 80}/{'e' * 80}/f.txt"
+    assert files_from_toc(blob)[long_name] == b"deep file\n"
+    assert entries["setuid"]["mode"] == 0o4755
+    assert entries["big.hard"]["type"] == "hardlink" and entries["big.hard"]["linkName"] == "big"
+    assert entries["fifo"]["type"] == "fifo"
+    if xattr_ok and fmt == "posix":
+        assert entries["big"]["xattrs"] == {"user.test": "dgD/"}
+    assert files_from_toc(blob)["big"] == (root / "big").read_bytes()
