@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol, Union
 
-from layerstore.errors import FormatError, LayerStoreError
+from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
 from layerstore.footer import build_footer
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+MAX_TOC_SIZE = 150 << 20  # containers/storage's limit, and our reader's
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
@@ -907,6 +908,10 @@ def _write(
         b.cut()
         b.drain()
         toc_json = _finish_toc(w.records, b.seg_offsets)
+        if len(toc_json) > MAX_TOC_SIZE:
+            raise LimitExceededError(
+                f"the TOC would be {len(toc_json)} bytes; readers refuse more than {MAX_TOC_SIZE}"
+            )
         toc_digest = _sha256(toc_json)
         tail = (
             _ustar_header(TOC_TAR_NAME, len(toc_json))
