@@ -263,7 +263,7 @@ def _findings() -> list[str]:
             if len(example) > 300:
                 example = example[:300] + "..."
             out.append(
-                f"{test_id}: {len(hits)} {where} line(s) contain a {kind}; "
+                f"{test_id}: {len(hits)} {where} line(s) contain a secret ({kind}); "
                 f"first (redacted): {example}"
             )
     return out
@@ -278,6 +278,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     header = f"secret guard: {len(findings)} finding(s): registered secrets in log lines"
     if reporter is not None:
+        reporter.ensure_newline()
         reporter.write_sep("=", header, red=True)
         for f in findings:
             reporter.write_line(f)
