@@ -360,6 +360,7 @@ def sample_tree() -> dict[str, Node]:
     return {
         "etc/hostname": file(b"sample\n"),
         "etc/big": file(bytes(range(256)) * 4096),  # 1 MiB
+        "etc/shadow": file(b"root:*:1::::::\n", mode=0o600),
         "etc/hard": file(b"shared inode\n"),
         "etc/hard2": Node(0, link_to="etc/hard"),
         "bin/su": file(b"\x7fELF", mode=0o4755),

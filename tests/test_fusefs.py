@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -199,6 +200,33 @@ def test_large_directory_listing_resumes_correctly(store: Store) -> None:
     for name, ino in entries[::250]:
         assert os.stat(d / name).st_ino == ino
         assert (d / name).read_bytes() == str(int(name[1:])).encode()
+
+
+def test_other_users_read_with_file_permissions(store: Store) -> None:
+    """allow_other lets other users in; default_permissions applies each file's mode."""
+    # pytest's temporary directories are 0700: hand the mount's directories over as fds
+    diff = os.open(store.diff, os.O_RDONLY | os.O_DIRECTORY)
+    keydir = os.open(store.keydir, os.O_RDONLY | os.O_DIRECTORY)
+
+    def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+            capture_output=True,
+            timeout=20,
+            pass_fds=(diff, keydir),
+        )
+
+    try:
+        r = as_nobody("cat", f"/proc/self/fd/{diff}/etc/hostname")
+        assert r.returncode == 0 and r.stdout == b"sample\n", r.stderr
+        r = as_nobody("cat", f"/proc/self/fd/{diff}/etc/shadow")  # 0600 root
+        assert r.returncode != 0 and b"Permission denied" in r.stderr
+        before = store.mgr.count("use")
+        r = as_nobody("touch", f"/proc/self/fd/{keydir}/use")  # only root counts users
+        assert r.returncode != 0 and store.mgr.count("use") == before
+    finally:
+        os.close(diff)
+        os.close(keydir)
 
 
 def test_special_files(store: Store) -> None:
