@@ -833,6 +833,28 @@ class PodmanEnv:
         )
         return out.stdout
 
+    def helper_pids(self) -> list[int]:
+        """Processes other than us whose command line names our graphroot or runroot: conmon
+        and the ``podman container cleanup`` it starts when a container exits."""
+        needles = (str(self.graphroot).encode(), str(self.runroot).encode())
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if any(n in cmdline for n in needles):
+                pids.append(int(entry))
+        return pids
+
+    def wait_for_helpers(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.helper_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def mounts_below(self) -> list[str]:
         """Mount points below ``workdir`` and the runroot (overlay, shm, ...), deepest first."""
         found = [*mounts_below(str(self.workdir.resolve())), *mounts_below(str(self.runroot))]
@@ -843,6 +865,9 @@ class PodmanEnv:
         if self.graphroot.exists():
             with contextlib.suppress(Exception):
                 self.run_podman("rm", "--all", "--force", "--time", "0", timeout=60, check=False)
+            # conmon runs `podman container cleanup` when a container ends, asynchronously: it
+            # would mount graph/overlay again and re-create directories after we deleted them.
+            self.wait_for_helpers()
             with contextlib.suppress(Exception):
                 self.run_podman("umount", "--all", timeout=60, check=False)
         for point in self.mounts_below():

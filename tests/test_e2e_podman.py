@@ -146,7 +146,7 @@ def lazy_env(
     podman_auth: Path | None = None,
 ) -> Iterator[Lazy]:
     """Start a store daemon and a podman that uses it; stop both (podman first: its overlay
-    mounts use the store's mount) and check that no mount is left."""
+    mounts use the store's mount) and check that no mount is left and the daemon exited 0."""
     need_podman()
     with ExitStack() as stack:
         podman = Podman(
@@ -161,7 +161,8 @@ def lazy_env(
             insecure=[reg.host],
             authfile=store_auth,
         )
-        stack.callback(daemon.stop)
+        exit_status: list[int | None] = []
+        stack.callback(lambda: exit_status.append(daemon.stop()))
         stack.callback(podman.cleanup)  # runs first: podman's overlays use the store's mount
         daemon.start()
         podman.check_storage()
@@ -171,6 +172,8 @@ def lazy_env(
             sys.stderr.write("--- store daemon log (tail) ---\n" + daemon.log_tail(6000) + "\n")
             raise
     assert not mounts_below(str(workdir.resolve())), mounts_below(str(workdir.resolve()))
+    # SIGTERM is a clean stop: unmounted by the daemon itself, exit status 0.
+    assert exit_status == [0], f"daemon exit status {exit_status}: {daemon.log_tail()}"
 
 
 # --------------------------------------------------------------------------------------------
