@@ -9,6 +9,8 @@ import stat
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layerstore.errors import LimitExceededError, TOCError
 from layerstore.toc import OPAQUE_XATTRS, TOCIndex, parse_rfc3339_ns
@@ -584,3 +586,102 @@ def test_chunk_size_limit() -> None:
         )
     ok = chunked("f", 512 << 20, [(100, 0, 256 << 20), (200, 256 << 20, 0)])
     assert mk(ok).getattr(2).size == 512 << 20
+
+
+# --- random TOCs: either refused with TOCError or a consistent view ----------------------------
+_GOOD = ["a", "b", "c", ".wh.a", ".wh..wh..opq", "ü"]
+_RARE = [".wh.b", ".prefetch.landmark", "stargz.index.json", "..", ".", ""]
+_TYPES = ["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk", "bogus"]
+
+
+def _component(draw: st.DrawFn) -> str:
+    return draw(st.sampled_from(_RARE if draw(st.integers(0, 9)) == 0 else _GOOD))
+
+
+@st.composite
+def _random_entry(draw: st.DrawFn) -> dict[str, Any]:
+    parts = [_component(draw) for _ in range(draw(st.integers(1, 3)))]
+    name = "/".join(parts) + draw(st.sampled_from(["", "", "/"]))
+    typ = draw(st.sampled_from(_TYPES[:3] * 4 + _TYPES))
+    e: dict[str, Any] = {"name": name, "type": typ}
+    rare = draw(st.integers(0, 9)) == 0
+    if typ in ("reg", "chunk") and draw(st.booleans()):
+        e["size"] = draw(st.sampled_from([-1, 3])) if rare else draw(st.sampled_from([5, 10]))
+        e["offset"] = draw(st.sampled_from([10**6, -5])) if rare else draw(st.integers(0, 999))
+        e["chunkDigest"] = dg(name)
+        if draw(st.integers(0, 2)) == 0:
+            e["chunkSize"] = draw(st.sampled_from([0, 5]))
+        if typ == "chunk" or draw(st.integers(0, 4)) == 0:
+            e["chunkOffset"] = draw(st.sampled_from([0, 5, 10]))
+    if typ in ("symlink", "hardlink") or rare:
+        e["linkName"] = "/".join(_component(draw) for _ in range(draw(st.integers(1, 2))))
+    if typ in ("char", "block"):
+        e["devMajor"] = draw(st.sampled_from([0, 1, 2**32] if rare else [0, 1]))
+    if draw(st.integers(0, 3)) == 0:
+        e["mode"] = draw(st.sampled_from([-1, "x"] if rare else [0o644, 0o4755]))
+    if draw(st.integers(0, 6)) == 0:
+        e["xattrs"] = {"user.x": draw(st.sampled_from(["!"] if rare else ["eA==", ""]))}
+    return e
+
+
+ACCEPTED: list[int] = []
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(_random_entry(), max_size=10))
+def test_random_tocs_are_refused_or_consistent(entries: list[dict[str, Any]]) -> None:
+    try:
+        idx = mk(entries, toc_offset=1000)
+    except TOCError:
+        return
+    n = idx.num_inodes
+    seen: dict[int, int] = {}  # ino -> names pointing at it
+    subdirs: dict[int, int] = {}
+    stack = [idx.root_ino]
+    visited_dirs = set()
+    while stack:
+        ino = stack.pop()
+        assert ino not in visited_dirs
+        visited_dirs.add(ino)
+        listing = list(idx.readdir(ino))
+        assert [x for x, _ in listing] == sorted(x for x, _ in listing)
+        for child_name, child in listing:
+            assert child_name and "/" not in child_name and child_name not in (".", "..")
+            assert not child_name.startswith(".wh.")
+            assert idx.lookup(ino, child_name) == child
+            seen[child] = seen.get(child, 0) + 1
+            a = idx.getattr(child)
+            if stat.S_ISDIR(a.mode):
+                subdirs[ino] = subdirs.get(ino, 0) + 1
+                stack.append(child)
+    assert set(seen) | {1} == set(range(1, n + 1))
+    assert "stargz.index.json" not in [x for x, _ in idx.readdir(1)] or not stat.S_ISREG(
+        idx.getattr(idx.find("stargz.index.json") or 0).mode
+    )
+    ACCEPTED.append(n)
+    for ino in range(1, n + 1):
+        a = idx.getattr(ino)
+        assert a.ino == ino
+        if stat.S_ISDIR(a.mode):
+            assert a.nlink == 2 + subdirs.get(ino, 0)
+        else:
+            assert a.nlink == seen[ino]
+        if stat.S_ISREG(a.mode):
+            cs = idx.chunks(ino)
+            assert sum(c.chunk_size for c in cs) == a.size
+            pos = 0
+            for i, c in enumerate(cs):
+                assert c.chunk_offset == pos and 0 <= c.offset < c.compressed_end <= 1000
+                assert idx.chunk_at(ino, pos) == i
+                pos += c.chunk_size
+        elif stat.S_ISLNK(a.mode):
+            assert isinstance(idx.readlink(ino), str)
+        idx.xattrs(ino)
+    list(idx.entries())
+
+
+def test_random_tocs_are_not_all_refused() -> None:
+    """The property test above must exercise accepted TOCs, not only refusals."""
+    if not ACCEPTED:
+        test_random_tocs_are_refused_or_consistent()
+    assert sum(1 for n in ACCEPTED if n > 2) >= 10, ACCEPTED
