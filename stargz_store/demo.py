@@ -1286,6 +1286,8 @@ def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
             # A second Ctrl-C must not cut the clean-up short.
             _ignore_signals()
             _say("demo: cleaning up")
+    if keep:
+        _say(f"demo: kept {workdir} (daemon log: {workdir / 'daemon' / 'daemon.log'})")
     return 0
 
 
@@ -1295,7 +1297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Lazy pulling with stargz-store and podman, on a registry on 127.0.0.1.",
     )
     parser.add_argument("--data-mib", type=int, default=32, help="size of the data layer")
-    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the working directory (image layout, registry data, daemon log)",
+    )
     parser.add_argument("--workdir", type=Path, help="parent of the working directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
