@@ -98,6 +98,12 @@ class OneImageClient:
         return self.source
 
 
+def must(ino: int | None) -> int:
+    if ino is None:
+        raise SystemExit("file missing from the layer")
+    return ino
+
+
 def build_tar(n_small: int, n_large: int, seed: int = 1) -> tuple[bytes, list[str], list[str]]:
     rnd = random.Random(seed)
     buf = io.BytesIO()
@@ -174,7 +180,7 @@ def main() -> None:
                 f"lookup (tail + TOC, verify) [{ra}]", lambda: mgr.get("r/x:1", res.toc_digest), src
             )
             idx = layer.index
-            inos = [idx.find(p) for p in small]
+            inos = [must(idx.find(p)) for p in small]
 
             def read_small() -> int:
                 n = 0
@@ -183,7 +189,7 @@ def main() -> None:
                 return n
 
             run(f"cold read of {len(inos)} small files, TOC order [{ra}]", read_small, src)
-            big = idx.find(large[0])
+            big = must(idx.find(large[0]))
 
             def read_big() -> None:
                 for off in range(0, 12 * MiB, 128 * KiB):
@@ -217,7 +223,7 @@ def main() -> None:
         )
         layer = mgr.get("r/x:1", res.toc_digest)
         rnd = random.Random(2)
-        picks = [layer.index.find(p) for p in rnd.sample(small, min(400, len(small)))]
+        picks = [must(layer.index.find(p)) for p in rnd.sample(small, min(400, len(small)))]
 
         def concurrent() -> None:
             def worker(k: int) -> None:

@@ -33,9 +33,9 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -43,6 +43,7 @@ from layerstore.cache import ChunkCache
 from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
 from layerstore.fetcher import ChunkFetcher, ChunkLike, describe_error
 from layerstore.source import RangeSource
+from layerstore.toc import TOCIndex
 
 log = structlog.get_logger(__name__)
 
@@ -50,28 +51,6 @@ GZIP_COMPRESSION = 2  # containers/storage pkg/archive Gzip
 SCHEME_COMPRESSED = "compressed"
 SCHEME_TOC = "toc"
 MiB = 1024 * 1024
-
-
-class _Attr(Protocol):
-    @property
-    def size(self) -> int: ...
-
-
-class IndexLike(Protocol):
-    """What a layer needs of ``layerstore.toc.TOCIndex``."""
-
-    def chunks(self, ino: int) -> Sequence[Any]: ...
-
-    def chunk_at(self, ino: int, file_offset: int) -> int: ...
-
-    def getattr(self, ino: int) -> Any: ...
-
-    @property
-    def prefetch_landmark_offset(self) -> int | None: ...
-
-    def uids(self) -> Iterable[int]: ...
-
-    def gids(self) -> Iterable[int]: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +102,7 @@ class Layer:
         toc_digest: str,
         diff_id: str,
         blob_size: int,
-        index: IndexLike,
+        index: TOCIndex,
         source: RangeSource,
         cache: ChunkCache,
         fetcher: ChunkFetcher,

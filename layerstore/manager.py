@@ -55,10 +55,11 @@ from layerstore.fetcher import (
     describe_error,
 )
 from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
-from layerstore.layer import IndexLike, Layer, LayerSettings
+from layerstore.layer import Layer, LayerSettings
 from layerstore.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.reference import Reference, parse_reference
 from layerstore.source import RangeSource
+from layerstore.toc import TOCIndex
 
 log = structlog.get_logger(__name__)
 
@@ -325,7 +326,7 @@ class LayerManager:
             raise TOCDigestMismatchError(
                 f"layer {desc.digest}: TOC digest {reader.toc_digest} is not {toc_digest}"
             )
-        index: IndexLike = reader.index
+        index: TOCIndex = reader.index
         decode = self._decode or _default_decode()
         fetcher = ChunkFetcher(
             source,
