@@ -509,7 +509,8 @@ class _Converter:
                     raise ManifestError(
                         f"{self.src.describe()}: nested image indexes are not supported"
                     )
-                if dmt in mf.MANIFEST_MEDIA_TYPES and _platform_str(d) != "unknown/unknown":
+                is_image = dmt in mf.MANIFEST_MEDIA_TYPES or dmt is None  # None: look inside
+                if is_image and _platform_str(d) != "unknown/unknown":
                     selected.append(d)
                 else:  # attestations, signatures, artifacts: not images, not converted
                     self.dropped.append(f"{d.get('digest')} ({dmt}, {_platform_str(d) or '-'})")
