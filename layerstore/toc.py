@@ -799,6 +799,7 @@ class _Builder:
         self.landmark_rec = -1
         self.has_no_landmark = False
         self.strings: dict[str, str] = {"": ""}
+        self.replaced = False  # an entry replaced an earlier one: look for unreachable nodes
         self.mtimes: dict[str, int] = {}
 
     # --- the entry loop (hot: everything common is inlined) ------------------------------
@@ -1021,11 +1022,13 @@ class _Builder:
             ch = children[parent]
             assert ch is not None
             old = ch.get(base)
-            if old is not None and old > 0 and n_kind[old] == _DIR:
-                if code == _DIR:  # directory over directory: new attributes, same children
-                    n_rec[old] = r
-                    continue
-                self._drop_subtree(n, old)
+            if old is not None and old > 0:
+                if n_kind[old] == _DIR:
+                    if code == _DIR:  # directory over directory: new attributes, same children
+                        n_rec[old] = r
+                        continue
+                    self._drop_subtree(n, old)
+                self.replaced = True  # some provisional node may now be unreachable
             node = len(n_kind)
             n_kind.append(code)
             n_rec.append(r)
@@ -1097,11 +1100,13 @@ class _Builder:
         ch = self.n_children[parent]
         assert ch is not None
         old = ch.get(base)
-        if old is not None and old > 0 and self.n_kind[old] == _DIR:
-            if code == _DIR:  # directory over directory: new attributes, same children
-                self.n_rec[old] = r
-                return
-            self._drop_subtree(n, old)
+        if old is not None and old > 0:
+            if self.n_kind[old] == _DIR:
+                if code == _DIR:  # directory over directory: new attributes, same children
+                    self.n_rec[old] = r
+                    return
+                self._drop_subtree(n, old)
+            self.replaced = True
         if code == _HARDLINK:
             self.hardlinks.append((parent, base, self.r_link[r]))
             ch[base] = -len(self.hardlinks)
@@ -1218,11 +1223,11 @@ class _Builder:
 
         kind, rec, children = self.n_kind, self.n_rec, self.n_children
         nprov = len(kind)
-        # live nodes: reachable from the root
+        # live nodes: reachable from the root (all of them unless an entry replaced another)
         live = bytearray(nprov)
         live[1] = 1
-        stack = [1]
-        nlive = 1
+        stack = [1] if self.replaced else []
+        nlive = 1 if self.replaced else nprov - 1
         while stack:
             ch = children[stack.pop()]
             assert ch is not None
@@ -1266,17 +1271,10 @@ class _Builder:
                 else:
                     nlink[v] += 1
         for p in self.opaque:
-            if live[p]:
+            if newid is None or live[p]:
                 opaque.add(newid[p] if newid is not None else p)
-        total = 0
-        seen_rec: set[int] = set()
-        r_size = self.r_size
-        for ino in range(1, len(f_kind)):
-            if f_kind[ino] == _REG:
-                r = f_rec[ino]
-                if r not in seen_rec:
-                    seen_rec.add(r)
-                    total += r_size[r]
+        r_size = self.r_size  # one record per inode: hardlinked files count once
+        total = sum(r_size[f_rec[i]] for i in range(1, len(f_kind)) if f_kind[i] == _REG)
 
         # compressed_end: the next distinct member offset, or the TOC offset
         offs = sorted(set(self.c_offset))
