@@ -14,7 +14,8 @@ What is captured, for the whole session, attributed to the test that was running
 - text that tests hand over with :func:`record_output` (a subprocess's stderr) and log files
   named with :func:`watch_log`; ``*.log`` files in a test's ``tmp_path`` (and its
   subdirectories up to two levels down, e.g. a daemon's log) are read after the test's
-  teardown without registration.
+  teardown without registration, and the other ``*.log`` files of the session's base temporary
+  directory at the end (mount points are never entered).
 
 What counts as a secret: whatever fixtures and tests register with :func:`register`
 (:func:`register_basic` adds the base64 form of ``user:password`` too): registry passwords,
@@ -38,7 +39,8 @@ import pytest
 
 #: Shorter values are refused by :func:`register`: they would match by chance.
 MIN_SECRET_LENGTH = 8
-#: ``tmp_path`` is searched for ``*.log`` files this many directory levels down.
+#: ``tmp_path`` is searched for ``*.log`` files this many directory levels down (the session's
+#: base temporary directory one level more, at the end).
 LOG_SEARCH_DEPTH = 2
 #: Log files larger than this are read from their end only.
 MAX_LOG_FILE = 64 << 20
@@ -162,19 +164,52 @@ def _read_tail(path: str) -> str | None:
         return None
 
 
-def _log_files_below(root: Path, depth: int) -> Iterator[str]:
+def _mount_points() -> set[str]:
+    """Mount points (from /proc/self/mountinfo: no system call reaches a FUSE server)."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    out.add(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return out
+
+
+def _log_files_below(root: Path, depth: int, mounts: set[str] | None = None) -> Iterator[str]:
+    """``*.log`` files under *root*, *depth* directory levels down; mount points are skipped
+    (a FUSE mount whose server hangs would hang the scan)."""
+    if mounts is None:
+        mounts = _mount_points()
+    if str(root) in mounts:
+        return
     try:
         entries = list(os.scandir(root))
     except OSError:
         return
     for e in entries:
         try:
+            if e.path in mounts:
+                continue
             if e.is_file(follow_symlinks=False) and e.name.endswith(".log"):
                 yield e.path
-            elif depth > 0 and e.is_dir(follow_symlinks=False) and not os.path.ismount(e.path):
-                yield from _log_files_below(Path(e.path), depth - 1)
+            elif depth > 0 and e.is_dir(follow_symlinks=False):
+                yield from _log_files_below(Path(e.path), depth - 1, mounts)
         except OSError:
             continue
+
+
+def _watch_session_logs(session: pytest.Session) -> None:
+    """``*.log`` files anywhere in the session's temporary directories (``tmp_path_factory``
+    users, fixtures wider than one test) that no test claimed."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)  # None: no test made a temporary directory
+    if basetemp is None:
+        return
+    for path in _log_files_below(basetemp, LOG_SEARCH_DEPTH + 1):
+        watch_log(path)
 
 
 def _read_files(test_id: str | None) -> None:
@@ -271,6 +306,9 @@ def _findings() -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    with _state.lock:
+        _state.current = SESSION
+    _watch_session_logs(session)
     _read_files(None)
     findings = _findings()
     if not findings:

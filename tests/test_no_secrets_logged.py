@@ -57,6 +57,11 @@ def test_daemon_log_leak(tmp_path: Path):
     (tmp_path / "daemon" / "daemon.log").write_text('{{"event": "x", "p": "' + {PASSWORD!r} + '"}}')
 
 
+def test_shared_dir_log_leak(tmp_path_factory):
+    # not in the test's tmp_path: found in the session's base temporary directory at the end
+    (tmp_path_factory.mktemp("shared") / "registry.log").write_text("token " + {TOKEN!r})
+
+
 def test_recorded_stderr_leak():
     secret_guard.record_output("Traceback ... " + {TOKEN!r}, "subprocess stderr")
 
@@ -105,7 +110,7 @@ def test_guard_fails_a_run_that_logs_secrets(tmp_path: Path) -> None:
     r = run_inner(tmp_path / "leaky", LEAKS)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    assert "7 passed" in out, out  # every test passed: the failure is the guard's
+    assert "8 passed" in out, out  # every test passed: the failure is the guard's
     assert "secret guard:" in out, out
     findings = [ln for ln in out.splitlines() if ": " in ln and "contain a secret" in ln]
     by_test = {ln.split(": ", 1)[0].split("::")[-1]: ln for ln in findings}
@@ -115,6 +120,8 @@ def test_guard_fails_a_run_that_logs_secrets(tmp_path: Path) -> None:
     assert "log file" in by_test["test_daemon_log_leak"], out
     assert "registry password" in by_test["test_daemon_log_leak"], out
     assert "bearer token" in by_test["test_recorded_stderr_leak"], out
+    shared = by_test[secret_guard.SESSION]
+    assert "registry.log" in shared and "bearer token" in shared, out
     assert "test_clean" not in by_test and "test_handlers_replaced" not in by_test, out
     for secret in (PASSWORD, TOKEN, SIGNED):
         assert secret not in out, "the report names kinds, never the secrets"
