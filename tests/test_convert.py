@@ -468,3 +468,55 @@ def test_progress_display_tty_and_log() -> None:
     assert lines[0] == "layer 2/2 aaaaaaaaaaaa: converting 10.0 MB"
     assert lines[1].startswith("layer 2/2 aaaaaaaaaaaa: 1.0 MB / 10.0 MB (10%)")
     assert "\r" not in out.getvalue() and len(lines) == 3
+
+
+def test_registry_docker_index_to_registry(
+    tmp_path: Path,
+    registry: RegistryHandle,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import requests
+
+    amd = registry.push_image(
+        "conv/dsrc", None, [gzip.compress(tar_of(LAYER1))], manifest_media_type=DOCKER_MANIFEST
+    )
+    arm = registry.push_image(
+        "conv/dsrc",
+        None,
+        [gzip.compress(tar_of(LAYER2))],
+        manifest_media_type=DOCKER_MANIFEST,
+        platform=("linux", "arm64", "v8"),
+    )
+    registry.push_index("conv/dsrc", "multi", [amd, arm])
+    rc, err = run(
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--platform=linux/arm64",
+        f"docker://{registry.ref('conv/dsrc', 'multi')}",
+        f"docker://{registry.ref('conv/ddst', 'arm')}",
+        capsys=capsys,
+    )
+    assert rc == 0, err
+    s = requests.Session()
+    s.trust_env = False
+    accept = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"
+    r = s.get(f"{registry.url}/v2/conv/ddst/manifests/arm", headers={"Accept": accept}, timeout=30)
+    assert r.status_code == 200, r.text
+    index = r.json()
+    assert [m["platform"]["architecture"] for m in index["manifests"]] == ["arm64"]
+    d = index["manifests"][0]["digest"]
+    m = s.get(
+        f"{registry.url}/v2/conv/ddst/manifests/{d}", headers={"Accept": accept}, timeout=30
+    ).json()
+    assert m["mediaType"] == DOCKER_MANIFEST
+    layer = m["layers"][0]
+    assert layer["mediaType"] == DOCKER_GZIP
+    blob = s.get(f"{registry.url}/v2/conv/ddst/blobs/{layer['digest']}", timeout=30).content
+    assert sha(blob) == layer["digest"]
+    path = tmp_path / "layer.esgz"
+    path.write_bytes(blob)
+    with FileSource(path) as src:
+        rd = EStargzReader.open(src, expected_toc_digest=layer["annotations"][TOC_ANN])
+        assert rd.read_file("app/main.py") == LAYER2["app/main.py"]
+    config = s.get(f"{registry.url}/v2/conv/ddst/blobs/{m['config']['digest']}", timeout=30).json()
+    assert config["rootfs"]["diff_ids"] == [sha(gzip.decompress(blob))]
