@@ -75,8 +75,12 @@ def toc_region(
 
 def inflate_toc_member(member: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:
     """Gunzip the TOC member (one or more gzip members), refusing output beyond the cap."""
+    return bytes(_inflate_toc_member(member, max_toc_size))
+
+
+def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
     cap = max_toc_size + TOC_TAR_OVERHEAD
-    parts: list[bytes] = []
+    result = bytearray()
     total = 0
     data: bytes | memoryview = memoryview(member)
     if not member:
@@ -92,7 +96,8 @@ def inflate_toc_member(member: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) 
                     raise LimitExceededError(
                         f"TOC member inflates to more than {cap} bytes (limit {max_toc_size})"
                     )
-                parts.append(out)
+                result += out
+                del out
                 if d.eof:
                     break
                 buf = d.unconsumed_tail
@@ -103,7 +108,7 @@ def inflate_toc_member(member: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) 
             data = d.unused_data
     except zlib.error as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from None
-    return b"".join(parts)
+    return result
 
 
 def _tar_number(field: bytes) -> int:
@@ -153,11 +158,16 @@ def _parse_pax(payload: bytes) -> dict[str, str]:
 
 def extract_toc_json(tar: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:
     """The content of the ``stargz.index.json`` tar entry at the start of *tar*."""
+    start, end = _toc_json_span(tar, max_toc_size)
+    return bytes(tar[start:end])
+
+
+def _toc_json_span(tar: bytes | bytearray, max_toc_size: int) -> tuple[int, int]:
     pos = 0
     override_name: str | None = None
     override_size: int | None = None
     while True:
-        hdr = tar[pos : pos + 512]
+        hdr = bytes(tar[pos : pos + 512])
         if len(hdr) < 512 or hdr == bytes(512):
             raise FormatError(f"the TOC member has no {TOC_TAR_NAME} tar entry")
         _check_tar_checksum(hdr)
@@ -167,7 +177,7 @@ def extract_toc_json(tar: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> by
         if typeflag in (b"x", b"g", b"L"):
             if size > TOC_TAR_OVERHEAD or body + size > len(tar):
                 raise FormatError("oversized or truncated extended header in the TOC member")
-            payload = tar[body : body + size]
+            payload = bytes(tar[body : body + size])
             if typeflag == b"x":
                 pax = _parse_pax(payload)
                 if "path" in pax:
@@ -198,7 +208,7 @@ def extract_toc_json(tar: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> by
             raise LimitExceededError(f"TOC of {size} bytes exceeds the limit of {max_toc_size}")
         if body + size > len(tar):
             raise FormatError(f"{TOC_TAR_NAME} is truncated in the TOC member")
-        return tar[body : body + size]
+        return body, body + size
 
 
 def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
@@ -340,15 +350,17 @@ class EStargzReader:
                 f"TOC member is {len(toc_member_bytes)} bytes, expected {length} "
                 f"(blob {size}, TOC offset {toc_offset}, footer {footer_size})"
             )
-        toc_json = extract_toc_json(
-            inflate_toc_member(toc_member_bytes, max_toc_size), max_toc_size
-        )
-        toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
-        if expected_toc_digest is not None and toc_digest != expected_toc_digest:
-            raise TOCDigestMismatchError(
-                f"TOC digest {toc_digest} != expected {expected_toc_digest}"
-            )
-        index = TOCIndex.from_json(toc_json, toc_offset=toc_offset, max_entries=max_entries)
+        # peak memory ~ compressed member + inflated member + the JSON as str
+        plain = _inflate_toc_member(toc_member_bytes, max_toc_size)
+        start, end = _toc_json_span(plain, max_toc_size)
+        with memoryview(plain) as whole, whole[start:end] as toc_json:
+            toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+            if expected_toc_digest is not None and toc_digest != expected_toc_digest:
+                raise TOCDigestMismatchError(
+                    f"TOC digest {toc_digest} != expected {expected_toc_digest}"
+                )
+            index = TOCIndex.from_json(toc_json, toc_offset=toc_offset, max_entries=max_entries)
+        del plain
         return cls(
             source,
             index,

@@ -403,7 +403,7 @@ class TOCIndex:
     @classmethod
     def from_json(
         cls,
-        toc_json: bytes | str,
+        toc_json: bytes | bytearray | memoryview | str,
         *,
         toc_offset: int,
         max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -414,7 +414,7 @@ class TOCIndex:
         """
         if isinstance(toc_json, (bytes, bytearray, memoryview)):
             try:
-                text = bytes(toc_json).decode("utf-8")
+                text = str(toc_json, "utf-8")  # no intermediate copy of a memoryview
             except UnicodeDecodeError as exc:
                 raise TOCError(f"TOC is not UTF-8: {exc}") from None
         else:
