@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -605,6 +606,55 @@ def test_lazy_pull_fetches_only_what_is_read(
     by_store = sum(r.size for r in requests if r.digest in layer_digests)
     data_layer = esgz.layers[1]["size"]
     assert 0 < by_store < data_layer // 4, (by_store, data_layer)
+
+
+def test_prioritized_files_are_prefetched_at_pull(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``stargz-store convert --prioritized-files`` puts a file before the prefetch landmark;
+    the store fetches it as soon as podman looks the layer up, before any container reads it.
+    The same image converted without the list is the control: nothing of its data is fetched.
+    Background filling is off, so only the landmark prefetch can fetch data."""
+    need_podman()
+    size = 2 << 20
+    big = build_test_image(
+        tmp_path_factory.mktemp("prio"), "gzip", data_size=size, data_files=3, seed=11
+    )
+    plain = convert_image(big, "estargz")
+    prio_list = tmp_path / "prioritized.txt"
+    prio_list.write_text("/data/file1.bin\n")
+    prio = convert_image(big, "prio", "--prioritized-files", str(prio_list))
+    assert prio.layers[1]["digest"] != plain.layers[1]["digest"]
+    with LoopbackRegistry(tmp_path / "registry") as reg:
+        push_image(plain, reg, "e2e/prio", "control")
+        push_image(prio, reg, "e2e/prio", "prio")
+        podman = Podman(
+            tmp_path / "podman", layer_store=tmp_path / "daemon" / "store", insecure=[reg.host]
+        )
+        daemon = StoreDaemon(
+            tmp_path / "daemon",
+            registries_conf=podman.registries_conf,
+            insecure=[reg.host],
+            background_fetch=False,
+        )
+
+        def fetched(digest: str) -> int:
+            return sum(r.size for r in reg.requests() if r.is_blob_get and r.digest == digest)
+
+        try:
+            daemon.start()
+            podman.pull(f"{reg.host}/e2e/prio:control")
+            podman.pull(f"{reg.host}/e2e/prio:prio")
+            deadline = time.monotonic() + 30
+            while fetched(prio.layers[1]["digest"]) < size and time.monotonic() < deadline:
+                time.sleep(0.2)
+            prio_bytes = fetched(prio.layers[1]["digest"])
+            control_bytes = fetched(plain.layers[1]["digest"])
+        finally:
+            podman.cleanup()
+            daemon.stop()
+    assert size <= prio_bytes < 2 * size, prio_bytes
+    assert control_bytes < size // 2, control_bytes
 
 
 def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
