@@ -8,7 +8,6 @@ and checks on what a registry or an archive holds.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import subprocess
@@ -48,12 +47,14 @@ __all__ = [
     "ImageInfo",
     "LoopbackRegistry",
     "RegistryHTTP",
+    "archive_layer_diff_ids",
     "build_test_image",
     "convert",
+    "convert_image",
+    "decompressed_digest",
     "directory",
     "file",
     "hardlink",
-    "layer_diff_id",
     "mix_layers",
     "push_image",
     "read_image",
@@ -152,11 +153,6 @@ def decompressed_digest(blob: bytes) -> str:
     return sha256_digest(blob)
 
 
-def layer_diff_id(blob: bytes) -> str:
-    """The DiffID of a layer blob (gzip or eStargz or plain tar)."""
-    return decompressed_digest(blob)
-
-
 def registry_diff_ids(client: RegistryHTTP, repo: str, ref: str) -> dict[str, Any]:
     """Manifest digest, layer digests, config diff_ids and the diff_ids recomputed from the
     layer blobs of ``repo:ref``."""
@@ -195,7 +191,3 @@ def archive_layer_diff_ids(archive: Path) -> tuple[list[str], list[str]]:
             config = json.loads(read("blobs/" + manifest["config"]["digest"].replace(":", "/")))
             layers = [read("blobs/" + x["digest"].replace(":", "/")) for x in manifest["layers"]]
     return list(config["rootfs"]["diff_ids"]), [decompressed_digest(b) for b in layers]
-
-
-def gunzip(blob: bytes) -> bytes:
-    return gzip.decompress(blob)
