@@ -59,6 +59,7 @@ class _State:
     handler: logging.Handler | None = None
     original_process_event: Any = None
     tmp_paths: dict[str, Path] = field(default_factory=dict)
+    summary: str = ""
 
 
 _state = _State()
@@ -311,6 +312,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _watch_session_logs(session)
     _read_files(None)
     findings = _findings()
+    with _state.lock:
+        _state.summary = (
+            f"secret guard: {sum(len(v) for v in _state.lines.values())} log lines and "
+            f"{len(_state.file_text)} log files checked against {len(_state.secrets)} "
+            f"registered secrets: {len(findings)} finding(s)"
+        )
     if not findings:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -324,3 +331,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(header, *findings, sep="\n")
     if session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _state.summary and terminalreporter.config.option.verbose >= 0:
+        terminalreporter.write_line(_state.summary)
