@@ -90,7 +90,6 @@ _IFMT = {
     _FIFO: stat.S_IFIFO,
     _WHITEOUT: stat.S_IFCHR,
 }
-_NO_DIGEST = bytes(32)
 
 
 class Chunk(NamedTuple):
@@ -344,8 +343,8 @@ class TOCIndex:
         "_r_chunk_hi",
         "_r_chunk_lo",
         "_r_dev",
-        "_r_digest",
         "_r_dir",
+        "_r_fdigest",
         "_r_gid",
         "_r_gname",
         "_r_link",
@@ -373,7 +372,7 @@ class TOCIndex:
     _r_gid: array[int]
     _r_size: array[int]
     _r_mtime: array[int]
-    _r_digest: bytearray
+    _r_fdigest: dict[int, bytes]  # whole-file digests differing from the first chunk's
     _r_chunk_lo: array[int]
     _r_chunk_hi: array[int]
     _r_uname: list[str]
@@ -613,7 +612,7 @@ class TOCIndex:
             name = self._record_name(r)
             lo, hi = self._r_chunk_lo[r], self._r_chunk_hi[r]
             major, minor = self._r_dev.get(r, (0, 0))
-            d = self._r_digest[32 * r : 32 * r + 32]
+            fd = self._r_fdigest.get(r)
             first = self._chunk(lo) if lo < hi else None
             yield TOCEntry(
                 name=name,
@@ -627,7 +626,7 @@ class TOCIndex:
                 dev_major=major,
                 dev_minor=minor,
                 xattrs=dict(self._r_xattrs[r]) if r in self._r_xattrs else None,
-                digest="" if d == _NO_DIGEST else _hex(bytes(d)),
+                digest=(first.digest if first else "") if fd is None else (_hex(fd) if fd else ""),
                 user_name=self._r_uname[r],
                 group_name=self._r_gname[r],
                 offset=first.offset if first else None,
@@ -772,7 +771,7 @@ class _Builder:
         self.r_gid = array("I")
         self.r_size = array("q")
         self.r_mtime = array("q")
-        self.r_digest = bytearray()
+        self.r_fdigest: dict[int, bytes] = {}
         self.r_chunk_lo = array("I")
         self.r_chunk_hi = array("I")
         self.r_uname: list[str] = []
@@ -831,7 +830,8 @@ class _Builder:
         r_gid = self.r_gid
         r_size = self.r_size
         r_mtime = self.r_mtime
-        r_digest = self.r_digest
+        r_fdigest = self.r_fdigest
+        fd_cache: dict[bytes, bytes] = {}
         r_chunk_lo = self.r_chunk_lo
         r_chunk_hi = self.r_chunk_hi
         r_uname = self.r_uname
@@ -846,7 +846,6 @@ class _Builder:
         strings = self.strings
         toc_offset = self.toc_offset
         digest_bytes = _digest_bytes
-        no_digest = _NO_DIGEST
         cur_rec = -1
         cur_name = ""
         cur_next = 0
@@ -939,9 +938,14 @@ class _Builder:
                 raise _bad_int(e, "userName/groupName")
             un = strings.setdefault(un, un)  # one shared object per distinct name
             gn = strings.setdefault(gn, gn)
+            # the whole-file digest is kept only where the first chunk's digest is not it
             dg = get("digest")
-            dgb = no_digest if dg is None or dg == "" else digest_bytes(dg, "digest", e)
-            r_digest += dgb
+            if dg is None or dg == "":
+                if code == _REG and size:
+                    r_fdigest[r] = b""
+            elif code != _REG or not size or dg != get("chunkDigest"):
+                dgb = digest_bytes(dg, "digest", e)
+                r_fdigest[r] = fd_cache.setdefault(dgb, dgb)
             xa = get("xattrs")
             if xa is not None:
                 self._xattrs(r, xa, e)
@@ -989,11 +993,9 @@ class _Builder:
                     if size:
                         cd = get("chunkDigest")
                         if cd is None or cd == "":
-                            if cs not in (0, size) or dgb is no_digest:
+                            cdb = r_fdigest.get(r, b"")
+                            if cs not in (0, size) or not cdb:
                                 raise TOCError(f"TOC entry {_describe(e)} has no chunkDigest")
-                            cdb = dgb
-                        elif cd == dg:
-                            cdb = dgb
                         else:
                             cdb = digest_bytes(cd, "chunkDigest", e)
                         csize = size if cs == 0 else cs
@@ -1290,7 +1292,7 @@ class _Builder:
         idx._r_gid = self.r_gid
         idx._r_size = self.r_size
         idx._r_mtime = self.r_mtime
-        idx._r_digest = self.r_digest
+        idx._r_fdigest = self.r_fdigest
         idx._r_chunk_lo = self.r_chunk_lo
         idx._r_chunk_hi = self.r_chunk_hi
         idx._r_uname = self.r_uname

@@ -685,3 +685,15 @@ def test_random_tocs_are_not_all_refused() -> None:
     if not ACCEPTED:
         test_random_tocs_are_refused_or_consistent()
     assert sum(1 for n in ACCEPTED if n > 2) >= 10, ACCEPTED
+
+
+def test_entries_keep_whole_file_digests() -> None:
+    entries = [
+        reg("same", 3, digest=dg("same")),  # digest == chunkDigest
+        reg("none", 3),  # chunkDigest only
+        reg("empty", digest=dg("")),
+        *chunked("multi", 10, [(200, 0, 5), (300, 5, 0)], digest=dg("whole")),
+        d("dir"),
+    ]
+    got = {e.name: e.digest for e in mk(entries).entries() if e.type != "chunk"}
+    assert got == {"same": dg("same"), "none": "", "empty": dg(""), "multi": dg("whole"), "dir": ""}
