@@ -33,11 +33,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from stargz_store import notify
 from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, Config, ConfigError, load_config
 from stargz_store.log import LEVELS, configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from stargz_store.fusefs import LayerProvider
 
 log = get_logger("stargz_store.daemon")
 
@@ -331,7 +334,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 ),
             ),
         )
-        wiring.provider = manager
+        checked: LayerProvider = manager  # the real manager meets the adapter's protocol
+        wiring.provider = checked
         wiring.closers.append(manager.close)
         wiring.sweep = manager.sweep
         if ac.helper_socket:

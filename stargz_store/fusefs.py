@@ -100,8 +100,8 @@ class LayerLike(Protocol):
 
 class LayerProvider(Protocol):
     def get(self, ref: str, key: str) -> LayerLike: ...
-    def use(self, ref: str, key: str) -> None: ...
-    def release(self, ref: str, key: str) -> None: ...
+    def use(self, ref: str, key: str) -> object: ...  # the result (a count) is not used
+    def release(self, ref: str, key: str) -> object: ...
 
 
 # --- mount options ------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def _default_validate_ref(ref: str) -> None:
         raise lse.ImageReferenceError(f"invalid image reference {ref!r}")
 
 
-class StoreOperations(pyfuse3.Operations):  # type: ignore[misc]
+class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     """pyfuse3 request handlers for the ALS tree. One instance per mount."""
 
     supports_dot_lookup = False
