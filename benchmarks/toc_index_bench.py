@@ -113,7 +113,8 @@ def synthetic_toc(n_entries: int = 56_810) -> tuple[bytes, int]:
                 }
             )
     entries = entries[:n_entries]
-    doc = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
+    # indented with tabs, as the Go writer (json.MarshalIndent(toc, "", "\t")) does
+    doc = json.dumps({"version": 1, "entries": entries}, indent="\t").encode()
     return doc, offset + 1_000_000
 
 

@@ -810,16 +810,6 @@ class _Builder:
     def run(self, entries: Iterator[Any]) -> None:
         """Process every entry. Wrongly typed or out-of-range numbers surface as TypeError /
         OverflowError from the typed arrays and are reported as :class:`TOCError`."""
-        holder: list[Any] = [None]
-        try:
-            self._run(entries, holder)
-        except (TypeError, OverflowError) as exc:
-            raise TOCError(
-                f"TOC entry {_describe(holder[0]) if type(holder[0]) is dict else '?'} "
-                f"has a field of the wrong type or range ({exc})"
-            ) from None
-
-    def _run(self, entries: Iterator[Any], holder: list[Any]) -> None:
         type_codes = _TYPE_CODES
         hidden = _HIDDEN_AT_ROOT
         dirmap = self.dirmap
@@ -856,197 +846,205 @@ class _Builder:
         cur_next = 0
         cur_size = 0
         nchunks = len(c_offset)
-        for e in entries:
-            holder[0] = e
-            if type(e) is not dict:
-                raise TOCError("TOC entry is not an object")
-            get = e.get
-            name = get("name")
-            typ = get("type")
-            if type(name) is not str or type(typ) is not str or not name:
-                raise TOCError(f"TOC entry {_describe(e)} has no valid name/type")
-            code = type_codes.get(typ)
-            if code is None:
-                raise TOCError(f"TOC entry {_describe(e)} has unknown type {typ[:40]!r}")
-            n = name[:-1] if name[-1] == "/" else name
-            if (
-                len(n) > 255
-                or "//" in n
-                or "/." in n
-                or n[:1] in "./"
-                or n[-1:] == "/"
-                or "\x00" in n
-                or not n.isascii()
-            ):
-                n = clean_name(name)
+        e: Any = None
+        try:
+            for e in entries:
+                if type(e) is not dict:
+                    raise TOCError("TOC entry is not an object")
+                get = e.get
+                name = get("name")
+                typ = get("type")
+                if type(name) is not str or type(typ) is not str or not name:
+                    raise TOCError(f"TOC entry {_describe(e)} has no valid name/type")
+                code = type_codes.get(typ)
+                if code is None:
+                    raise TOCError(f"TOC entry {_describe(e)} has unknown type {typ[:40]!r}")
+                n = name[:-1] if name[-1] == "/" else name
+                if (
+                    len(n) > 255
+                    or "//" in n
+                    or "/." in n
+                    or n[:1] in "./"
+                    or n[-1:] == "/"
+                    or "\x00" in n
+                    or not n.isascii()
+                ):
+                    n = clean_name(name)
 
-            if code == _CHUNK:
-                start = get("chunkOffset")
-                off: Any = get("offset")
-                cs = get("chunkSize", 0)
-                inner = get("innerOffset", 0)
-                if cur_rec < 0 or n != cur_name:
-                    raise TOCError(f"chunk entry {_describe(e)} does not follow its reg entry")
-                if type(start) is not int or start != cur_next or start == 0:
-                    raise TOCError(
-                        f"chunk entry {_describe(e)}: chunkOffset {str(start)[:40]} is not "
-                        f"{cur_next} (chunks must be contiguous)"
-                    )
-                if not 0 <= off < toc_offset or cs < 0 or inner < 0:
-                    raise _bad_chunk(e, toc_offset)
-                size = cur_size - start if cs == 0 else cs
-                if size <= 0 or start + size > cur_size:
-                    raise _bad_fit(e, start, cs, cur_size)
-                if size > MAX_CHUNK_SIZE:
-                    raise _big_chunk(e, size)
-                c_offset.append(off)
-                c_start.append(start)
-                c_size.append(size)
-                c_inner.append(inner)
-                c_digest += digest_bytes(get("chunkDigest"), "chunkDigest", e)
-                c_open.append(cs == 0)
-                nchunks += 1
-                cur_next = start + size
-                r_chunk_hi[cur_rec] = nchunks
-                continue
-
-            if cur_rec >= 0:
-                if cur_next != cur_size:
-                    raise _bad_cover(cur_name, cur_next, cur_size)
-                cur_rec = -1
-            if not n and code != _DIR:
-                raise TOCError(f"non-directory TOC entry {name[:200]!r} names the root")
-
-            r = len(r_type)
-            mode = get("mode", 0)
-            uid = get("uid", 0)
-            gid = get("gid", 0)
-            size = get("size", 0)
-            if size < 0 or mode < 0:
-                raise _bad_fields(e)
-            mt = get("modtime")
-            if mt is None or mt == "":
-                mtime = 0
-            else:
-                if type(mt) is not str:
-                    raise _bad_int(e, "modtime")
-                cached = mtimes.get(mt)
-                if cached is None:
-                    mtime = parse_rfc3339_ns(mt)
-                    if len(mtimes) < 4096:
-                        mtimes[mt] = mtime
-                else:
-                    mtime = cached
-            un = get("userName", "")
-            gn = get("groupName", "")
-            if type(un) is not str or type(gn) is not str:
-                raise _bad_int(e, "userName/groupName")
-            un = strings.setdefault(un, un)  # one shared object per distinct name
-            gn = strings.setdefault(gn, gn)
-            # the whole-file digest is kept only where the first chunk's digest is not it
-            dg = get("digest")
-            if dg is None or dg == "":
-                if code == _REG and size:
-                    r_fdigest[r] = b""
-            elif code != _REG or not size or dg != get("chunkDigest"):
-                dgb = digest_bytes(dg, "digest", e)
-                r_fdigest[r] = fd_cache.setdefault(dgb, dgb)
-            xa = get("xattrs")
-            if xa is not None:
-                self._xattrs(r, xa, e)
-
-            if n:
-                i = n.rfind("/")
-                if i >= 0:
-                    parent = dirmap.get(n[:i])
-                    if parent is None:
-                        parent = self._mkdirs(n[:i])
-                    base = n[i + 1 :]
-                else:
-                    parent = 1
-                    base = n
-            else:
-                parent, base = 1, ""
-
-            r_type.append(code)
-            r_name.append(base)
-            r_dir.append(parent)
-            r_mode.append(mode & 0o7777)
-            r_uid.append(uid)
-            r_gid.append(gid)
-            r_size.append(size if code == _REG else 0)
-            r_mtime.append(mtime)
-            r_uname.append(un)
-            r_gname.append(gn)
-            r_chunk_lo.append(nchunks)
-            r_chunk_hi.append(nchunks)
-
-            if code == _REG:
-                co = get("chunkOffset", 0)
-                if co != 0 or type(co) is not int:
-                    raise TOCError(f"TOC entry {_describe(e)}: a reg entry's chunkOffset must be 0")
-                cur_rec = r
-                cur_name = n
-                cur_next = 0
-                cur_size = size
-                off = get("offset")
-                if size or off is not None:
+                if code == _CHUNK:
+                    start = get("chunkOffset")
+                    off: Any = get("offset")
                     cs = get("chunkSize", 0)
                     inner = get("innerOffset", 0)
-                    if off is None or not 0 <= off < toc_offset or cs < 0 or inner < 0:
+                    if cur_rec < 0 or n != cur_name:
+                        raise TOCError(f"chunk entry {_describe(e)} does not follow its reg entry")
+                    if type(start) is not int or start != cur_next or start == 0:
+                        raise TOCError(
+                            f"chunk entry {_describe(e)}: chunkOffset {str(start)[:40]} is not "
+                            f"{cur_next} (chunks must be contiguous)"
+                        )
+                    if not 0 <= off < toc_offset or cs < 0 or inner < 0:
                         raise _bad_chunk(e, toc_offset)
-                    if size:
-                        cd = get("chunkDigest")
-                        if cd is None or cd == "":
-                            cdb = r_fdigest.get(r, b"")
-                            if cs not in (0, size) or not cdb:
-                                raise TOCError(f"TOC entry {_describe(e)} has no chunkDigest")
-                        else:
-                            cdb = digest_bytes(cd, "chunkDigest", e)
-                        csize = size if cs == 0 else cs
-                        if csize > size:
-                            raise _bad_fit(e, 0, cs, size)
-                        if csize > MAX_CHUNK_SIZE:
-                            raise _big_chunk(e, csize)
-                        c_offset.append(off)
-                        c_start.append(0)
-                        c_size.append(csize)
-                        c_inner.append(inner)
-                        c_digest += cdb
-                        c_open.append(cs == 0)
-                        nchunks += 1
-                        cur_next = csize
-                        r_chunk_hi[r] = nchunks
-            elif code != _DIR and code != _FIFO:
-                self._special_fields(r, code, e)
+                    size = cur_size - start if cs == 0 else cs
+                    if size <= 0 or start + size > cur_size:
+                        raise _bad_fit(e, start, cs, cur_size)
+                    if size > MAX_CHUNK_SIZE:
+                        raise _big_chunk(e, size)
+                    c_offset.append(off)
+                    c_start.append(start)
+                    c_size.append(size)
+                    c_inner.append(inner)
+                    c_digest += digest_bytes(get("chunkDigest"), "chunkDigest", e)
+                    c_open.append(cs == 0)
+                    nchunks += 1
+                    cur_next = start + size
+                    r_chunk_hi[cur_rec] = nchunks
+                    continue
 
-            if not n:  # the root directory's own entry
-                n_rec[1] = r
-                continue
-            if base[:4] == ".wh." or code == _HARDLINK or (parent == 1 and base in hidden):
-                self._place(parent, base, r, code, n)
-                continue
-            ch = children[parent]
-            assert ch is not None
-            old = ch.get(base)
-            if old is not None and old > 0:
-                if n_kind[old] == _DIR:
-                    if code == _DIR:  # directory over directory: new attributes, same children
-                        n_rec[old] = r
-                        continue
-                    self._drop_subtree(n, old)
-                self.replaced = True  # some provisional node may now be unreachable
-            node = len(n_kind)
-            n_kind.append(code)
-            n_rec.append(r)
-            if code == _DIR:
-                children.append({})
-                n_path.append(n)
-                dirmap[n] = node
-            else:
-                children.append(None)
-                n_path.append(None)
-            ch[base] = node
+                if cur_rec >= 0:
+                    if cur_next != cur_size:
+                        raise _bad_cover(cur_name, cur_next, cur_size)
+                    cur_rec = -1
+                if not n and code != _DIR:
+                    raise TOCError(f"non-directory TOC entry {name[:200]!r} names the root")
+
+                r = len(r_type)
+                mode = get("mode", 0)
+                uid = get("uid", 0)
+                gid = get("gid", 0)
+                size = get("size", 0)
+                if size < 0 or mode < 0:
+                    raise _bad_fields(e)
+                mt = get("modtime")
+                if mt is None or mt == "":
+                    mtime = 0
+                else:
+                    if type(mt) is not str:
+                        raise _bad_int(e, "modtime")
+                    cached = mtimes.get(mt)
+                    if cached is None:
+                        mtime = parse_rfc3339_ns(mt)
+                        if len(mtimes) < 4096:
+                            mtimes[mt] = mtime
+                    else:
+                        mtime = cached
+                un = get("userName", "")
+                gn = get("groupName", "")
+                if type(un) is not str or type(gn) is not str:
+                    raise _bad_int(e, "userName/groupName")
+                un = strings.setdefault(un, un)  # one shared object per distinct name
+                gn = strings.setdefault(gn, gn)
+                # the whole-file digest is kept only where the first chunk's digest is not it
+                dg = get("digest")
+                if dg is None or dg == "":
+                    if code == _REG and size:
+                        r_fdigest[r] = b""
+                elif code != _REG or not size or dg != get("chunkDigest"):
+                    dgb = digest_bytes(dg, "digest", e)
+                    r_fdigest[r] = fd_cache.setdefault(dgb, dgb)
+                xa = get("xattrs")
+                if xa is not None:
+                    self._xattrs(r, xa, e)
+
+                if n:
+                    i = n.rfind("/")
+                    if i >= 0:
+                        parent = dirmap.get(n[:i])
+                        if parent is None:
+                            parent = self._mkdirs(n[:i])
+                        base = n[i + 1 :]
+                    else:
+                        parent = 1
+                        base = n
+                else:
+                    parent, base = 1, ""
+
+                r_type.append(code)
+                r_name.append(base)
+                r_dir.append(parent)
+                r_mode.append(mode & 0o7777)
+                r_uid.append(uid)
+                r_gid.append(gid)
+                r_size.append(size if code == _REG else 0)
+                r_mtime.append(mtime)
+                r_uname.append(un)
+                r_gname.append(gn)
+                r_chunk_lo.append(nchunks)
+                r_chunk_hi.append(nchunks)
+
+                if code == _REG:
+                    co = get("chunkOffset", 0)
+                    if co != 0 or type(co) is not int:
+                        raise TOCError(
+                            f"TOC entry {_describe(e)}: a reg entry's chunkOffset must be 0"
+                        )
+                    cur_rec = r
+                    cur_name = n
+                    cur_next = 0
+                    cur_size = size
+                    off = get("offset")
+                    if size or off is not None:
+                        cs = get("chunkSize", 0)
+                        inner = get("innerOffset", 0)
+                        if off is None or not 0 <= off < toc_offset or cs < 0 or inner < 0:
+                            raise _bad_chunk(e, toc_offset)
+                        if size:
+                            cd = get("chunkDigest")
+                            if cd is None or cd == "":
+                                cdb = r_fdigest.get(r, b"")
+                                if cs not in (0, size) or not cdb:
+                                    raise TOCError(f"TOC entry {_describe(e)} has no chunkDigest")
+                            else:
+                                cdb = digest_bytes(cd, "chunkDigest", e)
+                            csize = size if cs == 0 else cs
+                            if csize > size:
+                                raise _bad_fit(e, 0, cs, size)
+                            if csize > MAX_CHUNK_SIZE:
+                                raise _big_chunk(e, csize)
+                            c_offset.append(off)
+                            c_start.append(0)
+                            c_size.append(csize)
+                            c_inner.append(inner)
+                            c_digest += cdb
+                            c_open.append(cs == 0)
+                            nchunks += 1
+                            cur_next = csize
+                            r_chunk_hi[r] = nchunks
+                elif code != _DIR and code != _FIFO:
+                    self._special_fields(r, code, e)
+
+                if not n:  # the root directory's own entry
+                    n_rec[1] = r
+                    continue
+                if base[:4] == ".wh." or code == _HARDLINK or (parent == 1 and base in hidden):
+                    self._place(parent, base, r, code, n)
+                    continue
+                ch = children[parent]
+                assert ch is not None
+                old = ch.get(base)
+                if old is not None and old > 0:
+                    if n_kind[old] == _DIR:
+                        if code == _DIR:  # directory over directory: new attributes, same children
+                            n_rec[old] = r
+                            continue
+                        self._drop_subtree(n, old)
+                    self.replaced = True  # some provisional node may now be unreachable
+                node = len(n_kind)
+                n_kind.append(code)
+                n_rec.append(r)
+                if code == _DIR:
+                    children.append({})
+                    n_path.append(n)
+                    dirmap[n] = node
+                else:
+                    children.append(None)
+                    n_path.append(None)
+                ch[base] = node
+        except (TypeError, OverflowError) as exc:
+            raise TOCError(
+                f"TOC entry {_describe(e) if type(e) is dict else '?'} "
+                f"has a field of the wrong type or range ({exc})"
+            ) from None
 
         if cur_rec >= 0 and cur_next != cur_size:
             raise _bad_cover(cur_name, cur_next, cur_size)
