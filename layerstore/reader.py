@@ -40,6 +40,7 @@ DEFAULT_TAIL_FETCH = 64 * 1024
 
 _GZIP = 31  # zlib wbits: gzip wrapper, 32 KiB window
 _SKIP_PIECE = 1 << 20
+_INFLATE_PIECE = 16 << 20
 
 
 def tail_fetch_size(blob_size: int, hint: int = DEFAULT_TAIL_FETCH) -> int:
@@ -90,8 +91,10 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
             d = zlib.decompressobj(_GZIP)
             buf = data
             while True:
-                out = d.decompress(buf, cap + 1 - total)
-                total += len(out)
+                limit = min(cap + 1 - total, _INFLATE_PIECE)  # bounded transient copies
+                out = d.decompress(buf, limit)
+                got = len(out)
+                total += got
                 if total > cap:
                     raise LimitExceededError(
                         f"TOC member inflates to more than {cap} bytes (limit {max_toc_size})"
@@ -101,7 +104,7 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
                 if d.eof:
                     break
                 buf = d.unconsumed_tail
-                if not buf:
+                if not buf and got < limit:  # input used up and nothing pending
                     raise FormatError("TOC gzip member is truncated")
             if not d.unused_data:
                 break

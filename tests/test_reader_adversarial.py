@@ -451,3 +451,15 @@ def test_large_inner_offset_is_skipped_in_pieces() -> None:
     assert decode_chunk(comp, Chunk(0, len(comp), 0, len(want), inner, sha(want))) == want
     with pytest.raises(FormatError):  # runs past the end of the data
         decode_chunk(comp, Chunk(0, len(comp), 0, 10, len(data) - 5, sha(b"x")))
+
+
+def test_toc_larger_than_one_inflate_piece() -> None:
+    entries = [{"name": f"{'x' * 200}{i}", "type": "reg"} for i in range(90_000)]
+    doc = json.dumps({"version": 1, "entries": entries}).encode()
+    assert len(doc) > 16 << 20
+    member = toc_member(doc)
+    assert extract_toc_json(inflate_toc_member(member)) == doc
+    with pytest.raises(FormatError):
+        inflate_toc_member(member[:-20])
+    with pytest.raises(LimitExceededError):
+        inflate_toc_member(member, max_toc_size=len(doc) - 100_000)
