@@ -79,41 +79,49 @@ def write_json(results: dict[str, Any], path: Path) -> Path:
 
 
 def write_chart(results: dict[str, Any], path: Path) -> Path:
-    """Stacked bars (pull, create+run) of the median cold start per image and mode."""
+    """Stacked bars (pull, create+run) of the median cold start per image (one panel each, own
+    scale) and mode, labelled with the median total and the ratio to the full pull."""
     # Imported by name: matplotlib's sources need Python >= 3.10 to parse, mypy targets 3.9.
     matplotlib: Any = importlib.import_module("matplotlib")
     matplotlib.use("Agg")
     plt: Any = importlib.import_module("matplotlib.pyplot")
 
     entries = [e for e in results.get("coldstart", []) if (e.get("median") or {}).get("total_s")]
-    labels = [f"{e['image']}\n{MODE_LABELS.get(e['mode'], e['mode'])}" for e in entries]
-    pulls = [float(e["median"]["pull_s"] or 0.0) for e in entries]
-    runs = [float(e["median"]["run_s"] or 0.0) for e in entries]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(entries) + 2), 5.0))
-    xs = list(range(len(entries)))
-    ax.bar(xs, pulls, label="pull", color="#4878a8")
-    ax.bar(xs, runs, bottom=pulls, label="create + run", color="#e0904a")
-    full_total = {
-        e["image"]: float(e["median"]["total_s"]) for e in entries if e["mode"] == "full-gzip"
-    }
-    for x, e, p, r in zip(xs, entries, pulls, runs):
-        text = f"{p + r:.1f} s"
-        base = full_total.get(e["image"])
-        if base and e["mode"] != "full-gzip":
-            text += f"\n{(p + r) / base:.2f}x full"
-        ax.text(x, p + r, text, ha="center", va="bottom", fontsize=8)
-    params = results.get("params", {})
-    ax.set_title(
-        f"Cold start, median of {params.get('runs', '?')} runs "
-        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s"
-        + (f", {results['link']['effective_mbit']:.0f} effective)" if results.get("link") else ")")
+    images = list(dict.fromkeys(e["image"] for e in entries)) or ["(no results)"]
+    fig, axes = plt.subplots(
+        1, len(images), figsize=(max(6.0, 3.8 * len(images) + 1), 5.0), squeeze=False
     )
-    ax.set_ylabel("seconds")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=8)
-    if entries:
-        ax.set_ylim(0, max(p + r for p, r in zip(pulls, runs)) * 1.25)
-    ax.legend()
+    for ax, image in zip(axes[0], images):
+        mine = [e for e in entries if e["image"] == image]
+        xs = list(range(len(mine)))
+        pulls = [float(e["median"]["pull_s"] or 0.0) for e in mine]
+        runs = [float(e["median"]["run_s"] or 0.0) for e in mine]
+        ax.bar(xs, pulls, label="pull", color="#4878a8")
+        ax.bar(xs, runs, bottom=pulls, label="create + run", color="#e0904a")
+        ratios = results.get("ratios", {}).get(image, {})
+        for x, e, p, r in zip(xs, mine, pulls, runs):
+            text = f"{float(e['median']['total_s']):.1f} s"
+            ratio = ratios.get(f"{e['mode']}/total_s_vs_full")
+            if ratio is not None:
+                text += f"\n{ratio:.2f}x full"
+            ax.text(x, p + r, text, ha="center", va="bottom", fontsize=8)
+        ax.set_title(image)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(
+            [MODE_LABELS.get(e["mode"], e["mode"]).replace(" (", "\n(") for e in mine],
+            fontsize=8,
+        )
+        if mine:
+            ax.set_ylim(0, max(p + r for p, r in zip(pulls, runs)) * 1.25)
+        ax.set_ylabel("seconds (median)")
+    axes[0][0].legend(loc="upper right")
+    params = results.get("params", {})
+    link = results.get("link")
+    eff = f", {link['effective_mbit']:.0f} effective" if link else ""
+    fig.suptitle(
+        f"Cold start: pull + create/run, median of {params.get('runs', '?')} runs "
+        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s{eff})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
