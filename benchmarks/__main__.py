@@ -75,10 +75,15 @@ def build_images(names: list[str], cache: Path) -> dict[str, BuiltImage]:
     }
 
 
-def convert_image(img: BuiltImage, cache: Path, optimized: bool) -> str:
-    """The eStargz OCI layout of *img* (cached per converter version); raises EnvError."""
+def convert_image(img: BuiltImage, cache: Path, optimized: bool, key: str) -> str:
+    """The eStargz OCI layout of *img* (cached per converter version *key*, computed once per
+    benchmark run); conversions of other converter versions are removed. Raises EnvError."""
     variant = "esgz-opt" if optimized else "esgz"
-    dst = image_dir(cache, img.name) / f"conv-{converter_key()}" / variant
+    top = image_dir(cache, img.name)
+    dst = top / f"conv-{key}" / variant
+    for old in top.glob("conv-*"):
+        if old.name != f"conv-{key}":
+            shutil.rmtree(old, ignore_errors=True)
     if (dst / ".done").exists():
         return str(dst)
     if dst.exists():
@@ -98,7 +103,7 @@ def convert_image(img: BuiltImage, cache: Path, optimized: bool) -> str:
     return str(dst)
 
 
-def host_info() -> dict[str, Any]:
+def host_info(key: str) -> dict[str, Any]:
     def out(cmd: list[str]) -> str:
         try:
             return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
@@ -111,7 +116,7 @@ def host_info() -> dict[str, Any]:
         "podman": out(["podman", "--version"]),
         "python": platform.python_version(),
         "git_commit": out(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
-        "converter_key": converter_key(),
+        "converter_key": key,
     }
 
 
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks need root (FUSE, overlay mounts, drop_caches)", file=sys.stderr)
         return 2
     cache: Path = args.cache.resolve()
+    conv_key = converter_key()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results: dict[str, Any] = {
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "modes": modes,
             "store": "config defaults; background_fetch off for the fs figures only",
         },
-        "host": host_info(),
+        "host": host_info(conv_key),
         "images": {},
         "coldstart": [],
         "fs": None,
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"lazy-{variant}" not in modes and not (variant == "esgz" and not args.no_fs):
                 continue
             try:
-                layouts[(n, variant)] = convert_image(img, cache, optimized)
+                layouts[(n, variant)] = convert_image(img, cache, optimized, conv_key)
             except EnvError as exc:
                 conv_errors[(n, variant)] = str(exc)
                 log(f"{n}/{variant}: {exc}")
