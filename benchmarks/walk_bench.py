@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -134,14 +135,42 @@ def timed_find(diff: Path, *args: str) -> dict[str, Any]:
     }
 
 
-def config_text(host: str, workdir: Path) -> str:
+class Profiler:
+    """``py-spy record --format raw`` (collapsed stacks) of the daemon during one phase."""
+
+    def __init__(self, out_dir: Path | None, pid: int) -> None:
+        self.out_dir, self.pid = out_dir, pid
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, phase: str) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.out_dir / f"{phase}.txt"
+        self.proc = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(self.pid), "--threads", "--idle", "--rate", "200",
+             "--format", "raw", "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1.0)  # attached
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)  # writes the profile and exits
+            proc.wait(60)
+
+
+def config_text(host: str, workdir: Path, read_ahead: int | None) -> str:
+    fetch = "" if read_ahead is None else f"read_ahead_bytes = {read_ahead}\n"
     return (
         "[registry]\n"
         f'registries_conf = "{workdir}/registries.conf"\n'
         f'registries_conf_d = "{workdir}/registries.conf.d"\n'
         f'insecure_registries = ["{host}"]\n'
         "[auth]\nextra_auth_files = []\n"
-        "[fetch]\nbackground_fetch = false\nprefetch_landmark = false\n"
+        f"[fetch]\nbackground_fetch = false\nprefetch_landmark = false\n{fetch}"
         '[log]\nlevel = "info"\nformat = "json"\n'
     )
 
@@ -162,11 +191,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         manifest = json.loads(client.manifest("bench/walk", "v1")[0])
         desc = manifest["layers"][0]
         ref = f"{registry.host}/bench/walk:v1"
-        daemon = StoreDaemon(work / "daemon", config_text=config_text(registry.host, work))
+        daemon = StoreDaemon(
+            work / "daemon", config_text=config_text(registry.host, work, args.read_ahead_bytes)
+        )
         with daemon:
             assert daemon.proc is not None
             pid = daemon.proc.pid
             mem: dict[str, dict[str, float]] = {"started": memory(pid)}
+            prof = Profiler(args.py_spy, pid)
+            prof.start("resolve-walk")
             b64 = base64.b64encode(ref.encode()).decode()
             diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
             t0 = time.perf_counter()
@@ -180,9 +213,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             walks[0]["kernel_caches"] = "cold (fresh layer)"
             walks[1]["kernel_caches"] = "cold (dentries and inodes dropped)"
             walks[2]["kernel_caches"] = "warm"
+            prof.stop()
             mem["after_walk"] = memory(pid)
             sample = random.Random(2).sample(files, min(args.sample, len(files)))
             drop_kernel_caches("3")
+            prof.start("read")
             t0 = time.perf_counter()
             nbytes = 0
             digest = hashlib.sha256()
@@ -191,6 +226,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 nbytes += len(data)
                 digest.update(data)
             read_s = time.perf_counter() - t0
+            prof.stop()
             mem["after_read"] = memory(pid)
             want = hashlib.sha256()
             with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
@@ -214,6 +250,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "build_s": round(build_s, 2),
             "convert_s": round(convert_s, 2),
         },
+        "read_ahead_bytes": args.read_ahead_bytes,  # None: the daemon's default (512 KiB)
         "resolve_s": round(resolve_s, 3),
         "walk": walks,
         "read": {
@@ -239,6 +276,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--entries", type=int, default=50_000)
     ap.add_argument("--sample", type=int, default=500, help="files read after the walk")
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="profile the daemon (py-spy in PATH): DIR/resolve-walk.txt, DIR/read.txt (raw)",
+    )
+    ap.add_argument(
+        "--read-ahead-bytes",
+        type=int,
+        help="the daemon's [fetch] read_ahead_bytes (default: the daemon's default)",
+    )
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = ap.parse_args()
     if os.geteuid() != 0:
