@@ -23,6 +23,7 @@ import random
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -807,3 +808,21 @@ def test_registry_restart_is_on_the_same_port(live_reg: Registry) -> None:
     assert sorted(p.name for p in (live_reg.storage / "docker/registry/v2/blobs").rglob("*")) == (
         blobs
     )
+
+
+def test_walk_bench_smoke() -> None:
+    """benchmarks/walk_bench.py runs end to end on a small layer and reports every figure."""
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.walk_bench", "--entries", "400", "--sample", "20"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["layer"]["entries"] == 400
+    assert [w["entries"] for w in out["walk"]] == [400, 400, 400]
+    assert out["read"]["files"] == 20 and out["read"]["verified"]
+    assert out["daemon_exit"] == 0
+    assert out["peak_rss_mb"] >= out["daemon_memory_mb"]["resolved"]["VmRSS"] > 0
