@@ -3,8 +3,9 @@
 Layout under *root*::
 
     chunks/<2 hex>/<64 hex>   one decompressed, verified chunk, named by its sha256
-    toc/<name>                verified TOC members (opaque bytes; re-verified by their reader),
-                              kept under their own budget (``max_toc_bytes``), oldest dropped
+    toc/<name>                verified TOC members and the manager's last image resolutions
+                              (opaque bytes; re-verified by whoever reads them), kept under
+                              their own budget (``max_toc_bytes``), oldest dropped
 
 Rules:
 

@@ -27,6 +27,8 @@ users that have been idle for ``idle_drop_seconds`` are dropped from memory by :
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import threading
 import time
@@ -40,11 +42,15 @@ import structlog
 from layerstore import digest as _digest
 from layerstore.cache import ChunkCache
 from layerstore.errors import (
+    AuthenticationError,
+    BlockedRegistryError,
     LayerNotFoundError,
     LayerStoreError,
     ManifestError,
     NotEStargzError,
+    NotFoundError,
     RegistryError,
+    RegistryUnavailableError,
     TOCDigestMismatchError,
 )
 from layerstore.fetcher import (
@@ -56,8 +62,10 @@ from layerstore.fetcher import (
 )
 from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.layer import Layer, LayerSettings
+from layerstore.manifest import ImageManifest, parse_image_config, parse_manifest
 from layerstore.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.reference import Reference, parse_reference
+from layerstore.registry import PullSource, ResolvedImage
 from layerstore.source import RangeSource
 from layerstore.toc import TOCIndex
 
@@ -105,6 +113,13 @@ def _default_open_toc(
 def _default_decode() -> DecodeFn:
     # The fetcher only hands decode the index's own Chunk objects.
     return cast(DecodeFn, decode_chunk)
+
+
+def _registry_unreachable(e: RegistryError) -> bool:
+    """A failure that says nothing about the image: the registry could not answer."""
+    if isinstance(e, (AuthenticationError, NotFoundError, BlockedRegistryError)):
+        return False
+    return isinstance(e, RegistryUnavailableError) or (e.status or 0) >= 500
 
 
 def all_chunks(index: Any) -> list[ChunkLike]:
@@ -199,6 +214,7 @@ class LayerManager:
         self._request_slots = threading.Semaphore(
             max(1, self.settings.fetcher.max_concurrent_requests)
         )
+        self._stored: dict[str, str] = {}  # ref -> manifest digest written to disk
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -281,15 +297,94 @@ class LayerManager:
                 return hit[1]
 
         def do() -> Any:
-            image = self.client.resolve(reference, self.settings.platform)
+            ttl = self.settings.resolve_ttl
+            try:
+                image = self.client.resolve(reference, self.settings.platform)
+            except RegistryError as e:
+                if not _registry_unreachable(e):
+                    raise
+                image = self._stored_resolution(ref, reference)
+                if image is None:
+                    raise
+                log.warning(
+                    "resolution_from_disk",
+                    ref=ref,
+                    manifest=image.manifest_digest,
+                    error=describe_error(e),
+                )
+                ttl = min(ttl, self.settings.negative_ttl)  # try the registry again soon
+            else:
+                self._store_resolution(ref, image)
             with self._lock:
-                self._resolved[ref] = (time.monotonic() + self.settings.resolve_ttl, image)
+                self._resolved[ref] = (time.monotonic() + ttl, image)
                 if len(self._resolved) > 1024:
                     t = time.monotonic()
                     self._resolved = {k: v for k, v in self._resolved.items() if v[0] > t}
             return image
 
         return self._sf_resolve.do(ref, do)
+
+    # --- resolutions on disk ---------------------------------------------------------------
+    # The last good resolution of each reference is kept beside the TOCs, so that after a
+    # restart layers already in use keep being served from the cache while the registry is
+    # unreachable. Manifest and config are re-verified against their digests when loaded.
+    @staticmethod
+    def _resolution_name(ref: str) -> str:
+        return "resolved-" + hashlib.sha256(ref.encode()).hexdigest()
+
+    def _store_resolution(self, ref: str, image: Any) -> None:
+        if not isinstance(image, ResolvedImage):
+            return
+        with self._lock:
+            if self._stored.get(ref) == image.manifest_digest:
+                return
+            self._stored[ref] = image.manifest_digest
+        record = {
+            "ref": ref,
+            "location": image.source.location,
+            "insecure": image.source.insecure,
+            "mirror": image.source.mirror,
+            "manifest_digest": image.manifest_digest,
+            "media_type": image.media_type,
+            "manifest": base64.b64encode(image.raw_manifest).decode(),
+            "config": base64.b64encode(image.raw_config).decode(),
+        }
+        self.cache.put_toc(self._resolution_name(ref), json.dumps(record).encode())
+
+    def _stored_resolution(self, ref: str, reference: Reference) -> ResolvedImage | None:
+        name = self._resolution_name(ref)
+        data = self.cache.get_toc(name)
+        if data is None:
+            return None
+        try:
+            record = json.loads(data)
+            if record["ref"] != ref:
+                return None
+            raw_manifest = base64.b64decode(record["manifest"], validate=True)
+            raw_config = base64.b64decode(record["config"], validate=True)
+            if _digest.sha256_digest(raw_manifest) != record["manifest_digest"]:
+                raise ManifestError("stored manifest does not match its digest")
+            manifest = parse_manifest(raw_manifest, record["media_type"])
+            if not isinstance(manifest, ImageManifest):
+                raise ManifestError("stored manifest is an index")
+            if _digest.sha256_digest(raw_config) != manifest.config.digest:
+                raise ManifestError("stored config does not match its digest")
+            return ResolvedImage(
+                reference=reference,
+                source=PullSource(
+                    str(record["location"]), bool(record["insecure"]), bool(record["mirror"])
+                ),
+                manifest_digest=str(record["manifest_digest"]),
+                manifest=manifest,
+                config=parse_image_config(raw_config),
+                raw_manifest=raw_manifest,
+                media_type=str(record["media_type"]),
+                raw_config=raw_config,
+            )
+        except (ValueError, KeyError, TypeError, LayerStoreError) as e:
+            log.warning("stored_resolution_discarded", ref=ref, error=describe_error(e))
+            self.cache.remove_toc(name)
+            return None
 
     # --- building a layer -----------------------------------------------------------------
     def _layer(

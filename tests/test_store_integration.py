@@ -774,11 +774,6 @@ def test_resolved_layer_served_from_cache_with_registry_stopped(
         expect_errno(lambda: (diff / "data/medium.bin").read_bytes(), errno.EIO)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the manifest resolution is not cached on disk, so after a daemon restart "
-    "with the registry down no layer resolves (ENOENT), although TOC and chunks are cached",
-)
 def test_restart_with_registry_stopped_serves_cached_chunks(
     live_reg: Registry, tmp_path: Path
 ) -> None:
