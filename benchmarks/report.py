@@ -20,6 +20,13 @@ _TIMES = ("pull_s", "run_s", "total_s")
 _MEDIANS = (*_TIMES, "bytes_down", "daemon_peak_rss_bytes")
 
 
+def _rate(params: dict[str, Any]) -> str:
+    mbit = params.get("mbit")
+    if mbit is None:
+        return "? Mbit/s"
+    return "unlimited" if float(mbit) <= 0 else f"{float(mbit):g} Mbit/s"
+
+
 def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
     values = [float(r[key]) for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -120,7 +127,7 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
     eff = f", {link['effective_mbit']:.0f} effective" if link else ""
     fig.suptitle(
         f"Cold start: pull + create/run, median of {params.get('runs', '?')} runs "
-        f"(RTT {params.get('rtt_ms', '?')} ms, {params.get('mbit', '?')} Mbit/s{eff})"
+        f"(RTT {params.get('rtt_ms', '?')} ms, {_rate(params)}{eff})"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +166,7 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append(
             f"link: first byte {link['first_byte_s'] * 1000:.0f} ms, "
             f"{link['effective_mbit']:.0f} Mbit/s effective "
-            f"(nominal {results.get('params', {}).get('mbit')} Mbit/s)"
+            f"(nominal {_rate(results.get('params', {}))})"
         )
     lines.append("image   mode                 pull s   run s   total s   MB down   vs full")
     for e in results.get("coldstart", []):
