@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import trio
 
 _PIECE = 16 * 1024
-_QUEUE_PIECES = 64  # bounded per-direction buffer (1 MiB): TCP flow control still works
+_QUEUE_PIECES = 64
+_CREDIT_S = 0.005  # bounded per-direction buffer (1 MiB): TCP flow control still works
 
 
 def _loopback(host: str) -> str:
@@ -42,8 +43,10 @@ class Link:
         self.bytes_total += nbytes
         if math.isinf(self.bits_per_second):
             return
+        # A few ms of credit: the sleep below oversleeps under load, and restarting the
+        # schedule from "now" every time would never make that lost time up.
         now = trio.current_time()
-        start = max(now, self._next_free)
+        start = max(now - _CREDIT_S, self._next_free)
         self._next_free = start + nbytes * 8 / self.bits_per_second
         await trio.sleep_until(self._next_free)
 
