@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stargz_store.demo import (
+from stargz_store.testbed import (
     BuiltLayer,
     LoopbackRegistry,
     RegistryHTTP,

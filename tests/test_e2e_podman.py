@@ -8,7 +8,7 @@ graphroot is a symlink into the mount, and the graphroot stays small.
 
 Every podman runs with private containers.conf/storage.conf/registries.conf and its own
 graphroot under the test's tmp_path; the daemon's credential chain is confined to the test's
-files too (see ``stargz_store.demo.StoreDaemon``).
+files too (see ``stargz_store.testbed.StoreDaemon``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.demo import LoopbackRegistry, skopeo_push, write_auth_json
+from stargz_store.testbed import LoopbackRegistry, skopeo_push, write_auth_json
 from tests.image_util import (
     CHECK_OK,
     ImageInfo,

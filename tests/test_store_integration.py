@@ -37,7 +37,7 @@ import pytest
 
 from layerstore.reader import EStargzReader
 from layerstore.source import BytesSource
-from stargz_store.demo import (
+from stargz_store.testbed import (
     BuiltLayer,
     RegistryHTTP,
     StoreDaemon,
