@@ -7,7 +7,9 @@
 - the registry stopping (hung with SIGSTOP, or killed and restarted on the same port and storage):
   EIO within the configured timeouts, serving again afterwards;
 - SIGTERM while reader threads hang on the registry: clean unmount, exit 0;
-- a daemon restart on the same ``--root``: chunks read before come from the persistent cache.
+- a daemon restart on the same ``--root``: chunks read before come from the persistent cache;
+- lookups the store cannot serve (not eStargz, unknown or invalid key, bad base64, unparsable
+  reference, blocked registry) answer ENOENT within 2 s.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from stargz_store.testbed import (
     StoreDaemon,
     gzip_bytes,
     image_config,
+    push_image,
+    read_image,
     sha256_digest,
     write_image,
 )
@@ -821,3 +825,52 @@ def test_walk_bench_smoke() -> None:
     assert out["read"]["files"] == 20 and out["read"]["verified"]
     assert out["daemon_exit"] == 0
     assert out["peak_rss_mb"] >= out["daemon_memory_mb"]["resolved"]["VmRSS"] > 0
+
+
+# --- 6. lookups that must fail quickly, so podman falls back to an ordinary pull -----------------
+
+LOOKUP_BUDGET = 2.0  # containers/storage stats diff, info and blob: each answer must come fast
+
+
+def push_plain_image(reg: Registry, tmp: Path, repo: str) -> tuple[str, str]:
+    """A gzip layer that is not eStargz; returns (ref, layer digest)."""
+    tar = build_tar([Member("plain", "dir", 0o755), Member("plain/f", "reg", 0o644, data=b"p")])
+    layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
+    layout = tmp / "plain-layout"
+    write_image(layout, "src", [layer], image_config([layer.diff_id]))
+    push_image(read_image(layout, "src"), RegistryHTTP(reg.host), repo, "v1")
+    return f"{reg.host}/{repo}:v1", layer.digest
+
+
+def test_lookups_that_cannot_be_served_fail_fast(
+    edge: Image, live_reg: Registry, tmp_path: Path
+) -> None:
+    plain_ref, plain_digest = push_plain_image(live_reg, tmp_path, "plain/img")
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    (workdir / "registries.conf").write_text(
+        f'[[registry]]\nprefix = "{live_reg.host}/blocked"\nlocation = "{live_reg.host}/edge"\n'
+        "blocked = true\n"
+    )
+    with daemon(workdir, live_reg) as d:
+        mp = d.mountpoint
+        cases = {
+            "not eStargz": mp / fu.b64(plain_ref) / plain_digest / "diff",
+            "unknown digest": keydir(d, edge, "sha256:" + "e" * 64) / "diff",
+            "not a digest": keydir(d, edge, "latest") / "diff",
+            "bad base64": mp / "not*base64" / edge.digest / "diff",
+            "unparsable ref": mp / fu.b64("UPPER/Case::bad") / edge.digest / "diff",
+            "blocked registry": mp / fu.b64(f"{live_reg.host}/blocked/img:v1") / edge.digest,
+        }
+        for what, path in cases.items():
+            took = expect_errno(lambda p=path: os.stat(p), errno.ENOENT, LOOKUP_BUDGET)
+            assert took < LOOKUP_BUDGET, what
+        # The same layer through an allowed name is served: the failures above were about the
+        # names, not the daemon.
+        assert (keydir(d, edge, edge.digest) / "diff" / "etc" / "hostname").read_bytes()
+        failed = [e for e in events(d) if e["event"] == "layer_lookup_failed"]
+        assert {e.get("error_type") for e in failed} >= {
+            "NotEStargzError",
+            "LayerNotFoundError",
+            "BlockedRegistryError",
+        }, failed
