@@ -307,6 +307,8 @@ class StoreDaemon:
         regconf.write_text(registries_conf(self.registry))
         empty_d = self.root.parent / "store-registries.conf.d"
         empty_d.mkdir(exist_ok=True)
+        extra = [x.strip() for x in os.environ.get("BENCH_STORE_FETCH", "").split(";") if x.strip()]
+        bg = f"background_fetch = {'true' if self.background_fetch else 'false'}\n"
         return (
             "[registry]\n"
             f'insecure_registries = ["{self.registry}"]\n'
@@ -316,9 +318,11 @@ class StoreDaemon:
             "extra_auth_files = []\n"
             'helper_socket = ""\n'
             "[fetch]\n"
-            f"background_fetch = {'true' if self.background_fetch else 'false'}\n"
-            "[log]\n"
-            'level = "warning"\n'
+            # Experiments: extra [fetch] lines, e.g. BENCH_STORE_FETCH='read_ahead_bytes = 0'.
+            + "".join(f"{x}\n" for x in extra)
+            + ("" if any(x.startswith("background_fetch ") for x in extra) else bg)
+            + "[log]\n"
+            f'level = "{os.environ.get("BENCH_STORE_LOG_LEVEL", "warning")}"\n'
             'format = "json"\n'
         )
 
@@ -328,6 +332,10 @@ class StoreDaemon:
         cfg = self.root.parent / "store-config.toml"
         cfg.write_text(self.config_text())
         log_path = self.log_path or self.root.parent / "store.log"
+        keep = os.environ.get("BENCH_STORE_LOG_DIR")
+        if keep and self.log_path is None:  # daemon logs kept across the scratch clean-up
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            log_path = Path(keep) / f"store-{time.strftime('%H%M%S')}-{os.getpid()}-{id(self)}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "REGISTRY_AUTH_FILE": str(self.root.parent / "store-auth.json")}
         (self.root.parent / "store-auth.json").write_text('{"auths": {}}')

@@ -90,9 +90,13 @@ class FetcherSettings:
     background_fetch: bool = False
     """Fetch the whole layer in the background after first use (the layer starts it when this
     or ``LayerSettings.background_fetch`` is set)."""
-    background_range_bytes: int = 8 * MiB
-    background_idle_seconds: float = 0.05
-    """The background fill waits until foreground requests have been idle this long."""
+    background_range_bytes: int = 2 * MiB
+    """Span of one background request. Small enough that a reader that needs a chunk of a
+    request in flight does not wait long for it (nor the link stay busy long)."""
+    background_idle_seconds: float = 0.5
+    """The background fill waits until foreground requests have been idle this long (also
+    after it is started: a container that just started reads in bursts a few tens of ms
+    apart, and on a thin link every background byte delays those reads)."""
     background_share: float = 0.5
     """Fraction of wall time the background fill may spend fetching (it sleeps the rest)."""
     failed_chunk_ttl: float = 5.0
@@ -223,9 +227,16 @@ class ChunkFetcher:
                             raise bad[1].with_traceback(None)
                         del self._failed[k]
         if missing:
+            t0 = time.monotonic()
             futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
             for i, fut in zip(missing, futures):
                 results[i] = fut.result()
+            self._log.debug(
+                "chunks_missed",
+                chunks=len(missing),
+                offset=chunks[missing[0]].offset,
+                seconds=round(time.monotonic() - t0, 4),
+            )
         return [r if r is not None else b"" for r in results]
 
     def _cached(self, c: ChunkLike) -> bytes | None:
@@ -296,6 +307,8 @@ class ChunkFetcher:
                 return False
             t = threading.Thread(target=self._background, name="stargz-bg-fetch", daemon=True)
             self._bg_thread = t
+            # Idle is counted from now: the first user's reads are about to start.
+            self._fg_last = max(self._fg_last, time.monotonic())
         t.start()
         return True
 
@@ -427,6 +440,7 @@ class ChunkFetcher:
             return
         plan = plan_ranges(chunks, gap, max_bytes)
         ranges = [(start, end - start) for start, end, _ in plan]
+        t0 = time.monotonic()
         try:
             if foreground:
                 with self._requests:
@@ -454,6 +468,15 @@ class ChunkFetcher:
                 raise
             return
         total = sum(length for _, length in ranges)
+        self._log.debug(
+            "chunks_fetched",
+            foreground=foreground,
+            chunks=len(chunks),
+            ranges=len(ranges),
+            bytes=total,
+            start=ranges[0][0],
+            seconds=round(time.monotonic() - t0, 4),
+        )
         with self._lock:
             self.stats.requests += 1
             self.stats.ranges += len(ranges)
