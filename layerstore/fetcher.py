@@ -87,6 +87,15 @@ class FetcherSettings:
     readahead_inline_bytes: int = 1 * MiB
     """At most this much of the read-ahead rides in the reader's own request (it delays that
     reader by its transfer time); the rest of the budget is fetched in a parallel request."""
+    readbehind_bytes: int = 512 * KiB
+    """When a small chunk misses, the small chunks up to this far before it are fetched in a
+    parallel request (0 disables): files of one directory are adjacent in the blob but are not
+    read in blob order (``foo/__pycache__/x.pyc`` sorts before ``foo/x.py``, ``etc/passwd``
+    after ``etc/group``)."""
+    continuation_bytes: int = 4 * MiB
+    """When the first chunk of a multi-chunk file misses, its following chunks up to this many
+    compressed bytes are fetched in a parallel request (0 disables): an executable or library
+    being mapped is read on, and its next chunk should not cost another round trip."""
     background_fetch: bool = False
     """Fetch the whole layer in the background after first use (the layer starts it when this
     or ``LayerSettings.background_fetch`` is set)."""
@@ -350,6 +359,58 @@ class ChunkFetcher:
             extra.append(c)
         return extra
 
+    def _around(self, needed: Sequence[ChunkLike], taken: set[str]) -> list[list[ChunkLike]]:
+        """Parallel companions of a miss: small chunks just before it (read-behind) and the
+        continuation chunks of a multi-chunk file whose first chunk misses. Caller holds the
+        lock; the chunks are not claimed here (``fetch_async`` does)."""
+        out: list[list[ChunkLike]] = []
+        if self.settings.readahead_bytes <= 0:  # speculation off altogether
+            return out
+        small = self.settings.small_chunk_bytes
+        behind = self.settings.readbehind_bytes
+        first = min(needed, key=lambda c: c.offset)
+        # Only for the small-file pattern: one whole small file missing (a read spanning
+        # chunks is a sequential reader of a larger file).
+        lone = len(needed) == 1 and first.chunk_offset == 0
+        if behind > 0 and lone and first.compressed_end - first.offset <= small:
+            i = bisect.bisect_left(self._offsets, first.offset) - 1
+            floor = first.offset - behind
+            back: list[ChunkLike] = []
+            while i >= 0:
+                c = self._chunks[i]
+                i -= 1
+                if c.offset < floor or c.compressed_end - c.offset > small:
+                    break
+                k = chunk_key(c)
+                if k in taken or k in self._inflight or c.digest in self._cache:
+                    continue
+                taken.add(k)
+                back.append(c)
+            if back:
+                out.append(back)
+        budget = self.settings.continuation_bytes
+        if budget > 0:
+            cont: list[ChunkLike] = []
+            for c in needed:
+                if c.chunk_offset != 0:
+                    continue
+                i = bisect.bisect_right(self._offsets, c.offset)
+                limit = c.compressed_end + budget
+                while i < len(self._chunks):
+                    nxt = self._chunks[i]
+                    i += 1
+                    # Chunks of one file are adjacent; a chunk_offset of 0 starts another file.
+                    if nxt.chunk_offset == 0 or nxt.compressed_end > limit:
+                        break
+                    k = chunk_key(nxt)
+                    if k in taken or k in self._inflight or nxt.digest in self._cache:
+                        continue
+                    taken.add(k)
+                    cont.append(nxt)
+            if cont:
+                out.append(cont)
+        return out
+
     def _claim_and_fetch(
         self,
         chunks: Sequence[ChunkLike],
@@ -387,10 +448,14 @@ class ChunkFetcher:
                 fut = Future()
                 self._inflight[chunk_key(c)] = fut
                 owned.append((chunk_key(c), fut))
+            companions = self._around(mine, taken) if (readahead and mine) else []
             if mine and foreground:
                 self._fg_active += 1
         if later:
             self.fetch_async(later)
+        for group in companions:
+            self.fetch_async(group)
+        handed: set[str] = set()
         if mine:
             try:
                 # A chunk may have landed in the cache between our lookup and the claim.
@@ -401,16 +466,19 @@ class ChunkFetcher:
                         self._resolve(chunk_key(c), data, None)
                     else:
                         todo.append(c)
-                self._fetch(
+                deferred = self._fetch(
                     todo + extra,
                     gap=self.settings.coalesce_gap if gap is None else gap,
                     max_bytes=self.settings.max_range_bytes if max_bytes is None else max_bytes,
                     foreground=foreground,
+                    urgent={chunk_key(c) for c in todo} if extra else None,
                 )
+                if deferred:
+                    handed = self._defer(deferred, background=not foreground)
             finally:
                 # Safety net: no claimed future may stay pending (its waiters would hang).
                 for k, fut in owned:
-                    if not fut.done():
+                    if not fut.done() and k not in handed:
                         with self._lock:
                             if self._inflight.get(k) is fut:
                                 del self._inflight[k]
@@ -432,12 +500,48 @@ class ChunkFetcher:
         else:
             fut.set_result(data if data is not None else b"")
 
+    def _defer(self, items: list[tuple[ChunkLike, bytes]], *, background: bool) -> set[str]:
+        """Verify and deliver read-ahead chunks on a helper thread, so that the reader whose
+        request carried them returns as soon as its own chunks are verified. Returns the keys
+        handed over (none when no helper is available: then they are delivered here)."""
+        keys = {chunk_key(c) for c, _ in items}
+
+        def run() -> None:
+            for c, compressed in items:
+                try:
+                    self._deliver(c, compressed, background=background)
+                except BaseException as e:  # never leave a future pending
+                    self._resolve(chunk_key(c), None, RegistryError(describe_error(e)))
+
+        with self._lock:
+            if self._ahead is None and not self._closed.is_set():
+                self._ahead = ThreadPoolExecutor(2, thread_name_prefix="stargz-readahead")
+            ahead = self._ahead
+        if ahead is not None:
+            try:
+                ahead.submit(run)
+                return keys
+            except RuntimeError:  # shutting down
+                pass
+        run()
+        return keys
+
     def _fetch(
-        self, chunks: Sequence[ChunkLike], *, gap: int, max_bytes: int, foreground: bool
-    ) -> None:
-        """Fetch, verify, cache and resolve *chunks* (all claimed by this thread)."""
+        self,
+        chunks: Sequence[ChunkLike],
+        *,
+        gap: int,
+        max_bytes: int,
+        foreground: bool,
+        urgent: set[str] | None = None,
+    ) -> list[tuple[ChunkLike, bytes]]:
+        """Fetch, verify, cache and resolve *chunks* (all claimed by this thread).
+
+        With *urgent*, only those chunks are delivered here; the others' bytes are returned
+        (still to be verified and delivered by the caller)."""
+        deferred: list[tuple[ChunkLike, bytes]] = []
         if not chunks:
-            return
+            return deferred
         plan = plan_ranges(chunks, gap, max_bytes)
         ranges = [(start, end - start) for start, end, _ in plan]
         t0 = time.monotonic()
@@ -466,7 +570,7 @@ class ChunkFetcher:
                 self._resolve(chunk_key(c), None, err)
             if not isinstance(e, Exception):
                 raise
-            return
+            return deferred
         total = sum(length for _, length in ranges)
         self._log.debug(
             "chunks_fetched",
@@ -484,7 +588,11 @@ class ChunkFetcher:
         for (start, _end, members), body in zip(plan, bodies):
             for c in members:
                 compressed = body[c.offset - start : c.compressed_end - start]
-                self._deliver(c, compressed, background=not foreground)
+                if urgent is not None and chunk_key(c) not in urgent:
+                    deferred.append((c, compressed))
+                else:
+                    self._deliver(c, compressed, background=not foreground)
+        return deferred
 
     def _deliver(self, c: ChunkLike, compressed: bytes, *, background: bool) -> None:
         try:
