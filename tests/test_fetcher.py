@@ -446,3 +446,70 @@ def test_readahead_beyond_inline_budget_goes_in_a_parallel_request(cache: ChunkC
         < second[0][0] + second[0][1]
         <= (chunks[0].compressed_end + 200_000)
     )
+
+
+def _wait_calls(src: CountingSource, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(src.calls) < n:
+        time.sleep(0.01)
+
+
+def test_readbehind_fetches_preceding_small_files_in_parallel(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(20)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(
+        readahead_bytes=1, readbehind_bytes=45_000, small_chunk_bytes=64 * 1024
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.get_chunk(chunks[10]) == payloads[10]
+    _wait_calls(src, 2)
+    assert len(src.calls) == 2
+    behind = min(src.calls, key=lambda call: call[0][0])
+    start = behind[0][0]
+    assert start >= chunks[10].offset - 45_000 and start < chunks[9].offset + 1
+    got = [c for c in chunks[:10] if start <= c.offset]
+    assert 3 <= len(got) <= 5
+    for c in got:  # served by the read-behind request (or its single flight), no new one
+        assert f.get_chunk(c) == payloads[chunks.index(c)]
+    assert len(src.calls) == 2
+
+
+def test_no_readbehind_for_a_read_spanning_chunks(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(20)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(readahead_bytes=1, readbehind_bytes=1 << 20)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    f.get_chunks(chunks[10:12])
+    time.sleep(0.1)
+    assert len(src.calls) == 1
+
+
+def test_first_chunk_miss_fetches_the_file_continuation_in_parallel(cache: ChunkCache) -> None:
+    data = os.urandom(300_000)
+    parts = [data[i : i + 100_000] for i in range(0, 300_000, 100_000)]
+    blob, chunks = build_blob([*parts, os.urandom(1000)])
+    # The three parts form one file (chunk offsets 0, 100k, 200k); the last is another file.
+    file_chunks = [
+        FakeChunk(c.offset, c.compressed_end, i * 100_000, 100_000, 0, c.digest)
+        for i, c in enumerate(chunks[:3])
+    ]
+    chunks = [*file_chunks, chunks[3]]
+    src = CountingSource(BytesSource(blob))
+    settings = FetcherSettings(readahead_bytes=1, continuation_bytes=1 << 20)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.get_chunk(chunks[0]) == parts[0]
+    _wait_calls(src, 2)
+    assert len(src.calls) == 2
+    cont = max(src.calls, key=lambda call: call[0][0])
+    assert cont == [(chunks[1].offset, chunks[2].compressed_end - chunks[1].offset)]
+    assert f.get_chunks(chunks[1:3]) == parts[1:]
+    assert len(src.calls) == 2
+    # A later chunk of the file missing alone does not pull the rest.
+    f2 = ChunkFetcher(
+        src, ChunkCache(cache.root.parent / "c2", 1 << 30), chunks, fake_decode, settings
+    )
+    f2.get_chunk(chunks[1])
+    time.sleep(0.1)
+    assert len(src.calls) == 3
