@@ -12,7 +12,8 @@ Resolving a layer:
    digest annotation, or not gzip, is refused at once (:class:`NotEStargzError`) so podman falls
    back to an ordinary pull;
 3. the TOC comes from the TOC cache, or from the blob's tail: ONE range request for the last
-   ``tail_guess_bytes`` bytes, and only when the TOC starts before that, one more for the rest;
+   ``tail_guess_bytes`` (or 1% of the blob, up to 1 MiB) bytes, and only when the TOC starts
+   before that, one more for the rest;
 4. the TOC digest is checked against the annotation (which for TOC keys is the key) inside the
    reader; nothing of the layer is served before that;
 5. a :class:`Layer` (index + fetcher + cache) is built once per compressed digest and shared by
@@ -162,7 +163,12 @@ class ManagerSettings:
     negative_ttl: float = 10.0
     """Seconds a failed (ref, key) lookup is answered from memory."""
     tail_guess_bytes: int = 64 * 1024
-    """First range request at the blob's end; the TOC of most layers fits in it."""
+    """First range request at the blob's end (at least): the TOC of most small layers fits."""
+    tail_guess_share: float = 0.01
+    """... or this share of the blob, up to ``tail_guess_max_bytes``: a TOC grows with the
+    number of files, and so, roughly, does the blob (a 56 MB, 6,000-file layer has a 380 KB
+    TOC). A second round trip for the rest costs more than the extra bytes."""
+    tail_guess_max_bytes: int = 1024 * 1024
     max_toc_bytes: int = MAX_TOC_BYTES
     """Cap on the TOC JSON (containers/storage: 150 MiB); the compressed region is checked too."""
     idle_drop_seconds: float = 600.0
@@ -492,7 +498,11 @@ class LayerManager:
         """The TOC member bytes, in one tail request (two when the TOC is larger)."""
         if blob_size < LEGACY_FOOTER_SIZE:
             raise NotEStargzError(f"blob of {blob_size} bytes is too small for eStargz")
-        tail_len = min(blob_size, max(ESTARGZ_FOOTER_SIZE, self.settings.tail_guess_bytes))
+        st = self.settings
+        guess = max(
+            st.tail_guess_bytes, min(int(blob_size * st.tail_guess_share), st.tail_guess_max_bytes)
+        )
+        tail_len = min(blob_size, max(ESTARGZ_FOOTER_SIZE, guess))
         tail_start = blob_size - tail_len
         tail = self._read(source, [(tail_start, tail_len)])[0]
         toc_offset, footer_size = parse_footer(tail)

@@ -208,10 +208,23 @@ def test_same_layer_under_two_refs_is_shared(
     assert len(mgr.loaded()) == 1
 
 
+def test_tail_guess_grows_with_the_blob(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    # A guess of 512 bytes would need two requests (above); a share of the blob makes one.
+    mgr = LayerManager(client, cache, quiet(tail_guess_bytes=512, tail_guess_share=1.0))
+    mgr.get(REF_A, blobs["ref-small"].digest)
+    assert mgr.tail_requests == 1
+    capped = quiet(tail_guess_bytes=512, tail_guess_share=1.0, tail_guess_max_bytes=512)
+    mgr2 = LayerManager(client, ChunkCache(cache.root.parent / "c2", 1 << 30), capped)
+    mgr2.get(REF_A, blobs["ref-small"].digest)
+    assert mgr2.tail_requests == 2
+
+
 def test_small_tail_guess_needs_two_requests(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], go_reference: Path
 ) -> None:
-    mgr = LayerManager(client, cache, quiet(tail_guess_bytes=512))
+    mgr = LayerManager(client, cache, quiet(tail_guess_bytes=512, tail_guess_share=0.0))
     layer = mgr.get(REF_A, blobs["ref-small"].digest)
     assert mgr.tail_requests == 2
     ino = layer.index.find("app/main.py")
