@@ -12,10 +12,17 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   ``read_ranges`` call (one HTTP request where the registry allows).
 * **Read-ahead**: when a small chunk is needed, the following small chunks up to
   ``readahead_bytes`` ride along in the same range, so neighbouring small files do not each cost
-  a round trip.
+  a round trip. Their verification runs on a helper thread: the reader returns as soon as its
+  own chunks are verified (a reader of a read-ahead chunk waits on its future meanwhile).
+* **Read-behind** and **continuation**: a lone small-file miss also fetches the small chunks
+  just before it, and a miss of a multi-chunk file's first chunk the file's next chunks, each in
+  a parallel request (python reads ``x/__pycache__/m.pyc`` then ``x/m.py``; an executable being
+  mapped is read on).
 * **Landmark prefetch**: ``prefetch(end)`` fetches ``[0, end)`` in one request.
-* **Background fill** (optional): a thread fetches the rest of the blob in large ranges, pausing
-  while foreground requests are in flight; a shared semaphore bounds it across layers.
+* **Background fill** (optional): a thread fetches the rest of the blob in 2 MiB ranges once
+  foreground requests have been idle for ``background_idle_seconds`` (0.5 s, also counted from
+  its start): on a thin link, every background byte fetched while a container starts delays
+  its reads. A shared semaphore bounds it across layers.
 * Foreground range requests are limited by a semaphore (``max_concurrent_requests``).
 
 A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
