@@ -167,6 +167,46 @@ def plan_ranges(
     return out
 
 
+class Activity:
+    """Foreground work (reads that miss, landmark prefetches) in flight, and when it last
+    ended. Shared by the fetchers of all layers (the manager passes one), so that no layer's
+    background fill competes with another layer's readers or prefetch for the link."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.active = 0
+        self.last = 0.0
+
+    def enter(self) -> None:
+        with self.cond:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.cond:
+            self.active -= 1
+            self.last = time.monotonic()
+            self.cond.notify_all()
+
+    def touch(self) -> None:
+        """Count idle time from now."""
+        with self.cond:
+            self.last = max(self.last, time.monotonic())
+
+    def wait_idle(self, idle: float, stop: threading.Event) -> bool:
+        """Block until nothing has been active for *idle* seconds; False when *stop* is set."""
+        with self.cond:
+            while not stop.is_set():
+                quiet = time.monotonic() - self.last
+                if self.active == 0 and quiet >= idle:
+                    return True
+                self.cond.wait(timeout=min(max(idle - quiet, 0.01), 0.5))
+        return False
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+
 class ChunkFetcher:
     """Thread-safe chunk fetcher for one blob."""
 
@@ -180,6 +220,7 @@ class ChunkFetcher:
         *,
         background_slots: threading.Semaphore | None = None,
         request_slots: threading.Semaphore | None = None,
+        activity: Activity | None = None,
         name: str = "",
     ) -> None:
         self._source = source
@@ -201,9 +242,7 @@ class ChunkFetcher:
         self._requests = request_slots or threading.Semaphore(
             max(1, self.settings.max_concurrent_requests)
         )
-        self._fg_active = 0
-        self._fg_last = 0.0
-        self._fg_cond = threading.Condition(self._lock)
+        self._activity = activity or Activity()
         self._bg_slots = background_slots or threading.Semaphore(1)
         self._bg_thread: threading.Thread | None = None
         self._ahead: ThreadPoolExecutor | None = None
@@ -296,10 +335,15 @@ class ChunkFetcher:
         if not wanted:
             return 0
         t0 = time.monotonic()
-        futures = self._claim_and_fetch(
-            wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, readahead=False
-        )
-        failed = sum(1 for f in futures if f.exception() is not None)
+        # Background fills (of every layer) hold back while a prefetch runs.
+        self._activity.enter()
+        try:
+            futures = self._claim_and_fetch(
+                wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, readahead=False
+            )
+            failed = sum(1 for f in futures if f.exception() is not None)
+        finally:
+            self._activity.leave()
         self._log.info(
             "landmark_prefetched",
             chunks=len(wanted),
@@ -323,8 +367,8 @@ class ChunkFetcher:
                 return False
             t = threading.Thread(target=self._background, name="stargz-bg-fetch", daemon=True)
             self._bg_thread = t
-            # Idle is counted from now: the first user's reads are about to start.
-            self._fg_last = max(self._fg_last, time.monotonic())
+        # Idle is counted from now: the first user's reads are about to start.
+        self._activity.touch()
         t.start()
         return True
 
@@ -334,8 +378,7 @@ class ChunkFetcher:
             ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead.shutdown(wait=False)
-        with self._fg_cond:
-            self._fg_cond.notify_all()
+        self._activity.wake()
 
     def join_background(self, timeout: float | None = None) -> None:
         t = self._bg_thread
@@ -456,14 +499,14 @@ class ChunkFetcher:
                 self._inflight[chunk_key(c)] = fut
                 owned.append((chunk_key(c), fut))
             companions = self._around(mine, taken) if (readahead and mine) else []
-            if mine and foreground:
-                self._fg_active += 1
         if later:
             self.fetch_async(later)
         for group in companions:
             self.fetch_async(group)
         handed: set[str] = set()
         if mine:
+            if foreground:
+                self._activity.enter()
             try:
                 # A chunk may have landed in the cache between our lookup and the claim.
                 todo: list[ChunkLike] = []
@@ -491,10 +534,7 @@ class ChunkFetcher:
                                 del self._inflight[k]
                         fut.set_exception(RegistryError("chunk fetch was interrupted"))
                 if foreground:
-                    with self._fg_cond:
-                        self._fg_active -= 1
-                        self._fg_last = time.monotonic()
-                        self._fg_cond.notify_all()
+                    self._activity.leave()
         return futures
 
     def _resolve(self, key: str, data: bytes | None, exc: BaseException | None) -> None:
@@ -639,14 +679,7 @@ class ChunkFetcher:
 
     # --- background fill ------------------------------------------------------------------
     def _wait_foreground_idle(self) -> bool:
-        idle = self.settings.background_idle_seconds
-        with self._fg_cond:
-            while not self._closed.is_set():
-                quiet = time.monotonic() - self._fg_last
-                if self._fg_active == 0 and quiet >= idle:
-                    return True
-                self._fg_cond.wait(timeout=max(idle - quiet, 0.01))
-        return False
+        return self._activity.wait_idle(self.settings.background_idle_seconds, self._closed)
 
     def _background(self) -> None:
         t0 = time.monotonic()

@@ -58,6 +58,7 @@ from layerstore.errors import (
     TOCDigestMismatchError,
 )
 from layerstore.fetcher import (
+    Activity,
     ChunkFetcher,
     ChunkLike,
     DecodeFn,
@@ -241,6 +242,7 @@ class LayerManager:
         self._request_slots = threading.Semaphore(
             max(1, self.settings.fetcher.max_concurrent_requests)
         )
+        self._activity = Activity()  # foreground work of every layer holds back every fill
         self._stored: dict[str, str] = {}  # ref -> manifest digest written to disk
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
@@ -458,6 +460,7 @@ class LayerManager:
             self.settings.fetcher,
             background_slots=self._bg_slots,
             request_slots=self._request_slots,
+            activity=self._activity,
             name=desc.digest,
         )
         size_ann = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)

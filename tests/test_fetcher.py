@@ -26,7 +26,14 @@ from layerstore.errors import (
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.fetcher import ChunkFetcher, ChunkLike, FetcherSettings, plan_ranges, redact
+from layerstore.fetcher import (
+    Activity,
+    ChunkFetcher,
+    ChunkLike,
+    FetcherSettings,
+    plan_ranges,
+    redact,
+)
 from layerstore.source import BytesSource, RangeSource
 
 
@@ -513,3 +520,40 @@ def test_first_chunk_miss_fetches_the_file_continuation_in_parallel(cache: Chunk
     f2.get_chunk(chunks[1])
     time.sleep(0.1)
     assert len(src.calls) == 3
+
+
+def test_background_of_one_layer_yields_to_another_layers_reads(tmp_path: Path) -> None:
+    activity = Activity()
+    payloads = [os.urandom(10_000) for _ in range(10)]
+    blob, chunks = build_blob(payloads)
+    src_a = CountingSource(BytesSource(blob))
+    src_b = CountingSource(BytesSource(blob), delay=0.4)
+    settings = small_settings(background_idle_seconds=0.1, background_share=1.0)
+    a = ChunkFetcher(
+        src_a,
+        ChunkCache(tmp_path / "a", 1 << 30),
+        chunks,
+        fake_decode,
+        settings,
+        activity=activity,
+    )
+    b = ChunkFetcher(
+        src_b,
+        ChunkCache(tmp_path / "b", 1 << 30),
+        chunks,
+        fake_decode,
+        settings,
+        activity=activity,
+    )
+    reader = threading.Thread(target=b.get_chunk, args=(chunks[0],))
+    reader.start()
+    time.sleep(0.05)
+    assert a.start_background()
+    time.sleep(0.2)
+    # Layer b's read is in flight: layer a's fill has not started.
+    assert src_a.calls == []
+    reader.join()
+    a.join_background(5)
+    assert len(src_a.calls) >= 1
+    a.close()
+    b.close()
