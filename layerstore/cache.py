@@ -16,6 +16,11 @@ Rules:
   bytes themselves (the fetcher, via ``decode_chunk``) pass ``verified=True`` to skip the rehash.
 * Entries found on disk at start-up are trusted for their size only; each one is re-hashed on its
   first read in this process. A corrupt or truncated entry is deleted and reported as a miss.
+  That first read reads the whole entry once (one thread at a time per entry) and keeps the
+  verified bytes in a small in-memory LRU (``max_hot_bytes``), so the following slices of the
+  chunk are served from memory instead of being read again. ``prefetch(digests)`` verifies
+  entries a sequential reader will want next on a background thread; ``peek`` answers from
+  memory only (pending writes and verified bytes), without blocking, or None.
 * The total size of ``chunks/`` is kept under ``max_bytes``: sizes and the use order live in
   memory (rebuilt from the directory listing, oldest mtime first); a hit moves the entry to the
   young end and touches its mtime at most once a minute so the order survives a restart.
@@ -90,6 +95,8 @@ class ChunkCache:
         max_pending_bytes: int = 64 * 1024 * 1024,
         writer_threads: int = 2,
         max_toc_bytes: int | None = None,
+        max_hot_bytes: int = 32 * 1024 * 1024,
+        verify_threads: int = 4,
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must not be negative")  # 0: nothing is cached
@@ -109,6 +116,14 @@ class ChunkCache:
         self._writer_threads = max(1, writer_threads)
         self._executor: ThreadPoolExecutor | None = None
         self._shards: set[str] = set()
+        # Verified bytes of entries read whole (first use), newest last; bounded in bytes.
+        self._hot: OrderedDict[str, bytes] = OrderedDict()
+        self._hot_bytes = 0
+        self.max_hot_bytes = max(0, max_hot_bytes)
+        self._verifying: dict[str, threading.Event] = {}  # single flight of first-use checks
+        self._verify_threads = max(1, verify_threads)
+        self._verifier: ThreadPoolExecutor | None = None
+        self._verify_queued = 0
         # TOC members: name -> size, oldest first; budget defaults to 5 % of the chunk budget.
         self._toc_entries: OrderedDict[str, int] = OrderedDict()
         self._toc_total = 0
@@ -211,6 +226,8 @@ class ChunkCache:
         hexd = _hex_of(digest)
         with self._lock:
             pending = self._pending.get(hexd)
+            if pending is None:
+                pending = self._hot.get(hexd)
             if pending is not None:
                 self._hits += 1
                 return pending
@@ -218,19 +235,146 @@ class ChunkCache:
             if entry is None:
                 self._misses += 1
                 return None
+            verified = entry.verified
+        if not verified:
+            return self._verify(hexd, entry)
         try:
             with open(self._path(hexd), "rb") as f:
                 data = f.read()
         except OSError:
             self._drop(hexd, entry, reason="unreadable")
             return None
-        if len(data) != entry.size or (
-            not entry.verified and hashlib.sha256(data).hexdigest() != hexd
-        ):
+        if len(data) != entry.size:
             self._drop(hexd, entry, reason="corrupt")
             return None
         self._hit(hexd, entry)
         return data
+
+    def _verify(self, hexd: str, entry: _Entry) -> bytes | None:
+        """First use of an entry found on disk: read it whole, check its sha256, keep the
+        verified bytes in the hot LRU. One thread reads a given entry; others wait for it."""
+        while True:
+            with self._lock:
+                hot = self._hot.get(hexd)
+                if hot is not None:
+                    self._hot.move_to_end(hexd)
+                    self._hits += 1
+                    return hot
+                current = self._entries.get(hexd)
+                if current is None:
+                    self._misses += 1
+                    return None
+                if current is not entry:
+                    entry = current
+                if entry.verified:
+                    break  # verified meanwhile (hot bytes since evicted): plain read
+                done = self._verifying.get(hexd)
+                if done is None:
+                    done = self._verifying[hexd] = threading.Event()
+                    mine = True
+                else:
+                    mine = False
+            if not mine:
+                done.wait()
+                continue
+            try:
+                return self._verify_now(hexd, entry)
+            finally:
+                with self._lock:
+                    self._verifying.pop(hexd, None)
+                done.set()
+        return self.get("sha256:" + hexd)
+
+    def _verify_now(self, hexd: str, entry: _Entry) -> bytes | None:
+        try:
+            with open(self._path(hexd), "rb") as f:
+                data = f.read()
+        except OSError:
+            self._drop(hexd, entry, reason="unreadable")
+            return None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != hexd:
+            self._drop(hexd, entry, reason="corrupt")
+            return None
+        self._keep_hot(hexd, data)
+        self._hit(hexd, entry)
+        return data
+
+    def _keep_hot(self, hexd: str, data: bytes) -> None:
+        if len(data) > self.max_hot_bytes:
+            return
+        with self._lock:
+            old = self._hot.pop(hexd, None)
+            if old is not None:
+                self._hot_bytes -= len(old)
+            self._hot[hexd] = data
+            self._hot_bytes += len(data)
+            while self._hot_bytes > self.max_hot_bytes:
+                _h, victim = self._hot.popitem(last=False)
+                self._hot_bytes -= len(victim)
+
+    def peek(self, digest: str, offset: int, length: int) -> memoryview | None:
+        """Like :meth:`read` from memory only (pending writes, verified hot bytes), as a
+        read-only view (no copy): never blocks on I/O; None when the bytes are not in memory."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        if not digest.startswith("sha256:"):
+            return None
+        hexd = digest[7:]
+        with self._lock:
+            data = self._pending.get(hexd)
+            if data is None:
+                data = self._hot.get(hexd)
+                if data is None:
+                    return None
+                self._hot.move_to_end(hexd)
+                entry = self._entries.get(hexd)
+                if entry is not None:
+                    self._entries.move_to_end(hexd)
+            self._hits += 1
+        return memoryview(data)[offset : offset + length]
+
+    def prefetch(self, digests: list[str]) -> int:
+        """Verify (first use) the cached entries among *digests* on a background thread, for
+        a reader expected soon. Returns how many were queued."""
+        todo: list[tuple[str, _Entry]] = []
+        with self._lock:
+            for digest in digests:
+                hexd = digest[7:] if digest.startswith("sha256:") else ""
+                entry = self._entries.get(hexd)
+                if (
+                    entry is None
+                    or entry.verified
+                    or hexd in self._hot
+                    or hexd in self._verifying
+                    or self._verify_queued >= 4 * self._verify_threads
+                ):
+                    continue
+                todo.append((hexd, entry))
+                self._verify_queued += 1
+            if not todo:
+                return 0
+            if self._verifier is None:
+                self._verifier = ThreadPoolExecutor(
+                    self._verify_threads, thread_name_prefix="chunk-cache-verify"
+                )
+            verifier = self._verifier
+        for n, (hexd, entry) in enumerate(todo):
+            try:
+                verifier.submit(self._prefetch_one, hexd, entry)
+            except RuntimeError:  # shut down
+                with self._lock:
+                    self._verify_queued -= len(todo) - n
+                return n
+        return len(todo)
+
+    def _prefetch_one(self, hexd: str, entry: _Entry) -> None:
+        try:
+            self._verify(hexd, entry)
+        except Exception as e:  # the reader verifies it again and sees the problem
+            log.warning("chunk_cache_verify_failed", digest="sha256:" + hexd, error=str(e))
+        finally:
+            with self._lock:
+                self._verify_queued -= 1
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of the entry (short at its end), or None on a miss."""
@@ -239,6 +383,10 @@ class ChunkCache:
         hexd = _hex_of(digest)
         with self._lock:
             pending = self._pending.get(hexd)
+            if pending is None:
+                pending = self._hot.get(hexd)
+                if pending is not None:
+                    self._hot.move_to_end(hexd)
             if pending is not None:
                 self._hits += 1
                 return pending[offset : offset + length]
@@ -247,9 +395,10 @@ class ChunkCache:
                 self._misses += 1
                 return None
             verified = entry.verified
-        # First use in this process: verify the whole entry once.
-        if not verified and self.get(digest) is None:
-            return None
+        # First use in this process: verify the whole entry once, serve from those bytes.
+        if not verified:
+            data = self._verify(hexd, entry)
+            return None if data is None else data[offset : offset + length]
         if offset >= entry.size or length == 0:
             self._hit(hexd, entry)
             return b""
@@ -473,8 +622,11 @@ class ChunkCache:
         self.flush()
         with self._lock:
             executor, self._executor = self._executor, None
+            verifier, self._verifier = self._verifier, None
         if executor is not None:
             executor.shutdown(wait=True)
+        if verifier is not None:
+            verifier.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for hexd in list(self._fds):
                 self._forget_fd_locked(hexd)

@@ -33,7 +33,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,10 +281,49 @@ class Layer:
             )
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
+            self._verify_ahead(chunks, i, ahead)
             last = needed[-1]
             lo, hi = self._span(last, last.chunk_offset, fsize, fsize)
             if end - last.chunk_offset > (hi - lo) // 2:
                 self.fetcher.fetch_async(list(chunks[i : i + ahead]))
+        return out
+
+    def _verify_ahead(self, chunks: Sequence[ChunkLike], i: int, ahead: int) -> None:
+        """Chunks a sequential reader wants next that are on disk but not yet verified in
+        this process: verify them in the background (the cache keeps the bytes)."""
+        self.cache.prefetch([c.digest for c in chunks[i : i + ahead + 2]])
+
+    def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
+        """:meth:`read` when every byte is already verified and in memory (pending cache
+        writes, hot cache bytes); None otherwise (then call :meth:`read` in a thread). Never
+        blocks on I/O: meant for the event loop. A read within one chunk is a read-only view
+        of the cached bytes (no copy)."""
+        if not self._started or offset < 0 or size < 0:
+            return None
+        fsize = int(self.index.getattr(ino).size)
+        end = min(fsize, offset + size)
+        if offset >= end:
+            return None
+        chunks = self.index.chunks(ino)
+        if not chunks:
+            return None
+        i = self.index.chunk_at(ino, offset)
+        pieces: list[memoryview] = []
+        while i < len(chunks) and chunks[i].chunk_offset < end:
+            c = chunks[i]
+            lo, hi = self._span(c, offset, end, fsize)
+            piece = self.cache.peek(c.digest, lo, hi - lo)
+            if piece is None or len(piece) != hi - lo:
+                return None
+            pieces.append(piece)
+            i += 1
+        out: bytes | memoryview = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(out) != end - offset:
+            return None
+        self.last_used = time.monotonic()
+        ahead = self.settings.sequential_readahead_chunks
+        if ahead > 0 and i < len(chunks):
+            self._verify_ahead(chunks, i, ahead)
         return out
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,87 @@ def test_zero_size_cache_stores_nothing(tmp_path: Path) -> None:
     assert c.get(dg(data)) is None and dg(data) not in c
     with pytest.raises(ValueError):
         ChunkCache(tmp_path, -1)
+
+
+def _restarted(tmp_path: Path, chunks: list[bytes], **kw: int) -> ChunkCache:
+    c1 = ChunkCache(tmp_path, 1 << 30)
+    for data in chunks:
+        c1.put(dg(data), data)
+    c1.close()
+    return ChunkCache(tmp_path, 1 << 30, **kw)
+
+
+def test_first_use_keeps_verified_bytes_in_memory(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    c = _restarted(tmp_path, [data])
+    assert c.peek(dg(data), 0, 10) is None  # not verified in this process yet: no memory copy
+    assert c.read(dg(data), 1000, 5000) == data[1000:6000]
+    # The whole entry was read and verified once; further slices come from memory.
+    entry_path(tmp_path, data).unlink()
+    view = c.peek(dg(data), 250_000, 100_000)
+    assert view is not None and view.readonly and bytes(view) == data[250_000:]
+    assert c.read(dg(data), 7, 3) == data[7:10]
+    assert c.get(dg(data)) == data
+
+
+def test_first_use_of_a_corrupt_entry_is_a_miss_without_memory_copy(tmp_path: Path) -> None:
+    data = os.urandom(20_000)
+    c = _restarted(tmp_path, [data])
+    p = entry_path(tmp_path, data)
+    p.write_bytes(b"x" + p.read_bytes()[1:])
+    assert c.read(dg(data), 0, 100) is None
+    assert c.peek(dg(data), 0, 100) is None
+    assert dg(data) not in c and not p.exists()
+
+
+def test_hot_bytes_are_bounded(tmp_path: Path) -> None:
+    chunks = [os.urandom(100_000) for _ in range(5)]
+    c = _restarted(tmp_path, chunks, max_hot_bytes=250_000)
+    for data in chunks:
+        assert c.read(dg(data), 0, 10) == data[:10]
+    in_memory = [data for data in chunks if c.peek(dg(data), 0, 1) is not None]
+    assert in_memory == chunks[-2:]
+    # Evicted from memory, still verified: served from the file.
+    assert c.read(dg(chunks[0]), 5, 10) == chunks[0][5:15]
+
+
+def test_prefetch_verifies_in_the_background(tmp_path: Path) -> None:
+    good = [os.urandom(50_000) for _ in range(3)]
+    bad = os.urandom(50_000)
+    c = _restarted(tmp_path, [*good, bad])
+    p = entry_path(tmp_path, bad)
+    p.write_bytes(p.read_bytes()[:-1] + b"\0")
+    assert c.prefetch([dg(d) for d in [*good, bad]] + [dg(b"absent")]) == 4
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        p.exists() or any(c.peek(dg(d), 0, 1) is None for d in good)
+    ):
+        time.sleep(0.01)
+    for d in good:
+        view = c.peek(dg(d), 0, 50_000)
+        assert view is not None and bytes(view) == d
+    assert not p.exists() and dg(bad) not in c
+    assert c.prefetch([dg(d) for d in good]) == 0  # already verified
+    c.close()
+
+
+def test_concurrent_first_reads_of_one_entry(tmp_path: Path) -> None:
+    data = os.urandom(1 << 20)
+    c = _restarted(tmp_path, [data])
+    results: list[bytes | None] = []
+    lock = threading.Lock()
+
+    def reader(off: int) -> None:
+        got = c.read(dg(data), off, 4096)
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=reader, args=(i * 4096,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r for r in results if r is not None) == sorted(
+        data[i * 4096 : (i + 1) * 4096] for i in range(16)
+    )
+    assert len(results) == 16

@@ -363,3 +363,35 @@ def test_concurrent_lookups_resolve(store: Store, tmp_path: Path) -> None:
     for t in threads:
         t.join(10)
     assert results == [True] * len(threads)
+
+
+def test_reads_served_from_memory_without_a_thread(store: Store) -> None:
+    """A layer's ``read_nowait`` answers on the event loop when it has the bytes (a view is
+    fine); when it answers None the read goes to ``read`` in a worker thread."""
+    big = bytes(range(256)) * 4096
+    calls: list[tuple[int, int]] = []
+
+    def read_nowait(ino: int, offset: int, size: int) -> memoryview | None:
+        calls.append((offset, size))
+        if offset >= 512 * 1024:
+            return None
+        return memoryview(big)[offset : offset + size]
+
+    store.layer.read_nowait = read_nowait  # type: ignore[attr-defined]
+    try:
+        before = store.ops.stats.fast_reads
+        with open(store.diff / "etc" / "big", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # drop cached pages
+            got = f.read()
+        assert got == big
+        assert calls and store.ops.stats.fast_reads > before
+        assert any(off >= 512 * 1024 for off, _ in calls)  # those came from read()
+    finally:
+        del store.layer.read_nowait  # type: ignore[attr-defined]
+
+
+def test_close_costs_no_flush_round_trip(store: Store) -> None:
+    """FLUSH answers ENOSYS once; the kernel then stops sending it (and close succeeds)."""
+    for _ in range(3):
+        with open(store.diff / "etc" / "hostname", "rb") as f:
+            assert f.read() == b"sample\n"

@@ -447,3 +447,62 @@ def test_read_blob_sequential_readahead(go_reference: Path, cache: ChunkCache) -
     # Only the first window is waited for in full; the rest arrive while reading.
     assert waited < 0.05 * 3
     assert layer._blob_verified
+
+
+def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Path) -> None:
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    src = CountingSource(BytesSource(blob))
+    settings = LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=0)
+    cache = ChunkCache(tmp_path / "c", 1 << 30)
+    layer, idx = make_layer(
+        go_reference, "ref-chunked-64k", cache, blob=blob, source=src, settings=settings
+    )
+    data = tar_files(go_reference)["app/data.bin"]
+    ino = idx.files["app/data.bin"]
+    assert layer.read_nowait(ino, 0, 100) is None  # nothing fetched yet: never fetches
+    assert src.calls == []
+    assert layer.read(ino, 0, 300_000) == data
+    cache.flush()
+    cache.close()
+    # Restart: entries on disk are not in memory until verified by a read in a thread.
+    cache2 = ChunkCache(tmp_path / "c", 1 << 30)
+    layer2, _ = make_layer(
+        go_reference, "ref-chunked-64k", cache2, blob=blob, source=src, settings=settings
+    )
+    layer2.start()
+    assert layer2.read_nowait(ino, 0, 100) is None
+    assert layer2.read(ino, 65_536, 10) == data[65_536:65_546]  # verifies chunk 1 whole
+    got = layer2.read_nowait(ino, 70_000, 50_000)
+    assert got is not None and bytes(got) == data[70_000:120_000]
+    assert layer2.read_nowait(ino, 60_000, 10_000) is None  # chunk 0 not verified yet
+    assert layer2.read(ino, 0, 10) == data[:10]
+    got = layer2.read_nowait(ino, 60_000, 10_000)  # across chunks 0 and 1
+    assert got is not None and bytes(got) == data[60_000:70_000]
+    assert layer2.read_nowait(ino, 300_000, 10) is None  # at EOF: the thread path answers
+    assert len(src.calls) == 1
+
+
+def test_sequential_reads_verify_cached_chunks_ahead(go_reference: Path, tmp_path: Path) -> None:
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    src = CountingSource(BytesSource(blob))
+    settings = LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=2)
+    cache = ChunkCache(tmp_path / "c", 1 << 30)
+    layer, idx = make_layer(
+        go_reference, "ref-chunked-64k", cache, blob=blob, source=src, settings=settings
+    )
+    data = tar_files(go_reference)["app/data.bin"]
+    ino = idx.files["app/data.bin"]
+    assert layer.read(ino, 0, 300_000) == data
+    cache.flush()
+    cache.close()
+    cache2 = ChunkCache(tmp_path / "c", 1 << 30)
+    layer2, _ = make_layer(
+        go_reference, "ref-chunked-64k", cache2, blob=blob, source=src, settings=settings
+    )
+    assert layer2.read(ino, 0, 10) == data[:10]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and layer2.read_nowait(ino, 0, 300_000) is None:
+        time.sleep(0.01)
+    got = layer2.read_nowait(ino, 0, 300_000)  # chunks 1.. verified in the background
+    assert got is not None and bytes(got) == data
+    assert len(src.calls) == 1

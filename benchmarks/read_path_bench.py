@@ -1,0 +1,220 @@
+"""Read-path benchmark: large files through the real daemon, from the on-disk cache and hot.
+
+    .venv/bin/python -m benchmarks.read_path_bench [--files 4] [--mib 64] [--py-spy DIR]
+
+(root, /dev/fuse, docker-registry.) A layer of ``--files`` random-ish files of ``--mib`` MiB each
+is converted into a loopback registry and served by ``python -m stargz_store``. Phases:
+
+- ``cold``: every file read whole once (fetched from the registry, verified, cached on disk);
+- the daemon is stopped (cache flushed) and started again on the same root, caches dropped
+  (``echo 3 > /proc/sys/vm/drop_caches``);
+- ``cached``: every file read whole (chunks from the on-disk cache; first use in the process);
+- ``hot``: read again (kernel page cache, keep_cache);
+- ``reopen``: ``open``+``close`` of each file many times (FUSE round trips per open).
+
+The restart and the three phases are repeated ``--rounds`` times (medians reported; the
+machine's other load makes single runs noisy). py-spy (``--py-spy``) profiles the first round
+only: it stops the daemon at every sample and slows it down a lot, do not compare its figures.
+
+Reads use 1 MiB ``read`` calls. Every file's sha256 is checked against the source. Prints JSON.
+Target (issue 6): cached >= 600 MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.walk_bench import Profiler, config_text, drop_kernel_caches, memory
+from stargz_store.testbed import (
+    BuiltLayer,
+    LoopbackRegistry,
+    RegistryHTTP,
+    StoreDaemon,
+    convert,
+    gzip_bytes,
+    image_config,
+    sha256_digest,
+    write_image,
+)
+
+MB = 1_000_000
+MiB = 1 << 20
+TARGET_CACHED_MB_S = 600.0
+
+
+def build_tar(files: int, mib: int, seed: int = 3) -> tuple[bytes, dict[str, str]]:
+    """``files`` files of ``mib`` MiB: random blocks repeated a little (gzip shrinks them some)."""
+    rnd = random.Random(seed)
+    buf = io.BytesIO()
+    digests: dict[str, str] = {}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        ti = tarfile.TarInfo("data")
+        ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+        tar.addfile(ti)
+        for n in range(files):
+            blocks = [rnd.randbytes(64 * 1024) for _ in range(16)]
+            data = b"".join(rnd.choice(blocks) for _ in range(mib * 16))
+            name = f"data/big{n}.bin"
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_600_000_000
+            tar.addfile(ti, io.BytesIO(data))
+            digests[name] = hashlib.sha256(data).hexdigest()
+    return buf.getvalue(), digests
+
+
+def read_all(diff: Path, digests: dict[str, str], bufsize: int = MiB) -> dict[str, Any]:
+    """Each file read whole with ``bufsize`` reads into one buffer (timed), then its sha256
+    checked (not timed: the reader's hashing would compete with the daemon for the CPUs)."""
+    seconds = 0.0
+    total = 0
+    for name, want in digests.items():
+        size = os.stat(diff / name).st_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        t0 = time.perf_counter()
+        fd = os.open(diff / name, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < size:
+                n = os.readv(fd, [view[pos : pos + bufsize]])
+                if n <= 0:
+                    break
+                pos += n
+        finally:
+            os.close(fd)
+        seconds += time.perf_counter() - t0
+        total += pos
+        if pos != size or hashlib.sha256(buf).hexdigest() != want:
+            raise SystemExit(f"{name}: bytes read through the store differ from the source")
+    return {"bytes": total, "seconds": round(seconds, 3), "mb_s": round(total / MB / seconds, 1)}
+
+
+def daemon_stats(log_path: Path) -> dict[str, Any]:
+    """The FUSE statistics the daemon logs when it unmounts."""
+    stats: dict[str, Any] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"unmounted"' in line:
+            with contextlib.suppress(ValueError):
+                stats = json.loads(line).get("stats", {})
+    return stats
+
+
+def reopen(diff: Path, names: list[str], rounds: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for name in names:
+            os.close(os.open(diff / name, os.O_RDONLY))
+    seconds = time.perf_counter() - t0
+    n = rounds * len(names)
+    return {"opens": n, "seconds": round(seconds, 3), "us_per_open": round(seconds / n * 1e6, 1)}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    tar, digests = build_tar(args.files, args.mib)
+    layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
+    layout = work / "layout"
+    write_image(layout, "src", [layer], image_config([layer.diff_id]))
+    out: dict[str, Any] = {
+        "command": " ".join(
+            [os.path.basename(sys.executable), "-m", "benchmarks.read_path_bench", *sys.argv[1:]]
+        ),
+        "files": args.files,
+        "file_mib": args.mib,
+    }
+    with LoopbackRegistry(work / "registry") as registry:
+        convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/read:v1",
+                "--dest-tls-verify=false")  # fmt: skip
+        manifest = json.loads(RegistryHTTP(registry.host).manifest("bench/read", "v1")[0])
+        desc = manifest["layers"][0]
+        ref = f"{registry.host}/bench/read:v1"
+        b64 = base64.b64encode(ref.encode()).decode()
+        cfg = config_text(registry.host, work, None)
+        daemon = StoreDaemon(work / "daemon", config_text=cfg)
+        with daemon:
+            diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
+            os.stat(diff)
+            out["cold"] = read_all(diff, digests)
+            daemon.stop()
+        rounds: list[dict[str, Any]] = []
+        for n in range(args.rounds):
+            daemon = StoreDaemon(work / "daemon", config_text=cfg)
+            with daemon:
+                assert daemon.proc is not None
+                pid = daemon.proc.pid
+                prof = Profiler(args.py_spy if n == 0 else None, pid)
+                diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
+                os.stat(diff)
+                drop_kernel_caches("3")
+                os.stat(diff)
+                r: dict[str, Any] = {}
+                prof.start("cached-read")
+                r["cached"] = read_all(diff, digests)
+                prof.stop()
+                prof.start("hot-read")
+                r["hot"] = read_all(diff, digests)
+                r["reopen"] = reopen(diff, list(digests), args.reopen_rounds)
+                prof.stop()
+                r["daemon_memory_mb"] = memory(pid)
+                r["daemon_exit"] = daemon.stop()
+                stats = daemon_stats(daemon.log_path)
+                r["daemon_fuse_stats"] = stats
+                if stats.get("reads"):
+                    r["cached"]["fuse_reads"] = stats["reads"]
+                    r["cached"]["avg_request_kib"] = round(
+                        r["cached"]["bytes"] / stats["reads"] / 1024, 1
+                    )
+            rounds.append(r)
+        out["rounds"] = rounds
+        out["cached_mb_s_median"] = statistics.median(r["cached"]["mb_s"] for r in rounds)
+        out["hot_mb_s_median"] = statistics.median(r["hot"]["mb_s"] for r in rounds)
+        out["reopen_us_median"] = statistics.median(r["reopen"]["us_per_open"] for r in rounds)
+        out["peak_rss_mb"] = max(r["daemon_memory_mb"]["VmHWM"] for r in rounds)
+    out["targets"] = {
+        "cached_mb_s": TARGET_CACHED_MB_S,
+        "cached_ok": out["cached_mb_s_median"] >= TARGET_CACHED_MB_S,
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=64, help="size of each file in MiB")
+    ap.add_argument("--reopen-rounds", type=int, default=500)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="daemon restarts (cached, hot, reopen each time)"
+    )
+    ap.add_argument("--py-spy", type=Path, metavar="DIR", help="raw py-spy profiles to DIR")
+    ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("read_path_bench needs root (FUSE allow_other, drop_caches)")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = run(args, args.keep)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="read-path-bench-"))
+        try:
+            result = run(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
