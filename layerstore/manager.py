@@ -21,7 +21,9 @@ Resolving a layer:
 
 Concurrent ``get`` calls of the same (ref, key) share one resolution; failures are remembered for
 ``negative_ttl`` seconds and then forgotten. ``use``/``release`` count users per (ref, key); the
-first ``use`` starts the landmark prefetch (and the background fill when enabled). Layers without
+first ``use`` starts the landmark prefetch (and the background fill when enabled); for a layer
+without prioritized files it also fetches the image's entrypoint executable when the layer has
+it (the container's first read). Layers without
 users that have been idle for ``idle_drop_seconds`` are dropped from memory by :meth:`sweep`
 (their chunks stay in the disk cache).
 """
