@@ -29,7 +29,9 @@ Rules:
 * ``put_async`` hands the write to a small writer pool (creating a file costs ~1 ms on a
   journaling file system, more than fetching a small chunk). Until it is on disk the entry is
   served from memory (``get``, ``read``, ``in``); pending bytes are bounded
-  (``max_pending_bytes``; beyond it the caller writes synchronously). ``flush`` waits.
+  (``max_pending_bytes``, 16 MiB: a cold walk that reads many small files otherwise held up to
+  64 MiB of decoded chunks, and the heap stayed that large; beyond it the caller writes
+  synchronously). ``flush`` waits.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ class ChunkCache:
         max_bytes: int,
         *,
         max_open_files: int = 64,
-        max_pending_bytes: int = 64 * 1024 * 1024,
-        writer_threads: int = 2,
+        max_pending_bytes: int = 16 * 1024 * 1024,
+        writer_threads: int = 4,
         max_toc_bytes: int | None = None,
         max_hot_bytes: int = 32 * 1024 * 1024,
         verify_threads: int = 4,

@@ -358,21 +358,31 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
         return a
 
-    def _content_attr(self, ino: int, e: EntryAttrLike) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _content_attr(
+        self, ino: int, e: EntryAttrLike, a: pyfuse3.EntryAttributes | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """Attributes of a layer node. With *a* (from :meth:`_content_attr_template`), only
+        the per-entry fields are set in it: readdirplus reuses one object for every entry
+        (``readdir_reply`` copies it)."""
+        if a is None:
+            a = self._content_attr_template()
         a.st_ino = ino
-        a.generation = 0
-        a.entry_timeout = self._settings.entry_timeout
-        a.attr_timeout = self._settings.attr_timeout
         a.st_mode = e.mode
         a.st_nlink = e.nlink
         a.st_uid = e.uid
         a.st_gid = e.gid
         a.st_rdev = e.rdev
         a.st_size = e.size
-        a.st_blksize = 4096
         a.st_blocks = (e.size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        return a
+
+    def _content_attr_template(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.generation = 0
+        a.entry_timeout = self._settings.entry_timeout
+        a.attr_timeout = self._settings.attr_timeout
+        a.st_blksize = 4096
         return a
 
     def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -631,10 +641,16 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         block = self._block_for(layer)
         idx = layer.index
         children = idx.readdir(local)
+        base = block.base
+        getattr_ = idx.getattr
+        fill = self._content_attr
+        reply = pyfuse3.readdir_reply
+        fsencode = os.fsencode
+        attr = self._content_attr_template()  # one object, refilled per entry
         for i in range(start_id, len(children)):
             name, child = children[i]
-            attr = self._content_attr(block.base + child, idx.getattr(child))
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+            fill(base + child, getattr_(child), attr)
+            if not reply(token, fsencode(name), attr, i + 1):
                 return
             block.lookups += 1
 
