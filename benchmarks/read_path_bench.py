@@ -135,6 +135,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ),
         "files": args.files,
         "file_mib": args.mib,
+        "read_ahead_kb": args.read_ahead_kb,  # None: the daemon's default (1024)
     }
     with LoopbackRegistry(work / "registry") as registry:
         convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/read:v1",
@@ -144,6 +145,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ref = f"{registry.host}/bench/read:v1"
         b64 = base64.b64encode(ref.encode()).decode()
         cfg = config_text(registry.host, work, None)
+        if args.read_ahead_kb is not None:
+            cfg += f"[fuse]\nread_ahead_kb = {args.read_ahead_kb}\n"
         daemon = StoreDaemon(work / "daemon", config_text=cfg)
         with daemon:
             diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
@@ -198,6 +201,9 @@ def main() -> None:
     ap.add_argument("--reopen-rounds", type=int, default=500)
     ap.add_argument(
         "--rounds", type=int, default=3, help="daemon restarts (cached, hot, reopen each time)"
+    )
+    ap.add_argument(
+        "--read-ahead-kb", type=int, help="the daemon's [fuse] read_ahead_kb (default: its own)"
     )
     ap.add_argument("--py-spy", type=Path, metavar="DIR", help="raw py-spy profiles to DIR")
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
