@@ -27,6 +27,7 @@ from layerstore.errors import (
 )
 from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.source import RangeSource
+from layerstore.tarfmt import parse_pax_records
 from layerstore.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
 
 DEFAULT_MAX_TOC_SIZE = 150 * 2**20
@@ -138,25 +139,11 @@ def _check_tar_checksum(hdr: bytes) -> None:
 
 
 def _parse_pax(payload: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(payload):
-        sp = payload.find(b" ", pos)
-        if sp < 0:
-            raise FormatError("malformed PAX header in the TOC member")
-        try:
-            length = int(payload[pos:sp])
-        except ValueError:
-            raise FormatError("malformed PAX header in the TOC member") from None
-        rec = payload[sp + 1 : pos + length]
-        if length <= sp - pos or pos + length > len(payload) or not rec.endswith(b"\n"):
-            raise FormatError("malformed PAX record in the TOC member")
-        key, eq, value = rec[:-1].partition(b"=")
-        if not eq:
-            raise FormatError("malformed PAX record in the TOC member")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
-    return out
+    try:
+        records = parse_pax_records(payload)
+    except FormatError as e:
+        raise FormatError(f"{e} in the TOC member") from None
+    return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in records.items()}
 
 
 def extract_toc_json(tar: bytes, max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:

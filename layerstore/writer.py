@@ -41,6 +41,7 @@ from typing import BinaryIO, Callable, Protocol, Union
 
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
 from layerstore.footer import build_footer
+from layerstore.tarfmt import parse_pax_records
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -337,27 +338,8 @@ def _utf8(b: bytes, what: str) -> str:
 
 
 def _parse_pax(data: bytes) -> dict[str, bytes]:
-    records: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        sp = data.find(b" ", pos)
-        if sp < 0:
-            if not data[pos:].strip(b"\0\n"):
-                break
-            raise TarFormatError("malformed PAX header")
-        try:
-            length = int(data[pos:sp])
-        except ValueError:
-            raise TarFormatError("malformed PAX record length") from None
-        rec = data[sp + 1 : pos + length]
-        if length <= sp - pos or pos + length > len(data) or not rec.endswith(b"\n"):
-            raise TarFormatError("malformed PAX record")
-        key, eq, value = rec[:-1].partition(b"=")
-        if not eq:
-            raise TarFormatError("PAX record without '='")
-        records[_utf8(key, "PAX key")] = value
-        pos += length
-    return records
+    records = parse_pax_records(data, error=TarFormatError)
+    return {_utf8(key, "PAX key"): value for key, value in records.items()}
 
 
 def _pax_int(v: bytes, what: str) -> int:
