@@ -49,6 +49,7 @@ import structlog
 
 from layerstore import digest as _digest
 from layerstore.cache import ChunkCache
+from layerstore.elfdeps import elf_dependencies
 from layerstore.errors import (
     AuthenticationError,
     BlockedRegistryError,
@@ -202,6 +203,33 @@ def resolve_regular_file(index: Any, path: str, hops: int = 8) -> int | None:
     return None
 
 
+LIBRARY_DIRS = (
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "usr/lib64",
+    "lib",
+    "usr/lib",
+    "usr/local/lib",
+)
+
+
+def resolve_library(index: Any, name: str) -> int | None:
+    """The inode of the shared library *name* (a ``DT_NEEDED`` entry, or an absolute path such
+    as the loader) in this layer's view: the first of :data:`LIBRARY_DIRS` that has it."""
+    if not name or "\0" in name:
+        return None
+    if "/" in name:
+        return resolve_regular_file(index, posixpath.normpath(posixpath.join("/", name)))
+    for d in LIBRARY_DIRS:
+        ino = resolve_regular_file(index, f"{d}/{name}")
+        if ino is not None:
+            return ino
+    return None
+
+
 @dataclass(frozen=True)
 class ManagerSettings:
     resolve_ttl: float = 60.0
@@ -225,6 +253,12 @@ class ManagerSettings:
     entrypoint executable, if this layer has it and it is at most this large (compressed), is
     fetched at once: it is the first file the container reads, and the pull and the container
     set-up leave the link idle for a few hundred ms. 0 disables."""
+    library_prefetch_files: int = 64
+    library_prefetch_bytes: int = 64 * 1024 * 1024
+    """After the entrypoint prefetch, the loader and the shared libraries it names (ELF
+    ``PT_INTERP`` / ``DT_NEEDED``, recursively) that this layer has are fetched too, up to this
+    many files and compressed bytes per layer, so the dynamic loader does not wait on the
+    network for each in turn. 0 disables."""
     platform: Any = None
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
     layer: LayerSettings = field(default_factory=LayerSettings)
@@ -295,6 +329,9 @@ class LayerManager:
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self._stored: dict[str, str] = {}  # ref -> manifest digest written to disk
         self._entrypoints: set[str] = set()  # layers whose entrypoint prefetch was considered
+        self._wanted_libs: dict[str, set[str]] = {}  # ref -> library names not found yet
+        self._lib_queued: dict[str, set[int]] = {}  # layer digest -> inodes queued
+        self._lib_spent: dict[str, list[int]] = {}  # layer digest -> [files, bytes] queued
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -591,7 +628,22 @@ class LayerManager:
         log.info("layer_use", ref=ref, key=key, digest=layer.compressed_digest, users=users)
         layer.start()
         self._prefetch_entrypoint(ref, layer)
+        with self._lock:
+            wanted = bool(self._wanted_libs.get(ref))
+        if wanted:  # libraries an entrypoint in another layer of this image needs
+            threading.Thread(
+                target=self._prefetch_names_quietly,
+                args=(ref, layer),
+                name="stargz-libraries",
+                daemon=True,
+            ).start()
         return users
+
+    def _prefetch_names_quietly(self, ref: str, layer: Layer) -> None:
+        try:
+            self._prefetch_names(ref, layer, [])
+        except Exception as e:  # best effort: readers fetch what they need themselves
+            log.warning("library_prefetch_failed", ref=ref, error=describe_error(e))
 
     def _prefetch_entrypoint(self, ref: str, layer: Layer) -> None:
         limit = self.settings.entrypoint_prefetch_bytes
@@ -621,7 +673,7 @@ class LayerManager:
         def run() -> None:
             t0 = time.monotonic()
             try:
-                layer.fetcher.get_chunks(chunks)
+                data = layer.fetcher.get_chunks(chunks)
             except Exception as e:  # readers see errors themselves
                 log.warning("entrypoint_prefetch_failed", path=path, error=describe_error(e))
                 return
@@ -632,8 +684,90 @@ class LayerManager:
                 bytes=size,
                 seconds=round(time.monotonic() - t0, 3),
             )
+            try:
+                self._prefetch_libraries(ref, layer, ino, data)
+            except Exception as e:  # best effort: readers fetch what they need themselves
+                log.warning("library_prefetch_failed", path=path, error=describe_error(e))
 
         threading.Thread(target=run, name="stargz-entrypoint", daemon=True).start()
+
+    def _prefetch_libraries(self, ref: str, layer: Layer, ino: int, data: Sequence[bytes]) -> None:
+        """Fetch the loader and the shared libraries the ELF file *ino* (whose verified chunks
+        are *data*) needs, then theirs; names this layer lacks are looked up in the image's
+        other layers in use (and in those used later)."""
+        with self._lock:
+            self._lib_queued.setdefault(layer.compressed_digest, set()).add(ino)
+        interp, needed = elf_dependencies(b"".join(data))
+        names = ([interp] if interp else []) + needed
+        self._prefetch_names(ref, layer, names)
+        with self._lock:
+            others = [
+                e.layer
+                for (r, _), e in self._by_ref_key.items()
+                if r == ref and e.users > 0 and e.layer is not layer
+            ]
+        for other in dict.fromkeys(others):  # in parallel: one thread per layer
+            threading.Thread(
+                target=self._prefetch_names_quietly,
+                args=(ref, other),
+                name="stargz-libraries",
+                daemon=True,
+            ).start()
+
+    def _prefetch_names(self, ref: str, layer: Layer, names: list[str]) -> None:
+        """Fetch the libraries *names* (and those this ref still wants) that *layer* has, a
+        level at a time (each level's files in one go), then the ones they name."""
+        max_files = self.settings.library_prefetch_files
+        if max_files <= 0 or self.settings.library_prefetch_bytes <= 0:
+            return
+        t0 = time.monotonic()
+        digest = layer.compressed_digest
+        files = fetched = 0
+        while True:
+            todo: list[tuple[int, list[ChunkLike]]] = []
+            with self._lock:
+                wanted = self._wanted_libs.setdefault(ref, set())
+                wanted.update(names)
+                names = sorted(wanted)
+                queued = self._lib_queued.setdefault(digest, set())
+                spent = self._lib_spent.setdefault(digest, [0, 0])
+            for name in names:
+                if spent[0] >= max_files:
+                    break
+                lib = resolve_library(layer.index, name)
+                if lib is None:
+                    continue
+                with self._lock:
+                    wanted.discard(name)
+                    if lib in queued:
+                        continue
+                    queued.add(lib)
+                cs: list[ChunkLike] = list(layer.index.chunks(lib))
+                n = sum(c.compressed_end - c.offset for c in cs)
+                if not cs or spent[1] + n > self.settings.library_prefetch_bytes:
+                    continue
+                spent[0] += 1
+                spent[1] += n
+                files += 1
+                fetched += n
+                todo.append((lib, cs))
+            if not todo:
+                break
+            got = layer.fetcher.get_chunks([c for _, cs in todo for c in cs])
+            names = []
+            i = 0
+            for _, cs in todo:
+                interp, needed = elf_dependencies(b"".join(got[i : i + len(cs)]))
+                names += ([interp] if interp else []) + needed
+                i += len(cs)
+        if files:
+            log.info(
+                "libraries_prefetched",
+                digest=digest,
+                files=files,
+                bytes=fetched,
+                seconds=round(time.monotonic() - t0, 3),
+            )
 
     def release(self, ref: str, key: str) -> int:
         with self._lock:

@@ -575,3 +575,92 @@ def test_use_prefetches_the_entrypoint_of_a_layer_without_landmark(
     time.sleep(0.1)
     assert len(client.sources[chunked.digest].calls) == calls
     assert layer2 is not layer
+
+
+def _elf_layer(client: FakeClient, files: dict[str, bytes | str]) -> Blob:
+    import io
+    import tarfile
+
+    from layerstore.writer import WriterOptions, write_estargz
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, v in files.items():
+            ti = tarfile.TarInfo(name)
+            if isinstance(v, str):
+                ti.type, ti.linkname = tarfile.SYMTYPE, v
+                tf.addfile(ti)
+            else:
+                ti.size, ti.mode = len(v), 0o755
+                tf.addfile(ti, io.BytesIO(v))
+    out = io.BytesIO()
+    res = write_estargz(io.BytesIO(buf.getvalue()), out, WriterOptions(chunk_size=1024))
+    data = out.getvalue()
+    blob = Blob(data, res.blob_digest, res.toc_digest, res.diff_id, res.uncompressed_size)
+    client.sources[blob.digest] = CountingSource(BytesSource(data))
+    return blob
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_entrypoint_prefetch_queues_its_shared_libraries(
+    client: FakeClient, cache: ChunkCache, split: bool
+) -> None:
+    from tests.test_elfdeps import make_elf
+
+    top: dict[str, bytes | str] = {
+        "app/bin/prog": make_elf("/lib64/ld-linux.so.2", ["libfoo.so.1"], pad=3000),
+        "usr/lib/libfoo.so.1": "libfoo.so.1.2",  # relative symlink
+        "usr/lib/libfoo.so.1.2": make_elf(None, ["libbar.so"], pad=2500),  # recursive
+        "usr/lib/libunused.so": make_elf(None, [], pad=5000),
+    }
+    base: dict[str, bytes | str] = {
+        "lib64/ld-linux.so.2": "/lib/x86_64-linux-gnu/ld-2.36.so",  # absolute symlink
+        "lib/x86_64-linux-gnu/ld-2.36.so": make_elf(None, [], pad=2000),
+        "lib/x86_64-linux-gnu/libbar.so": make_elf(None, ["libmissing.so"], pad=1500),
+    }
+    # split: the base libraries in a lower layer of the image (used before the top one)
+    blobs_ = [_elf_layer(client, base), _elf_layer(client, top)] if split else []
+    if not split:
+        blobs_ = [_elf_layer(client, {**top, **base})]
+
+    @dataclass
+    class _CR(_C):
+        raw: Any = None
+
+    ref = f"registry.example/elf:{int(split)}"
+    client.images[ref] = FakeImage(
+        _M(tuple(desc(b) for b in blobs_)),
+        _CR(
+            tuple(b.diff_id for b in blobs_),
+            {"config": {"Entrypoint": ["prog"], "Env": ["PATH=/app/bin"]}},
+        ),
+        "sha256:" + "2" * 64,
+    )
+    mgr = LayerManager(client, cache, quiet())
+    layers = [mgr.get(ref, b.digest) for b in blobs_]
+
+    def chunks_of(path: str) -> list[Any]:
+        for layer in layers:
+            ino = resolve_regular_file(layer.index, path)
+            if ino is not None:
+                return list(layer.index.chunks(ino))
+        raise AssertionError(path)
+
+    wanted = [
+        c
+        for p in (
+            "/app/bin/prog",
+            "/lib/x86_64-linux-gnu/ld-2.36.so",
+            "/usr/lib/libfoo.so.1.2",
+            "/lib/x86_64-linux-gnu/libbar.so",
+        )
+        for c in chunks_of(p)
+    ]
+    assert len(wanted) > 4 and not any(c.digest in cache for c in wanted)
+    for b in blobs_:
+        mgr.use(ref, b.digest)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(c.digest in cache for c in wanted):
+        time.sleep(0.01)
+    assert all(c.digest in cache for c in wanted)  # (neighbours may come along: read-ahead)
+    mgr.close()
