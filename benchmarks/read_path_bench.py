@@ -30,16 +30,15 @@ import io
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.walk_bench import Profiler, config_text, drop_kernel_caches, memory
+from benchmarks.workdir import in_workdir
 from stargz_store.testbed import (
     BuiltLayer,
     LoopbackRegistry,
@@ -210,15 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("read_path_bench needs root (FUSE allow_other, drop_caches)")
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.keep)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="read-path-bench-"))
-        try:
-            result = run(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    result = in_workdir(lambda work: run(args, work), args.keep, "read-path-bench-")
     print(json.dumps(result, indent=2))
 
 

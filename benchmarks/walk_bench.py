@@ -28,16 +28,15 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.workdir import in_workdir
 from stargz_store.testbed import (
     BuiltLayer,
     LoopbackRegistry,
@@ -291,15 +290,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("walk_bench needs root (FUSE allow_other, drop_caches)")
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.keep)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="walk-bench-"))
-        try:
-            result = run(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    result = in_workdir(lambda work: run(args, work), args.keep, "walk-bench-")
     print(json.dumps(result, indent=2))
 
 

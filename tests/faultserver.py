@@ -33,6 +33,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+class QuietHTTPHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive handler for test servers: silent, and a TLS ClientHello (a client
+    probing https first) is dropped at once instead of waiting for a request line."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
+            return
+        super().handle()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @dataclass
 class Request:
     method: str
@@ -126,20 +142,7 @@ class FaultServer:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def handle(self) -> None:
-                # A TLS ClientHello (the client probing https first) is dropped at once instead
-                # of waiting for a request line that never comes.
-                if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
-                    return
-                super().handle()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class _Handler(QuietHTTPHandler):
             def _handle(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)

@@ -43,6 +43,7 @@ import pytest
 import requests
 
 from tests import secret_guard
+from tests.faultserver import QuietHTTPHandler
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -182,20 +183,7 @@ class TokenServer:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def handle(self) -> None:
-                # A TLS ClientHello (the client probing https first) is dropped at once instead
-                # of waiting for a request line that never comes.
-                if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
-                    return
-                super().handle()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHTTPHandler):
             def _reply(self, status: int, obj: Mapping[str, Any]) -> None:
                 body = json.dumps(obj).encode()
                 self.send_response(status)
