@@ -7,7 +7,7 @@
 - :func:`parse_token_response` reads the token server's JSON answer.
 - :class:`TokenCache` keeps tokens per ``(host, scope)`` until shortly before they expire.
 
-The registry client (``layerstore.registry``) performs the requests and retries once with a
+The registry client (``layerstore.registry.client``) performs the requests and retries once with a
 fresh token after a 401. Nothing here logs, and reprs never show secrets.
 """
 

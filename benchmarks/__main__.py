@@ -39,12 +39,12 @@ RESULTS = REPO / "benchmarks" / "results"
 # Sources whose changes invalidate converted images in the cache.
 _CONVERTER_SOURCES = (
     "stargz_store/convert_cmd.py",
-    "layerstore/convert.py",
-    "layerstore/writer.py",
-    "layerstore/toc.py",
-    "layerstore/footer.py",
-    "layerstore/ocilayout.py",
-    "layerstore/manifest.py",
+    "layerstore/image/convert.py",
+    "layerstore/estargz/writer.py",
+    "layerstore/estargz/toc.py",
+    "layerstore/estargz/footer.py",
+    "layerstore/image/ocilayout.py",
+    "layerstore/registry/manifest.py",
 )
 VARIANT_OF_MODE = {"full-gzip": "gzip", "lazy-esgz": "esgz", "lazy-esgz-opt": "esgz-opt"}
 

@@ -1,7 +1,7 @@
 """Benchmark of the eStargz writer on a realistic rootfs tar.
 
 Builds (once, cached) a ~170 MB tar of this machine's /usr/bin, /usr/lib and /usr/share (files
-taken in sorted walk order, each tree capped), then converts it with layerstore.writer and
+taken in sorted walk order, each tree capped), then converts it with layerstore.estargz.writer and
 compresses it with ``gzip -6`` for comparison. Prints throughput (MB/s of source tar) and the
 size ratio eStargz / gzip -6.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from layerstore.writer import WriterOptions, write_estargz
+from layerstore.estargz.writer import WriterOptions, write_estargz
 
 BUDGETS = (("/usr/bin", 15_000_000), ("/usr/lib", 90_000_000), ("/usr/share", 65_000_000))
 

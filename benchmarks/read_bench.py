@@ -26,14 +26,14 @@ from typing import Any
 
 import structlog
 
-from layerstore.cache import ChunkCache
-from layerstore.fetcher import FetcherSettings
-from layerstore.layer import LayerSettings
-from layerstore.manager import TOC_DIGEST_ANNOTATION, LayerManager, ManagerSettings
-from layerstore.manifest import Descriptor
-from layerstore.reference import Reference
+from layerstore.estargz.writer import write_estargz
+from layerstore.registry.manifest import Descriptor
+from layerstore.registry.reference import Reference
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import FetcherSettings
+from layerstore.runtime.layer import LayerSettings
+from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION, LayerManager, ManagerSettings
 from layerstore.source import BytesSource
-from layerstore.writer import write_estargz
 
 KiB = 1024
 MiB = 1024 * KiB

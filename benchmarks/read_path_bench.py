@@ -39,7 +39,7 @@ from typing import Any
 
 from benchmarks.walk_bench import Profiler, config_text, drop_kernel_caches, memory
 from benchmarks.workdir import in_workdir
-from stargz_store.testbed import (
+from testbed import (
     BuiltLayer,
     LoopbackRegistry,
     RegistryHTTP,

@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 
-from layerstore.toc import TOCIndex
+from layerstore.estargz.toc import TOCIndex
 
 
 def synthetic_toc(n_entries: int = 56_810) -> tuple[bytes, int]:

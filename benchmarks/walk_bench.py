@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workdir import in_workdir
-from stargz_store.testbed import (
+from testbed import (
     BuiltLayer,
     LoopbackRegistry,
     RegistryHTTP,

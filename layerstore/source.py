@@ -1,6 +1,7 @@
 """Random-access byte sources: the one small interface every reader of a blob uses.
 
-A source is a local file now, an HTTP range reader later (``layerstore.registry``). Offsets are
+A source is a local file now, an HTTP range reader later (``layerstore.registry.client``). Offsets
+are
 absolute blob offsets; a read past the end is an error, never a short answer.
 """
 

@@ -15,7 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from layerstore.convert import (
+from layerstore.errors import LayerStoreError
+from layerstore.estargz.writer import DEFAULT_CHUNK_SIZE, WriterOptions
+from layerstore.image.convert import (
     ConvertOptions,
     ImageDestination,
     ImageSource,
@@ -24,9 +26,7 @@ from layerstore.convert import (
     OCISource,
     convert_image,
 )
-from layerstore.errors import LayerStoreError
-from layerstore.ocilayout import OCILayout, parse_oci_reference
-from layerstore.writer import DEFAULT_CHUNK_SIZE, WriterOptions
+from layerstore.image.ocilayout import OCILayout, parse_oci_reference
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -132,7 +132,7 @@ def _split_transport(text: str) -> tuple[str, str]:
 
 def _registry_client(insecure_hosts: Sequence[str]) -> Any:
     from auth.store import CredentialStore
-    from layerstore.registry import RegistryClient, RegistrySettings
+    from layerstore.registry.client import RegistryClient, RegistrySettings
 
     settings = RegistrySettings(insecure_registries=frozenset(insecure_hosts))
     return RegistryClient(CredentialStore(), None, settings=settings)
@@ -143,8 +143,8 @@ def _open_source(text: str, tls_verify: bool) -> ImageSource:
     if transport == "oci":
         directory, tag = parse_oci_reference(rest)
         return OCISource(OCILayout.open(directory), tag)
-    from layerstore.convert import RegistrySource
-    from layerstore.reference import parse_reference
+    from layerstore.image.convert import RegistrySource
+    from layerstore.registry.reference import parse_reference
 
     ref = parse_reference(rest)
     client = _registry_client([] if tls_verify else [ref.api_host, ref.domain])
@@ -156,8 +156,8 @@ def _open_destination(text: str, tls_verify: bool, tmpdir: str | None) -> ImageD
     if transport == "oci":
         directory, tag = parse_oci_reference(rest)
         return OCIDestination(OCILayout.create(directory), tag)
-    from layerstore.convert import RegistryDestination
-    from layerstore.reference import parse_reference
+    from layerstore.image.convert import RegistryDestination
+    from layerstore.registry.reference import parse_reference
 
     ref = parse_reference(rest)
     client = _registry_client([] if tls_verify else [ref.api_host, ref.domain])

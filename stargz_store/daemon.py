@@ -270,15 +270,15 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from auth.errors import AuthError
     from auth.helper_channel import HelperChannelServer
     from auth.store import CredentialStore
-    from layerstore.cache import ChunkCache
     from layerstore.errors import LayerStoreError
-    from layerstore.fetcher import FetcherSettings
-    from layerstore.layer import LayerSettings
-    from layerstore.manager import LayerManager, ManagerSettings
-    from layerstore.reference import parse_reference
-    from layerstore.registries_conf import RegistriesConf
-    from layerstore.registry import RegistryClient
-    from layerstore.registry import RegistrySettings as ClientSettings
+    from layerstore.registry.client import RegistryClient
+    from layerstore.registry.client import RegistrySettings as ClientSettings
+    from layerstore.registry.reference import parse_reference
+    from layerstore.registry.registries_conf import RegistriesConf
+    from layerstore.runtime.cache import ChunkCache
+    from layerstore.runtime.fetcher import FetcherSettings
+    from layerstore.runtime.layer import LayerSettings
+    from layerstore.runtime.manager import LayerManager, ManagerSettings
 
     rc, fc, ac = config.registry, config.fetch, config.auth
     wiring = Wiring(provider=None, validate_ref=parse_reference)

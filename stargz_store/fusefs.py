@@ -1,7 +1,8 @@
 """The FUSE protocol adapter: containers/storage's additional layer store (ALS) tree.
 
 This module only translates between pyfuse3 requests and the layer provider (the
-``layerstore.manager.LayerManager`` in the daemon, a fake in tests). It owns the inode table and
+``layerstore.runtime.manager.LayerManager`` in the daemon, a fake in tests). It owns the inode
+table and
 the mapping of exceptions to errno; it knows nothing about registries or the eStargz format.
 Every call that may block (resolving a layer, reading bytes) runs in a worker thread via
 ``trio.to_thread.run_sync`` with a capacity limiter, so the trio loop only does table look-ups.

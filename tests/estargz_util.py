@@ -1,6 +1,7 @@
 """Hand-build small eStargz blobs with full control of the TOC (for adversarial tests).
 
-Independent of ``layerstore.writer`` on purpose: these blobs may be wrong in exactly the way a
+Independent of ``layerstore.estargz.writer`` on purpose: these blobs may be wrong in exactly the
+way a
 test needs. Layout: for each file a gzip member with its tar header, then one member per chunk
 of payload (the last one also holds the tar padding); then the TOC member (tar header, JSON,
 padding, end-of-archive blocks) and the footer.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from layerstore.footer import build_footer, build_legacy_footer
+from layerstore.estargz.footer import build_footer, build_legacy_footer
 
 
 def sha(data: bytes) -> str:

@@ -4,7 +4,8 @@
 - :func:`is_mounted`, :func:`wait_mounted`, :func:`wait_unmounted`, :func:`force_unmount`,
   :func:`mount_entry`: look at /proc/self/mountinfo and clean up.
 - :class:`FakeLayer`, :class:`FakeIndex`, :class:`FakeManager`: an in-memory layer provider
-  over a dict tree (paths -> :class:`Node`), shaped like ``layerstore.manager.LayerManager``.
+  over a dict tree (paths -> :class:`Node`), shaped like
+  ``layerstore.runtime.manager.LayerManager``.
 - :func:`fake_provider_factory`: a ``STARGZ_STORE_PROVIDER_FACTORY`` for daemon subprocesses.
 
 Mount tests need root and /dev/fuse; :func:`fuse_available` says whether they can run.
@@ -436,8 +437,8 @@ class _LocalClient:
     """Just enough of RegistryClient for LayerManager: one image of the Go blobs, in memory."""
 
     def __init__(self, blobs: list[GoBlob]) -> None:
-        from layerstore.manager import TOC_DIGEST_ANNOTATION
-        from layerstore.manifest import Descriptor
+        from layerstore.registry.manifest import Descriptor
+        from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION
 
         media = "application/vnd.oci.image.layer.v1.tar+gzip"
         layers = tuple(
@@ -478,8 +479,8 @@ class _Image:
 def go_reference_provider_factory(config: Any, root: Path) -> Any:
     """``STARGZ_STORE_PROVIDER_FACTORY=tests.fuse_util:go_reference_provider_factory``: the real
     LayerManager, Layer, TOC index and chunk cache, with the Go blobs as the registry."""
-    from layerstore.cache import ChunkCache
-    from layerstore.manager import LayerManager
+    from layerstore.runtime.cache import ChunkCache
+    from layerstore.runtime.manager import LayerManager
 
     cache = ChunkCache(root / "cache", 1 << 30)
     return LayerManager(_LocalClient(go_blobs()), cache)

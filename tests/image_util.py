@@ -1,6 +1,6 @@
 """Small real OCI images for the podman end-to-end tests, built without the network.
 
-The layout writer itself lives in ``stargz_store.testbed`` (the demo needs it and the product must
+The layout writer itself lives in ``testbed`` (the demo needs it and the product must
 not import ``tests/``); this module adds what only tests need: the standard test images, mixed
 images (some layers eStargz, some plain gzip), converting with ``stargz-store convert``, pushing,
 and checks on what a registry or an archive holds.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stargz_store.testbed import (
+from testbed import (
     MEDIA_OCI_LAYER_GZIP,
     TOC_DIGEST_ANNOTATION,
     BuiltLayer,

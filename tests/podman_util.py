@@ -1,6 +1,6 @@
 """podman for the end-to-end tests: private configuration, storage and clean-up.
 
-``Podman`` extends ``stargz_store.testbed.PodmanEnv`` (private containers.conf with runc and
+``Podman`` extends ``testbed.PodmanEnv`` (private containers.conf with runc and
 ulimits that this machine allows, storage.conf with its own graphroot/runroot and optionally
 the store as ``additionallayerstores``, registries.conf marking the loopback registry insecure)
 with what the tests inspect: which layers podman took from the store, disk usage, save, push.
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from stargz_store.testbed import (
+from testbed import (
     ImageInfo,
     PodmanEnv,
     PodmanError,

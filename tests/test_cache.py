@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import CacheError, VerificationError
+from layerstore.runtime.cache import ChunkCache
 
 
 def dg(data: bytes) -> str:

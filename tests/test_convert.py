@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from layerstore.convert import OCIDestination, OCISource, convert_image
-from layerstore.ocilayout import REF_NAME_ANNOTATION, OCILayout, parse_oci_reference
-from layerstore.reader import EStargzReader
+from layerstore.estargz.reader import EStargzReader
+from layerstore.image.convert import OCIDestination, OCISource, convert_image
+from layerstore.image.ocilayout import REF_NAME_ANNOTATION, OCILayout, parse_oci_reference
 from layerstore.source import FileSource
 from stargz_store.convert_cmd import main
 from tests.registry_fixtures import RegistryHandle, registry  # noqa: F401 - fixture
@@ -435,7 +435,7 @@ def test_registry_to_layout_and_back(
 
 
 def test_progress_display_tty_and_log() -> None:
-    from layerstore.convert import LayerReport
+    from layerstore.image.convert import LayerReport
     from stargz_store.convert_cmd import Progress
 
     rep = LayerReport(

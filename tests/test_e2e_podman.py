@@ -8,7 +8,7 @@ graphroot is a symlink into the mount, and the graphroot stays small.
 
 Every podman runs with private containers.conf/storage.conf/registries.conf and its own
 graphroot under the test's tmp_path; the daemon's credential chain is confined to the test's
-files too (see ``stargz_store.testbed.StoreDaemon``).
+files too (see ``testbed.StoreDaemon``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.testbed import LoopbackRegistry, skopeo_push, write_auth_json
+from testbed import LoopbackRegistry, skopeo_push, write_auth_json
 from tests.image_util import (
     CHECK_OK,
     ImageInfo,
@@ -661,7 +661,7 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     """``./run demo`` end to end (small data layer), leaving nothing behind."""
     need_podman()
     out = subprocess.run(
-        [sys.executable, "-m", "stargz_store.demo", "--data-mib", "2", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "testbed.demo", "--data-mib", "2", "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=500,

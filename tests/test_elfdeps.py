@@ -1,4 +1,4 @@
-"""ELF loader / DT_NEEDED parsing (layerstore.elfdeps)."""
+"""ELF loader / DT_NEEDED parsing (layerstore.runtime.elfdeps)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from layerstore.elfdeps import elf_dependencies
+from layerstore.runtime.elfdeps import elf_dependencies
 
 
 def make_elf(interp: str | None, needed: list[str], *, bits: int = 64, pad: int = 0) -> bytes:

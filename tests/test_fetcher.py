@@ -1,7 +1,8 @@
 """ChunkFetcher: single flight, coalescing, read-ahead, verification, errors, prefetch, background.
 
 The blob here is synthetic (one gzip member per chunk, like eStargz) and the decode function is
-a small stand-in for ``layerstore.reader.decode_chunk``; the real reader is exercised through
+a small stand-in for ``layerstore.estargz.reader.decode_chunk``; the real reader is exercised
+through
 ``tests/test_layer.py`` and ``tests/test_manager.py``.
 """
 
@@ -19,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import (
     ChunkDigestMismatchError,
     RegistryError,
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.fetcher import (
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import (
     Activity,
     ChunkFetcher,
     ChunkLike,

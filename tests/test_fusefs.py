@@ -53,7 +53,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     wide = mgr.add(fu.REF, fu.FakeLayer({f"d/f{i:05d}": fu.file(b"%d" % i) for i in range(1500)}))
     mgr.errors[(fu.REF, "sha256:" + "e" * 64)] = lse.NotEStargzError("plain gzip")
     mgr.errors[(fu.REF, "sha256:" + "f" * 64)] = RuntimeError("provider bug")
-    from layerstore.reference import parse_reference
+    from layerstore.registry.reference import parse_reference
 
     settings = FuseSettings(negative_timeout=1.0, store_dir_timeout=0.0)
     ops = StoreOperations(mgr, settings, validate_ref=parse_reference)

@@ -1,6 +1,7 @@
 """Layer: verified file reads over the Go reference blobs, the blob file, info JSON.
 
-``TinyIndex`` below is a test stand-in for ``layerstore.toc.TOCIndex`` (just what Layer and the
+``TinyIndex`` below is a test stand-in for ``layerstore.estargz.toc.TOCIndex`` (just what Layer and
+the
 fetcher need), built from the TOC of a real eStargz blob, so these tests do not depend on the
 reader module. ``tests/test_manager.py`` also runs against the real reader when it is present.
 """
@@ -23,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import ChunkDigestMismatchError, VerificationError
-from layerstore.fetcher import ChunkFetcher, ChunkLike, FetcherSettings
-from layerstore.footer import parse_footer
-from layerstore.layer import Layer, LayerSettings
+from layerstore.estargz.footer import parse_footer
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike, FetcherSettings
+from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.source import BytesSource, RangeSource
 from tests.test_fetcher import CountingSource, FakeChunk
 

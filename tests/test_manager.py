@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import (
     ChunkDigestMismatchError,
     ImageReferenceError,
@@ -24,9 +23,12 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
-from layerstore.fetcher import FetcherSettings
-from layerstore.layer import LayerSettings
-from layerstore.manager import (
+from layerstore.registry.manifest import Descriptor
+from layerstore.registry.reference import Reference
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import FetcherSettings
+from layerstore.runtime.layer import LayerSettings
+from layerstore.runtime.manager import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     LayerManager,
@@ -34,8 +36,6 @@ from layerstore.manager import (
     entrypoint_candidates,
     resolve_regular_file,
 )
-from layerstore.manifest import Descriptor
-from layerstore.reference import Reference
 from layerstore.source import BytesSource
 from tests.test_fetcher import CountingSource
 from tests.test_layer import tamper_member, tar_files, tiny_decode, tiny_open_toc
@@ -581,7 +581,7 @@ def _elf_layer(client: FakeClient, files: dict[str, bytes | str]) -> Blob:
     import io
     import tarfile
 
-    from layerstore.writer import WriterOptions, write_estargz
+    from layerstore.estargz.writer import WriterOptions, write_estargz
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:

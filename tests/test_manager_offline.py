@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from layerstore import digest
-from layerstore.cache import ChunkCache
 from layerstore.errors import NotFoundError, RegistryError, RegistryUnavailableError
-from layerstore.manager import LayerManager
-from layerstore.manifest import parse_image_config, parse_manifest
-from layerstore.reference import Reference
-from layerstore.registry import PullSource, ResolvedImage
+from layerstore.registry.client import PullSource, ResolvedImage
+from layerstore.registry.manifest import parse_image_config, parse_manifest
+from layerstore.registry.reference import Reference
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.manager import LayerManager
 from layerstore.source import BytesSource
 from tests.test_layer import tar_files
 from tests.test_manager import Blob, desc, load, quiet

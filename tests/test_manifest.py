@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from layerstore import manifest as m
 from layerstore.errors import ManifestError
+from layerstore.registry import manifest as m
 
 D1 = "sha256:" + "11" * 32
 D2 = "sha256:" + "22" * 32

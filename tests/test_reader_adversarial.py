@@ -27,15 +27,15 @@ from layerstore.errors import (
     TOCDigestMismatchError,
     TOCError,
 )
-from layerstore.footer import build_footer
-from layerstore.reader import (
+from layerstore.estargz.footer import build_footer
+from layerstore.estargz.reader import (
     EStargzReader,
     decode_chunk,
     extract_toc_json,
     inflate_toc_member,
 )
+from layerstore.estargz.toc import Chunk, TOCIndex
 from layerstore.source import BytesSource
-from layerstore.toc import Chunk, TOCIndex
 from tests.conftest import GO_REFERENCE
 from tests.estargz_util import build_blob, gz, sha, tar_header, toc_member
 
@@ -335,7 +335,7 @@ def test_decode_chunk_rules() -> None:
 
 
 def test_inner_offset_blobs_from_the_writer() -> None:
-    writer = pytest.importorskip("layerstore.writer", reason="writer not available")
+    writer = pytest.importorskip("layerstore.estargz.writer", reason="writer not available")
     buf = io.BytesIO()
     files = {f"d/f{i}": bytes([i]) * (i * 37 + 1) for i in range(40)}
     with tarfile.open(fileobj=buf, mode="w") as tf:

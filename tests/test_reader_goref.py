@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from layerstore.reader import EStargzReader, decode_chunk, tail_fetch_size
+from layerstore.estargz.reader import EStargzReader, decode_chunk, tail_fetch_size
+from layerstore.estargz.toc import OPAQUE_XATTRS
 from layerstore.source import BytesSource, FileSource
-from layerstore.toc import OPAQUE_XATTRS
 
 BLOBS = ("ref-small", "ref-chunked-64k", "ref-prioritized")
 

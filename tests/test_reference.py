@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from layerstore.errors import ImageReferenceError
-from layerstore.reference import Reference, parse_reference, split_location
+from layerstore.registry.reference import Reference, parse_reference, split_location
 
 D = "sha256:" + "ab" * 32
 

@@ -1,4 +1,4 @@
-"""registries.conf v2 (layerstore.registries_conf)."""
+"""registries.conf v2 (layerstore.registry.registries_conf)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from layerstore.errors import BlockedRegistryError
-from layerstore.registries_conf import (
+from layerstore.registry.registries_conf import (
     PullSource,
     RegistriesConf,
     RegistriesConfError,

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from auth.types import Credentials
-from layerstore import manifest as m
 from layerstore.errors import (
     AuthenticationError,
     ImageReferenceError,
@@ -18,8 +17,9 @@ from layerstore.errors import (
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.reference import parse_reference
-from layerstore.registry import PullSource, RegistryClient, RegistrySettings
+from layerstore.registry import manifest as m
+from layerstore.registry.client import PullSource, RegistryClient, RegistrySettings
+from layerstore.registry.reference import parse_reference
 from layerstore.source import RangeSource
 from tests.registry_fixtures import (  # noqa: F401 - fixtures
     DOCKER_MANIFEST,

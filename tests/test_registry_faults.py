@@ -27,7 +27,7 @@ from layerstore.errors import (
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.registry import (
+from layerstore.registry.client import (
     PullSource,
     RegistryClient,
     RegistrySettings,

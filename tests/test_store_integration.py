@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 import pytest
 
-from layerstore.reader import EStargzReader
+from layerstore.estargz.reader import EStargzReader
 from layerstore.source import BytesSource
-from stargz_store.testbed import (
+from testbed import (
     BuiltLayer,
     RegistryHTTP,
     StoreDaemon,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerstore.errors import LimitExceededError, TOCError
-from layerstore.toc import OPAQUE_XATTRS, TOCIndex, parse_rfc3339_ns
+from layerstore.estargz.toc import OPAQUE_XATTRS, TOCIndex, parse_rfc3339_ns
 
 TOC_OFFSET = 1_000_000
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from layerstore.errors import FormatError
-from layerstore.footer import parse_footer
-from layerstore.writer import (
+from layerstore.estargz.footer import parse_footer
+from layerstore.estargz.writer import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,

@@ -1,4 +1,5 @@
-"""What the writer writes, the reader (layerstore.reader.EStargzReader) reads back identically.
+"""What the writer writes, the reader (layerstore.estargz.reader.EStargzReader) reads back
+identically.
 
 Fixed cases over the Go reference's ``small.tar`` (our TOC must match the Go writer's entry for
 entry, offsets aside) and property-based cases over random trees: hardlinks, symlinks, devices,
@@ -19,16 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerstore.reader import EStargzReader
-from layerstore.source import BytesSource
-from layerstore.toc import TOCEntry
-from layerstore.writer import (
+from layerstore.estargz.reader import EStargzReader
+from layerstore.estargz.toc import TOCEntry
+from layerstore.estargz.writer import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,
     WriterOptions,
     write_estargz,
 )
+from layerstore.source import BytesSource
 
 
 def convert(tar: bytes, opts: WriterOptions) -> tuple[bytes, Any]:

@@ -2,7 +2,8 @@
 
 ``Layer.read(ino, offset, size)`` serves file data: every byte comes from a chunk whose
 ``chunkDigest`` matched (from the cache's pread fast path, or fetched and verified by the
-:class:`~layerstore.fetcher.ChunkFetcher`). ``Layer.read_blob`` serves the raw registry blob for
+:class:`~layerstore.runtime.fetcher.ChunkFetcher`). ``Layer.read_blob`` serves the raw registry
+blob for
 the ``blob`` file (``podman push/save``): large ranges through a small read-ahead window, and the
 whole-blob sha256 is checked when the blob is read from start to end (the read that completes a
 mismatching blob fails, as does every later one).
@@ -39,11 +40,11 @@ from typing import Any
 
 import structlog
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
-from layerstore.fetcher import ChunkFetcher, ChunkLike, describe_error
+from layerstore.estargz.toc import TOCIndex
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike, describe_error
 from layerstore.source import RangeSource
-from layerstore.toc import TOCIndex
 
 log = structlog.get_logger(__name__)
 

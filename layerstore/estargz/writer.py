@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol, Union
 
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
-from layerstore.footer import build_footer
-from layerstore.tarfmt import parse_pax_records
+from layerstore.estargz.footer import build_footer
+from layerstore.estargz.tarfmt import parse_pax_records
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -41,7 +41,6 @@ from auth import token as _token
 from auth.errors import AuthError, TokenError
 from auth.types import Credentials
 from layerstore import digest as _digest
-from layerstore import manifest as _manifest
 from layerstore.errors import (
     AuthenticationError,
     DigestError,
@@ -55,7 +54,8 @@ from layerstore.errors import (
     RegistryUnavailableError,
     VerificationError,
 )
-from layerstore.reference import Reference, api_host, parse_reference, split_location
+from layerstore.registry import manifest as _manifest
+from layerstore.registry.reference import Reference, api_host, parse_reference, split_location
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +92,7 @@ class PullSource:
 
 
 class RegistriesConfProvider(Protocol):
-    """``layerstore.registries_conf`` implements this; raises BlockedRegistryError."""
+    """``layerstore.registry.registries_conf`` implements this; raises BlockedRegistryError."""
 
     def pull_sources(self, name: str, *, by_digest: bool) -> list[PullSource]: ...
 

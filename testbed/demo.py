@@ -8,7 +8,7 @@ exit, error or Ctrl-C: the container, podman's private storage and mounts, the d
 FUSE mount, the registry.
 
 The building blocks (an OCI image layout writer, a loopback registry, a podman with private
-configuration, the store daemon as a child process) live in ``stargz_store.testbed``, which the
+configuration, the store daemon as a child process) live in ``testbed``, which the
 end-to-end tests and the benchmarks use too.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from stargz_store.testbed import (
+from testbed import (
     AccessLogLine,
     LoopbackRegistry,
     PodmanEnv,
@@ -166,7 +166,7 @@ def run_demo(workdir: Path, data_mib: int, keep: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stargz_store.demo",
+        prog="python -m testbed.demo",
         description="Lazy pulling with stargz-store and podman, on a registry on 127.0.0.1.",
     )
     parser.add_argument("--data-mib", type=int, default=32, help="size of the data layer")

@@ -24,7 +24,7 @@ sources are the mirrors in order (all of them only for digest pulls when
 ``digest-only``, ``tag-only``), then the primary ``location``; each with the prefix part of
 ``name`` replaced by its location. No matching table: the name itself, secure.
 
-``PullSource`` is ``layerstore.registry.PullSource`` (re-exported here): ``location`` is the
+``PullSource`` is ``layerstore.registry.client.PullSource`` (re-exported here): ``location`` is the
 rewritten repository name ``host[:port]/path`` (no tag or digest), ``insecure`` allows plain
 HTTP and unverified TLS, ``mirror`` tells a mirror from the primary location.
 
@@ -52,8 +52,8 @@ from typing import Any, Optional
 
 from layerstore.errors import BlockedRegistryError, LayerStoreError
 
-# The registry client's type (layerstore.registry does not import this module: no cycle).
-from layerstore.registry import PullSource
+# The registry client's type (layerstore.registry.client does not import this module: no cycle).
+from layerstore.registry.client import PullSource
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@
 
 Transports: ``oci:DIR[:TAG]`` (:class:`OCISource`, :class:`OCIDestination`) and
 ``docker://REF`` (:class:`RegistrySource`, :class:`RegistryDestination`, over
-:class:`layerstore.registry.RegistryClient`).
+:class:`layerstore.registry.client.RegistryClient`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from layerstore import manifest as mf
 from layerstore.digest import validate
 from layerstore.errors import ManifestError, VerificationError
-from layerstore.ocilayout import OCILayout
-from layerstore.writer import WriteResult, WriterOptions, write_estargz
+from layerstore.estargz.writer import WriteResult, WriterOptions, write_estargz
+from layerstore.image.ocilayout import OCILayout
+from layerstore.registry import manifest as mf
 
 if TYPE_CHECKING:
-    from layerstore.reference import Reference
-    from layerstore.registry import RegistryClient
+    from layerstore.registry.client import RegistryClient
+    from layerstore.registry.reference import Reference
 
 __all__ = [
     "ConvertOptions",
@@ -229,7 +229,7 @@ class _RangeStream:
 
 
 class RegistrySource:
-    """``docker://REF`` through :class:`layerstore.registry.RegistryClient`."""
+    """``docker://REF`` through :class:`layerstore.registry.client.RegistryClient`."""
 
     def __init__(self, client: RegistryClient, ref: Reference) -> None:
         self.client = client

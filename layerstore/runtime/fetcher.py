@@ -2,7 +2,8 @@
 
 A :class:`ChunkFetcher` owns the chunk list of one layer (sorted by blob offset), a
 :class:`~layerstore.source.RangeSource` for the blob and the shared
-:class:`~layerstore.cache.ChunkCache`. Every chunk goes through ``decode`` (inflate, skip the
+:class:`~layerstore.runtime.cache.ChunkCache`. Every chunk goes through ``decode`` (inflate, skip
+the
 inner offset, check ``chunkDigest``) before it is cached or returned; nothing unverified leaves.
 
 * **Single flight**: each chunk being fetched has a future, keyed by its digest; concurrent
@@ -44,8 +45,8 @@ from typing import Callable, Protocol
 
 import structlog
 
-from layerstore.cache import ChunkCache
 from layerstore.errors import LayerStoreError, RangeError, RegistryError, VerificationError
+from layerstore.runtime.cache import ChunkCache
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -55,7 +56,7 @@ MiB = 1024 * KiB
 
 
 class ChunkLike(Protocol):
-    """What the fetcher needs of ``layerstore.toc.Chunk``."""
+    """What the fetcher needs of ``layerstore.estargz.toc.Chunk``."""
 
     @property
     def offset(self) -> int: ...

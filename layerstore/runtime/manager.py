@@ -1,4 +1,4 @@
-"""(image reference, key) -> verified :class:`~layerstore.layer.Layer`.
+"""(image reference, key) -> verified :class:`~layerstore.runtime.layer.Layer`.
 
 Both key schemes are served by one daemon: a key matches a manifest layer when it equals the
 layer's compressed digest (podman <= 5.0) or its ``containerd.io/snapshot/stargz/toc.digest``
@@ -48,8 +48,6 @@ from typing import Any, Callable, Generic, Protocol, TypeVar, cast
 import structlog
 
 from layerstore import digest as _digest
-from layerstore.cache import ChunkCache
-from layerstore.elfdeps import elf_dependencies
 from layerstore.errors import (
     AuthenticationError,
     BlockedRegistryError,
@@ -62,7 +60,15 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
-from layerstore.fetcher import (
+from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
+from layerstore.estargz.toc import TOCIndex
+from layerstore.registry.client import PullSource, ResolvedImage
+from layerstore.registry.manifest import ImageManifest, parse_image_config, parse_manifest
+from layerstore.registry.reference import Reference, parse_reference
+from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.elfdeps import elf_dependencies
+from layerstore.runtime.fetcher import (
     Activity,
     ChunkFetcher,
     ChunkLike,
@@ -70,14 +76,8 @@ from layerstore.fetcher import (
     FetcherSettings,
     describe_error,
 )
-from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
-from layerstore.layer import Layer, LayerSettings
-from layerstore.manifest import ImageManifest, parse_image_config, parse_manifest
-from layerstore.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
-from layerstore.reference import Reference, parse_reference
-from layerstore.registry import PullSource, ResolvedImage
+from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.source import RangeSource
-from layerstore.toc import TOCIndex
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +90,7 @@ V = TypeVar("V")
 
 
 class ClientLike(Protocol):
-    """What the manager needs of ``layerstore.registry.RegistryClient``."""
+    """What the manager needs of ``layerstore.registry.client.RegistryClient``."""
 
     def resolve(self, ref: Reference, platform: Any = None) -> Any: ...
 

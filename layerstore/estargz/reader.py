@@ -25,10 +25,10 @@ from layerstore.errors import (
     NotEStargzError,
     TOCDigestMismatchError,
 )
-from layerstore.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.estargz.tarfmt import parse_pax_records
+from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
 from layerstore.source import RangeSource
-from layerstore.tarfmt import parse_pax_records
-from layerstore.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
 
 DEFAULT_MAX_TOC_SIZE = 150 * 2**20
 """Cap on the TOC JSON (containers/storage uses the same 150 MiB)."""

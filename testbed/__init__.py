@@ -1,7 +1,7 @@
 """A test bed on this machine: small real OCI images built without the network, a loopback
 docker-registry, podman with private configuration, and the store daemon as a child process.
 
-Shared by the demo (``stargz_store.demo``), the end-to-end tests (``tests/image_util.py``,
+Shared by the demo (``testbed.demo``), the end-to-end tests (``tests/image_util.py``,
 ``tests/podman_util.py``, ``tests/test_store_integration.py``) and the benchmarks; the product
 never imports ``tests/``. Servers listen on loopback addresses only.
 """
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerstore.ocilayout import OCILayout
+from layerstore.image.ocilayout import OCILayout
 
 # ---------------------------------------------------------------------------------------------
 # Small real OCI images, built without the network
@@ -301,7 +301,7 @@ def write_image(
     layers: Sequence[BuiltLayer],
     config: dict[str, Any] | None = None,
 ) -> ImageInfo:
-    """Write (or add to) an OCI image layout (``layerstore.ocilayout``): blobs, config,
+    """Write (or add to) an OCI image layout (``layerstore.image.ocilayout``): blobs, config,
     manifest, and ``index.json`` with ``tag`` as the ``org.opencontainers.image.ref.name``
     annotation (replacing that tag)."""
     oci = OCILayout.create(layout)
