@@ -1,0 +1,39 @@
+"""eStargz protocol names, defined once. A leaf module: any package may import it.
+
+Sources: the Go reference (containerd/stargz-snapshotter ``estargz/types.go``) and the
+containers/storage lookup contract (``../shared/notes/``).
+"""
+
+from __future__ import annotations
+
+# --- the blob -----------------------------------------------------------------------------------
+TOC_TAR_NAME = "stargz.index.json"
+"""The last tar entry of an eStargz blob: the TOC JSON."""
+
+PREFETCH_LANDMARK = ".prefetch.landmark"
+"""Follows the prioritized files: blob bytes ``[0, its offset)`` hold all of them."""
+
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+"""First entry of a blob that has no prioritized files."""
+
+LANDMARK_CONTENT = b"\x0f"
+"""The one-byte content of either landmark file."""
+
+ESTARGZ_FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+
+# --- annotations on the layer descriptor --------------------------------------------------------
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+"""sha256 of the uncompressed TOC JSON; podman >= 5.1 asks for layers by this digest."""
+
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+"""The layer's decompressed (tar) size, as a decimal string."""
+
+ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
+"""The TOC-digest key of zstd:chunked layers (which this store does not serve)."""
+
+# --- overlayfs conventions inside diff/ ---------------------------------------------------------
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")

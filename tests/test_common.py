@@ -1,0 +1,126 @@
+"""layerstore.common: atomic writes, single-flight, negative cache, redaction, RFC 3339."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from layerstore.common.atomicfile import atomic_output, write_atomic
+from layerstore.common.negcache import NegativeCache
+from layerstore.common.redact import describe_error, redact, redact_url
+from layerstore.common.singleflight import SingleFlight
+from layerstore.common.timefmt import parse_rfc3339, parse_rfc3339_ns
+
+
+def test_write_atomic_replaces_and_sets_mode(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"old")
+    write_atomic(p, b"new", durable=True, mode=0o640)
+    assert p.read_bytes() == b"new"
+    assert p.stat().st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_output_failure_keeps_old_file_and_no_temp(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(p, durable=False) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert p.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_single_flight_runs_once_for_concurrent_callers() -> None:
+    sf: SingleFlight[str, int] = SingleFlight()
+    calls = []
+    gate = threading.Event()
+
+    def work() -> int:
+        calls.append(1)
+        gate.wait(5)
+        return 42
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(sf.do("k", work))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while not sf.running("k") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert results == [42] * 8
+    assert len(calls) == 1
+    assert len(sf) == 0
+    assert sf.do("k", lambda: 7) == 7  # not a cache
+
+
+def test_single_flight_shares_exceptions_and_waiter_timeout() -> None:
+    sf: SingleFlight[str, int] = SingleFlight()
+    gate = threading.Event()
+    errors: list[BaseException] = []
+
+    def fail() -> int:
+        gate.wait(5)
+        raise KeyError("x")
+
+    def call() -> None:
+        try:
+            sf.do("k", fail)
+        except BaseException as e:
+            errors.append(e)
+
+    owner = threading.Thread(target=call)
+    owner.start()
+    while not sf.running("k"):
+        time.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        sf.do("k", lambda: 1, timeout=0.05)
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    time.sleep(0.05)
+    gate.set()
+    owner.join(5)
+    waiter.join(5)
+    assert len(errors) == 2 and all(isinstance(e, KeyError) for e in errors)
+
+
+def test_negative_cache_expires_and_is_bounded() -> None:
+    now = [100.0]
+    nc: NegativeCache[str, str] = NegativeCache(max_entries=3, clock=lambda: now[0])
+    nc.put("a", "A", ttl=10)
+    assert nc.get("a") == "A" and nc.hits == 1
+    assert nc.expires_in("a") == pytest.approx(10)
+    now[0] += 10
+    assert nc.get("a") is None
+    for k in "bcde":
+        nc.put(k, k.upper(), ttl=5)
+    assert len(nc) == 3 and nc.get("b") is None and nc.get("e") == "E"
+    nc.put("z", "Z", ttl=0)
+    assert nc.get("z") is None
+
+
+def test_redaction() -> None:
+    text = "GET https://user:pw@blob.example/x/y?X-Amz-Signature=SECRET#frag failed"
+    out = redact(text)
+    assert "SECRET" not in out and "pw" not in out and "https://blob.example/x/y" in out
+    assert redact_url("https://u:p@h.example:8443/v2/a?sig=1") == "https://h.example:8443/v2/a"
+    assert redact_url("http://[::1") == "<unparseable url>"
+    assert describe_error(ValueError("see http://h/p?token=abc")) == "ValueError: see http://h/p?<redacted>"
+    assert describe_error(ValueError()) == "ValueError"
+
+
+def test_rfc3339() -> None:
+    assert parse_rfc3339_ns("1970-01-01T00:00:00Z") == 0
+    assert parse_rfc3339_ns("1970-01-01T01:00:00.123456789123+01:00") == 123_456_789
+    assert parse_rfc3339(" 2020-01-01T00:00:01Z ") == 1577836801.0
+    for bad in ("2020-13-01T00:00:00Z", "2020-01-01T25:00:00Z", "2020-01-01T00:00:00", "x"):
+        with pytest.raises(ValueError):
+            parse_rfc3339_ns(bad)
