@@ -124,7 +124,7 @@ def test_blob_source_ranges(registry: RegistryHandle, image: PushedImage) -> Non
     ranges = [(100, 50), (10, 5), (120, 100), (len(data) - 1, 1), (400, 3), (900, 30), (2, 0)]
     assert src.read_ranges(ranges) == [data[o : o + n] for o, n in ranges]
     # docker-registry (Go's http.ServeContent) answers multipart/byteranges
-    assert c._state(registry.host).multirange is True
+    assert c.transport.host_state(registry.host).multirange is True
     from layerstore.errors import FormatError
 
     with pytest.raises(FormatError):
@@ -325,7 +325,7 @@ def test_tls_registry(tmp_path: Path) -> None:
         c = client_for(h)
         r = c.resolve(h.ref("tls/app", "v1"))
         assert r.manifest_digest == img.manifest_digest
-        assert c._state(h.host).scheme == "https"
+        assert c.transport.host_state(h.host).scheme == "https"
         src = c.blob_source(r, img.layer_digests[0], len(img.layers[0]))
         assert isinstance(src, RangeSource)
         assert src.read_at(1, 5) == img.layers[0][1:6]
@@ -342,7 +342,7 @@ def test_tls_registry(tmp_path: Path) -> None:
             settings=RegistrySettings(retries=0, certs_dirs=(str(tmp_path / "certs.d"),))
         ) as secure:
             assert secure.resolve(h.ref("tls/app", "v1")).manifest_digest == img.manifest_digest
-            bundles = list(secure._tls_files)
+            bundles = list(secure.transport._tls_files)
             assert bundles and all(Path(b).exists() for b in bundles)
         assert not any(Path(b).exists() for b in bundles), "temporary CA bundles removed"
     finally:

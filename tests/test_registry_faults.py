@@ -18,6 +18,7 @@ import requests
 import structlog
 
 from auth.types import Credentials
+from layerstore.common.redact import redact_url
 from layerstore.errors import (
     AuthenticationError,
     BlockedRegistryError,
@@ -31,11 +32,10 @@ from layerstore.registry.client import (
     PullSource,
     RegistryClient,
     RegistrySettings,
-    _Endpoint,
     parse_byteranges,
     parse_content_range,
-    redact_url,
 )
+from layerstore.registry.transport import Endpoint
 from tests.faultserver import FakeRegistry, FaultServer, Reply, Request, range_reply, sha256
 
 BLOB = random.Random(7).randbytes(64 * 1024)
@@ -148,7 +148,7 @@ def test_https_to_http_redirect_refused_for_secure_registry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     c = RegistryClient()
-    ep = _Endpoint("reg.example", "app", False, PullSource("reg.example/app"))
+    ep = Endpoint("reg.example", "app", False, PullSource("reg.example/app"))
 
     def fake_request(*args: object, **kw: object) -> requests.Response:
         r = requests.Response()
@@ -159,10 +159,10 @@ def test_https_to_http_redirect_refused_for_secure_registry(
         return r
 
     sent: list[str] = []
-    monkeypatch.setattr(c, "_request", fake_request)
-    monkeypatch.setattr(c, "_send", lambda *a, **k: sent.append(a[1]))
+    monkeypatch.setattr(c.auth, "request", fake_request)
+    monkeypatch.setattr(c.transport, "send", lambda *a, **k: sent.append(a[1]))
     with pytest.raises(RegistryError, match="https to http"):
-        c._get_following(ep, "blobs/x", {})
+        c.get_following(ep, "blobs/x", {})
     assert sent == []
 
 
@@ -211,7 +211,7 @@ def test_multirange_fallback_remembered_per_host(fault: FaultServer, mode: str) 
     assert src.read_ranges(ranges) == expected
     multi = [r for r in blob_gets(fault) if "," in (r.header("Range") or "")]
     assert len(multi) == 1, "the host is remembered as single-range only"
-    assert c._state(fault.netloc).multirange is False
+    assert c.transport.host_state(fault.netloc).multirange is False
 
 
 @pytest.mark.parametrize("mode", ["multipart", "coalesce"])
@@ -224,7 +224,7 @@ def test_multirange_supported(fault: FaultServer, mode: str) -> None:
     before = len(blob_gets(fault))
     assert src.read_ranges(ranges) == [BLOB[o : o + n] for o, n in ranges]
     assert len(blob_gets(fault)) == before + 1
-    assert c._state(fault.netloc).multirange is True
+    assert c.transport.host_state(fault.netloc).multirange is True
 
 
 def test_short_body_is_range_error(fault: FaultServer) -> None:

@@ -1,0 +1,314 @@
+"""Lazy ranged reads of one registry blob: :class:`BlobSource`, a
+:class:`layerstore.source.RangeSource`.
+
+Owns: the Range and multi-range requests for a blob, checking every answer against what was
+asked (the ``Content-Range`` and ``multipart/byteranges`` parsers, lengths, the blob's size),
+coalescing ranges, batching them ``max_ranges_per_request`` at a time, learning per host
+whether multi-range requests work, and reusing the signed storage URL a registry redirected to.
+
+Uses only the public parts of :class:`~layerstore.registry.client.RegistryClient` and
+:mod:`.transport`.
+"""
+
+from __future__ import annotations
+
+import email.message
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import requests
+import structlog
+
+from layerstore.common.redact import redact_url
+from layerstore.errors import FormatError, RangeError
+from layerstore.registry.transport import Endpoint, drain, raise_for_status, stream
+
+if TYPE_CHECKING:
+    from layerstore.registry.client import RegistryClient
+
+log = structlog.get_logger(__name__)
+
+_MULTIPART_OVERHEAD_PER_PART = 1024
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+
+
+class BlobSource:
+    """Ranged reads of one registry blob (a :class:`layerstore.source.RangeSource`).
+
+    The redirect target (signed storage URL) is remembered and reused; a 401/403 from it
+    re-resolves through the registry once. Thread-safe.
+    """
+
+    def __init__(self, client: RegistryClient, ep: Endpoint, digest: str, size: int) -> None:
+        self._client = client
+        self._transport = client.transport
+        self._ep = ep
+        self.digest = digest
+        self._size = size
+        self._lock = threading.Lock()
+        self._signed_url: str | None = None
+        self._path = f"blobs/{digest}"
+
+    def __repr__(self) -> str:
+        return f"BlobSource({self._ep.describe()}@{self.digest}, size={self._size})"
+
+    @property
+    def registry_host(self) -> str:
+        return self._ep.host
+
+    def size(self) -> int:
+        return self._size
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise FormatError(
+                f"range {offset}+{length} is outside blob {self.digest} of {self._size} bytes"
+            )
+
+    def _open(self, headers: Mapping[str, str]) -> requests.Response:
+        ep = self._ep
+        with self._lock:
+            signed = self._signed_url
+        if signed is not None:
+            resp = self._transport.send("GET", signed, ep, headers=headers)
+            if resp.status_code not in (401, 403):
+                return resp
+            drain(resp)
+            log.info("registry_signed_url_refused", host=ep.host, to=redact_url(signed))
+            with self._lock:
+                if self._signed_url == signed:
+                    self._signed_url = None
+        resp, url, redirected = self._client.get_following(ep, self._path, headers)
+        if redirected and 200 <= resp.status_code < 300:
+            with self._lock:
+                self._signed_url = url
+        return resp
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        end = offset + length - 1
+        resp = self._open({"Range": f"bytes={offset}-{end}"})
+        try:
+            if resp.status_code == 206:
+                start, last, total = parse_content_range(resp.headers.get("Content-Range"))
+                if (start, last) != (offset, end) or (total is not None and total != self._size):
+                    raise RangeError(
+                        f"blob {self.digest} on {self._ep.host}: asked bytes {offset}-{end}/"
+                        f"{self._size}, got Content-Range {resp.headers.get('Content-Range')!r}"
+                    )
+                return read_exact(resp, length, self._ep, self.digest)
+            if resp.status_code == 200:
+                if offset == 0 and length == self._size:
+                    return read_exact(resp, length, self._ep, self.digest)
+                raise RangeError(
+                    f"registry {self._ep.host} ignored the Range header for blob {self.digest}",
+                    status=200,
+                )
+            raise_for_status(resp, self._ep, f"range of blob {self.digest}")
+            raise RangeError(
+                f"blob {self.digest} on {self._ep.host}: unexpected HTTP {resp.status_code} "
+                "to a range request",
+                status=resp.status_code,
+            )
+        finally:
+            resp.close()
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        for off, ln in ranges:
+            self._check(off, ln)
+        spans = _coalesce(ranges)
+        st = self._transport.host_state(self._ep.host)
+        fetched: dict[int, bytes] = {}
+        limit = max(1, self._client.settings.max_ranges_per_request)
+        with st.lock:
+            multi = st.multirange
+        if len(spans) <= 1 or multi is False:
+            for off, ln in spans:
+                fetched[off] = self.read_at(off, ln)
+        else:
+            for i in range(0, len(spans), limit):
+                batch = spans[i : i + limit]
+                if len(batch) == 1:
+                    fetched[batch[0][0]] = self.read_at(*batch[0])
+                    continue
+                got = self._read_multi(batch)
+                if got is None:
+                    for off, ln in spans[i:]:
+                        fetched[off] = self.read_at(off, ln)
+                    break
+                fetched.update(got)
+        return [_slice(fetched, spans, off, ln) for off, ln in ranges]
+
+    def _read_multi(self, spans: list[tuple[int, int]]) -> dict[int, bytes] | None:
+        """One multi-range request; None when the registry refused or ignored it."""
+        st = self._transport.host_state(self._ep.host)
+        header = "bytes=" + ",".join(f"{o}-{o + n - 1}" for o, n in spans)
+        resp = self._open({"Range": header})
+        try:
+            if resp.status_code in (200, 400, 416):
+                with st.lock:
+                    st.multirange = False
+                log.info(
+                    "registry_multirange_unsupported",
+                    host=self._ep.host,
+                    status=resp.status_code,
+                )
+                return None
+            if resp.status_code != 206:
+                raise_for_status(resp, self._ep, f"ranges of blob {self.digest}")
+                raise RangeError(
+                    f"blob {self.digest} on {self._ep.host}: unexpected HTTP "
+                    f"{resp.status_code} to a multi-range request",
+                    status=resp.status_code,
+                )
+            ctype = resp.headers.get("Content-Type", "")
+            wanted = sum(n for _, n in spans)
+            if ctype.lower().startswith("multipart/byteranges"):
+                msg = email.message.Message()
+                msg["Content-Type"] = ctype
+                boundary = msg.get_param("boundary")
+                cap = wanted + _MULTIPART_OVERHEAD_PER_PART * len(spans) + 4096
+                body = read_upto(resp, cap, self._ep, self.digest)
+                parts = parse_byteranges(
+                    body, boundary if isinstance(boundary, str) else "", self._size
+                )
+            else:
+                start, last, total = parse_content_range(resp.headers.get("Content-Range"))
+                if total is not None and total != self._size:
+                    raise RangeError(
+                        f"blob {self.digest} on {self._ep.host}: Content-Range total {total}, "
+                        f"blob size {self._size}"
+                    )
+                parts = [(start, read_exact(resp, last - start + 1, self._ep, self.digest))]
+        finally:
+            resp.close()
+        with st.lock:
+            st.multirange = True
+        out: dict[int, bytes] = {}
+        for off, ln in spans:
+            for start, data in parts:
+                if start <= off and off + ln <= start + len(data):
+                    out[off] = data[off - start : off - start + ln]
+                    break
+            else:
+                raise RangeError(
+                    f"blob {self.digest} on {self._ep.host}: the multi-range answer lacks "
+                    f"bytes {off}-{off + ln - 1}"
+                )
+        return out
+
+
+# --- reading and checking range answers ---------------------------------------------------------
+def read_exact(resp: requests.Response, length: int, ep: Endpoint, digest: str) -> bytes:
+    """Exactly *length* body bytes of a range of blob *digest*, else RangeError."""
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) != length:
+        raise RangeError(
+            f"blob {digest} on {ep.host}: Content-Length {declared} for a {length} byte range"
+        )
+    data = read_upto(resp, length, ep, digest)
+    if len(data) != length:
+        raise RangeError(f"blob {digest} on {ep.host}: short body, {len(data)} of {length} bytes")
+    return data
+
+
+def read_upto(resp: requests.Response, limit: int, ep: Endpoint, digest: str) -> bytes:
+    """At most *limit* body bytes of blob *digest*; a longer body is a RangeError."""
+    out = bytearray()
+    for piece in stream(resp, ep):
+        out += piece
+        if len(out) > limit:
+            raise RangeError(
+                f"blob {digest} on {ep.host}: body longer than the {limit} bytes asked"
+            )
+    return bytes(out)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
+    """``bytes A-B/TOTAL`` -> (A, B, TOTAL or None for ``*``); RangeError when malformed."""
+    m = _CONTENT_RANGE_RE.fullmatch((value or "").strip())
+    if not m:
+        raise RangeError("missing or malformed Content-Range in a range response")
+    start, end = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if end < start or (total is not None and end >= total):
+        raise RangeError(f"inconsistent Content-Range {value!r}")
+    return start, end, total
+
+
+def parse_byteranges(body: bytes, boundary: str, blob_size: int) -> list[tuple[int, bytes]]:
+    """Parse a ``multipart/byteranges`` body into ``(start, data)`` parts.
+
+    Each part's length comes from its Content-Range, so binary data that happens to contain the
+    boundary cannot confuse the parser.
+    """
+    if not boundary:
+        raise RangeError("multipart/byteranges answer without a boundary")
+    delim = b"--" + boundary.encode("latin-1")
+    pos = body.find(delim)
+    if pos < 0:
+        raise RangeError("multipart/byteranges answer without a boundary line")
+    parts: list[tuple[int, bytes]] = []
+    while True:
+        pos += len(delim)
+        if body.startswith(b"--", pos):
+            break
+        eol = body.find(b"\r\n", pos)
+        if eol < 0 or body[pos:eol].strip(b" \t"):
+            raise RangeError("malformed multipart boundary line")
+        pos = eol + 2
+        hdr_end = body.find(b"\r\n\r\n", pos)
+        if hdr_end < 0:
+            raise RangeError("multipart part without a header block")
+        headers: dict[str, str] = {}
+        for line in body[pos:hdr_end].split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise RangeError("malformed multipart part header")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        start, end, total = parse_content_range(headers.get("content-range"))
+        if total is not None and total != blob_size:
+            raise RangeError(f"Content-Range total {total} differs from the blob size {blob_size}")
+        data_start = hdr_end + 4
+        data_end = data_start + (end - start + 1)
+        if data_end > len(body):
+            raise RangeError("multipart part is shorter than its Content-Range")
+        parts.append((start, body[data_start:data_end]))
+        pos = data_end
+        if not body.startswith(b"\r\n" + delim, pos):
+            raise RangeError("multipart part is longer than its Content-Range")
+        pos += 2
+    if not parts:
+        raise RangeError("multipart/byteranges answer without parts")
+    return parts
+
+
+def _coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged ``(offset, length)`` spans covering every non-empty range."""
+    spans = sorted((o, o + n) for o, n in ranges if n > 0)
+    merged: list[list[int]] = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [(s, e - s) for s, e in merged]
+
+
+def _slice(
+    fetched: Mapping[int, bytes], spans: Sequence[tuple[int, int]], off: int, ln: int
+) -> bytes:
+    if ln == 0:
+        return b""
+    for s, n in spans:
+        if s <= off and off + ln <= s + n:
+            data = fetched[s]
+            return data[off - s : off - s + ln]
+    raise AssertionError("range not covered by its spans")  # pragma: no cover
+
+
+__all__ = ["BlobSource", "parse_byteranges", "parse_content_range", "read_exact", "read_upto"]
