@@ -7,7 +7,7 @@
 - :func:`parse_token_response` reads the token server's JSON answer.
 - :class:`TokenCache` keeps tokens per ``(host, scope)`` until shortly before they expire.
 
-The registry client (``layerstore.registry.client``) performs the requests and retries once with a
+The registry client (``layerstore.registry.auth``) performs the requests and retries once with a
 fresh token after a 401. Nothing here logs, and reprs never show secrets.
 """
 
@@ -19,11 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from urllib.parse import urlencode, urlsplit
 
 from auth.errors import TokenError
 from auth.types import Credentials
+from layerstore.common.timefmt import parse_rfc3339
 
 DEFAULT_EXPIRES_IN = 60
 """The distribution token spec's default lifetime when ``expires_in`` is absent."""
@@ -223,23 +223,11 @@ class Token:
 
 
 def _parse_time(text: str) -> float | None:
+    """An RFC 3339 ``issued_at`` as epoch seconds; None when malformed or without a zone."""
     try:
-        value = text.strip()
-        if value.endswith("Z") or value.endswith("z"):
-            value = value[:-1] + "+00:00"
-        # fromisoformat in 3.9 handles at most 6 fractional digits
-        if "." in value:
-            head, _, rest = value.partition(".")
-            frac = ""
-            while rest and rest[0].isdigit():
-                frac, rest = frac + rest[0], rest[1:]
-            value = f"{head}.{(frac + '000000')[:6]}{rest}"
-        dt = datetime.fromisoformat(value)
+        return parse_rfc3339(text)
     except ValueError:
         return None
-    if dt.tzinfo is None:
-        return None
-    return dt.timestamp()
 
 
 def parse_token_response(body: bytes, *, now: float | None = None) -> Token:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from layerstore.registry.settings import RegistrySettings as ClientSettings
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
@@ -30,6 +32,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+_CLIENT = ClientSettings()
+
+
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid. The message is user-facing."""
 
@@ -39,23 +44,42 @@ class _Section(BaseModel):  # type: ignore[misc,unused-ignore]
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RegistrySettings(_Section):
-    """How the store talks to registries."""
+class RegistrySection(_Section):
+    """How the store talks to registries: the ``[registry]`` section.
 
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=30.0, gt=0)
-    retries: int = Field(default=3, ge=0)
-    retry_backoff: float = Field(default=0.5, ge=0)
-    pool_size: int = Field(default=32, ge=1)
-    insecure_registries: list[str] = Field(default_factory=list)
-    platform: str = ""
+    The client's knobs take their defaults from the client's own settings class
+    (:class:`layerstore.registry.settings.RegistrySettings`, the one place they are written
+    down); :meth:`client_settings` builds that class from the section.
+    """
+
+    connect_timeout: float = Field(default=_CLIENT.connect_timeout, gt=0)
+    read_timeout: float = Field(default=_CLIENT.read_timeout, gt=0)
+    retries: int = Field(default=_CLIENT.retries, ge=0)
+    retry_backoff: float = Field(default=_CLIENT.backoff_factor, ge=0)
+    pool_size: int = Field(default=_CLIENT.pool_size, ge=1)
+    insecure_registries: list[str] = Field(
+        default_factory=lambda: sorted(_CLIENT.insecure_registries)
+    )
+    platform: str = _CLIENT.platform or ""
     registries_conf: str = "/etc/containers/registries.conf"
     registries_conf_d: str = "/etc/containers/registries.conf.d"
     resolve_ttl: float = Field(default=60.0, ge=0)
-    ca_bundle: str = ""
-    certs_dirs: list[str] = Field(
-        default_factory=lambda: ["/etc/containers/certs.d", "/etc/docker/certs.d"]
-    )
+    ca_bundle: str = _CLIENT.ca_bundle or ""
+    certs_dirs: list[str] = Field(default_factory=lambda: list(_CLIENT.certs_dirs))
+
+    def client_settings(self) -> ClientSettings:
+        """The registry client's settings for this section (empty strings mean "unset")."""
+        return ClientSettings(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retries=self.retries,
+            backoff_factor=self.retry_backoff,
+            pool_size=self.pool_size,
+            insecure_registries=frozenset(self.insecure_registries),
+            platform=self.platform or None,
+            ca_bundle=self.ca_bundle or None,
+            certs_dirs=tuple(self.certs_dirs),
+        )
 
 
 class AuthSettings(_Section):
@@ -108,7 +132,7 @@ class LogSettings(_Section):
 class Config(_Section):
     """The whole configuration file."""
 
-    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings())
+    registry: RegistrySection = Field(default_factory=lambda: RegistrySection())
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     fetch: FetchSettings = Field(default_factory=lambda: FetchSettings())

@@ -272,7 +272,6 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from auth.store import CredentialStore
     from layerstore.errors import LayerStoreError
     from layerstore.registry.client import RegistryClient
-    from layerstore.registry.client import RegistrySettings as ClientSettings
     from layerstore.registry.reference import parse_reference
     from layerstore.registry.registries_conf import RegistriesConf
     from layerstore.runtime.cache import ChunkCache
@@ -292,22 +291,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         credentials = CredentialStore(
             extra_files=list(ac.extra_auth_files), helper_timeout=ac.credential_helper_timeout
         )
-        platform = rc.platform or None
-        client = RegistryClient(
-            credentials,
-            registries,
-            settings=ClientSettings(
-                connect_timeout=rc.connect_timeout,
-                read_timeout=rc.read_timeout,
-                retries=rc.retries,
-                backoff_factor=rc.retry_backoff,
-                pool_size=rc.pool_size,
-                insecure_registries=frozenset(rc.insecure_registries),
-                platform=platform,
-                ca_bundle=rc.ca_bundle or None,
-                certs_dirs=tuple(rc.certs_dirs),
-            ),
-        )
+        client = RegistryClient(credentials, registries, settings=rc.client_settings())
         wiring.closers.append(client.close)
         cache_dir = _under(root, config.cache.dir)
         try:
@@ -322,7 +306,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 resolve_ttl=rc.resolve_ttl,
                 negative_ttl=config.fuse.negative_timeout,
                 background_concurrency=fc.background_concurrency,
-                platform=platform,
+                platform=rc.platform or None,
                 fetcher=FetcherSettings(
                     max_concurrent_requests=fc.concurrency,
                     readahead_bytes=fc.read_ahead_bytes,
