@@ -459,13 +459,7 @@ class RegistryClient:
             ep, "PUT", put_url, actions=actions, headers=headers, body=final_body
         )
         try:
-            if resp.status_code != 201:
-                raise_for_status(resp, ep, f"upload of blob {digest}")
-                raise RegistryError(
-                    f"upload of blob {digest} to {ep.describe()}: unexpected HTTP "
-                    f"{resp.status_code}",
-                    status=resp.status_code,
-                )
+            _expect_status(resp, ep, (201,), f"upload of blob {digest}")
         finally:
             resp.close()
         log.info("registry_blob_pushed", repository=ep.describe(), digest=digest, size=size)
@@ -473,13 +467,7 @@ class RegistryClient:
 
     def _upload_location(self, resp: requests.Response, ep: Endpoint, digest: str) -> str:
         try:
-            if resp.status_code != 202:
-                raise_for_status(resp, ep, f"upload of blob {digest}")
-                raise RegistryError(
-                    f"upload of blob {digest} to {ep.describe()}: unexpected HTTP "
-                    f"{resp.status_code}",
-                    status=resp.status_code,
-                )
+            _expect_status(resp, ep, (202,), f"upload of blob {digest}")
             location = resp.headers.get("Location")
         finally:
             resp.close()
@@ -511,12 +499,7 @@ class RegistryClient:
             body=bytes(body),
         )
         try:
-            if resp.status_code not in (200, 201):
-                raise_for_status(resp, ep, f"manifest {target}")
-                raise RegistryError(
-                    f"manifest {target} to {ep.describe()}: unexpected HTTP {resp.status_code}",
-                    status=resp.status_code,
-                )
+            _expect_status(resp, ep, (200, 201), f"manifest {target}")
             header = resp.headers.get("Docker-Content-Digest")
         finally:
             resp.close()
@@ -529,6 +512,19 @@ class RegistryClient:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+def _expect_status(
+    resp: requests.Response, ep: Endpoint, codes: tuple[int, ...], what: str
+) -> None:
+    """Nothing when a push step got one of *codes*; else the error its status means, or a
+    RegistryError for an unexpected success or redirect."""
+    if resp.status_code in codes:
+        return
+    raise_for_status(resp, ep, what)
+    raise RegistryError(
+        f"{what} to {ep.describe()}: unexpected HTTP {resp.status_code}", status=resp.status_code
+    )
+
+
 def _read_file(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
