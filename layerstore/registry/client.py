@@ -484,9 +484,11 @@ class RegistryClient:
         return sources
 
     def _push_source(self, ref: Reference) -> PullSource:
-        for src in self.pull_sources(ref):
+        # Pushes go to the reference as written: registries.conf's location rewrite and mirrors
+        # are for pulls (containers/image does the same); its insecure and blocked flags apply.
+        for src in self.pull_sources(ref):  # raises BlockedRegistryError
             if not src.mirror:
-                return src
+                return PullSource(ref.name, insecure=src.insecure)
         return PullSource(ref.name, insecure=self._insecure_host(ref.domain))
 
     def _insecure_host(self, domain: str) -> bool:
@@ -1150,6 +1152,33 @@ class RegistryClient:
             resp.close()
         log.info("registry_blob_pushed", repository=ep.describe(), digest=digest, size=size)
         return True
+
+    def check_push(self, ref: RefLike) -> None:
+        """Fail now, not after a long conversion, when *ref*'s repository does not take pushes
+        (unreachable, TLS, credentials refused, no push right): start a blob upload and cancel
+        it. Raises what a push would raise."""
+        r = _as_reference(ref)
+        ep = self._endpoint(self._push_source(r))
+        resp = self._request(
+            ep, "POST", "blobs/uploads/", actions=("pull", "push"), headers={"Content-Length": "0"}
+        )
+        try:
+            if resp.status_code != 202:
+                self._raise_for_status(resp, ep, "starting a blob upload")
+                raise RegistryError(
+                    f"starting a blob upload to {ep.describe()}: unexpected HTTP "
+                    f"{resp.status_code}",
+                    status=resp.status_code,
+                )
+            location = resp.headers.get("Location")
+        finally:
+            resp.close()
+        url = urljoin(self._base(ep), location or "")
+        if location and _origin(url) == _origin(self._base(ep)):
+            # Best effort: an upload left behind expires on the registry's side.
+            with contextlib.suppress(LayerStoreError):
+                self._request(ep, "DELETE", url, actions=("pull", "push")).close()
+        log.debug("registry_push_checked", repository=ep.describe())
 
     def _upload_location(self, resp: requests.Response, ep: _Endpoint, digest: str) -> str:
         try:
