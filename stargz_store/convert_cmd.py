@@ -447,7 +447,14 @@ class _Destination:
 
 def _describe_error(exc: LayerStoreError) -> str:
     label = getattr(exc, "side_label", None)
-    return f"{label}: {exc}" if label else str(exc)
+    text = f"{label}: {exc}" if label else str(exc)
+    if label and "TLS failure" in str(exc):
+        flag = "--src-tls-verify" if label.startswith("source") else "--dest-tls-verify"
+        text += (
+            f" (a plain-http registry? mark it 'insecure = true' in registries.conf, "
+            f"or pass {flag}=false)"
+        )
+    return text
 
 
 # --- progress ------------------------------------------------------------------------------------

@@ -482,8 +482,11 @@ class RegistriesConf:
         if reg is None:
             return [PullSource(location=name, insecure=False, mirror=False)]
         if reg.blocked:
-            where = " + ".join(str(p) for p in self.sources) or "the registries configuration"
-            raise BlockedRegistryError(f"registry {reg.prefix} is blocked in {where} ({name})")
+            files = f" ({', '.join(str(p) for p in self.sources)})" if self.sources else ""
+            raise BlockedRegistryError(
+                f"registry {reg.prefix} is blocked in the registries configuration{files}: "
+                f"refusing {name}"
+            )
         matched = match_prefix(name, reg.prefix)
         rest = name[matched:]
 
