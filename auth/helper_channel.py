@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import selectors
 import socket
@@ -31,9 +30,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from auth.errors import HelperChannelError
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 SOCKET_NAME = "auth-helper.sock"
 DEFAULT_SOCKET_PATH = "/var/lib/stargz-store/" + SOCKET_NAME
@@ -107,7 +108,7 @@ class HelperChannelServer:
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="auth-helper-channel", daemon=True)
         self._thread.start()
-        log.info("auth-helper channel listening on %s", self._path)
+        log.info("auth_helper_channel_listening", socket=str(self._path))
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,7 +204,7 @@ class HelperChannelServer:
             with conn:
                 self.handle_connection(conn)
         except Exception:  # never let one connection kill the thread silently
-            log.exception("auth-helper channel: connection failed")
+            log.exception("auth_helper_connection_failed")
         finally:
             self._slots.release()
 
@@ -212,7 +213,7 @@ class HelperChannelServer:
         conn.settimeout(self._timeout)
         uid = _peer_uid(conn)
         if uid is not None and uid not in self._allowed_uids:
-            log.warning("auth-helper channel: refused a connection from uid %d", uid)
+            log.warning("auth_helper_connection_refused", uid=uid)
             _reply(conn, {"ok": False, "error": "permission denied"})
             return
         try:
@@ -220,7 +221,7 @@ class HelperChannelServer:
             payload = self._decode(data)
             count = self._sink.add_helper_credentials(payload)
         except HelperChannelError as e:
-            log.warning("auth-helper channel: %s", e)
+            log.warning("auth_helper_payload_refused", error=str(e))
             _reply(conn, {"ok": False, "error": str(e)})
             return
         _reply(conn, {"ok": True, "count": count})

@@ -20,7 +20,6 @@ A malformed file, a failing credential helper or a bad ``auth`` value is recorde
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -30,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from auth.authfile import (
     AuthEnvironment,
@@ -45,7 +46,7 @@ from auth.credhelper import DEFAULT_TIMEOUT, get_credentials
 from auth.errors import AuthError, HelperChannelError
 from auth.types import Credentials
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 #: At most this many helper-channel entries are kept (least recently added dropped first).
 MAX_HELPER_ENTRIES = 4096
@@ -201,7 +202,7 @@ class CredentialStore:
             while len(self._helper) > self._max_helper_entries:
                 self._helper.popitem(last=False)
         for host, repository, _ in entries:
-            log.info("auth-helper credentials received for %s/%s", host, repository)
+            log.info("auth_helper_credentials_received", host=host, repository=repository)
         return len(entries)
 
     def clear_helper_credentials(self) -> None:
@@ -242,7 +243,7 @@ class CredentialStore:
             try:
                 helpers = helpers()
             except Exception as e:  # a broken registries.conf: keep to the auth files
-                log.warning("credential lookup: cannot read credential-helpers: %s", e)
+                log.warning("credential_helpers_unreadable", error=str(e))
                 helpers = (AUTH_FILE_HELPER,)
         return helpers or (AUTH_FILE_HELPER,)
 
@@ -259,7 +260,9 @@ class CredentialStore:
                 self._record(e)
                 continue
             if creds is not None:
-                log.debug("credentials for %s/%s found in %s", chost, repository, auth_path.path)
+                log.debug(
+                    "credentials_found", host=chost, repository=repository, file=str(auth_path.path)
+                )
                 return creds
         return None
 
@@ -312,7 +315,7 @@ class CredentialStore:
             self._errors.append(error)
             del self._errors[:-MAX_ERRORS]
         # Messages of the auth errors never contain secrets or file contents.
-        log.warning("credential lookup: %s", error)
+        log.warning("credential_lookup_failed", error=str(error))
 
     def _load(self, auth_path: AuthPath) -> AuthFile | None:
         key = str(auth_path.path)

@@ -1,19 +1,41 @@
 """``stargz-store convert [options] SRC DST``: convert an image to eStargz.
 
 Transports use skopeo's syntax: ``oci:DIR[:TAG]`` (an OCI image layout directory) and
-``docker://REF`` (a registry). Progress goes to stderr: a live line per layer when stderr is a
-terminal, otherwise a log line per layer (and every 10 s for long layers). Errors are one line
-on stderr and a non-zero exit status: 1 for a failed conversion, 2 for bad usage.
+``docker://REF`` (a registry). Registries are reached the way skopeo reaches them, through the
+same code the daemon uses (``layerstore.registry``):
+
+- registries.conf (``$CONTAINERS_REGISTRIES_CONF`` or ``--registries-conf``, else
+  ``$HOME/.config/containers/registries.conf`` or ``/etc/containers/registries.conf``, plus the
+  ``registries.conf.d`` drop-ins): ``insecure = true`` allows plain http and unverified TLS,
+  mirrors are tried first for reading the source, a ``blocked`` registry is refused for either
+  side; pushes go to the destination as written (no mirror, no location rewrite);
+- ``--src-tls-verify`` / ``--dest-tls-verify``, when given, override registries.conf for every
+  host of that side (``true`` forces verified https, ``false`` allows http);
+- credentials: ``--src-creds`` / ``--dest-creds``, else ``--src-authfile`` / ``--dest-authfile``
+  / ``--authfile`` (which replace the containers-auth.json(5) chain, like
+  ``$REGISTRY_AUTH_FILE``), else registries.conf's ``credential-helpers`` and the usual chain.
+
+Before converting anything, a ``docker://`` destination is checked: a blob upload is started
+and cancelled, so a wrong password, a missing push right or an unreachable registry fails in a
+second rather than after the conversion.
+
+Output: progress on stderr (a live line per layer on a terminal, otherwise a line per layer and
+every 10 s for long layers), log events on stderr too (JSON lines unless stderr is a terminal;
+level ``warning`` unless ``--log-level``); stdout stays empty. Errors are one line naming the
+side (source or destination) that failed, and the exit status is 1 (2 for bad usage).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from layerstore.errors import LayerStoreError
 from layerstore.estargz.writer import DEFAULT_CHUNK_SIZE, WriterOptions
@@ -27,29 +49,27 @@ from layerstore.image.convert import (
     convert_image,
 )
 from layerstore.image.ocilayout import OCILayout, parse_oci_reference
+from stargz_store.cmdline import (
+    SIZE_HELP,
+    ArgParser,
+    HelpShown,
+    UsageError,
+    parse_bool,
+    parse_size,
+    parse_size_or_zero,
+)
+from stargz_store.log import LEVELS, scoped_logging
+
+if TYPE_CHECKING:
+    from auth.types import Credentials
+    from layerstore.registry.client import PullSource, RegistryClient
+    from layerstore.registry.registries_conf import RegistriesConf
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    pass
-
-
-def _size(text: str) -> int:
-    t = text.strip().lower()
-    mult = 1
-    for suffix, m in (("kib", 1 << 10), ("mib", 1 << 20), ("k", 1 << 10), ("m", 1 << 20)):
-        if t.endswith(suffix):
-            t, mult = t[: -len(suffix)], m
-            break
-    try:
-        v = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return v
+PROG = "stargz-store convert"
+_TLS_FLAGS = ("--src-tls-verify", "--dest-tls-verify")
+_BOOL_WORDS = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
 
 
 def _nonneg(text: str) -> int:
@@ -62,51 +82,164 @@ def _nonneg(text: str) -> int:
     return v
 
 
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # no SystemExit from inside main()
-        raise UsageError(message)
+def _min_chunk(text: str) -> int:
+    try:
+        return _nonneg(text)
+    except argparse.ArgumentTypeError:
+        if text.strip().startswith("-"):
+            raise
+        return parse_size_or_zero(text)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="stargz-store convert",
-        description="Convert an image to eStargz (lazy-pullable, still a valid gzip image).",
-        epilog="SRC and DST: oci:DIR[:TAG] or docker://REF.",
+    p = ArgParser(
+        prog=PROG,
+        description="Convert an image to eStargz: lazily pullable by stargz-store, and still an "
+        "ordinary gzip image for every other runtime. Registries are reached as skopeo reaches "
+        "them (registries.conf, auth files, credential helpers).",
+        epilog="SRC and DST: oci:DIR[:TAG] (an OCI image layout) or docker://REF (a registry). "
+        f"SIZE: {SIZE_HELP}. Exit status: 0 done, 1 failed (the message names the side: source "
+        "or destination), 2 bad usage. Example: stargz-store convert "
+        "docker://registry.example/app:1 docker://registry.example/app:1-esgz",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    p.add_argument(
-        "--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, help="chunk size (default 4MiB)"
+    p.add_argument("src", metavar="SRC", help="the image to convert")
+    p.add_argument("dst", metavar="DST", help="where to write the converted image")
+
+    g = p.add_argument_group("conversion")
+    g.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="split files into chunks of this size, each fetched and verified on its own "
+        f"(default {DEFAULT_CHUNK_SIZE >> 20}M)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--min-chunk-size",
+        type=_min_chunk,
+        default=0,
+        metavar="SIZE",
+        help="pack files smaller than this together into shared gzip members, fewer requests "
+        "for many small files (default 0: off)",
+    )
+    g.add_argument(
+        "--compression-level",
+        type=int,
+        default=6,
+        choices=range(0, 10),
+        metavar="0-9",
+        help="gzip level (default 6)",
+    )
+    g.add_argument(
         "--prioritized-files",
         metavar="FILE",
-        help="file listing paths (one per line) to place first, before .prefetch.landmark",
+        help="a text file of paths in the image, one per line ('#' comments), placed first "
+        "and prefetched by the store when the layer is first used (before the "
+        ".prefetch.landmark)",
     )
-    p.add_argument("--platform", help="only this platform of an index: os/arch[/variant]")
-    p.add_argument(
-        "--min-chunk-size",
-        type=_nonneg,
-        default=0,
-        help="pack files smaller than this into shared gzip members (innerOffset); default off",
+    g.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="convert only this platform of a multi-platform image (default: all; the new "
+        "index lists only what was converted)",
     )
-    p.add_argument("--compression-level", type=int, default=6, choices=range(0, 10))
-    p.add_argument(
-        "--reconvert", action="store_true", help="convert layers that are already eStargz too"
+    g.add_argument(
+        "--reconvert",
+        action="store_true",
+        help="convert layers that are eStargz already too (default: copy them as they are)",
     )
-    p.add_argument("--src-tls-verify", type=_bool, default=True, metavar="BOOL")
-    p.add_argument("--dest-tls-verify", type=_bool, default=True, metavar="BOOL")
-    p.add_argument("--tmpdir", help="directory for temporary files (docker:// destinations)")
+    g.add_argument(
+        "--tmpdir",
+        metavar="DIR",
+        help="directory for converted layers before they are pushed (default $TMPDIR or /tmp)",
+    )
+
+    r = p.add_argument_group("registries (docker://), as skopeo")
+    r.add_argument(
+        "--src-tls-verify",
+        type=parse_bool,
+        default=None,
+        metavar="BOOL",
+        help="true: require https with a verified certificate for the source, even where "
+        "registries.conf says insecure; false: allow plain http and unverified TLS. Default: "
+        "registries.conf's 'insecure' decides",
+    )
+    r.add_argument(
+        "--dest-tls-verify",
+        type=parse_bool,
+        default=None,
+        metavar="BOOL",
+        help="the same for the destination",
+    )
+    r.add_argument(
+        "--registries-conf",
+        metavar="FILE",
+        help="registries.conf to use instead of $CONTAINERS_REGISTRIES_CONF, "
+        "~/.config/containers/registries.conf or /etc/containers/registries.conf (the "
+        "registries.conf.d drop-ins are read in every case)",
+    )
+    r.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="credentials file (containers-auth.json) for both sides, instead of "
+        "$REGISTRY_AUTH_FILE, ${XDG_RUNTIME_DIR}/containers/auth.json, "
+        "~/.config/containers/auth.json and ~/.docker/config.json",
+    )
+    r.add_argument("--src-authfile", metavar="FILE", help="the same for the source only")
+    r.add_argument("--dest-authfile", metavar="FILE", help="the same for the destination only")
+    r.add_argument(
+        "--src-creds",
+        metavar="USER[:PASSWORD]",
+        help="credentials for the source (asked on the terminal when PASSWORD is left out)",
+    )
+    r.add_argument(
+        "--dest-creds", metavar="USER[:PASSWORD]", help="credentials for the destination"
+    )
+    r.add_argument(
+        "--src-no-creds", action="store_true", help="access the source anonymously"
+    )
+    r.add_argument(
+        "--dest-no-creds", action="store_true", help="access the destination anonymously"
+    )
+    r.add_argument(
+        "--no-push-check",
+        action="store_true",
+        help="skip the check that the destination takes pushes before converting",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary: only errors (log level error unless --log-level)",
+    )
+    o.add_argument(
+        "--log-level",
+        choices=sorted(LEVELS),
+        default=None,
+        metavar="LEVEL",
+        help="log events to show on stderr: debug, info, warning (default) or error",
+    )
+    o.add_argument(
+        "--digestfile",
+        metavar="FILE",
+        help="write the digest of the written manifest or index to FILE",
+    )
     return p
+
+
+def _normalize(argv: Sequence[str]) -> list[str]:
+    """``--src-tls-verify`` alone means true, as in skopeo (its value is optional there)."""
+    out: list[str] = []
+    args = list(argv)
+    for i, a in enumerate(args):
+        out.append(a)
+        if a in _TLS_FLAGS:
+            nxt = args[i + 1] if i + 1 < len(args) else ""
+            if nxt.strip().lower() not in _BOOL_WORDS:
+                out.append("true")
+    return out
 
 
 def _read_prioritized(path: str) -> list[str]:
@@ -130,38 +263,201 @@ def _split_transport(text: str) -> tuple[str, str]:
     return transport, rest
 
 
-def _registry_client(insecure_hosts: Sequence[str]) -> Any:
+# --- one side of the copy: TLS, credentials ----------------------------------------------------
+
+
+class _SideRegistries:
+    """registries.conf as one side sees it: an explicit ``--*-tls-verify`` replaces the
+    ``insecure`` flag of every source (mirrors too), as skopeo's flags do; blocked registries
+    stay blocked."""
+
+    def __init__(self, conf: RegistriesConf, tls_verify: bool | None) -> None:
+        self._conf = conf
+        self._tls_verify = tls_verify
+
+    def pull_sources(self, name: str, *, by_digest: bool) -> list[PullSource]:
+        sources = self._conf.pull_sources(name, by_digest=by_digest)
+        if self._tls_verify is None:
+            return sources
+        return [replace(s, insecure=not self._tls_verify) for s in sources]
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """``--*-creds`` (for every host of the side, mirrors included, as skopeo does) or
+    ``--*-no-creds`` (``None``)."""
+
+    credentials: Credentials | None
+
+    def lookup(self, host: str, repository: str) -> Credentials | None:
+        return self.credentials
+
+
+def _parse_creds(text: str, flag: str) -> Credentials:
+    from auth.types import Credentials
+
+    user, sep, password = text.partition(":")
+    if not user:
+        raise UsageError(f"{flag}: USER[:PASSWORD] expected")
+    if not sep:
+        if not sys.stdin.isatty():
+            raise UsageError(f"{flag}: no password given and no terminal to ask for it")
+        password = getpass.getpass(f"Password for {user}: ")
+    return Credentials(username=user, password=password)
+
+
+def _credentials(args: argparse.Namespace, side: str, conf: RegistriesConf) -> Any:
+    creds = getattr(args, f"{side}_creds")
+    if getattr(args, f"{side}_no_creds"):
+        if creds:
+            raise UsageError(f"--{side}-creds and --{side}-no-creds contradict each other")
+        return _Fixed(None)
+    if creds:
+        return _Fixed(_parse_creds(creds, f"--{side}-creds"))
+    from auth.authfile import AuthEnvironment
     from auth.store import CredentialStore
+
+    environment = AuthEnvironment.from_os()
+    authfile = getattr(args, f"{side}_authfile") or args.authfile
+    if authfile:
+        environment = replace(
+            environment, env={**environment.env, "REGISTRY_AUTH_FILE": os.path.abspath(authfile)}
+        )
+    return CredentialStore(environment, credential_helpers=conf.credential_helpers)
+
+
+def _registries_conf(args: argparse.Namespace) -> RegistriesConf:
+    from layerstore.registry.registries_conf import RegistriesConf
+
+    return RegistriesConf.load(args.registries_conf)
+
+
+def _client(args: argparse.Namespace, side: str, conf: RegistriesConf) -> RegistryClient:
     from layerstore.registry.client import RegistryClient, RegistrySettings
 
-    settings = RegistrySettings(insecure_registries=frozenset(insecure_hosts))
-    return RegistryClient(CredentialStore(), None, settings=settings)
+    certs = (
+        os.path.expanduser("~/.config/containers/certs.d"),
+        "/etc/containers/certs.d",
+        "/etc/docker/certs.d",
+    )
+    tls_verify = getattr(args, f"{side}_tls_verify")
+    return RegistryClient(
+        _credentials(args, side, conf),
+        _SideRegistries(conf, tls_verify),
+        settings=RegistrySettings(certs_dirs=certs),
+    )
 
 
-def _open_source(text: str, tls_verify: bool) -> ImageSource:
-    transport, rest = _split_transport(text)
-    if transport == "oci":
-        directory, tag = parse_oci_reference(rest)
-        return OCISource(OCILayout.open(directory), tag)
-    from layerstore.image.convert import RegistrySource
-    from layerstore.registry.reference import parse_reference
-
-    ref = parse_reference(rest)
-    client = _registry_client([] if tls_verify else [ref.api_host, ref.domain])
-    return RegistrySource(client, ref)
+# --- errors that name their side -----------------------------------------------------------------
 
 
-def _open_destination(text: str, tls_verify: bool, tmpdir: str | None) -> ImageDestination:
-    transport, rest = _split_transport(text)
-    if transport == "oci":
-        directory, tag = parse_oci_reference(rest)
-        return OCIDestination(OCILayout.create(directory), tag)
-    from layerstore.image.convert import RegistryDestination
-    from layerstore.registry.reference import parse_reference
+def _tagged(exc: LayerStoreError, label: str) -> LayerStoreError:
+    if not hasattr(exc, "side_label"):
+        exc.side_label = label  # type: ignore[attr-defined]
+    return exc
 
-    ref = parse_reference(rest)
-    client = _registry_client([] if tls_verify else [ref.api_host, ref.domain])
-    return RegistryDestination(client, ref, tmpdir)
+
+@contextlib.contextmanager
+def _side(label: str) -> Iterator[None]:
+    try:
+        yield
+    except LayerStoreError as exc:
+        raise _tagged(exc, label) from None
+
+
+class _Stream:
+    def __init__(self, inner: BinaryIO, label: str) -> None:
+        self._inner = inner
+        self._label = label
+
+    def read(self, n: int = -1) -> bytes:
+        with _side(self._label):
+            return self._inner.read(n)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Source:
+    """The source with every failure marked as the source's."""
+
+    def __init__(self, inner: ImageSource) -> None:
+        self.inner = inner
+        self.label = f"source {inner.describe()}"
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def get_root(self) -> tuple[bytes, str | None]:
+        with _side(self.label):
+            return self.inner.get_root()
+
+    def get_manifest(self, digest: str, max_size: int) -> bytes:
+        with _side(self.label):
+            return self.inner.get_manifest(digest, max_size)
+
+    def get_blob(self, digest: str, max_size: int) -> bytes:
+        with _side(self.label):
+            return self.inner.get_blob(digest, max_size)
+
+    def open_blob(self, digest: str, size: int) -> BinaryIO:
+        with _side(self.label):
+            return _Stream(self.inner.open_blob(digest, size), self.label)  # type: ignore[return-value]
+
+
+class _Destination:
+    """The destination with every failure marked as the destination's."""
+
+    def __init__(self, inner: ImageDestination) -> None:
+        self.inner = inner
+        self.label = f"destination {inner.describe()}"
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def has_blob(self, digest: str) -> bool:
+        with _side(self.label):
+            return self.inner.has_blob(digest)
+
+    def staging_file(self) -> tuple[BinaryIO, str]:
+        return self.inner.staging_file()
+
+    def commit_blob(self, path: str, digest: str) -> None:
+        with _side(self.label):
+            self.inner.commit_blob(path, digest)
+
+    def put_blob(self, data: bytes) -> str:
+        with _side(self.label):
+            return self.inner.put_blob(data)
+
+    def put_manifest(self, body: bytes, media_type: str) -> str:
+        with _side(self.label):
+            return self.inner.put_manifest(body, media_type)
+
+    def commit(self, body: bytes, media_type: str) -> str:
+        with _side(self.label):
+            return self.inner.commit(body, media_type)
+
+
+def _describe_error(exc: LayerStoreError) -> str:
+    label = getattr(exc, "side_label", None)
+    text = f"{label}: {exc}" if label else str(exc)
+    if label and "TLS failure" in str(exc):
+        flag = "--src-tls-verify" if label.startswith("source") else "--dest-tls-verify"
+        text += (
+            f" (a plain-http registry? mark it 'insecure = true' in registries.conf, "
+            f"or pass {flag}=false)"
+        )
+    return text
+
+
+# --- progress ------------------------------------------------------------------------------------
 
 
 def _mb(n: float) -> str:
@@ -227,26 +523,99 @@ class Progress:
         print(msg, file=self.out, flush=True)
 
 
+# --- the command ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Opened:
+    src: _Source
+    dst: _Destination
+    push_check: Any = None  # () -> None for a docker:// destination
+    clients: tuple[Any, ...] = ()
+
+
+def _open(args: argparse.Namespace) -> _Opened:
+    src_t, src_rest = _split_transport(args.src)
+    dst_t, dst_rest = _split_transport(args.dst)
+    conf: RegistriesConf | None = None
+    if "docker" in (src_t, dst_t):
+        try:
+            conf = _registries_conf(args)
+        except LayerStoreError as exc:
+            raise _tagged(exc, "registries configuration") from None
+    clients: list[Any] = []
+    try:
+        if src_t == "oci":
+            directory, tag = parse_oci_reference(src_rest)
+            with _side(f"source {args.src}"):
+                src: ImageSource = OCISource(OCILayout.open(directory), tag)
+        else:
+            from layerstore.image.convert import RegistrySource
+            from layerstore.registry.reference import parse_reference
+
+            assert conf is not None
+            with _side(f"source {args.src}"):
+                ref = parse_reference(src_rest)
+            client = _client(args, "src", conf)
+            clients.append(client)
+            src = RegistrySource(client, ref)
+        push_check = None
+        if dst_t == "oci":
+            directory, tag = parse_oci_reference(dst_rest)
+            with _side(f"destination {args.dst}"):
+                dst: ImageDestination = OCIDestination(OCILayout.create(directory), tag)
+        else:
+            from layerstore.image.convert import RegistryDestination
+            from layerstore.registry.reference import parse_reference
+
+            assert conf is not None
+            with _side(f"destination {args.dst}"):
+                dref = parse_reference(dst_rest)
+            dclient = _client(args, "dest", conf)
+            clients.append(dclient)
+            dst = RegistryDestination(dclient, dref, args.tmpdir)
+            if not args.no_push_check:
+                push_check = lambda: dclient.check_push(dref)  # noqa: E731
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return _Opened(_Source(src), _Destination(dst), push_check, tuple(clients))
+
+
 def main(argv: Sequence[str], stderr: TextIO | None = None) -> int:
     err = stderr if stderr is not None else sys.stderr
     try:
-        args = _parser().parse_args(list(argv))
+        args = _parser().parse_args(_normalize(argv))
     except UsageError as e:
-        print(f"stargz-store convert: {e}", file=err)
-        print("usage: stargz-store convert [options] SRC DST (see --help)", file=err)
+        print(f"{PROG}: {e}", file=err)
+        print(f"usage: {PROG} [options] SRC DST (see {PROG} --help)", file=err)
         return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    except HelpShown:  # --help
+        return 0
+    level = args.log_level or ("error" if args.quiet else "warning")
+    with scoped_logging(level, "auto", err):
+        return _run(args, err)
+
+
+def _run(args: argparse.Namespace, err: TextIO) -> int:
     try:
         prioritized = _read_prioritized(args.prioritized_files) if args.prioritized_files else []
-        src = _open_source(args.src, args.src_tls_verify)
-        dst = _open_destination(args.dst, args.dest_tls_verify, args.tmpdir)
+        opened = _open(args)
     except UsageError as e:
-        print(f"stargz-store convert: {e}", file=err)
+        print(f"{PROG}: {e}", file=err)
         return EXIT_USAGE
     except LayerStoreError as e:
-        print(f"stargz-store convert: {e}", file=err)
+        print(f"{PROG}: {_describe_error(e)}", file=err)
         return EXIT_FAILED
+    try:
+        return _convert(args, opened, prioritized, err)
+    finally:
+        for c in opened.clients:
+            c.close()
+
+
+def _convert(args: argparse.Namespace, opened: _Opened, prioritized: list[str], err: TextIO) -> int:
     opts = ConvertOptions(
         writer=WriterOptions(
             chunk_size=args.chunk_size,
@@ -259,36 +628,50 @@ def main(argv: Sequence[str], stderr: TextIO | None = None) -> int:
         keep_estargz=not args.reconvert,
     )
     tty = bool(getattr(err, "isatty", lambda: False)())
-    progress = Progress(err, tty)
+    progress = None if args.quiet else Progress(err, tty)
     t0 = time.monotonic()
-    try:
-        result = convert_image(src, dst, opts, progress)
-    except LayerStoreError as e:
-        if tty:
+
+    def newline() -> None:
+        if tty and progress is not None:
             err.write("\n")
-        print(f"stargz-store convert: {e}", file=err)
+
+    try:
+        if opened.push_check is not None:
+            with _side(opened.dst.label):
+                opened.push_check()
+        result = convert_image(opened.src, opened.dst, opts, progress)
+    except LayerStoreError as e:
+        newline()
+        print(f"{PROG}: {_describe_error(e)}", file=err)
         return EXIT_FAILED
     except OSError as e:
-        if tty:
-            err.write("\n")
-        print(f"stargz-store convert: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=err)
+        newline()
+        print(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("\nstargz-store convert: interrupted", file=err)
+        print(f"\n{PROG}: interrupted", file=err)
         return 130
     except Exception as e:  # a bug: still one line, not a traceback (STARGZ_DEBUG=1 shows it)
         if os.environ.get("STARGZ_DEBUG"):
             raise
-        if tty:
-            err.write("\n")
-        print(f"stargz-store convert: internal error: {type(e).__name__}: {e}", file=err)
+        newline()
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=err)
         return EXIT_FAILED
     for d in result.dropped:
-        print(f"stargz-store convert: left out of the new index (not an image): {d}", file=err)
-    converted = sum(1 for r in result.layers if r.action == "converted")
-    print(
-        f"wrote {dst.describe()} ({result.media_type}, {result.digest}): "
-        f"{converted} of {len(result.layers)} layers converted in {time.monotonic() - t0:.1f} s",
-        file=err,
-    )
+        print(f"{PROG}: left out of the new index (not an image): {d}", file=err)
+    if args.digestfile:
+        try:
+            with open(args.digestfile, "w", encoding="utf-8") as f:
+                f.write(result.digest)
+        except OSError as e:
+            print(f"{PROG}: --digestfile {args.digestfile}: {e.strerror or e}", file=err)
+            return EXIT_FAILED
+    if not args.quiet:
+        converted = sum(1 for r in result.layers if r.action == "converted")
+        print(
+            f"wrote {opened.dst.describe()} ({result.media_type}, {result.digest}): "
+            f"{converted} of {len(result.layers)} layers converted in "
+            f"{time.monotonic() - t0:.1f} s",
+            file=err,
+        )
     return 0

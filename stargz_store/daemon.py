@@ -1,4 +1,5 @@
-"""The store daemon: ``stargz-store [--config FILE] [--root DIR] [--log-level LEVEL] MOUNTPOINT``.
+"""The store daemon: ``stargz-store serve [--config FILE] [--root DIR] [--log-level LEVEL]
+MOUNTPOINT`` (or the same without ``serve``, as the Go store is run; see ``cli.py``).
 
 Lifecycle:
 
@@ -36,6 +37,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from stargz_store import notify
+from stargz_store.cmdline import ArgParser, HelpShown, UsageError
 from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, Config, ConfigError, load_config
 from stargz_store.log import LEVELS, configure_logging, get_logger
 
@@ -62,34 +64,46 @@ class _Stop(BaseException):
 # --- arguments -----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="stargz-store",
-        description="Serve lazily pulled eStargz layers to podman and CRI-O as an additional "
-        "layer store (FUSE). Also: 'stargz-store convert SRC DST'.",
+def build_parser(prog: str = "stargz-store serve") -> argparse.ArgumentParser:
+    p = ArgParser(
+        prog=prog,
+        description="Mount the additional layer store on MOUNTPOINT and serve it until SIGINT or "
+        "SIGTERM: podman and CRI-O find lazily pulled eStargz layers there (storage.conf: "
+        'additionallayerstores = ["MOUNTPOINT:ref"]). Runs in the foreground and logs to stderr '
+        "(JSON lines unless stderr is a terminal).",
+        epilog="Exit status: 0 after a clean unmount, 1 when the store cannot start, 2 for bad "
+        "usage or an invalid configuration file.",
     )
     p.add_argument(
         "--config",
         type=Path,
         default=None,
         metavar="FILE",
-        help=f"configuration file (default {DEFAULT_CONFIG_PATH}, which may be absent)",
+        help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH}, used when present; "
+        "config.example.toml lists every key)",
     )
     p.add_argument(
         "--root",
         type=Path,
         default=DEFAULT_ROOT,
         metavar="DIR",
-        help=f"state directory: chunk cache, auth-helper socket (default {DEFAULT_ROOT})",
+        help=f"state directory for the chunk cache and the auth-helper socket, created when "
+        f"missing (default {DEFAULT_ROOT})",
     )
     p.add_argument(
         "--log-level",
         choices=sorted(LEVELS),
         default=None,
         metavar="LEVEL",
-        help="debug, info, warning or error (overrides [log] level)",
+        help="debug, info, warning or error (default: the configuration's [log] level, info)",
     )
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="where to mount the store")
+    p.add_argument(
+        "mountpoint",
+        type=Path,
+        metavar="MOUNTPOINT",
+        help="directory to mount the store on (created when missing; a dead mount left by a "
+        "killed daemon is detached first)",
+    )
     return p
 
 
@@ -489,8 +503,19 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
     return EXIT_OK
 
 
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def serve_main(argv: Sequence[str]) -> int:
+    """``stargz-store serve [OPTIONS] MOUNTPOINT``."""
+    return main(argv, prog="stargz-store serve")
+
+
+def main(argv: Sequence[str], prog: str = "stargz-store") -> int:
+    try:
+        args = build_parser(prog).parse_args(list(argv))
+    except UsageError as exc:
+        print(f"{prog}: {exc} (see {prog} --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except HelpShown:
+        return EXIT_OK
     try:
         config = load_config(args.config)
     except ConfigError as exc:

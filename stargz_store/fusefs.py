@@ -536,6 +536,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             "layer_resolved",
             ref=ref,
             key=key,
+            digest=layer.compressed_digest,
             scheme=scheme,
             seconds=round(self._clock() - started, 4),
         )
@@ -808,7 +809,6 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         ref, key = kd.ref_dir.ref, kd.key
         try:
             await run_in_thread(self._provider.use, ref, key, limiter=self._lookup_limiter)
-            log.debug("layer_use", ref=ref, key=key)
         except Exception as exc:
             log.warning("layer_use_failed", ref=ref, key=key, error=repr(exc))
         # containers/storage expects ENOENT from a store that counts users.
@@ -824,7 +824,6 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             await run_in_thread(
                 self._provider.release, ref_dir.ref, key, limiter=self._lookup_limiter
             )
-            log.debug("layer_release", ref=ref_dir.ref, key=key)
         except Exception as exc:
             log.warning("layer_release_failed", ref=ref_dir.ref, key=key, error=repr(exc))
         raise _fuse_error(errno.ENOENT)

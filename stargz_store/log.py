@@ -11,8 +11,10 @@ renderer, so the daemon's stderr has one format.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
 import structlog
@@ -83,6 +85,30 @@ def configure_logging(
     # Per-request chatter from libraries is noise at info level.
     logging.getLogger("urllib3").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("pyfuse3").setLevel(max(numeric, logging.INFO))
+
+
+@contextlib.contextmanager
+def scoped_logging(
+    level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
+) -> Iterator[None]:
+    """:func:`configure_logging` for the length of one command, then the previous set-up again
+    (a command run in-process, e.g. by a test, leaves no handler on a stream it was given)."""
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {n: logging.getLogger(n).level for n in ("urllib3", "pyfuse3")}
+    configure_logging(level, fmt, stream)
+    try:
+        yield
+    finally:
+        structlog.configure(**saved_structlog)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+        for name, lvl in saved_levels.items():
+            logging.getLogger(name).setLevel(lvl)
 
 
 def get_logger(name: str) -> Any:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import threading
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 
 from auth.authfile import AuthEnvironment
 from auth.errors import AuthFileError, CredentialHelperError, HelperChannelError
@@ -206,22 +207,28 @@ def test_reload_on_change(env: AuthEnvironment, home: Path) -> None:
     assert store.lookup("r.io", "x") is None
 
 
+def _warnings(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in events if e["log_level"] in ("warning", "error")]
+
+
 def test_malformed_file_skipped_and_logged_without_content(
-    env: AuthEnvironment, home: Path, caplog: pytest.LogCaptureFixture
+    env: AuthEnvironment, home: Path
 ) -> None:
     bad = home / ".config" / "containers" / "auth.json"
     bad.parent.mkdir(parents=True)
     bad.write_text('{"auths": {"r.io": {"auth": "TOPSECRET"}} garbage')
     write_auth(home / ".docker" / "config.json", {"r.io": "docker:d"})
     store = make_store(env)
-    with caplog.at_level(logging.WARNING):
+    with structlog.testing.capture_logs() as events:
         assert store.lookup("r.io", "x") == Credentials("docker", "d")
         assert store.lookup("r.io", "x") == Credentials("docker", "d")
     errors = store.errors()
     assert len(errors) == 1 and isinstance(errors[0], AuthFileError)
     assert str(bad) in str(errors[0])
-    assert "TOPSECRET" not in caplog.text
-    assert len([r for r in caplog.records if "auth.json" in r.getMessage()]) == 1
+    assert "TOPSECRET" not in repr(events)
+    warned = _warnings(events)
+    assert [e["event"] for e in warned] == ["credential_lookup_failed"]
+    assert "auth.json" in str(warned[0]["error"])
 
 
 def test_cred_helper_from_file(env: AuthEnvironment, home: Path) -> None:
@@ -303,18 +310,16 @@ def test_cred_helper_answers_cached(env: AuthEnvironment, home: Path) -> None:
     assert calls.count("h.io") == 3
 
 
-def test_bad_entry_logged_once(
-    env: AuthEnvironment, home: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_bad_entry_logged_once(env: AuthEnvironment, home: Path) -> None:
     path = home / ".docker" / "config.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"auths": {"r.io": {"auth": "%%%notbase64"}}}))
     store = make_store(env)
-    with caplog.at_level(logging.WARNING):
+    with structlog.testing.capture_logs() as events:
         for _ in range(5):
             assert store.lookup("r.io", "x") is None
-    assert len(caplog.records) == 1
-    assert "notbase64" not in caplog.text
+    assert len(_warnings(events)) == 1
+    assert "notbase64" not in repr(events)
 
 
 def test_global_credential_helpers_order(env: AuthEnvironment, home: Path, tmp_path: Path) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,11 @@ from layerstore.image.convert import OCIDestination, OCISource, convert_image
 from layerstore.image.ocilayout import REF_NAME_ANNOTATION, OCILayout, parse_oci_reference
 from layerstore.source import FileSource
 from stargz_store.convert_cmd import main
-from tests.registry_fixtures import RegistryHandle, registry  # noqa: F401 - fixture
+from tests.registry_fixtures import (  # noqa: F401 - fixtures
+    RegistryHandle,
+    registry,
+    registry_htpasswd,
+)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -32,6 +39,7 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
 SIZE_ANN = "io.containers.estargz.uncompressed-size"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def sha(data: bytes) -> str:
@@ -520,3 +528,179 @@ def test_registry_docker_index_to_registry(
         assert rd.read_file("app/main.py") == LAYER2["app/main.py"]
     config = s.get(f"{registry.url}/v2/conv/ddst/blobs/{m['config']['digest']}", timeout=30).json()
     assert config["rootfs"]["diff_ids"] == [sha(gzip.decompress(blob))]
+
+
+# --- registries as skopeo reaches them: registries.conf, TLS flags, credentials, push check -----
+
+
+def registries_conf(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def insecure_conf(tmp_path: Path, host: str) -> Path:
+    return registries_conf(
+        tmp_path / "registries.conf", f'[[registry]]\nlocation = "{host}"\ninsecure = true\n'
+    )
+
+
+def test_insecure_registry_from_registries_conf_only(
+    tmp_path: Path,
+    registry: RegistryHandle,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry.push_image("rc/src", "v1", [gzip.compress(tar_of(LAYER1))])
+    src = f"docker://{registry.ref('rc/src', 'v1')}"
+    dst = f"docker://{registry.ref('rc/dst', 'v1')}"
+    # No registries.conf entry: the plain-http registry fails TLS, and the message says which
+    # side and which registry (the destination is checked first, before any conversion).
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries_conf(tmp_path / "e", "")))
+    rc, err = run(src, dst, capsys=capsys)
+    assert rc == 1
+    assert f"destination {dst}: TLS failure talking to {registry.host}" in err, err
+    assert "layer 1/" not in err
+    rc, err = run(src, f"oci:{tmp_path / 'out'}", capsys=capsys)
+    assert rc == 1 and f"source {src}: TLS failure talking to {registry.host}" in err, err
+    assert "--src-tls-verify=false" in err  # the hint names the side's flag
+    # insecure = true in the file named by CONTAINERS_REGISTRIES_CONF is enough for both sides
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(insecure_conf(tmp_path, registry.host)))
+    rc, err = run(src, dst, capsys=capsys)
+    assert rc == 0, err
+    assert "1 of 1 layers converted" in err
+    # an explicit --src-tls-verify=true overrides registries.conf for the source only
+    rc, err = run("--src-tls-verify=true", src, dst, capsys=capsys)
+    assert rc == 1 and f"source {src}: TLS failure" in err, err
+    rc, err = run("--dest-tls-verify", "true", src, dst, capsys=capsys)
+    assert rc == 1 and f"destination {dst}: TLS failure" in err, err
+    # the converted image is there, and is eStargz
+    rc, err = run(src.replace("rc/src", "rc/dst"), f"oci:{tmp_path / 'back'}:v1", capsys=capsys)
+    assert rc == 0, err
+    manifest = load(tmp_path / "back", resolve(tmp_path / "back", "v1")["digest"])
+    assert TOC_ANN in manifest["layers"][0]["annotations"]
+
+
+def test_registries_conf_mirror_and_blocked(
+    tmp_path: Path,
+    registry: RegistryHandle,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry.push_image(
+        "mirrored/app",
+        "v1",
+        [gzip.compress(tar_of(LAYER2))],
+        config_extra={
+            "x-unknown-config-field": {"kept": True},
+            "history": [{"created_by": "test"}],
+        },
+    )
+    conf = registries_conf(
+        tmp_path / "registries.conf",
+        '[[registry]]\nlocation = "blocked.invalid"\nblocked = true\n'
+        '[[registry]]\nprefix = "upstream.invalid"\nlocation = "upstream.invalid"\n'
+        f'[[registry.mirror]]\nlocation = "{registry.host}/mirrored"\ninsecure = true\n',
+    )
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    # the source is read from its mirror (the upstream name does not even resolve)
+    rc, err = run("docker://upstream.invalid/app:v1", f"oci:{tmp_path / 'out'}:v1", capsys=capsys)
+    assert rc == 0, err
+    manifest = load(tmp_path / "out", resolve(tmp_path / "out", "v1")["digest"])
+    check_image(tmp_path / "out", manifest, [LAYER2])
+    # a blocked registry is refused on either side, naming the registry and the file
+    for argv, side in (
+        (("docker://blocked.invalid/a:1", f"oci:{tmp_path / 'b'}"), "source"),
+        ((f"oci:{tmp_path / 'out'}:v1", "docker://blocked.invalid/a:1"), "destination"),
+    ):
+        rc, err = run(*argv, capsys=capsys)
+        assert rc == 1, err
+        assert f"{side} docker://blocked.invalid/a:1: registry blocked.invalid is blocked" in err
+        assert str(conf) in err
+    # --registries-conf replaces $CONTAINERS_REGISTRIES_CONF: no mirror any more
+    empty = registries_conf(tmp_path / "empty.conf", "")
+    rc, err = run(
+        "--registries-conf", str(empty), "docker://upstream.invalid/app:v1",
+        f"oci:{tmp_path / 'out2'}", capsys=capsys,
+    )  # fmt: skip
+    assert rc == 1 and "source docker://upstream.invalid/app:v1" in err, err
+
+
+def test_push_check_fails_fast_on_a_wrong_password(
+    tmp_path: Path,
+    registry_htpasswd: RegistryHandle,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reg = registry_htpasswd
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(insecure_conf(tmp_path, reg.host)))
+    std_image(tmp_path / "src")
+    src = f"oci:{tmp_path / 'src'}:v1"
+    dst = f"docker://{reg.ref('pushcheck/app', 'v1')}"
+    rc, err = run("--dest-creds", f"{reg.username}:wrong-password-xyz", src, dst, capsys=capsys)
+    assert rc == 1
+    assert f"destination {dst}: registry {reg.host} refused the credentials" in err, err
+    assert "converting" not in err and "layer 1/" not in err  # no layer was converted
+    assert "wrong-password-xyz" not in err
+    # an auth file without credentials for the registry: also refused before converting
+    authfile = tmp_path / "auth.json"
+    authfile.write_text('{"auths": {}}')
+    rc, err = run("--dest-authfile", str(authfile), src, dst, capsys=capsys)
+    assert rc == 1 and "no credentials are configured" in err and "layer 1/" not in err, err
+    # the right credentials (from an auth file, as skopeo --dest-authfile) convert and push
+    auth = base64.b64encode(f"{reg.username}:{reg.password}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+    rc, err = run("--dest-authfile", str(authfile), src, dst, capsys=capsys)
+    assert rc == 0, err
+    assert "2 of 2 layers converted" in err
+
+
+def test_quiet_sizes_and_digestfile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    std_image(tmp_path / "src")
+    digestfile = tmp_path / "digest"
+    rc, err = run(
+        "-q", "--chunk-size", "512K", "--min-chunk-size", "4K", "--digestfile", str(digestfile),
+        f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'dst'}:v1", capsys=capsys,
+    )  # fmt: skip
+    assert rc == 0 and err == ""
+    assert digestfile.read_text() == resolve(tmp_path / "dst", "v1")["digest"]
+    rc, err = run("--chunk-size", "4Q", "a", "b", capsys=capsys)
+    assert rc == 2 and "invalid size '4Q'" in err
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from stargz_store.convert_cmd import _parser
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for action in _parser()._actions:
+        for flag in action.option_strings:
+            assert flag in out
+        assert action.help, action.option_strings or action.dest
+    for word in ("registries.conf", "4M", "USER[:PASSWORD]", "OS/ARCH", "insecure"):
+        assert word in out, word
+
+
+def test_stdout_has_no_log_lines(
+    tmp_path: Path,
+    registry: RegistryHandle,  # noqa: F811 - the fixture
+) -> None:
+    registry.push_image("clean/src", "v1", [gzip.compress(tar_of(LAYER1))])
+    env = dict(
+        os.environ,
+        CONTAINERS_REGISTRIES_CONF=str(insecure_conf(tmp_path, registry.host)),
+        PYTHONUNBUFFERED="1",
+    )
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "stargz_store", "convert", "--log-level", "debug",
+            f"docker://{registry.ref('clean/src', 'v1')}",
+            f"docker://{registry.ref('clean/dst', 'v1')}",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    events = [json.loads(x) for x in out.stderr.splitlines() if x.startswith("{")]
+    names = {e["event"] for e in events}
+    assert {"registry_response", "registry_push_checked"} <= names, names
+    assert "layer 1/1" in out.stderr and "wrote docker://" in out.stderr

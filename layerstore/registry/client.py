@@ -18,6 +18,7 @@ The names other code imports from here (``PullSource``, ``RegistrySettings``, ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,9 +134,11 @@ class RegistryClient:
         return sources
 
     def _push_source(self, ref: Reference) -> PullSource:
-        for src in self.pull_sources(ref):
+        # Pushes go to the reference as written: registries.conf's location rewrite and mirrors
+        # are for pulls (containers/image does the same); its insecure and blocked flags apply.
+        for src in self.pull_sources(ref):  # raises BlockedRegistryError
             if not src.mirror:
-                return src
+                return PullSource(ref.name, insecure=src.insecure)
         return PullSource(ref.name, insecure=self._insecure_host(ref.domain))
 
     def _insecure_host(self, domain: str) -> bool:
@@ -464,6 +467,28 @@ class RegistryClient:
             resp.close()
         log.info("registry_blob_pushed", repository=ep.describe(), digest=digest, size=size)
         return True
+
+    def check_push(self, ref: RefLike) -> None:
+        """Fail now, not after a long conversion, when *ref*'s repository does not take pushes
+        (unreachable, TLS, credentials refused, no push right): start a blob upload and cancel
+        it. Raises what a push would raise."""
+        r = _as_reference(ref)
+        ep = self._endpoint(self._push_source(r))
+        resp = self.auth.request(
+            ep, "POST", "blobs/uploads/", actions=("pull", "push"), headers={"Content-Length": "0"}
+        )
+        try:
+            _expect_status(resp, ep, (202,), "starting a blob upload")
+            location = resp.headers.get("Location")
+        finally:
+            resp.close()
+        base = self.transport.base_url(ep)
+        url = urljoin(base, location or "")
+        if location and origin(url) == origin(base):
+            # Best effort: an upload left behind expires on the registry's side.
+            with contextlib.suppress(LayerStoreError):
+                self.auth.request(ep, "DELETE", url, actions=("pull", "push")).close()
+        log.debug("registry_push_checked", repository=ep.describe())
 
     def _upload_location(self, resp: requests.Response, ep: Endpoint, digest: str) -> str:
         try:

@@ -39,7 +39,6 @@ types and the consistency errors upstream refuses raise RegistriesConfError.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import pwd
 import sys
@@ -50,12 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import structlog
+
 from layerstore.errors import BlockedRegistryError, LayerStoreError
 
 # The registry client's type (layerstore.registry.client does not import this module: no cycle).
 from layerstore.registry.client import PullSource
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -481,8 +482,10 @@ class RegistriesConf:
         if reg is None:
             return [PullSource(location=name, insecure=False, mirror=False)]
         if reg.blocked:
+            files = f" ({', '.join(str(p) for p in self.sources)})" if self.sources else ""
             raise BlockedRegistryError(
-                f"registry {reg.prefix} is blocked in the registries configuration (pulling {name})"
+                f"registry {reg.prefix} is blocked in the registries configuration{files}: "
+                f"refusing {name}"
             )
         matched = match_prefix(name, reg.prefix)
         rest = name[matched:]
@@ -589,7 +592,7 @@ class WatchedRegistriesConf:
                         self._error = None
                     except RegistriesConfError as e:
                         self._error = e
-                        log.warning("registries configuration: %s", e)
+                        log.warning("registries_conf_invalid", error=str(e))
             if self._error is not None:
                 raise self._error
             assert self._conf is not None

@@ -403,7 +403,6 @@ class LayerManager:
             raise TOCDigestMismatchError(f"layer {desc.digest}: TOC digest is not {key}")
         with self._lock:
             self._by_ref_key.setdefault((ref, key), _Entry(layer))
-        bound.info("layer_resolved", digest=layer.compressed_digest, scheme=layer.scheme_for(key))
         return layer
 
     def _resolve(self, ref: str, reference: Reference) -> Any:
