@@ -202,6 +202,13 @@ def test_toc_store(tmp_path: Path) -> None:
         c.get_toc("../x")
     c.remove_toc("abc-def")
     assert c.get_toc("abc-def") is None
+    # Image resolutions of older versions (now in layerstore.runtime.resolutions) go on open;
+    # temp files of the shared atomic write (".tmp-*.partial") too.
+    c.put_toc("resolved-" + "a" * 64, b"{}")
+    c.put_toc("abc-def", b"kept")
+    (tmp_path / "toc" / ".tmp-x.partial").write_bytes(b"partial")
+    ChunkCache(tmp_path, 1000)
+    assert sorted(p.name for p in (tmp_path / "toc").iterdir()) == ["abc-def"]
 
 
 def test_toc_store_budget(tmp_path: Path) -> None:
