@@ -21,12 +21,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from layerstore.estargz.writer import write_estargz
+from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
@@ -34,6 +35,7 @@ from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION, LayerManager, ManagerSettings
 from layerstore.source import BytesSource
+from testbed.resolved import resolved_image
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -69,32 +71,15 @@ class WanSource:
             return out
 
 
-@dataclass
-class _M:
-    layers: tuple[Descriptor, ...]
-
-
-@dataclass
-class _C:
-    diff_ids: tuple[str, ...]
-
-
-@dataclass
-class _Img:
-    manifest: _M
-    config: _C
-    manifest_digest: str
-
-
 class OneImageClient:
     def __init__(self, desc: Descriptor, diff_id: str, source: WanSource) -> None:
-        self.image = _Img(_M((desc,)), _C((diff_id,)), "sha256:" + "0" * 64)
+        self.image = resolved_image("r/x:1", [desc], [diff_id])
         self.source = source
 
-    def resolve(self, ref: Reference, platform: Any = None) -> _Img:
+    def resolve(self, ref: Reference, platform: str | None = None) -> ResolvedImage:
         return self.image
 
-    def blob_source(self, image: Any, digest: str, size: int) -> WanSource:
+    def blob_source(self, image: ResolvedImage, digest: str, size: int) -> WanSource:
         return self.source
 
 
@@ -171,7 +156,7 @@ def main() -> None:
             src = WanSource(blob, rtt, bps)
             cache = ChunkCache(os.path.join(d, "cache"), 4 << 30)
             settings = ManagerSettings(
-                layer=LayerSettings(prefetch_landmark=False),
+                layer=LayerSettings(landmark_prefetch=False),
                 fetcher=FetcherSettings(readahead_bytes=readahead),
             )
             mgr = LayerManager(OneImageClient(desc, res.diff_id, src), cache, settings)
@@ -219,7 +204,7 @@ def main() -> None:
         mgr = LayerManager(
             OneImageClient(desc, res.diff_id, src),
             cache,
-            ManagerSettings(layer=LayerSettings(prefetch_landmark=False)),
+            ManagerSettings(layer=LayerSettings(landmark_prefetch=False)),
         )
         layer = mgr.get("r/x:1", res.toc_digest)
         rnd = random.Random(2)
@@ -245,7 +230,7 @@ def main() -> None:
         mgr = LayerManager(
             OneImageClient(desc, res.diff_id, src),
             cache,
-            ManagerSettings(layer=LayerSettings(prefetch_landmark=False)),
+            ManagerSettings(layer=LayerSettings(landmark_prefetch=False)),
         )
         layer = mgr.get("r/x:1", res.toc_digest)
 
@@ -262,7 +247,7 @@ def main() -> None:
         src = WanSource(blob, rtt, bps)
         cache = ChunkCache(os.path.join(d, "cache"), 4 << 30)
         settings = ManagerSettings(
-            layer=LayerSettings(prefetch_landmark=False, background_fetch=True),
+            layer=LayerSettings(landmark_prefetch=False, background_fill=True),
             fetcher=replace(FetcherSettings(), background_share=1.0, background_idle_seconds=0),
         )
         mgr = LayerManager(OneImageClient(desc, res.diff_id, src), cache, settings)
@@ -271,7 +256,7 @@ def main() -> None:
         def fill() -> None:
             layer.start()
             time.sleep(0.01)
-            layer.fetcher.join_background(120)
+            layer.fetcher.join_background_fill(120)
 
         run("background fill of the whole layer", fill, src)
         assert all(c.digest in cache for c in layer.fetcher.chunks)

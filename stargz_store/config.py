@@ -98,7 +98,14 @@ class CacheSettings(_Section):
 
 
 class FetchSettings(_Section):
-    """Lazy fetching of chunks from the registry."""
+    """Lazy fetching of chunks from the registry.
+
+    The key names predate the names the code and the logs use for each mechanism and are kept
+    so existing files still load (``docs/CONCURRENCY.md``): ``read_ahead_bytes`` is the
+    fetcher's read-ahead budget (0 also turns read-behind and continuation off);
+    ``prefetch_landmark`` switches the *landmark prefetch*; ``background_fetch``,
+    ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*.
+    """
 
     concurrency: int = Field(default=8, ge=1)
     read_ahead_bytes: int = Field(default=512 * KiB, ge=0)

@@ -5,8 +5,9 @@ Lifecycle:
 
 1. parse arguments and the configuration (errors: one readable line, exit status 2);
 2. set up logging (structlog; JSON lines unless stderr is a terminal);
-3. build the layer provider: CredentialStore -> RegistryClient -> ChunkCache -> LayerManager,
-   and start the podman auth-helper channel;
+3. build the layer provider: CredentialStore -> RegistryClient -> ChunkCache (+ the
+   ResolutionStore in ``<root>/resolutions``) -> LayerManager, and start the podman
+   auth-helper channel;
 4. make the mount point usable: a dead FUSE mount left by a killed daemon (``ENOTCONN``) is
    detached with ``umount -l``; a live mount is refused (another daemon is serving it);
 5. mount (pyfuse3; ``allow_other``, ``suid``, ``dev``, ``default_permissions``), send
@@ -292,6 +293,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
     from layerstore.runtime.manager import LayerManager, ManagerSettings
+    from layerstore.runtime.resolutions import ResolutionStore
 
     rc, fc, ac = config.registry, config.fetch, config.auth
     wiring = Wiring(provider=None, validate_ref=parse_reference)
@@ -313,24 +315,33 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         except (OSError, LayerStoreError, ValueError) as exc:
             raise DaemonError(f"cannot open the cache in {cache_dir}: {exc}") from None
         wiring.closers.append(cache.close)
+        resolutions_dir = root / "resolutions"
+        try:
+            resolutions = ResolutionStore(resolutions_dir)
+        except LayerStoreError as exc:
+            raise DaemonError(f"cannot open {resolutions_dir}: {exc}") from None
+        # [fetch] keys -> mechanisms (docs/CONCURRENCY.md): read_ahead_bytes = read-ahead (and
+        # read-behind, continuation), prefetch_landmark = landmark prefetch, background_fetch,
+        # background_bandwidth_share and background_concurrency = background fill.
         manager = LayerManager(
             client,
             cache,
             ManagerSettings(
                 resolve_ttl=rc.resolve_ttl,
                 negative_ttl=config.fuse.negative_timeout,
-                background_concurrency=fc.background_concurrency,
+                background_fill_concurrency=fc.background_concurrency,
                 platform=rc.platform or None,
                 fetcher=FetcherSettings(
                     max_concurrent_requests=fc.concurrency,
                     readahead_bytes=fc.read_ahead_bytes,
-                    background_fetch=fc.background_fetch,
+                    background_fill=fc.background_fetch,
                     background_share=fc.background_bandwidth_share,
                 ),
                 layer=LayerSettings(
-                    prefetch_landmark=fc.prefetch_landmark, background_fetch=fc.background_fetch
+                    landmark_prefetch=fc.prefetch_landmark, background_fill=fc.background_fetch
                 ),
             ),
+            resolutions=resolutions,
         )
         checked: LayerProvider = manager  # the real manager meets the adapter's protocol
         wiring.provider = checked

@@ -46,6 +46,7 @@ import pyfuse3
 import trio
 
 from layerstore import errors as lse
+from layerstore.common.negcache import NegativeCache
 from stargz_store.config import FuseSettings
 from stargz_store.log import get_logger
 
@@ -242,7 +243,6 @@ class _Absent(Exception):
 
 @dataclass
 class _Negative:
-    expires: float
     reason: str
     errno: int
 
@@ -296,7 +296,10 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._blocks: dict[str, _Block] = {}  # compressed digest -> block
         self._block_starts: list[int] = []
         self._block_list: list[_Block] = []
-        self._negative: dict[tuple[str, str], _Negative] = {}
+        # Failed (ref dir, key) lookups, for negative_timeout. Only the trio thread uses it.
+        self._negative: NegativeCache[tuple[str, str], _Negative] = NegativeCache(
+            NEGATIVE_CACHE_MAX, clock=clock
+        )
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
@@ -490,13 +493,10 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             return kd
         neg = self._negative.get(slot)
         if neg is not None:
-            now = self._clock()
-            if neg.expires > now:
-                self.stats.negative_hits += 1
-                if neg.errno == errno.ENOENT:
-                    raise _Absent(neg.expires - now)
-                raise _fuse_error(neg.errno)
-            del self._negative[slot]
+            self.stats.negative_hits += 1
+            if neg.errno == errno.ENOENT:
+                raise _Absent(self._negative.expires_in(slot))
+            raise _fuse_error(neg.errno)
         ref = ref_dir.ref
         started = self._clock()
         try:
@@ -509,8 +509,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             self.stats.failed += 1
             expected = isinstance(exc, lse.LayerStoreError)
             code = errno.ENOENT if expected else errno.EIO
-            expires = self._clock() + self._settings.negative_timeout
-            self._remember_failure(slot, _Negative(expires, type(exc).__name__, code))
+            failure = _Negative(type(exc).__name__, code)
+            self._negative.put(slot, failure, self._settings.negative_timeout)
             fields = {"ref": ref, "key": key, "error_type": type(exc).__name__, "error": str(exc)}
             if not expected:
                 log.error("layer_lookup_crashed", exc_info=True, **fields)
@@ -541,14 +541,6 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             seconds=round(self._clock() - started, 4),
         )
         return kd
-
-    def _remember_failure(self, slot: tuple[str, str], neg: _Negative) -> None:
-        if len(self._negative) >= NEGATIVE_CACHE_MAX:
-            now = self._clock()
-            self._negative = {k: v for k, v in self._negative.items() if v.expires > now}
-            while len(self._negative) >= NEGATIVE_CACHE_MAX:  # oldest first
-                del self._negative[next(iter(self._negative))]
-        self._negative[slot] = neg
 
     def _resolve(self, ref: str, key: str) -> tuple[LayerLike, str, bytes]:
         """Worker thread: get the layer and its ``info`` for the key's scheme."""

@@ -439,16 +439,17 @@ class _LocalClient:
     def __init__(self, blobs: list[GoBlob]) -> None:
         from layerstore.registry.manifest import Descriptor
         from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION
+        from testbed.resolved import resolved_image
 
         media = "application/vnd.oci.image.layer.v1.tar+gzip"
-        layers = tuple(
+        layers = [
             Descriptor(media, b.digest, len(b.data), {TOC_DIGEST_ANNOTATION: b.toc_digest})
             for b in blobs
-        )
-        self.image = _Image(_Manifest(layers), _ImageConfig(tuple(b.diff_id for b in blobs)))
+        ]
+        self.image = resolved_image(GO_REF_IMAGE, layers, [b.diff_id for b in blobs])
         self.blobs = {b.digest: b.data for b in blobs}
 
-    def resolve(self, ref: Any, platform: Any = None) -> Any:
+    def resolve(self, ref: Any, platform: str | None = None) -> Any:
         if str(ref) != GO_REF_IMAGE:
             raise lse.NotFoundError(f"{ref}: manifest unknown")
         return self.image
@@ -457,23 +458,6 @@ class _LocalClient:
         from layerstore.source import BytesSource
 
         return BytesSource(self.blobs[digest])
-
-
-@dataclass
-class _Manifest:
-    layers: tuple[Any, ...]
-
-
-@dataclass
-class _ImageConfig:
-    diff_ids: tuple[str, ...]
-
-
-@dataclass
-class _Image:
-    manifest: _Manifest
-    config: _ImageConfig
-    manifest_digest: str = "sha256:" + "0" * 64
 
 
 def go_reference_provider_factory(config: Any, root: Path) -> Any:

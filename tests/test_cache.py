@@ -202,6 +202,13 @@ def test_toc_store(tmp_path: Path) -> None:
         c.get_toc("../x")
     c.remove_toc("abc-def")
     assert c.get_toc("abc-def") is None
+    # Image resolutions of older versions (now in layerstore.runtime.resolutions) go on open;
+    # temp files of the shared atomic write (".tmp-*.partial") too.
+    c.put_toc("resolved-" + "a" * 64, b"{}")
+    c.put_toc("abc-def", b"kept")
+    (tmp_path / "toc" / ".tmp-x.partial").write_bytes(b"partial")
+    ChunkCache(tmp_path, 1000)
+    assert sorted(p.name for p in (tmp_path / "toc").iterdir()) == ["abc-def"]
 
 
 def test_toc_store_budget(tmp_path: Path) -> None:
@@ -271,13 +278,13 @@ def test_hot_bytes_are_bounded(tmp_path: Path) -> None:
     assert c.read(dg(chunks[0]), 5, 10) == chunks[0][5:15]
 
 
-def test_prefetch_verifies_in_the_background(tmp_path: Path) -> None:
+def test_verify_ahead_in_the_background(tmp_path: Path) -> None:
     good = [os.urandom(50_000) for _ in range(3)]
     bad = os.urandom(50_000)
     c = _restarted(tmp_path, [*good, bad])
     p = entry_path(tmp_path, bad)
     p.write_bytes(p.read_bytes()[:-1] + b"\0")
-    assert c.prefetch([dg(d) for d in [*good, bad]] + [dg(b"absent")]) == 4
+    assert c.verify_ahead([dg(d) for d in [*good, bad]] + [dg(b"absent")]) == 4
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
         p.exists() or any(c.peek(dg(d), 0, 1) is None for d in good)
@@ -287,7 +294,7 @@ def test_prefetch_verifies_in_the_background(tmp_path: Path) -> None:
         view = c.peek(dg(d), 0, 50_000)
         assert view is not None and bytes(view) == d
     assert not p.exists() and dg(bad) not in c
-    assert c.prefetch([dg(d) for d in good]) == 0  # already verified
+    assert c.verify_ahead([dg(d) for d in good]) == 0  # already verified
     c.close()
 
 

@@ -115,6 +115,9 @@ def test_redaction() -> None:
     assert redact_url("http://[::1") == "<unparseable url>"
     assert describe_error(ValueError("see http://h/p?token=abc")) == "ValueError: see http://h/p?<redacted>"
     assert describe_error(ValueError()) == "ValueError"
+    assert redact("GET https://h/p?sig=1#f done") == "GET https://h/p?<redacted> done"
+    assert redact("http://a:b@h/p") == "http://h/p"
+    assert redact("no url here") == "no url here"
 
 
 def test_rfc3339() -> None:

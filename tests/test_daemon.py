@@ -459,10 +459,11 @@ negative_timeout = 4.0
         assert rs.pool_size == 5 and rs.insecure_registries == frozenset({"127.0.0.1:5000"})
         assert rs.platform == "linux/arm64"
         ms = mgr.settings
-        assert (ms.resolve_ttl, ms.negative_ttl, ms.background_concurrency) == (9.0, 4.0, 4)
+        assert (ms.resolve_ttl, ms.negative_ttl, ms.background_fill_concurrency) == (9.0, 4.0, 4)
         assert ms.fetcher.max_concurrent_requests == 3 and ms.fetcher.readahead_bytes == 65536
-        assert ms.fetcher.background_share == 0.25 and not ms.fetcher.background_fetch
-        assert not ms.layer.prefetch_landmark and not ms.layer.background_fetch
+        assert ms.fetcher.background_share == 0.25 and not ms.fetcher.background_fill
+        assert not ms.layer.landmark_prefetch and not ms.layer.background_fill
+        assert mgr.resolutions is not None and mgr.resolutions.directory == tmp_path / "resolutions"
         assert mgr.cache.max_bytes == 12345678 and mgr.cache.root == tmp_path / "c"
         assert (tmp_path / "sock" / "helper.sock").is_socket()
         # registries.conf is in force: a blocked registry fails the lookup

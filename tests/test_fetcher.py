@@ -1,4 +1,5 @@
-"""ChunkFetcher: single flight, coalescing, read-ahead, verification, errors, prefetch, background.
+"""ChunkFetcher: single flight, coalescing, read-ahead, verification, errors, landmark prefetch,
+background fill.
 
 The blob here is synthetic (one gzip member per chunk, like eStargz) and the decode function is
 a small stand-in for ``layerstore.estargz.reader.decode_chunk``; the real reader is exercised
@@ -33,7 +34,6 @@ from layerstore.runtime.fetcher import (
     ChunkLike,
     FetcherSettings,
     plan_ranges,
-    redact,
 )
 from layerstore.source import BytesSource, RangeSource
 
@@ -312,12 +312,6 @@ def test_foreign_exception_wrapped_as_registry_error_and_redacted(cache: ChunkCa
     assert info.value.__cause__ is None
 
 
-def test_redact() -> None:
-    assert redact("GET https://h/p?sig=1#f done") == "GET https://h/p?<redacted> done"
-    assert redact("http://a:b@h/p") == "http://h/p"
-    assert redact("no url here") == "no url here"
-
-
 def test_short_range_answer_is_rejected(cache: ChunkCache) -> None:
     blob, chunks = build_blob([os.urandom(1000)])
 
@@ -364,11 +358,11 @@ def test_landmark_prefetch_one_request(cache: ChunkCache) -> None:
     src = CountingSource(BytesSource(blob))
     f = ChunkFetcher(src, cache, chunks, fake_decode, small_settings())
     landmark = chunks[6].offset
-    assert f.prefetch(landmark) == 6
+    assert f.landmark_prefetch(landmark) == 6
     assert len(src.calls) == 1 and len(src.calls[0]) == 1
     assert all(c.digest in cache for c in chunks[:6])
     assert all(c.digest not in cache for c in chunks[6:])
-    assert f.prefetch(landmark) == 0
+    assert f.landmark_prefetch(landmark) == 0
     assert len(src.calls) == 1
 
 
@@ -380,9 +374,9 @@ def test_background_fill_fetches_everything_in_large_ranges(cache: ChunkCache) -
         background_range_bytes=200_000, background_idle_seconds=0.0, background_share=1.0
     )
     f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
-    assert f.start_background()
-    assert not f.start_background()
-    f.join_background(10)
+    assert f.start_background_fill()
+    assert not f.start_background_fill()
+    f.join_background_fill(10)
     assert all(c.digest in cache for c in chunks)
     assert len(src.calls) <= 5
     assert f.stats.background_chunks == 50
@@ -399,14 +393,14 @@ def test_background_yields_to_foreground(cache: ChunkCache) -> None:
     fg = threading.Thread(target=f.get_chunk, args=(chunks[-1],))
     fg.start()
     time.sleep(0.05)
-    f.start_background()
+    f.start_background_fill()
     time.sleep(0.2)
     # While the foreground request is in flight, the background fill has not started.
     assert len(src.calls) == 1
     fg.join()
     f.close()
-    f.join_background(5)
-    assert f._bg_thread is not None and not f._bg_thread.is_alive()
+    f.join_background_fill(5)
+    assert f._fill_thread is not None and not f._fill_thread.is_alive()
 
 
 def test_async_cache_writes_serve_from_memory_then_disk(tmp_path: Path) -> None:
@@ -430,7 +424,7 @@ def test_background_fill_skipped_when_layer_exceeds_half_the_cache(tmp_path: Pat
     f = ChunkFetcher(
         BytesSource(blob), ChunkCache(tmp_path, 150_000), chunks, fake_decode, small_settings()
     )
-    assert not f.start_background()
+    assert not f.start_background_fill()
 
 
 def test_readahead_beyond_inline_budget_goes_in_a_parallel_request(cache: ChunkCache) -> None:
@@ -549,12 +543,12 @@ def test_background_of_one_layer_yields_to_another_layers_reads(tmp_path: Path) 
     reader = threading.Thread(target=b.get_chunk, args=(chunks[0],))
     reader.start()
     time.sleep(0.05)
-    assert a.start_background()
+    assert a.start_background_fill()
     time.sleep(0.2)
     # Layer b's read is in flight: layer a's fill has not started.
     assert src_a.calls == []
     reader.join()
-    a.join_background(5)
+    a.join_background_fill(5)
     assert len(src_a.calls) >= 1
     a.close()
     b.close()

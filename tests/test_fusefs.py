@@ -136,10 +136,13 @@ def test_unknown_and_failing_keys_are_enoent_and_cached(store: Store) -> None:
         assert info.value.errno == code
         assert time.monotonic() - t0 < 0.5
         assert store.mgr.count("get") == before + 1
+        hits = store.ops.stats.negative_hits
         with pytest.raises(OSError) as info:  # negative cache: the provider is not asked
             os.stat(store.refdir / key)
         assert info.value.errno == code
         assert store.mgr.count("get") == before + 1
+        if code == errno.EIO:  # (the kernel answers a cached ENOENT itself; EIO it asks us)
+            assert store.ops.stats.negative_hits == hits + 1
     time.sleep(1.1)  # negative_timeout = 1 s
     before = store.mgr.count("get")
     with pytest.raises(FileNotFoundError):

@@ -44,6 +44,7 @@ class TinyIndex:
     sizes: dict[int, int] = field(default_factory=dict)
     file_chunks: dict[int, list[FakeChunk]] = field(default_factory=dict)
     landmark: int | None = None
+    num_entries: int = 0
     uid_set: set[int] = field(default_factory=set)
     gid_set: set[int] = field(default_factory=set)
 
@@ -93,7 +94,7 @@ def tiny_open_toc(
         assert f is not None
         raw = f.read()
     toc = json.loads(raw)
-    idx = TinyIndex()
+    idx = TinyIndex(num_entries=len(toc["entries"]))
     offsets = sorted({e["offset"] for e in toc["entries"] if e.get("offset")} | {toc_offset})
     ino = 0
     for e in toc["entries"]:
@@ -203,7 +204,7 @@ def make_layer(
         toc_offset=toc_offset,
         footer_size=footer_size,
         uncompressed_size=uncompressed,
-        settings=settings or LayerSettings(prefetch_landmark=False),
+        settings=settings or LayerSettings(landmark_prefetch=False),
     )
     return layer, reader.index
 
@@ -331,7 +332,7 @@ def test_read_blob_windows_and_digest(go_reference: Path, cache: ChunkCache) -> 
         cache,
         blob=blob,
         source=src,
-        settings=LayerSettings(prefetch_landmark=False, blob_readahead_bytes=100_000),
+        settings=LayerSettings(landmark_prefetch=False, blob_readahead_bytes=100_000),
     )
     out = bytearray()
     # Sequential 128 KiB-ish reads, with one pair out of order.
@@ -368,7 +369,7 @@ def test_landmark_prefetch_on_start(go_reference: Path, cache: ChunkCache) -> No
         cache,
         blob=blob,
         source=src,
-        settings=LayerSettings(prefetch_landmark=True),
+        settings=LayerSettings(landmark_prefetch=True),
     )
     assert idx.landmark is not None
     assert layer.start()
@@ -406,7 +407,7 @@ def test_sequential_readahead_in_large_files(go_reference: Path, cache: ChunkCac
         blob=blob,
         source=src,
         fetch=FetcherSettings(readahead_bytes=0),
-        settings=LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=2),
+        settings=LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=2),
     )
     data = tar_files(go_reference)["app/data.bin"]
     ino = idx.files["app/data.bin"]
@@ -433,7 +434,7 @@ def test_read_blob_sequential_readahead(go_reference: Path, cache: ChunkCache) -
         cache,
         blob=blob,
         source=src,
-        settings=LayerSettings(prefetch_landmark=False, blob_readahead_bytes=64 * 1024),
+        settings=LayerSettings(landmark_prefetch=False, blob_readahead_bytes=64 * 1024),
     )
     waited = 0.0
     out = bytearray()
@@ -453,7 +454,7 @@ def test_read_blob_sequential_readahead(go_reference: Path, cache: ChunkCache) -
 def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Path) -> None:
     blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
     src = CountingSource(BytesSource(blob))
-    settings = LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=0)
+    settings = LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=0)
     cache = ChunkCache(tmp_path / "c", 1 << 30)
     layer, idx = make_layer(
         go_reference, "ref-chunked-64k", cache, blob=blob, source=src, settings=settings
@@ -486,7 +487,7 @@ def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Pat
 def test_sequential_reads_verify_cached_chunks_ahead(go_reference: Path, tmp_path: Path) -> None:
     blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
     src = CountingSource(BytesSource(blob))
-    settings = LayerSettings(prefetch_landmark=False, sequential_readahead_chunks=2)
+    settings = LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=2)
     cache = ChunkCache(tmp_path / "c", 1 << 30)
     layer, idx = make_layer(
         go_reference, "ref-chunked-64k", cache, blob=blob, source=src, settings=settings

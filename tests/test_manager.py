@@ -23,6 +23,8 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
+from layerstore.estargz.reader import EStargzReader
+from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
@@ -33,12 +35,16 @@ from layerstore.runtime.manager import (
     UNCOMPRESSED_SIZE_ANNOTATION,
     LayerManager,
     ManagerSettings,
+)
+from layerstore.runtime.prefetch import (
+    DependencyPrefetchSettings,
     entrypoint_candidates,
     resolve_regular_file,
 )
-from layerstore.source import BytesSource
+from layerstore.source import BytesSource, RangeSource
+from testbed.resolved import resolved_image
 from tests.test_fetcher import CountingSource
-from tests.test_layer import tamper_member, tar_files, tiny_decode, tiny_open_toc
+from tests.test_layer import tamper_member, tar_files
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_A = "registry.example/app:v1"
@@ -72,38 +78,28 @@ def desc(b: Blob, *, toc: str | None = None, size_ann: bool = True, mt: str = GZ
     return Descriptor(mt, b.digest, len(b.data), ann)
 
 
-@dataclass
-class FakeImage:
-    manifest: Any
-    config: Any
-    manifest_digest: str
-
-
-@dataclass
-class _M:
-    layers: tuple[Descriptor, ...]
-
-
-@dataclass
-class _C:
-    diff_ids: tuple[str, ...]
-
-
 class FakeClient:
+    """A registry in memory: real ResolvedImage answers, blobs from bytes."""
+
     def __init__(self, blobs: dict[str, bytes], delay: float = 0.0) -> None:
-        self.images: dict[str, FakeImage] = {}
+        self.images: dict[str, ResolvedImage] = {}
         self.sources = {d: CountingSource(BytesSource(b)) for d, b in blobs.items()}
         self.resolve_calls = 0
         self.delay = delay
         self.fail: Exception | None = None
         self.lock = threading.Lock()
 
-    def add(self, ref: str, layers: list[tuple[Descriptor, str]]) -> None:
-        self.images[ref] = FakeImage(
-            _M(tuple(d for d, _ in layers)), _C(tuple(i for _, i in layers)), "sha256:" + "0" * 64
+    def add(
+        self,
+        ref: str,
+        layers: list[tuple[Descriptor, str]],
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.images[ref] = resolved_image(
+            ref, [d for d, _ in layers], [i for _, i in layers], run_config
         )
 
-    def resolve(self, ref: Reference, platform: Any = None) -> FakeImage:
+    def resolve(self, ref: Reference, platform: str | None = None) -> ResolvedImage:
         with self.lock:
             self.resolve_calls += 1
         time.sleep(self.delay)
@@ -114,8 +110,8 @@ class FakeClient:
         except KeyError:
             raise NotFoundError(f"{ref}: manifest unknown") from None
 
-    def blob_source(self, image: Any, digest: str, size: int) -> CountingSource:
-        assert isinstance(image, FakeImage)
+    def blob_source(self, image: ResolvedImage, digest: str, size: int) -> CountingSource:
+        assert isinstance(image, ResolvedImage)
         return self.sources[digest]
 
 
@@ -148,7 +144,7 @@ def client(blobs: dict[str, Blob], plain: Blob) -> FakeClient:
 
 
 def quiet(**kw: Any) -> ManagerSettings:
-    base = ManagerSettings(layer=LayerSettings(prefetch_landmark=False))
+    base = ManagerSettings(layer=LayerSettings(landmark_prefetch=False))
     return replace(base, **kw)
 
 
@@ -260,14 +256,21 @@ def test_non_gzip_media_type_refused(
         mgr.get("registry.example/zstd:v1", small.digest)
 
 
-@pytest.mark.parametrize("real_reader", [True, False])
+def unchecked_open_toc(
+    source: RangeSource, member: bytes, toc_offset: int, footer_size: int, expected: str
+) -> EStargzReader:
+    """Fault injection: a reader that does NOT check the TOC digest (the manager must)."""
+    return EStargzReader.from_toc_bytes(source, member, toc_offset, footer_size, None)
+
+
+@pytest.mark.parametrize("checking_reader", [True, False])
 def test_toc_digest_mismatch(
-    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], real_reader: bool
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob], checking_reader: bool
 ) -> None:
     small = blobs["ref-small"]
     wrong = "sha256:" + "cd" * 32
     client.add("registry.example/liar:v1", [(desc(small, toc=wrong), small.diff_id)])
-    kw: dict[str, Any] = {} if real_reader else {"open_toc": tiny_open_toc, "decode": tiny_decode}
+    kw: dict[str, Any] = {} if checking_reader else {"open_toc": unchecked_open_toc}
     mgr = LayerManager(client, cache, quiet(), **kw)
     for key in (small.digest, wrong):
         with pytest.raises(TOCDigestMismatchError):
@@ -352,7 +355,7 @@ def test_use_release_prefetch_and_sweep(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
 ) -> None:
     prio = blobs["ref-prioritized"]
-    settings = ManagerSettings(layer=LayerSettings(prefetch_landmark=True), idle_drop_seconds=0)
+    settings = ManagerSettings(layer=LayerSettings(landmark_prefetch=True), idle_drop_seconds=0)
     mgr = LayerManager(client, cache, settings)
     layer = mgr.get(REF_B, prio.toc_digest)
     src = client.sources[prio.digest]
@@ -378,12 +381,12 @@ def test_use_release_prefetch_and_sweep(
     assert wanted.digest in cache
 
 
-def test_background_fetch_after_use(
+def test_background_fill_after_use(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
 ) -> None:
     chunked = blobs["ref-chunked-64k"]
     settings = ManagerSettings(
-        layer=LayerSettings(prefetch_landmark=True, background_fetch=True),
+        layer=LayerSettings(landmark_prefetch=True, background_fill=True),
         fetcher=FetcherSettings(background_idle_seconds=0.0, background_share=1.0),
     )
     mgr = LayerManager(client, cache, settings)
@@ -437,7 +440,7 @@ def test_concurrent_random_reads_with_background_fill(
     client.sources[chunked.digest].delay = 0.01
     cache = ChunkCache(tmp_path / "small", cache_bytes, max_open_files=2)
     settings = ManagerSettings(
-        layer=LayerSettings(prefetch_landmark=True, background_fetch=True),
+        layer=LayerSettings(landmark_prefetch=True, background_fill=True),
         fetcher=FetcherSettings(
             background_idle_seconds=0.0, background_share=1.0, readahead_bytes=70_000
         ),
@@ -468,9 +471,9 @@ def test_concurrent_random_reads_with_background_fill(
     assert not errors
     if cache_bytes > 1_000_000:
         deadline = time.monotonic() + 10
-        while layer.fetcher._bg_thread is None and time.monotonic() < deadline:
+        while layer.fetcher._fill_thread is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        layer.fetcher.join_background(10)
+        layer.fetcher.join_background_fill(10)
         assert all(c.digest in cache for c in layer.fetcher.chunks)
     else:
         assert layer.fetcher.stats.background_chunks == 0
@@ -536,20 +539,13 @@ def test_entrypoint_candidates() -> None:
     assert entrypoint_candidates({"config": {"Cmd": [3]}}) == []
 
 
-def test_use_prefetches_the_entrypoint_of_a_layer_without_landmark(
+def test_dependency_prefetch_fetches_the_entrypoint_of_a_layer_without_landmark(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
 ) -> None:
     chunked = blobs["ref-chunked-64k"]
-
-    @dataclass
-    class _CR(_C):
-        raw: Any = None
-
     ref = "registry.example/entry:v1"
-    client.images[ref] = FakeImage(
-        _M((desc(chunked, size_ann=False),)),
-        _CR((chunked.diff_id,), {"config": {"Cmd": ["/app/data.bin"]}}),
-        "sha256:" + "1" * 64,
+    client.add(
+        ref, [(desc(chunked, size_ann=False), chunked.diff_id)], {"Cmd": ["/app/data.bin"]}
     )
     mgr = LayerManager(client, cache, quiet())
     layer = mgr.get(ref, chunked.digest)
@@ -567,7 +563,7 @@ def test_use_prefetches_the_entrypoint_of_a_layer_without_landmark(
     mgr2 = LayerManager(
         client,
         ChunkCache(cache.root.parent / "c2", 1 << 30),
-        quiet(entrypoint_prefetch_bytes=0),
+        quiet(dependency_prefetch=DependencyPrefetchSettings(entrypoint_bytes=0)),
     )
     layer2 = mgr2.get(ref, chunked.digest)
     calls = len(client.sources[chunked.digest].calls)
@@ -602,7 +598,7 @@ def _elf_layer(client: FakeClient, files: dict[str, bytes | str]) -> Blob:
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_entrypoint_prefetch_queues_its_shared_libraries(
+def test_dependency_prefetch_fetches_the_entrypoints_shared_libraries(
     client: FakeClient, cache: ChunkCache, split: bool
 ) -> None:
     from tests.test_elfdeps import make_elf
@@ -623,18 +619,11 @@ def test_entrypoint_prefetch_queues_its_shared_libraries(
     if not split:
         blobs_ = [_elf_layer(client, {**top, **base})]
 
-    @dataclass
-    class _CR(_C):
-        raw: Any = None
-
     ref = f"registry.example/elf:{int(split)}"
-    client.images[ref] = FakeImage(
-        _M(tuple(desc(b) for b in blobs_)),
-        _CR(
-            tuple(b.diff_id for b in blobs_),
-            {"config": {"Entrypoint": ["prog"], "Env": ["PATH=/app/bin"]}},
-        ),
-        "sha256:" + "2" * 64,
+    client.add(
+        ref,
+        [(desc(b), b.diff_id) for b in blobs_],
+        {"Entrypoint": ["prog"], "Env": ["PATH=/app/bin"]},
     )
     mgr = LayerManager(client, cache, quiet())
     layers = [mgr.get(ref, b.digest) for b in blobs_]

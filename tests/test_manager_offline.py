@@ -13,9 +13,10 @@ from layerstore import digest
 from layerstore.errors import NotFoundError, RegistryError, RegistryUnavailableError
 from layerstore.registry.client import PullSource, ResolvedImage
 from layerstore.registry.manifest import parse_image_config, parse_manifest
-from layerstore.registry.reference import Reference
+from layerstore.registry.reference import Reference, parse_reference
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.manager import LayerManager
+from layerstore.runtime.resolutions import ResolutionStore
 from layerstore.source import BytesSource
 from tests.test_layer import tar_files
 from tests.test_manager import Blob, desc, load, quiet
@@ -75,16 +76,26 @@ def blob(go_reference: Path) -> Blob:
     return load(go_reference, "ref-small")
 
 
+def manager(client: Client, root: Path) -> LayerManager:
+    """A manager as the daemon builds it after a (re)start: cache and resolutions on disk."""
+    return LayerManager(
+        client,
+        ChunkCache(root / "cache", 1 << 30),
+        quiet(),
+        resolutions=ResolutionStore(root / "resolutions"),
+    )
+
+
 def test_restart_with_registry_unreachable_uses_the_stored_resolution(
     blob: Blob, tmp_path: Path, go_reference: Path
 ) -> None:
     client = Client(blob)
-    first = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    first = manager(client, tmp_path)
     first.get(REF, blob.digest)
     first.close()
 
     client.fail = RegistryUnavailableError("registry.example: connection refused")
-    again = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    again = manager(client, tmp_path)
     layer = again.get(REF, blob.toc_digest)
     assert layer.compressed_digest == blob.digest
     ino = layer.index.find("app/data.bin")
@@ -100,23 +111,48 @@ def test_answers_from_the_registry_are_not_replaced_by_the_stored_one(
     blob: Blob, tmp_path: Path, error: RegistryError
 ) -> None:
     client = Client(blob)
-    LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet()).get(REF, blob.digest)
+    manager(client, tmp_path).get(REF, blob.digest)
     client.fail = error
-    again = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    again = manager(client, tmp_path)
     with pytest.raises(type(error)):
         again.get(REF, blob.digest)
 
 
 def test_a_tampered_stored_resolution_is_discarded(blob: Blob, tmp_path: Path) -> None:
     client = Client(blob)
-    LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet()).get(REF, blob.digest)
-    stored = [p for p in (tmp_path / "c").rglob("resolved-*") if p.is_file()]
+    manager(client, tmp_path).get(REF, blob.digest)
+    stored = list((tmp_path / "resolutions").iterdir())
     assert len(stored) == 1
     record = json.loads(stored[0].read_text())
     record["manifest"] = record["manifest"][:-8] + "AAAAAAA="
     stored[0].write_text(json.dumps(record))
     client.fail = RegistryUnavailableError("registry.example: connection refused")
-    again = LayerManager(client, ChunkCache(tmp_path / "c", 1 << 30), quiet())
+    again = manager(client, tmp_path)
     with pytest.raises(RegistryUnavailableError):
         again.get(REF, blob.digest)
     assert not stored[0].exists()
+
+
+def test_without_a_resolution_store_nothing_is_kept(blob: Blob, tmp_path: Path) -> None:
+    client = Client(blob)
+    LayerManager(client, ChunkCache(tmp_path / "cache", 1 << 30), quiet()).get(REF, blob.digest)
+    client.fail = RegistryUnavailableError("registry.example: connection refused")
+    again = manager(client, tmp_path)
+    with pytest.raises(RegistryUnavailableError):
+        again.get(REF, blob.digest)
+
+
+def test_resolution_store_keeps_the_newest_records(blob: Blob, tmp_path: Path) -> None:
+    image = Client(blob).resolve(parse_reference(REF))
+    store = ResolutionStore(tmp_path / "r", max_entries=2)
+    (tmp_path / "r" / ".tmp-x.partial").write_bytes(b"interrupted write")
+    for tag in ("a", "b", "c"):
+        store.save(f"registry.example/app:{tag}", image)
+    reopened = ResolutionStore(tmp_path / "r", max_entries=2)
+    names = [p.name for p in (tmp_path / "r").iterdir()]
+    assert len(names) == 2 and not any(n.startswith(".tmp-") for n in names)
+    found = {
+        tag: reopened.load(f"registry.example/app:{tag}", parse_reference(REF)) is not None
+        for tag in ("a", "b", "c")
+    }
+    assert found == {"a": False, "b": True, "c": True}

@@ -3,23 +3,26 @@
 Layout under *root*::
 
     chunks/<2 hex>/<64 hex>   one decompressed, verified chunk, named by its sha256
-    toc/<name>                verified TOC members and the manager's last image resolutions
-                              (opaque bytes; re-verified by whoever reads them), kept under
-                              their own budget (``max_toc_bytes``), oldest dropped
+    toc/<name>                verified TOC members (opaque bytes; re-verified by whoever
+                              reads them), kept under their own budget (``max_toc_bytes``),
+                              oldest dropped
 
 Rules:
 
 * An entry is only ever created by ``os.replace`` of a fully written temp file in the same
-  directory (``.tmp-*``), so a reader never sees a partial entry. Stale temp files are removed
-  when the cache opens.
+  directory (:func:`layerstore.common.atomicfile.write_atomic`, not fsynced: a lost entry is
+  fetched again, and a torn one is never visible), so a reader never sees a partial entry.
+  Stale temp files (``.tmp-*``) are removed when the cache opens, and so are the image
+  resolutions older versions kept in ``toc/`` (``resolved-*``; see
+  :mod:`layerstore.runtime.resolutions`).
 * ``put`` accepts only bytes whose sha256 equals the key. Callers that have just verified the
   bytes themselves (the fetcher, via ``decode_chunk``) pass ``verified=True`` to skip the rehash.
 * Entries found on disk at start-up are trusted for their size only; each one is re-hashed on its
   first read in this process. A corrupt or truncated entry is deleted and reported as a miss.
   That first read reads the whole entry once (one thread at a time per entry) and keeps the
   verified bytes in a small in-memory LRU (``max_hot_bytes``), so the following slices of the
-  chunk are served from memory instead of being read again. ``prefetch(digests)`` verifies
-  entries a sequential reader will want next on a background thread; ``peek`` answers from
+  chunk are served from memory instead of being read again. ``verify_ahead(digests)``
+  verifies entries a sequential reader will want next on a background thread; ``peek`` answers from
   memory only (pending writes and verified bytes), without blocking, or None.
 * The total size of ``chunks/`` is kept under ``max_bytes``: sizes and the use order live in
   memory (rebuilt from the directory listing, oldest mtime first); a hit moves the entry to the
@@ -40,7 +43,6 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -49,13 +51,14 @@ from pathlib import Path
 
 import structlog
 
+from layerstore.common.atomicfile import TMP_PREFIX, write_atomic
 from layerstore.errors import CacheError, VerificationError
 
 log = structlog.get_logger(__name__)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOC_NAME = re.compile(r"[0-9A-Za-z._-]{1,200}")
-_TMP_PREFIX = ".tmp-"
+_LEGACY_RESOLUTION_PREFIX = "resolved-"  # image resolutions, now in ResolutionStore
 _TOUCH_INTERVAL = 60.0
 
 
@@ -122,7 +125,12 @@ class ChunkCache:
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self.max_hot_bytes = max(0, max_hot_bytes)
-        self._verifying: dict[str, threading.Event] = {}  # single flight of first-use checks
+        # Single flight of first-use checks: hex -> set when done. Not a SingleFlight: the
+        # claim is made under self._lock together with the look at _entries and _hot (so an
+        # entry verified a moment ago is not read and hashed again), verify_ahead consults it
+        # under that lock too, and a waiter re-examines the entry rather than share a result
+        # (the bytes are in _hot, or the entry was dropped, or is too large to keep hot).
+        self._verifying: dict[str, threading.Event] = {}
         self._verify_threads = max(1, verify_threads)
         self._verifier: ThreadPoolExecutor | None = None
         self._verify_queued = 0
@@ -145,15 +153,20 @@ class ChunkCache:
     def _rebuild(self) -> None:
         found: list[tuple[float, str, int]] = []
         tocs: list[tuple[float, str, int]] = []
-        removed = 0
+        removed = legacy = 0
         for d in (self._chunks, self._tocs):
             for dirpath, _dirs, files in os.walk(d):
                 for name in files:
                     path = os.path.join(dirpath, name)
-                    if name.startswith(_TMP_PREFIX):
+                    if name.startswith(TMP_PREFIX):
                         with contextlib.suppress(OSError):
                             os.unlink(path)
                             removed += 1
+                        continue
+                    if d is self._tocs and name.startswith(_LEGACY_RESOLUTION_PREFIX):
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                            legacy += 1
                         continue
                     if d is self._tocs:
                         if _TOC_NAME.fullmatch(name):
@@ -184,6 +197,7 @@ class ChunkCache:
             bytes=self._total,
             max_bytes=self.max_bytes,
             stale_temp_files_removed=removed,
+            old_resolutions_removed=legacy,
         )
         with self._lock:
             victims = self._evict_locked(keep=None)
@@ -335,7 +349,7 @@ class ChunkCache:
             self._hits += 1
         return memoryview(data)[offset : offset + length]
 
-    def prefetch(self, digests: list[str]) -> int:
+    def verify_ahead(self, digests: list[str]) -> int:
         """Verify (first use) the cached entries among *digests* on a background thread, for
         a reader expected soon. Returns how many were queued."""
         todo: list[tuple[str, _Entry]] = []
@@ -362,14 +376,14 @@ class ChunkCache:
             verifier = self._verifier
         for n, (hexd, entry) in enumerate(todo):
             try:
-                verifier.submit(self._prefetch_one, hexd, entry)
+                verifier.submit(self._verify_ahead_one, hexd, entry)
             except RuntimeError:  # shut down
                 with self._lock:
                     self._verify_queued -= len(todo) - n
                 return n
         return len(todo)
 
-    def _prefetch_one(self, hexd: str, entry: _Entry) -> None:
+    def _verify_ahead_one(self, hexd: str, entry: _Entry) -> None:
         try:
             self._verify(hexd, entry)
         except Exception as e:  # the reader verifies it again and sees the problem
@@ -465,7 +479,7 @@ class ChunkCache:
             if hexd[:2] not in self._shards:
                 path.parent.mkdir(exist_ok=True)
                 self._shards.add(hexd[:2])
-            self._write_atomic(path, data)
+            write_atomic(path, data, durable=False)
         except OSError as e:
             log.warning("chunk_cache_write_failed", digest=digest, error=str(e))
             return False
@@ -528,18 +542,6 @@ class ChunkCache:
                     return False
                 self._pending_done.wait(left)
         return True
-
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def _evict_locked(self, keep: str | None) -> list[Path]:
         """Forget the oldest entries until under the limit; returns the files to unlink
@@ -641,7 +643,7 @@ class ChunkCache:
         if len(data) > self.max_toc_bytes:
             return
         try:
-            self._write_atomic(self._tocs / name, data)
+            write_atomic(self._tocs / name, data, durable=False)
         except OSError as e:
             log.warning("toc_cache_write_failed", name=name, error=str(e))
             return

@@ -1,4 +1,5 @@
-"""Fetching the chunks of one blob: single-flight, coalescing, read-ahead, background fill.
+"""Fetching the chunks of one blob: single-flight, coalescing, read-ahead and read-behind,
+landmark prefetch, background fill.
 
 A :class:`ChunkFetcher` owns the chunk list of one layer (sorted by blob offset), a
 :class:`~layerstore.source.RangeSource` for the blob and the shared
@@ -19,7 +20,10 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   just before it, and a miss of a multi-chunk file's first chunk the file's next chunks, each in
   a parallel request (python reads ``x/__pycache__/m.pyc`` then ``x/m.py``; an executable being
   mapped is read on).
-* **Landmark prefetch**: ``prefetch(end)`` fetches ``[0, end)`` in one request.
+  Read-ahead, read-behind and continuation are the *speculative* fetches (``speculate``
+  below); ``readahead_bytes = 0`` turns all three off.
+* **Landmark prefetch**: ``landmark_prefetch(end)`` fetches ``[0, end)`` (the image's
+  prioritized files, before ``.prefetch.landmark``) in one request.
 * **Background fill** (optional): a thread fetches the rest of the blob in 2 MiB ranges once
   foreground requests have been idle for ``background_idle_seconds`` (0.5 s, also counted from
   its start): on a thin link, every background byte fetched while a container starts delays
@@ -34,7 +38,6 @@ so a later read tries again.
 from __future__ import annotations
 
 import bisect
-import re
 import threading
 import time
 from array import array
@@ -45,6 +48,8 @@ from typing import Callable, Protocol
 
 import structlog
 
+from layerstore.common.negcache import NegativeCache
+from layerstore.common.redact import describe_error, redact
 from layerstore.errors import LayerStoreError, RangeError, RegistryError, VerificationError
 from layerstore.runtime.cache import ChunkCache
 from layerstore.source import RangeSource
@@ -104,9 +109,10 @@ class FetcherSettings:
     """When the first chunk of a multi-chunk file misses, its following chunks up to this many
     compressed bytes are fetched in a parallel request (0 disables): an executable or library
     being mapped is read on, and its next chunk should not cost another round trip."""
-    background_fetch: bool = False
+    background_fill: bool = False
     """Fetch the whole layer in the background after first use (the layer starts it when this
-    or ``LayerSettings.background_fetch`` is set)."""
+    or ``LayerSettings.background_fill`` is set; the config key is ``[fetch]
+    background_fetch``)."""
     background_range_bytes: int = 2 * MiB
     """Span of one background request. Small enough that a reader that needs a chunk of a
     request in flight does not wait long for it (nor the link stay busy long)."""
@@ -129,21 +135,6 @@ class FetchStats:
     chunks_fetched: int = 0
     verification_failures: int = 0
     background_chunks: int = 0
-
-
-_URL_QUERY = re.compile(r"""(https?://[^\s?#'"<>]*)[?#][^\s'"<>]*""")
-_USERINFO = re.compile(r"(https?://)[^/\s@'\"]+@")
-
-
-def redact(text: str) -> str:
-    """*text* with URL query strings and user-info removed (signed URLs carry credentials)."""
-    return _USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1?<redacted>", text))
-
-
-def describe_error(e: BaseException) -> str:
-    """A loggable description of a foreign exception: its type and redacted message."""
-    msg = redact(str(e))[:300]
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def chunk_key(c: ChunkLike) -> str:
@@ -171,7 +162,8 @@ def plan_ranges(
 class Activity:
     """Foreground work (reads that miss, landmark prefetches) in flight, and when it last
     ended. Shared by the fetchers of all layers (the manager passes one), so that no layer's
-    background fill competes with another layer's readers or prefetch for the link."""
+    background fill competes with another layer's readers or landmark prefetch for the
+    link."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -219,7 +211,7 @@ class ChunkFetcher:
         decode: DecodeFn,
         settings: FetcherSettings | None = None,
         *,
-        background_slots: threading.Semaphore | None = None,
+        fill_slots: threading.Semaphore | None = None,
         request_slots: threading.Semaphore | None = None,
         activity: Activity | None = None,
         name: str = "",
@@ -237,15 +229,20 @@ class ChunkFetcher:
         self._chunks: Sequence[ChunkLike] = chunks
         self._offsets = offsets
         self._lock = threading.Lock()
+        # Chunk key -> the future of the fetch that carries it. Not a SingleFlight: one
+        # fetch (one coalesced request) resolves many keys, each as soon as its own bytes are
+        # verified; keys are claimed together with the read-ahead planning under this lock;
+        # and read-ahead chunks are claimed by a thread that no caller asked for them.
         self._inflight: dict[str, Future[bytes]] = {}
-        self._failed: dict[str, tuple[float, VerificationError]] = {}
+        # Chunks that failed verification: answered with their error for failed_chunk_ttl.
+        self._failed: NegativeCache[str, VerificationError] = NegativeCache(10_000)
         # Shared across layers when the manager passes one; else per fetcher.
         self._requests = request_slots or threading.Semaphore(
             max(1, self.settings.max_concurrent_requests)
         )
         self._activity = activity or Activity()
-        self._bg_slots = background_slots or threading.Semaphore(1)
-        self._bg_thread: threading.Thread | None = None
+        self._fill_slots = fill_slots or threading.Semaphore(1)
+        self._fill_thread: threading.Thread | None = None
         self._ahead: ThreadPoolExecutor | None = None
         self._closed = threading.Event()
         self.stats = FetchStats()
@@ -272,16 +269,11 @@ class ChunkFetcher:
                 results[i] = data
             else:
                 missing.append(i)
-        if missing and self._failed:
-            now = time.monotonic()
-            with self._lock:
-                for i in missing:
-                    k = chunk_key(chunks[i])
-                    bad = self._failed.get(k)
-                    if bad is not None:
-                        if bad[0] > now:
-                            raise bad[1].with_traceback(None)
-                        del self._failed[k]
+        if missing and len(self._failed):
+            for i in missing:
+                bad = self._failed.get(chunk_key(chunks[i]))
+                if bad is not None:
+                    raise bad.with_traceback(None)
         if missing:
             t0 = time.monotonic()
             futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
@@ -300,7 +292,8 @@ class ChunkFetcher:
 
     def fetch_async(self, chunks: Sequence[ChunkLike]) -> int:
         """Fetch *chunks* (those not cached nor in flight) on a helper thread, for readers
-        expected soon (sequential read-ahead in large files). Returns how many were queued."""
+        expected soon (the layer's sequential read-ahead in large files; the read-behind and
+        continuation companions of a miss). Returns how many were queued."""
         with self._lock:
             if self._closed.is_set():
                 return 0
@@ -322,12 +315,13 @@ class ChunkFetcher:
 
     def _fetch_ahead(self, chunks: Sequence[ChunkLike]) -> None:
         try:
-            self._claim_and_fetch(chunks, foreground=True, readahead=False)
+            self._claim_and_fetch(chunks, foreground=True, speculate=False)
         except Exception as e:  # readers that need these chunks see the error themselves
             self._log.warning("readahead_failed", error=describe_error(e))
 
-    def prefetch(self, end: int) -> int:
-        """Fetch, verify and cache every chunk starting before *end*, in one range request.
+    def landmark_prefetch(self, end: int) -> int:
+        """Fetch, verify and cache every chunk starting before *end* (the prioritized files
+        before the ``.prefetch.landmark`` entry), in one range request.
 
         Returns the number of chunks fetched. Errors are logged, not raised.
         """
@@ -336,11 +330,11 @@ class ChunkFetcher:
         if not wanted:
             return 0
         t0 = time.monotonic()
-        # Background fills (of every layer) hold back while a prefetch runs.
+        # Background fills (of every layer) hold back while a landmark prefetch runs.
         self._activity.enter()
         try:
             futures = self._claim_and_fetch(
-                wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, readahead=False
+                wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, speculate=False
             )
             failed = sum(1 for f in futures if f.exception() is not None)
         finally:
@@ -354,20 +348,23 @@ class ChunkFetcher:
         )
         return len(wanted) - failed
 
-    def start_background(self) -> bool:
-        """Start the background whole-blob fill (once). Returns whether a thread was started."""
+    def start_background_fill(self) -> bool:
+        """Start the background fill of the whole blob (once). Returns whether a thread was
+        started."""
         total = sum(c.chunk_size for c in self._chunks)
         if total > self._cache.max_bytes // 2:
             # It would only evict itself (and everything else) from the cache.
             self._log.info(
-                "background_fetch_skipped", bytes=total, cache_max_bytes=self._cache.max_bytes
+                "background_fill_skipped", bytes=total, cache_max_bytes=self._cache.max_bytes
             )
             return False
         with self._lock:
-            if self._bg_thread is not None or self._closed.is_set():
+            if self._fill_thread is not None or self._closed.is_set():
                 return False
-            t = threading.Thread(target=self._background, name="stargz-bg-fetch", daemon=True)
-            self._bg_thread = t
+            t = threading.Thread(
+                target=self._background_fill, name="stargz-background-fill", daemon=True
+            )
+            self._fill_thread = t
         # Idle is counted from now: the first user's reads are about to start.
         self._activity.touch()
         t.start()
@@ -381,8 +378,8 @@ class ChunkFetcher:
             ahead.shutdown(wait=False)
         self._activity.wake()
 
-    def join_background(self, timeout: float | None = None) -> None:
-        t = self._bg_thread
+    def join_background_fill(self, timeout: float | None = None) -> None:
+        t = self._fill_thread
         if t is not None:
             t.join(timeout)
 
@@ -469,9 +466,10 @@ class ChunkFetcher:
         foreground: bool,
         gap: int | None = None,
         max_bytes: int | None = None,
-        readahead: bool = True,
+        speculate: bool = True,
     ) -> list[Future[bytes]]:
-        """Futures for *chunks*; the ones nobody is fetching yet are fetched by this thread."""
+        """Futures for *chunks*; the ones nobody is fetching yet are fetched by this thread,
+        with read-ahead, read-behind and continuation when *speculate*."""
         futures: list[Future[bytes]] = []
         mine: list[ChunkLike] = []
         owned: list[tuple[str, Future[bytes]]] = []
@@ -487,7 +485,7 @@ class ChunkFetcher:
                     taken.add(k)
                     mine.append(c)
                 futures.append(fut)
-            extra = self._readahead(mine, taken) if (readahead and mine) else []
+            extra = self._readahead(mine, taken) if (speculate and mine) else []
             later: list[ChunkLike] = []
             if extra:
                 inline_end = max(c.compressed_end for c in mine) + max(
@@ -499,7 +497,7 @@ class ChunkFetcher:
                 fut = Future()
                 self._inflight[chunk_key(c)] = fut
                 owned.append((chunk_key(c), fut))
-            companions = self._around(mine, taken) if (readahead and mine) else []
+            companions = self._around(mine, taken) if (speculate and mine) else []
         if later:
             self.fetch_async(later)
         for group in companions:
@@ -665,11 +663,7 @@ class ChunkFetcher:
     def _verification_failed(self, c: ChunkLike, err: VerificationError) -> None:
         with self._lock:
             self.stats.verification_failures += 1
-            if self.settings.failed_chunk_ttl > 0:
-                if len(self._failed) > 10_000:
-                    self._failed.clear()
-                expiry = time.monotonic() + self.settings.failed_chunk_ttl
-                self._failed[chunk_key(c)] = (expiry, err)
+        self._failed.put(chunk_key(c), err, self.settings.failed_chunk_ttl)
         self._log.error(
             "chunk_verification_failed",
             chunk_digest=c.digest,
@@ -682,7 +676,7 @@ class ChunkFetcher:
     def _wait_foreground_idle(self) -> bool:
         return self._activity.wait_idle(self.settings.background_idle_seconds, self._closed)
 
-    def _background(self) -> None:
+    def _background_fill(self) -> None:
         t0 = time.monotonic()
         step = max(1, self.settings.background_range_bytes)
         fetched = 0
@@ -707,12 +701,12 @@ class ChunkFetcher:
                     continue
                 if not self._wait_foreground_idle():
                     break
-                with self._bg_slots:
+                with self._fill_slots:
                     if self._closed.is_set():
                         break
                     t_req = time.monotonic()
                     futures = self._claim_and_fetch(
-                        batch, foreground=False, gap=step, max_bytes=step, readahead=False
+                        batch, foreground=False, gap=step, max_bytes=step, speculate=False
                     )
                     spent = time.monotonic() - t_req
                 share = min(max(self.settings.background_share, 0.01), 1.0)
@@ -725,9 +719,9 @@ class ChunkFetcher:
                     except LayerStoreError:
                         failed += 1
         except Exception as e:  # never let the thread die silently
-            self._log.error("background_fetch_crashed", error=describe_error(e))
+            self._log.error("background_fill_crashed", error=describe_error(e))
         self._log.info(
-            "background_fetch_done",
+            "background_fill_done",
             chunks=fetched,
             failed=failed,
             stopped=self._closed.is_set(),

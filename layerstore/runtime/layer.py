@@ -2,11 +2,15 @@
 
 ``Layer.read(ino, offset, size)`` serves file data: every byte comes from a chunk whose
 ``chunkDigest`` matched (from the cache's pread fast path, or fetched and verified by the
-:class:`~layerstore.runtime.fetcher.ChunkFetcher`). ``Layer.read_blob`` serves the raw registry
-blob for
-the ``blob`` file (``podman push/save``): large ranges through a small read-ahead window, and the
-whole-blob sha256 is checked when the blob is read from start to end (the read that completes a
-mismatching blob fails, as does every later one).
+:class:`~layerstore.runtime.fetcher.ChunkFetcher`). Every read asks the cache to *verify ahead*
+the file's next chunks already on disk, and a read that ends in the second half of a chunk
+starts the *sequential read-ahead* of the file's next chunks (``fetch_async``). ``start()``
+(first use) runs the *landmark prefetch* and then, when enabled, the *background fill*.
+
+``Layer.read_blob`` serves the raw registry blob for the ``blob`` file (``podman push/save``):
+large ranges through a few *blob read-ahead* windows, and the whole-blob sha256 is checked when
+the blob is read from start to end (the read that completes a mismatching blob fails, as does
+every later one).
 
 ``info_json(scheme)`` renders the ``info`` file, decoded by containers/storage into its
 ``Layer`` struct (json tags from ``layers.go``):
@@ -40,10 +44,11 @@ from typing import Any
 
 import structlog
 
+from layerstore.common.redact import describe_error
 from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
 from layerstore.estargz.toc import TOCIndex
 from layerstore.runtime.cache import ChunkCache
-from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike, describe_error
+from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -56,8 +61,12 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class LayerSettings:
-    prefetch_landmark: bool = True
-    background_fetch: bool = False
+    landmark_prefetch: bool = True
+    """On first use, fetch the prioritized files (everything before ``.prefetch.landmark``) in
+    one request (config key ``[fetch] prefetch_landmark``)."""
+    background_fill: bool = False
+    """On first use, start the background fill of the whole blob (config key ``[fetch]
+    background_fetch``)."""
     sequential_readahead_chunks: int = 2
     """When a read ends in the second half of a chunk, fetch this many following chunks of the
     file ahead (0 disables): sequential readers of large files do not wait a round trip per
@@ -74,11 +83,11 @@ def _pad512(n: int) -> int:
     return (n + 511) // 512 * 512
 
 
-def estimate_tar_size(chunks: Iterable[ChunkLike], index: Any) -> int:
+def estimate_tar_size(chunks: Iterable[ChunkLike], index: TOCIndex) -> int:
     """Approximate decompressed size of an eStargz blob from its TOC.
 
-    Every file with data costs a 512-byte header plus its padded size; every other entry (when
-    the index can count them) a header; the TOC entry and the end-of-archive blocks about 2 KiB
+    Every file with data costs a 512-byte header plus its padded size; every other entry a
+    header; the TOC entry and the end-of-archive blocks about 2 KiB
     more. PAX records (long names, xattrs) are not counted, so this is a lower bound in practice.
     """
     sizes: dict[int, int] = {}
@@ -88,8 +97,7 @@ def estimate_tar_size(chunks: Iterable[ChunkLike], index: Any) -> int:
             files += 1
         sizes[c.offset * 1_000_003 + c.chunk_offset] = c.chunk_size
     data = sum(sizes.values())
-    entries = getattr(index, "num_entries", None)
-    others = max(0, int(entries) - files) if isinstance(entries, int) else 0
+    others = max(0, index.num_entries - files)
     return data + files * (512 + 256) + others * 512 + 2048
 
 
@@ -131,6 +139,9 @@ class Layer:
         self._info: dict[str, bytes] = {}
         self._ids: tuple[list[int], list[int]] | None = None
         self._windows: OrderedDict[int, bytes] = OrderedDict()  # start offset -> bytes
+        # Blob read-ahead windows being fetched: start -> (length, done). Not a SingleFlight:
+        # a reader waits for any window that contains its range, whatever its start, and the
+        # window is fetched for no caller in particular (the reader that triggered it goes on).
         self._blob_inflight: dict[int, tuple[int, threading.Event]] = {}
         self._blob_hash = hashlib.sha256()
         self._blob_pos = 0
@@ -143,33 +154,36 @@ class Layer:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> bool:
-        """Start landmark prefetch and (if enabled) the background fill, once, in a thread."""
+        """Start the landmark prefetch and (if enabled) then the background fill, once, in a
+        thread."""
         with self._lock:
             if self._started:
                 return False
             self._started = True
-        if not (self.settings.prefetch_landmark or self._background_enabled):
+        if not (self.settings.landmark_prefetch or self._background_fill_enabled):
             return True
-        t = threading.Thread(target=self._warm, name="stargz-prefetch", daemon=True)
+        t = threading.Thread(
+            target=self._landmark_prefetch_then_fill, name="stargz-landmark-prefetch", daemon=True
+        )
         t.start()
         return True
 
-    def _warm(self) -> None:
+    def _landmark_prefetch_then_fill(self) -> None:
         try:
             end = self.index.prefetch_landmark_offset
-            if self.settings.prefetch_landmark and end:
-                self.fetcher.prefetch(end)
+            if self.settings.landmark_prefetch and end:
+                self.fetcher.landmark_prefetch(end)
         except Exception as e:  # logged; reads still work lazily
             self._log.warning("landmark_prefetch_failed", error=describe_error(e))
-        if self._background_enabled:
-            self.fetcher.start_background()
+        if self._background_fill_enabled:
+            self.fetcher.start_background_fill()
 
     def close(self) -> None:
         self.fetcher.close()
 
     @property
-    def _background_enabled(self) -> bool:
-        return self.settings.background_fetch or self.fetcher.settings.background_fetch
+    def _background_fill_enabled(self) -> bool:
+        return self.settings.background_fill or self.fetcher.settings.background_fill
 
     # --- info ------------------------------------------------------------------------------
     def scheme_for(self, key: str) -> str:
@@ -292,7 +306,7 @@ class Layer:
     def _verify_ahead(self, chunks: Sequence[ChunkLike], i: int, ahead: int) -> None:
         """Chunks a sequential reader wants next that are on disk but not yet verified in
         this process: verify them in the background (the cache keeps the bytes)."""
-        self.cache.prefetch([c.digest for c in chunks[i : i + ahead + 2]])
+        self.cache.verify_ahead([c.digest for c in chunks[i : i + ahead + 2]])
 
     def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
         """:meth:`read` when every byte is already verified and in memory (pending cache
@@ -361,7 +375,7 @@ class Layer:
         start, window = hit
         data = window[offset - start : end - start]
         if self.settings.blob_readahead_bytes > 0 and end - start > len(window) // 2:
-            self._prefetch_window(start + len(window))
+            self._read_ahead_window(start + len(window))
         self._track_digest(offset, data)
         return data
 
@@ -380,7 +394,7 @@ class Layer:
                 self._windows.popitem(last=False)
         return window
 
-    def _prefetch_window(self, start: int) -> None:
+    def _read_ahead_window(self, start: int) -> None:
         length = min(self.settings.blob_readahead_bytes, self.blob_size - start)
         if length <= 0:
             return

@@ -1,4 +1,5 @@
-"""(image reference, key) -> verified :class:`~layerstore.runtime.layer.Layer`.
+"""(image reference, key) -> verified :class:`~layerstore.runtime.layer.Layer`: the layer
+lifecycle (resolve, build once, count users, drop when idle).
 
 Both key schemes are served by one daemon: a key matches a manifest layer when it equals the
 layer's compressed digest (podman <= 5.0) or its ``containerd.io/snapshot/stargz/toc.digest``
@@ -7,7 +8,9 @@ annotation (podman >= 5.1). Use :meth:`Layer.scheme_for` to know which ``info`` 
 Resolving a layer:
 
 1. the reference is parsed (:class:`ImageReferenceError`) and resolved through the registry
-   client (resolutions are cached per reference for ``resolve_ttl`` seconds, single-flight);
+   client (resolutions are cached per reference for ``resolve_ttl`` seconds, single-flight; the
+   last good one is kept in a :class:`~layerstore.runtime.resolutions.ResolutionStore` and used
+   when the registry cannot be reached);
 2. the key is looked up in the manifest (:class:`LayerNotFoundError`); a layer without the TOC
    digest annotation, or not gzip, is refused at once (:class:`NotEStargzError`) so podman falls
    back to an ordinary pull;
@@ -21,33 +24,31 @@ Resolving a layer:
 
 Concurrent ``get`` calls of the same (ref, key) share one resolution; failures are remembered for
 ``negative_ttl`` seconds and then forgotten. ``use``/``release`` count users per (ref, key); the
-first ``use`` starts the landmark prefetch (and the background fill when enabled); for a layer
-without prioritized files it also fetches the image's entrypoint executable when the layer has
-it (the container's first read). Layers without
-users that have been idle for ``idle_drop_seconds`` are dropped from memory by :meth:`sweep`
-(their chunks stay in the disk cache).
+first ``use`` starts the layer's landmark prefetch (and its background fill when enabled) and
+hands the layer to the dependency prefetch (:mod:`layerstore.runtime.prefetch`: the image's
+entrypoint and its shared libraries). Layers without users that have been idle for
+``idle_drop_seconds`` are dropped from memory by :meth:`sweep` (their chunks stay in the disk
+cache).
 """
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import json
-import posixpath
-import stat
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Protocol, TypeVar, cast
+from typing import Callable, Protocol, cast
 
 import structlog
 
 from layerstore import digest as _digest
+from layerstore.common.negcache import NegativeCache
+from layerstore.common.redact import describe_error
+from layerstore.common.singleflight import SingleFlight
 from layerstore.errors import (
     AuthenticationError,
     BlockedRegistryError,
@@ -62,21 +63,14 @@ from layerstore.errors import (
 )
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
-from layerstore.estargz.toc import TOCIndex
-from layerstore.registry.client import PullSource, ResolvedImage
-from layerstore.registry.manifest import ImageManifest, parse_image_config, parse_manifest
+from layerstore.registry.client import ResolvedImage
+from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference, parse_reference
 from layerstore.runtime.cache import ChunkCache
-from layerstore.runtime.elfdeps import elf_dependencies
-from layerstore.runtime.fetcher import (
-    Activity,
-    ChunkFetcher,
-    ChunkLike,
-    DecodeFn,
-    FetcherSettings,
-    describe_error,
-)
+from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
+from layerstore.runtime.prefetch import DependencyPrefetcher, DependencyPrefetchSettings
+from layerstore.runtime.resolutions import ResolutionStore
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -84,45 +78,34 @@ log = structlog.get_logger(__name__)
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 MAX_TOC_BYTES = DEFAULT_MAX_TOC_SIZE
-
-K = TypeVar("K")
-V = TypeVar("V")
+NEGATIVE_CACHE_MAX = 4096
+"""Failed (ref, key) lookups remembered at once."""
 
 
 class ClientLike(Protocol):
     """What the manager needs of ``layerstore.registry.client.RegistryClient``."""
 
-    def resolve(self, ref: Reference, platform: Any = None) -> Any: ...
+    def resolve(self, ref: Reference, platform: str | None = None) -> ResolvedImage: ...
 
-    def blob_source(self, ref: Any, digest: str, size: int) -> RangeSource:
+    def blob_source(self, ref: ResolvedImage, digest: str, size: int) -> RangeSource:
         """*ref* is the ResolvedImage (so no extra HEAD request is needed)."""
         ...
 
 
-class ReaderLike(Protocol):
-    @property
-    def toc_digest(self) -> str: ...
-
-    @property
-    def index(self) -> Any: ...
-
-
-OpenTOC = Callable[[RangeSource, bytes, int, int, str], ReaderLike]
-"""(source, toc member bytes, toc offset, footer size, expected TOC digest) -> verified reader."""
+OpenTOC = Callable[[RangeSource, bytes, int, int, str], EStargzReader]
+"""(source, toc member bytes, toc offset, footer size, expected TOC digest) -> verified reader.
+Replaceable for fault injection (a reader that skips its own digest check: the manager checks
+again)."""
 
 
 def _default_open_toc(
     source: RangeSource, member: bytes, toc_offset: int, footer_size: int, expected: str
-) -> ReaderLike:
-    reader: ReaderLike = EStargzReader.from_toc_bytes(
-        source, member, toc_offset, footer_size, expected
-    )
-    return reader
+) -> EStargzReader:
+    return EStargzReader.from_toc_bytes(source, member, toc_offset, footer_size, expected)
 
 
-def _default_decode() -> DecodeFn:
-    # The fetcher only hands decode the index's own Chunk objects.
-    return cast(DecodeFn, decode_chunk)
+# The fetcher only hands decode the index's own Chunk objects.
+_DECODE = cast(DecodeFn, decode_chunk)
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,86 +133,6 @@ def _registry_unreachable(e: RegistryError) -> bool:
     return isinstance(e, RegistryUnavailableError) or (e.status or 0) >= 500
 
 
-def all_chunks(index: Any) -> list[ChunkLike]:
-    """Every chunk of every regular file in the index."""
-    for name in ("all_chunks", "iter_chunks"):
-        fn = getattr(index, name, None)
-        if callable(fn):
-            return list(fn())
-    out: list[ChunkLike] = []
-    for ino in index.file_inodes():
-        out.extend(index.chunks(ino))
-    return out
-
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def entrypoint_candidates(config_raw: Any) -> list[str]:
-    """Absolute paths the image's default command may run (``Entrypoint[0]``, else
-    ``Cmd[0]``, looked up in its ``PATH``); empty when the config names none."""
-    cfg = config_raw.get("config") if isinstance(config_raw, dict) else None
-    if not isinstance(cfg, dict):
-        return []
-    argv = cfg.get("Entrypoint") or cfg.get("Cmd") or []
-    if not isinstance(argv, list) or not argv or not isinstance(argv[0], str) or not argv[0]:
-        return []
-    prog = argv[0]
-    if "/" in prog:
-        return [posixpath.normpath(posixpath.join("/", cfg.get("WorkingDir") or "/", prog))]
-    path = DEFAULT_PATH
-    env = cfg.get("Env")
-    if isinstance(env, list):
-        for item in env:
-            if isinstance(item, str) and item.startswith("PATH="):
-                path = item[5:]
-    return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
-
-
-def resolve_regular_file(index: Any, path: str, hops: int = 8) -> int | None:
-    """The inode of the regular file *path* names in this layer's view, following symlinks
-    (of the last component) inside the layer; None when it is not there."""
-    for _ in range(hops):
-        ino = index.find(path.lstrip("/"))
-        if ino is None:
-            return None
-        mode = index.getattr(ino).mode
-        if stat.S_ISREG(mode):
-            return int(ino)
-        if not stat.S_ISLNK(mode):
-            return None
-        target = index.readlink(ino)
-        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return None
-
-
-LIBRARY_DIRS = (
-    "lib/x86_64-linux-gnu",
-    "usr/lib/x86_64-linux-gnu",
-    "lib/aarch64-linux-gnu",
-    "usr/lib/aarch64-linux-gnu",
-    "lib64",
-    "usr/lib64",
-    "lib",
-    "usr/lib",
-    "usr/local/lib",
-)
-
-
-def resolve_library(index: Any, name: str) -> int | None:
-    """The inode of the shared library *name* (a ``DT_NEEDED`` entry, or an absolute path such
-    as the loader) in this layer's view: the first of :data:`LIBRARY_DIRS` that has it."""
-    if not name or "\0" in name:
-        return None
-    if "/" in name:
-        return resolve_regular_file(index, posixpath.normpath(posixpath.join("/", name)))
-    for d in LIBRARY_DIRS:
-        ino = resolve_regular_file(index, f"{d}/{name}")
-        if ino is not None:
-            return ino
-    return None
-
-
 @dataclass(frozen=True)
 class ManagerSettings:
     resolve_ttl: float = 60.0
@@ -246,49 +149,17 @@ class ManagerSettings:
     max_toc_bytes: int = MAX_TOC_BYTES
     """Cap on the TOC JSON (containers/storage: 150 MiB); the compressed region is checked too."""
     idle_drop_seconds: float = 600.0
-    background_concurrency: int = 2
+    background_fill_concurrency: int = 2
     """Background-fill range requests in flight across all layers."""
-    entrypoint_prefetch_bytes: int = 32 * 1024 * 1024
-    """When a layer without prioritized files (no prefetch landmark) is first used, the image's
-    entrypoint executable, if this layer has it and it is at most this large (compressed), is
-    fetched at once: it is the first file the container reads, and the pull and the container
-    set-up leave the link idle for a few hundred ms. 0 disables."""
-    library_prefetch_files: int = 64
-    library_prefetch_bytes: int = 64 * 1024 * 1024
-    """After the entrypoint prefetch, the loader and the shared libraries it names (ELF
-    ``PT_INTERP`` / ``DT_NEEDED``, recursively) that this layer has are fetched too, up to this
-    many files and compressed bytes per layer, so the dynamic loader does not wait on the
-    network for each in turn. 0 disables."""
-    platform: Any = None
+    dependency_prefetch: DependencyPrefetchSettings = field(
+        default_factory=DependencyPrefetchSettings
+    )
+    """The image's entrypoint and its ELF loader and libraries, fetched on a layer's first use
+    (see :mod:`layerstore.runtime.prefetch`)."""
+    platform: str | None = None
+    """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
     layer: LayerSettings = field(default_factory=LayerSettings)
-
-
-class _SingleFlight(Generic[K, V]):
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls: dict[K, Future[V]] = {}
-
-    def do(self, key: K, fn: Callable[[], V]) -> V:
-        with self._lock:
-            fut = self._calls.get(key)
-            owner = fut is None
-            if fut is None:
-                fut = Future()
-                self._calls[key] = fut
-        if not owner:
-            return fut.result()
-        try:
-            value = fn()
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        else:
-            fut.set_result(value)
-            return value
-        finally:
-            with self._lock:
-                self._calls.pop(key, None)
 
 
 @dataclass
@@ -306,32 +177,33 @@ class LayerManager:
         cache: ChunkCache,
         settings: ManagerSettings | None = None,
         *,
+        resolutions: ResolutionStore | None = None,
         open_toc: OpenTOC | None = None,
-        decode: DecodeFn | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.settings = settings or ManagerSettings()
+        self.resolutions = resolutions
+        """Where the last good resolutions are kept (None: not kept)."""
         self._open_toc = open_toc or _default_open_toc
-        self._decode = decode
+        # Guards _resolved, _by_ref_key, _by_digest, tail_requests. A leaf: nothing else is
+        # locked or awaited while it is held.
         self._lock = threading.Lock()
-        self._resolved: dict[str, tuple[float, Any]] = {}
-        self._negative: dict[tuple[str, str], tuple[float, LayerStoreError]] = {}
+        self._resolved: dict[str, tuple[float, ResolvedImage]] = {}  # ref -> (expiry, image)
+        self._negative: NegativeCache[tuple[str, str], LayerStoreError] = NegativeCache(
+            NEGATIVE_CACHE_MAX
+        )
         self._by_ref_key: dict[tuple[str, str], _Entry] = {}
         self._by_digest: dict[str, Layer] = {}
-        self._sf_resolve: _SingleFlight[str, Any] = _SingleFlight()
-        self._sf_get: _SingleFlight[tuple[str, str], Layer] = _SingleFlight()
-        self._sf_layer: _SingleFlight[str, Layer] = _SingleFlight()
-        self._bg_slots = threading.Semaphore(max(1, self.settings.background_concurrency))
+        self._sf_resolve: SingleFlight[str, ResolvedImage] = SingleFlight()
+        self._sf_get: SingleFlight[tuple[str, str], Layer] = SingleFlight()
+        self._sf_layer: SingleFlight[str, Layer] = SingleFlight()
+        self._fill_slots = threading.Semaphore(max(1, self.settings.background_fill_concurrency))
         self._request_slots = threading.Semaphore(
             max(1, self.settings.fetcher.max_concurrent_requests)
         )
         self._activity = Activity()  # foreground work of every layer holds back every fill
-        self._stored: dict[str, str] = {}  # ref -> manifest digest written to disk
-        self._entrypoints: set[str] = set()  # layers whose entrypoint prefetch was considered
-        self._wanted_libs: dict[str, set[str]] = {}  # ref -> library names not found yet
-        self._lib_queued: dict[str, set[int]] = {}  # layer digest -> inodes queued
-        self._lib_spent: dict[str, list[int]] = {}  # layer digest -> [files, bytes] queued
+        self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -348,19 +220,13 @@ class LayerManager:
             if entry is not None:
                 entry.layer.last_used = time.monotonic()
                 return entry.layer
-            neg = self._negative.get(rk)
-            if neg is not None:
-                if neg[0] > time.monotonic():
-                    raise neg[1].with_traceback(None)
-                del self._negative[rk]
+        failed = self._negative.get(rk)
+        if failed is not None:
+            raise failed.with_traceback(None)
         try:
             return self._sf_get.do(rk, lambda: self._get(ref, key))
         except LayerStoreError as e:
-            with self._lock:
-                if len(self._negative) > 4096:
-                    now = time.monotonic()
-                    self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
-                self._negative[rk] = (time.monotonic() + self.settings.negative_ttl, e)
+            self._negative.put(rk, e, self.settings.negative_ttl)
             raise
 
     def scheme(self, ref: str, key: str) -> str:
@@ -405,23 +271,24 @@ class LayerManager:
             self._by_ref_key.setdefault((ref, key), _Entry(layer))
         return layer
 
-    def _resolve(self, ref: str, reference: Reference) -> Any:
+    def _resolve(self, ref: str, reference: Reference) -> ResolvedImage:
         now = time.monotonic()
         with self._lock:
             hit = self._resolved.get(ref)
             if hit is not None and hit[0] > now:
                 return hit[1]
 
-        def do() -> Any:
+        def do() -> ResolvedImage:
             ttl = self.settings.resolve_ttl
             try:
                 image = self.client.resolve(reference, self.settings.platform)
             except RegistryError as e:
-                if not _registry_unreachable(e):
+                if not _registry_unreachable(e) or self.resolutions is None:
                     raise
-                image = self._stored_resolution(ref, reference)
-                if image is None:
+                stored = self.resolutions.load(ref, reference)
+                if stored is None:
                     raise
+                image = stored
                 log.warning(
                     "resolution_from_disk",
                     ref=ref,
@@ -430,7 +297,8 @@ class LayerManager:
                 )
                 ttl = min(ttl, self.settings.negative_ttl)  # try the registry again soon
             else:
-                self._store_resolution(ref, image)
+                if self.resolutions is not None:
+                    self.resolutions.save(ref, image)
             with self._lock:
                 self._resolved[ref] = (time.monotonic() + ttl, image)
                 if len(self._resolved) > 1024:
@@ -440,71 +308,21 @@ class LayerManager:
 
         return self._sf_resolve.do(ref, do)
 
-    # --- resolutions on disk ---------------------------------------------------------------
-    # The last good resolution of each reference is kept beside the TOCs, so that after a
-    # restart layers already in use keep being served from the cache while the registry is
-    # unreachable. Manifest and config are re-verified against their digests when loaded.
-    @staticmethod
-    def _resolution_name(ref: str) -> str:
-        return "resolved-" + hashlib.sha256(ref.encode()).hexdigest()
-
-    def _store_resolution(self, ref: str, image: Any) -> None:
-        if not isinstance(image, ResolvedImage):
-            return
+    def resolution(self, ref: str) -> ResolvedImage | None:
+        """The last resolution of *ref* in memory, expired or not (for the dependency
+        prefetch, which must not wait on the registry)."""
         with self._lock:
-            if self._stored.get(ref) == image.manifest_digest:
-                return
-            self._stored[ref] = image.manifest_digest
-        record = {
-            "ref": ref,
-            "location": image.source.location,
-            "insecure": image.source.insecure,
-            "mirror": image.source.mirror,
-            "manifest_digest": image.manifest_digest,
-            "media_type": image.media_type,
-            "manifest": base64.b64encode(image.raw_manifest).decode(),
-            "config": base64.b64encode(image.raw_config).decode(),
-        }
-        self.cache.put_toc(self._resolution_name(ref), json.dumps(record).encode())
-
-    def _stored_resolution(self, ref: str, reference: Reference) -> ResolvedImage | None:
-        name = self._resolution_name(ref)
-        data = self.cache.get_toc(name)
-        if data is None:
-            return None
-        try:
-            record = json.loads(data)
-            if record["ref"] != ref:
-                return None
-            raw_manifest = base64.b64decode(record["manifest"], validate=True)
-            raw_config = base64.b64decode(record["config"], validate=True)
-            if _digest.sha256_digest(raw_manifest) != record["manifest_digest"]:
-                raise ManifestError("stored manifest does not match its digest")
-            manifest = parse_manifest(raw_manifest, record["media_type"])
-            if not isinstance(manifest, ImageManifest):
-                raise ManifestError("stored manifest is an index")
-            if _digest.sha256_digest(raw_config) != manifest.config.digest:
-                raise ManifestError("stored config does not match its digest")
-            return ResolvedImage(
-                reference=reference,
-                source=PullSource(
-                    str(record["location"]), bool(record["insecure"]), bool(record["mirror"])
-                ),
-                manifest_digest=str(record["manifest_digest"]),
-                manifest=manifest,
-                config=parse_image_config(raw_config),
-                raw_manifest=raw_manifest,
-                media_type=str(record["media_type"]),
-                raw_config=raw_config,
-            )
-        except (ValueError, KeyError, TypeError, LayerStoreError) as e:
-            log.warning("stored_resolution_discarded", ref=ref, error=describe_error(e))
-            self.cache.remove_toc(name)
-            return None
+            hit = self._resolved.get(ref)
+        return None if hit is None else hit[1]
 
     # --- building a layer -----------------------------------------------------------------
     def _layer(
-        self, reference: Reference, image: Any, desc: Any, toc_digest: str, diff_id: str
+        self,
+        reference: Reference,
+        image: ResolvedImage,
+        desc: Descriptor,
+        toc_digest: str,
+        diff_id: str,
     ) -> Layer:
         with self._lock:
             existing = self._by_digest.get(desc.digest)
@@ -537,15 +355,14 @@ class LayerManager:
             raise TOCDigestMismatchError(
                 f"layer {desc.digest}: TOC digest {reader.toc_digest} is not {toc_digest}"
             )
-        index: TOCIndex = reader.index
-        decode = self._decode or _default_decode()
+        index = reader.index
         fetcher = ChunkFetcher(
             source,
             self.cache,
-            all_chunks(index),
-            decode,
+            list(index.all_chunks()),  # a list: the fetcher walks it on every miss
+            _DECODE,
             self.settings.fetcher,
-            background_slots=self._bg_slots,
+            fill_slots=self._fill_slots,
             request_slots=self._request_slots,
             activity=self._activity,
             name=desc.digest,
@@ -626,147 +443,8 @@ class LayerManager:
             users = entry.users
         log.info("layer_use", ref=ref, key=key, digest=layer.compressed_digest, users=users)
         layer.start()
-        self._prefetch_entrypoint(ref, layer)
-        with self._lock:
-            wanted = bool(self._wanted_libs.get(ref))
-        if wanted:  # libraries an entrypoint in another layer of this image needs
-            threading.Thread(
-                target=self._prefetch_names_quietly,
-                args=(ref, layer),
-                name="stargz-libraries",
-                daemon=True,
-            ).start()
+        self._dependencies.layer_used(ref, layer)
         return users
-
-    def _prefetch_names_quietly(self, ref: str, layer: Layer) -> None:
-        try:
-            self._prefetch_names(ref, layer, [])
-        except Exception as e:  # best effort: readers fetch what they need themselves
-            log.warning("library_prefetch_failed", ref=ref, error=describe_error(e))
-
-    def _prefetch_entrypoint(self, ref: str, layer: Layer) -> None:
-        limit = self.settings.entrypoint_prefetch_bytes
-        with self._lock:
-            if limit <= 0 or layer.compressed_digest in self._entrypoints:
-                return
-            self._entrypoints.add(layer.compressed_digest)
-            hit = self._resolved.get(ref)
-        try:
-            if hit is None or layer.index.prefetch_landmark_offset:
-                return
-            raw = getattr(getattr(hit[1], "config", None), "raw", None)
-            for path in entrypoint_candidates(raw):
-                ino = resolve_regular_file(layer.index, path)
-                if ino is not None:
-                    break
-            else:
-                return
-            chunks = list(layer.index.chunks(ino))
-        except (LookupError, ValueError, TypeError, AttributeError) as e:
-            log.warning("entrypoint_prefetch_skipped", ref=ref, error=describe_error(e))
-            return
-        size = sum(c.compressed_end - c.offset for c in chunks)
-        if not chunks or size > limit:
-            return
-
-        def run() -> None:
-            t0 = time.monotonic()
-            try:
-                data = layer.fetcher.get_chunks(chunks)
-            except Exception as e:  # readers see errors themselves
-                log.warning("entrypoint_prefetch_failed", path=path, error=describe_error(e))
-                return
-            log.info(
-                "entrypoint_prefetched",
-                digest=layer.compressed_digest,
-                path=path,
-                bytes=size,
-                seconds=round(time.monotonic() - t0, 3),
-            )
-            try:
-                self._prefetch_libraries(ref, layer, ino, data)
-            except Exception as e:  # best effort: readers fetch what they need themselves
-                log.warning("library_prefetch_failed", path=path, error=describe_error(e))
-
-        threading.Thread(target=run, name="stargz-entrypoint", daemon=True).start()
-
-    def _prefetch_libraries(self, ref: str, layer: Layer, ino: int, data: Sequence[bytes]) -> None:
-        """Fetch the loader and the shared libraries the ELF file *ino* (whose verified chunks
-        are *data*) needs, then theirs; names this layer lacks are looked up in the image's
-        other layers in use (and in those used later)."""
-        with self._lock:
-            self._lib_queued.setdefault(layer.compressed_digest, set()).add(ino)
-        interp, needed = elf_dependencies(b"".join(data))
-        names = ([interp] if interp else []) + needed
-        self._prefetch_names(ref, layer, names)
-        with self._lock:
-            others = [
-                e.layer
-                for (r, _), e in self._by_ref_key.items()
-                if r == ref and e.users > 0 and e.layer is not layer
-            ]
-        for other in dict.fromkeys(others):  # in parallel: one thread per layer
-            threading.Thread(
-                target=self._prefetch_names_quietly,
-                args=(ref, other),
-                name="stargz-libraries",
-                daemon=True,
-            ).start()
-
-    def _prefetch_names(self, ref: str, layer: Layer, names: list[str]) -> None:
-        """Fetch the libraries *names* (and those this ref still wants) that *layer* has, a
-        level at a time (each level's files in one go), then the ones they name."""
-        max_files = self.settings.library_prefetch_files
-        if max_files <= 0 or self.settings.library_prefetch_bytes <= 0:
-            return
-        t0 = time.monotonic()
-        digest = layer.compressed_digest
-        files = fetched = 0
-        while True:
-            todo: list[tuple[int, list[ChunkLike]]] = []
-            with self._lock:
-                wanted = self._wanted_libs.setdefault(ref, set())
-                wanted.update(names)
-                names = sorted(wanted)
-                queued = self._lib_queued.setdefault(digest, set())
-                spent = self._lib_spent.setdefault(digest, [0, 0])
-            for name in names:
-                if spent[0] >= max_files:
-                    break
-                lib = resolve_library(layer.index, name)
-                if lib is None:
-                    continue
-                with self._lock:
-                    wanted.discard(name)
-                    if lib in queued:
-                        continue
-                    queued.add(lib)
-                cs: list[ChunkLike] = list(layer.index.chunks(lib))
-                n = sum(c.compressed_end - c.offset for c in cs)
-                if not cs or spent[1] + n > self.settings.library_prefetch_bytes:
-                    continue
-                spent[0] += 1
-                spent[1] += n
-                files += 1
-                fetched += n
-                todo.append((lib, cs))
-            if not todo:
-                break
-            got = layer.fetcher.get_chunks([c for _, cs in todo for c in cs])
-            names = []
-            i = 0
-            for _, cs in todo:
-                interp, needed = elf_dependencies(b"".join(got[i : i + len(cs)]))
-                names += ([interp] if interp else []) + needed
-                i += len(cs)
-        if files:
-            log.info(
-                "libraries_prefetched",
-                digest=digest,
-                files=files,
-                bytes=fetched,
-                seconds=round(time.monotonic() - t0, 3),
-            )
 
     def release(self, ref: str, key: str) -> int:
         with self._lock:
@@ -779,6 +457,11 @@ class LayerManager:
                 users = entry.users
         log.info("layer_release", ref=ref, key=key, users=users)
         return users
+
+    def layers_in_use(self, ref: str) -> list[Layer]:
+        """The layers of *ref* that have users (one per (ref, key) in use)."""
+        with self._lock:
+            return [e.layer for (r, _), e in self._by_ref_key.items() if r == ref and e.users > 0]
 
     def users(self, ref: str, key: str) -> int:
         with self._lock:

@@ -1,0 +1,297 @@
+"""Dependency prefetch: the image's entrypoint executable, then the ELF loader and shared
+libraries it needs, fetched when a layer is first used.
+
+Why: a container's first reads are its entrypoint, then (for a dynamic executable) the loader
+and the libraries the loader maps one after the other, each a round trip on a cold layer. The
+pull and the container set-up leave the link idle for a few hundred ms before that; fetching
+these files in that window removes those round trips from the container's start.
+
+What, in order:
+
+1. when a layer without prioritized files (no ``.prefetch.landmark``: a landmark prefetch is
+   the image's own, better, list) is first used, the image's entrypoint (``Entrypoint[0]``,
+   else ``Cmd[0]``, looked up in the config's ``PATH``) if this layer has it and it is at most
+   ``entrypoint_bytes`` compressed;
+2. then its ``PT_INTERP`` and ``DT_NEEDED`` names (:mod:`layerstore.runtime.elfdeps`), looked
+   up in :data:`LIBRARY_DIRS` of this layer, a level at a time (each level in one
+   ``get_chunks`` call), recursively, up to ``library_files`` files and ``library_bytes``
+   compressed bytes per layer;
+3. names this layer lacks stay *wanted* for the reference: the image's other layers in use
+   are searched at once, and layers used later when they are first used.
+
+Everything here is best effort and runs on its own threads: a failure is logged and the
+container's own reads fetch what they need. The other mechanisms that fetch ahead of readers
+have their own names (see ``docs/CONCURRENCY.md``): *landmark prefetch* (the prioritized
+region, :meth:`~layerstore.runtime.fetcher.ChunkFetcher.landmark_prefetch`), *read-ahead* /
+*read-behind* / *continuation* (neighbours of a miss, in the fetcher), *sequential read-ahead*
+(:class:`~layerstore.runtime.layer.Layer`) and the *background fill* (the whole blob).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from layerstore.common.redact import describe_error
+from layerstore.estargz.toc import Chunk, TOCIndex
+from layerstore.registry.client import ResolvedImage
+from layerstore.runtime.elfdeps import elf_dependencies
+from layerstore.runtime.layer import Layer
+
+log = structlog.get_logger(__name__)
+
+MiB = 1024 * 1024
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+LIBRARY_DIRS = (
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "usr/lib64",
+    "lib",
+    "usr/lib",
+    "usr/local/lib",
+)
+
+
+def entrypoint_candidates(config_raw: Mapping[str, Any] | None) -> list[str]:
+    """Absolute paths the image's default command may run (``Entrypoint[0]``, else
+    ``Cmd[0]``, looked up in its ``PATH``); empty when the config names none."""
+    cfg = config_raw.get("config") if isinstance(config_raw, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        return []
+    argv = cfg.get("Entrypoint") or cfg.get("Cmd") or []
+    if not isinstance(argv, list) or not argv or not isinstance(argv[0], str) or not argv[0]:
+        return []
+    prog = argv[0]
+    if "/" in prog:
+        return [posixpath.normpath(posixpath.join("/", cfg.get("WorkingDir") or "/", prog))]
+    path = DEFAULT_PATH
+    env = cfg.get("Env")
+    if isinstance(env, list):
+        for item in env:
+            if isinstance(item, str) and item.startswith("PATH="):
+                path = item[5:]
+    return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
+
+
+def resolve_regular_file(index: TOCIndex, path: str, hops: int = 8) -> int | None:
+    """The inode of the regular file *path* names in this layer's view, following symlinks
+    (of the last component) inside the layer; None when it is not there."""
+    for _ in range(hops):
+        ino = index.find(path.lstrip("/"))
+        if ino is None:
+            return None
+        mode = index.getattr(ino).mode
+        if stat.S_ISREG(mode):
+            return ino
+        if not stat.S_ISLNK(mode):
+            return None
+        target = index.readlink(ino)
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return None
+
+
+def resolve_library(index: TOCIndex, name: str) -> int | None:
+    """The inode of the shared library *name* (a ``DT_NEEDED`` entry, or an absolute path such
+    as the loader) in this layer's view: the first of :data:`LIBRARY_DIRS` that has it."""
+    if not name or "\0" in name:
+        return None
+    if "/" in name:
+        return resolve_regular_file(index, posixpath.normpath(posixpath.join("/", name)))
+    for d in LIBRARY_DIRS:
+        ino = resolve_regular_file(index, f"{d}/{name}")
+        if ino is not None:
+            return ino
+    return None
+
+
+def _compressed_bytes(chunks: Sequence[Chunk]) -> int:
+    return sum(c.compressed_end - c.offset for c in chunks)
+
+
+@dataclass(frozen=True)
+class DependencyPrefetchSettings:
+    entrypoint_bytes: int = 32 * MiB
+    """The entrypoint is fetched only when it is at most this large (compressed); 0 disables
+    the dependency prefetch altogether."""
+    library_files: int = 64
+    library_bytes: int = 64 * MiB
+    """Per layer, at most this many loader and library files and compressed bytes are fetched
+    after the entrypoint; 0 (either) fetches the entrypoint only."""
+
+
+class ImageLayers(Protocol):
+    """What the dependency prefetch needs of the
+    :class:`~layerstore.runtime.manager.LayerManager`."""
+
+    def resolution(self, ref: str) -> ResolvedImage | None:
+        """The last resolution of *ref* in memory (expired or not), if any."""
+        ...
+
+    def layers_in_use(self, ref: str) -> list[Layer]:
+        """The layers of *ref* with at least one user."""
+        ...
+
+
+class DependencyPrefetcher:
+    """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
+
+    def __init__(self, images: ImageLayers, settings: DependencyPrefetchSettings) -> None:
+        self._images = images
+        self.settings = settings
+        # Guards the four maps below; never held while calling the manager or a fetcher.
+        self._lock = threading.Lock()
+        self._considered: set[str] = set()  # layer digests whose entrypoint was considered
+        self._wanted: dict[str, set[str]] = {}  # ref -> library names not found yet
+        self._queued: dict[str, set[int]] = {}  # layer digest -> inodes queued
+        self._spent: dict[str, list[int]] = {}  # layer digest -> [files, bytes] queued
+
+    def layer_used(self, ref: str, layer: Layer) -> None:
+        """A user of *layer* (of image *ref*) arrived. Never blocks on the network: the
+        fetches run on threads of their own."""
+        self._entrypoint(ref, layer)
+        with self._lock:
+            wanted = bool(self._wanted.get(ref))
+        if wanted:  # libraries an entrypoint in another layer of this image needs
+            self._spawn_libraries(ref, layer)
+
+    # --- the entrypoint ---------------------------------------------------------------------
+    def _entrypoint(self, ref: str, layer: Layer) -> None:
+        limit = self.settings.entrypoint_bytes
+        with self._lock:
+            if limit <= 0 or layer.compressed_digest in self._considered:
+                return
+            self._considered.add(layer.compressed_digest)
+        image = self._images.resolution(ref)
+        try:
+            if image is None or layer.index.prefetch_landmark_offset:
+                return
+            for path in entrypoint_candidates(image.config.raw):
+                ino = resolve_regular_file(layer.index, path)
+                if ino is not None:
+                    break
+            else:
+                return
+            chunks = list(layer.index.chunks(ino))
+        except (LookupError, ValueError, TypeError) as e:  # a config or TOC of odd shape
+            log.warning("dependency_prefetch_skipped", ref=ref, error=describe_error(e))
+            return
+        size = _compressed_bytes(chunks)
+        if not chunks or size > limit:
+            return
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                data = layer.fetcher.get_chunks(chunks)
+            except Exception as e:  # readers see errors themselves
+                log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
+                return
+            log.info(
+                "dependency_prefetched",
+                what="entrypoint",
+                digest=layer.compressed_digest,
+                path=path,
+                bytes=size,
+                seconds=round(time.monotonic() - t0, 3),
+            )
+            try:
+                self._after_entrypoint(ref, layer, ino, data)
+            except Exception as e:  # best effort: readers fetch what they need themselves
+                log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
+
+        threading.Thread(target=run, name="stargz-dependency-prefetch", daemon=True).start()
+
+    def _after_entrypoint(self, ref: str, layer: Layer, ino: int, data: Sequence[bytes]) -> None:
+        """Fetch the loader and the shared libraries the ELF file *ino* (whose verified chunks
+        are *data*) needs, then theirs; names this layer lacks are looked up in the image's
+        other layers in use (and in those used later)."""
+        with self._lock:
+            self._queued.setdefault(layer.compressed_digest, set()).add(ino)
+        interp, needed = elf_dependencies(b"".join(data))
+        self._libraries(ref, layer, ([interp] if interp else []) + needed)
+        others = [other for other in self._images.layers_in_use(ref) if other is not layer]
+        for other in dict.fromkeys(others):  # in parallel: one thread per layer
+            self._spawn_libraries(ref, other)
+
+    # --- the libraries ----------------------------------------------------------------------
+    def _spawn_libraries(self, ref: str, layer: Layer) -> None:
+        threading.Thread(
+            target=self._libraries_quietly,
+            args=(ref, layer),
+            name="stargz-dependency-prefetch",
+            daemon=True,
+        ).start()
+
+    def _libraries_quietly(self, ref: str, layer: Layer) -> None:
+        try:
+            self._libraries(ref, layer, [])
+        except Exception as e:  # best effort: readers fetch what they need themselves
+            log.warning("dependency_prefetch_failed", ref=ref, error=describe_error(e))
+
+    def _libraries(self, ref: str, layer: Layer, names: list[str]) -> None:
+        """Fetch the libraries *names* (and those this ref still wants) that *layer* has, a
+        level at a time (each level's files in one go), then the ones they name."""
+        max_files, max_bytes = self.settings.library_files, self.settings.library_bytes
+        if max_files <= 0 or max_bytes <= 0:
+            return
+        t0 = time.monotonic()
+        digest = layer.compressed_digest
+        files = fetched = 0
+        while True:
+            todo: list[Sequence[Chunk]] = []
+            with self._lock:
+                wanted = self._wanted.setdefault(ref, set())
+                wanted.update(names)
+                names = sorted(wanted)
+                queued = self._queued.setdefault(digest, set())
+                spent = self._spent.setdefault(digest, [0, 0])
+            for name in names:
+                if spent[0] >= max_files:
+                    break
+                lib = resolve_library(layer.index, name)
+                if lib is None:
+                    continue
+                cs = layer.index.chunks(lib)
+                n = _compressed_bytes(cs)
+                with self._lock:
+                    wanted.discard(name)
+                    if lib in queued:
+                        continue
+                    queued.add(lib)
+                    if not cs or spent[1] + n > max_bytes:
+                        continue
+                    spent[0] += 1
+                    spent[1] += n
+                files += 1
+                fetched += n
+                todo.append(cs)
+            if not todo:
+                break
+            got = layer.fetcher.get_chunks([c for cs in todo for c in cs])
+            names = []
+            i = 0
+            for cs in todo:
+                interp, needed = elf_dependencies(b"".join(got[i : i + len(cs)]))
+                names += ([interp] if interp else []) + needed
+                i += len(cs)
+        if files:
+            log.info(
+                "dependency_prefetched",
+                what="libraries",
+                digest=digest,
+                files=files,
+                bytes=fetched,
+                seconds=round(time.monotonic() - t0, 3),
+            )
