@@ -23,14 +23,13 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import (
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
     LayerManager,
     ManagerSettings,
     entrypoint_candidates,

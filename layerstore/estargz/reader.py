@@ -25,9 +25,10 @@ from layerstore.errors import (
     NotEStargzError,
     TOCDigestMismatchError,
 )
-from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
+from layerstore.estargz.constants import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, TOC_TAR_NAME
+from layerstore.estargz.footer import parse_footer
 from layerstore.estargz.tarfmt import parse_pax_records
-from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
+from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, Chunk, TOCIndex
 from layerstore.source import RangeSource
 
 DEFAULT_MAX_TOC_SIZE = 150 * 2**20

@@ -40,6 +40,13 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol, Union
 
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
+from layerstore.estargz.constants import (
+    LANDMARK_CONTENT,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    RESERVED_ROOT_NAMES,
+    TOC_TAR_NAME,
+)
 from layerstore.estargz.footer import build_footer
 from layerstore.estargz.tarfmt import parse_pax_records
 
@@ -58,11 +65,6 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MAX_TOC_SIZE = 150 << 20  # containers/storage's limit, and our reader's
-TOC_TAR_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-LANDMARK_CONTENTS = b"\x0f"
-_RESERVED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -724,14 +726,14 @@ class _Writer:
     def add_landmark(self, name: str) -> None:
         self._boundary()
         b = self.b
-        b.cur += _ustar_header(name, len(LANDMARK_CONTENTS))
+        b.cur += _ustar_header(name, len(LANDMARK_CONTENT))
         b.cut()
-        digest = _sha256(LANDMARK_CONTENTS)
+        digest = _sha256(LANDMARK_CONTENT)
         r = _TocRecord({"name": name, "type": "reg", "size": 1, "digest": digest})
         r.d["chunkDigest"] = digest
         r.segment = b.segment
         self.records.append(r)
-        b.cur += LANDMARK_CONTENTS + bytes(_pad(1))
+        b.cur += LANDMARK_CONTENT + bytes(_pad(1))
 
     def add(self, e: _TarEntry, read: Callable[[int], bytes]) -> None:
         """Append entry *e*; *read(n)* returns the next n payload bytes of it."""
@@ -876,7 +878,7 @@ def _write(
                 e = parser.next()
                 if e is None:
                     break
-                if e.name in _RESERVED_NAMES:
+                if e.name in RESERVED_ROOT_NAMES:
                     stream.skip(e.size + _pad(e.size))
                     continue
                 w.add(e, stream.read_exact)
@@ -966,7 +968,7 @@ def _write_reordered(
             skip = e.size + _pad(e.size)
             stream.pos += skip
             pr.pos += skip
-            if e.name not in _RESERVED_NAMES:
+            if e.name not in RESERVED_ROOT_NAMES:
                 entries.append(e)
         if spool is None:
             counting.count = stream.pos

@@ -31,6 +31,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from layerstore.digest import validate
 from layerstore.errors import ManifestError, VerificationError
+from layerstore.estargz.constants import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
+)
 from layerstore.estargz.writer import WriteResult, WriterOptions, write_estargz
 from layerstore.image.ocilayout import OCILayout
 from layerstore.registry import manifest as mf
@@ -73,7 +78,7 @@ _FOREIGN = frozenset(
 # annotations describing the old encoding of a layer, wrong after conversion
 _STALE_ANNOTATIONS = (
     "containerd.io/uncompressed",
-    mf.ANNOTATION_ZSTD_CHUNKED_MANIFEST_CHECKSUM,
+    ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
     "io.github.containers.zstd-chunked.manifest-position",
     "io.github.containers.zstd-chunked.tarsplit-position",
 )
@@ -599,7 +604,7 @@ class _Converter:
         if (
             self.opts.keep_estargz
             and isinstance(annotations, dict)
-            and mf.ANNOTATION_TOC_DIGEST in annotations
+            and TOC_DIGEST_ANNOTATION in annotations
             and lmt in (mf.OCI_LAYER_GZIP, mf.DOCKER_LAYER_GZIP)
         ):
             if not self.dst.has_blob(digest):
@@ -621,8 +626,8 @@ class _Converter:
         ann = dict(annotations) if isinstance(annotations, dict) else {}
         for k in _STALE_ANNOTATIONS:
             ann.pop(k, None)
-        ann[mf.ANNOTATION_TOC_DIGEST] = res.toc_digest
-        ann[mf.ANNOTATION_UNCOMPRESSED_SIZE] = str(res.uncompressed_size)
+        ann[TOC_DIGEST_ANNOTATION] = res.toc_digest
+        ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(res.uncompressed_size)
         nd["annotations"] = ann
         self._done[digest] = (nd, res.diff_id)
         self._report(
@@ -659,7 +664,7 @@ class _Converter:
             digest=str(nd.get("digest")),
             size=int(nd.get("size", 0)),
             action=action,
-            toc_digest=ann.get(mf.ANNOTATION_TOC_DIGEST) if isinstance(ann, dict) else None,
+            toc_digest=ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None,
             diff_id=diff_id,
             seconds=seconds,
         )
