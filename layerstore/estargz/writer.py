@@ -48,7 +48,12 @@ from layerstore.estargz.constants import (
     TOC_TAR_NAME,
 )
 from layerstore.estargz.footer import build_footer
-from layerstore.estargz.tarfmt import parse_pax_records
+from layerstore.estargz.tarfmt import (
+    header_checksum_ok,
+    parse_number,
+    parse_pax_int,
+    parse_pax_records,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -309,23 +314,8 @@ class _Stream:
 # --- tar parsing -------------------------------------------------------------------------------
 
 
-def _num(field_: bytes, what: str) -> int:
-    if field_ and field_[0] & 0x80:  # base-256 (GNU)
-        if field_[0] == 0xFF:
-            return int.from_bytes(field_, "big", signed=True)
-        return int.from_bytes(bytes([field_[0] & 0x7F]) + field_[1:], "big")
-    s = field_.split(b"\0", 1)[0].strip(b" ")
-    if not s:
-        return 0
-    try:
-        return int(s, 8)
-    except ValueError:
-        raise TarFormatError(f"bad octal number in tar header field {what}: {s!r}") from None
-
-
-def _signed_checksum(blk: bytes) -> int:
-    """The historical checksum over signed chars (some old tars wrote that)."""
-    return sum(b - 256 if b & 0x80 else b for b in blk[:148] + blk[156:]) + 256
+def _num(field_: bytes, what: str, *, signed: bool = False) -> int:
+    return parse_number(field_, what, signed=signed, error=TarFormatError)
 
 
 def _cstr(field_: bytes) -> bytes:
@@ -345,10 +335,7 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
 
 
 def _pax_int(v: bytes, what: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise TarFormatError(f"bad PAX {what}: {v!r}") from None
+    return parse_pax_int(v, what, error=TarFormatError)
 
 
 def _pax_time(v: bytes) -> int:
@@ -441,9 +428,7 @@ class _TarParser:
                     raise TarFormatError("tar extension header not followed by an entry")
                 self.done = True
                 return None
-            stored = _num(blk[148:156], "chksum")
-            unsigned = sum(blk[:148]) + 256 + sum(blk[156:])
-            if stored != unsigned and stored != _signed_checksum(blk):
+            if not header_checksum_ok(blk, error=TarFormatError):
                 raise TarFormatError(f"bad tar header checksum at byte {self._s.pos - _BLOCK}")
             tflag = blk[156:157]
             size = _num(blk[124:136], "size")
@@ -497,14 +482,15 @@ class _TarParser:
         if tflag == b"\0" and raw_name.endswith("/"):
             e.type = "dir"
         e.size = _pax_int(rec["size"], "size") if "size" in rec else size
-        if e.size < 0:
-            raise TarFormatError(f"negative size in tar header of {raw_name!r}")
         e.mode = _num(blk[100:108], "mode") & 0o7777
         e.uid = _pax_int(rec["uid"], "uid") if "uid" in rec else _num(blk[108:116], "uid")
         e.gid = _pax_int(rec["gid"], "gid") if "gid" in rec else _num(blk[116:124], "gid")
         e.uname = _utf8(rec["uname"] if "uname" in rec else _cstr(blk[265:297]), "user name")
         e.gname = _utf8(rec["gname"] if "gname" in rec else _cstr(blk[297:329]), "group name")
-        e.mtime = _pax_time(rec["mtime"]) if "mtime" in rec else _num(blk[136:148], "mtime")
+        if "mtime" in rec:
+            e.mtime = _pax_time(rec["mtime"])
+        else:  # before 1970 in base-256
+            e.mtime = _num(blk[136:148], "mtime", signed=True)
         if e.type in ("char", "block"):
             e.devmajor = _num(blk[329:337], "devmajor")
             e.devminor = _num(blk[337:345], "devminor")
