@@ -346,6 +346,11 @@ def test_long_names_limits() -> None:
         {"name": "x", "type": "reg", "size": 4, "offset": TOC_OFFSET, "chunkDigest": dg("x")},
         {"name": "x", "type": "reg", "size": 4, "offset": -1, "chunkDigest": dg("x")},
         {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha256:" + "g" * 64},
+        # layerstore.digest's grammar: lowercase hex only (bytes.fromhex alone took uppercase)
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha256:" + "AB" * 32},
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "SHA256:" + "a" * 64},
+        {"name": "x", "type": "reg", "digest": "sha256:" + "A" * 64},
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha512:" + "a" * 128},
         {
             "name": "x",
             "type": "reg",

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from layerstore.common.timefmt import parse_rfc3339_ns
+from layerstore.digest import SHA256_DIGEST
 from layerstore.errors import LimitExceededError, TOCError
 from layerstore.estargz.constants import (
     NO_PREFETCH_LANDMARK,
@@ -72,6 +73,7 @@ _U32 = (1 << 32) - 1
 _BAD_COMPONENT = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
 _WS = re.compile(r"[ \t\n\r]*")
 _WS_CHARS = " \t\n\r"
+_is_digest = SHA256_DIGEST.fullmatch
 
 
 def _describe(e: dict[str, Any]) -> str:
@@ -108,13 +110,9 @@ def clean_name(name: str) -> str:
 
 
 def _digest_bytes(v: object, what: str, e: dict[str, Any]) -> bytes:
-    if type(v) is str and len(v) == 71 and v.startswith("sha256:"):
-        try:
-            b = bytes.fromhex(v[7:])
-        except ValueError:
-            b = b""
-        if len(b) == 32:
-            return b
+    """The 32 raw bytes of a digest in layerstore.digest's grammar (lowercase sha256)."""
+    if type(v) is str and _is_digest(v) is not None:
+        return bytes.fromhex(v[7:])
     raise TOCError(f"TOC entry {_describe(e)}: {what} {str(v)[:80]!r} is not a sha256 digest")
 
 
