@@ -13,11 +13,11 @@ fail are never returned.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 import zlib
 from collections.abc import Sequence
 
+from layerstore.digest import sha256_digest
 from layerstore.errors import (
     ChunkDigestMismatchError,
     FormatError,
@@ -238,7 +238,7 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
     except zlib.error as exc:
         raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
     out_bytes = parts[0] if len(parts) == 1 else b"".join(parts)
-    got = "sha256:" + hashlib.sha256(out_bytes).hexdigest()
+    got = sha256_digest(out_bytes)
     if got != chunk.digest:
         raise ChunkDigestMismatchError(
             f"chunk at blob offset {chunk.offset} (file offset {chunk.chunk_offset}): "
@@ -337,7 +337,7 @@ class EStargzReader:
         plain = _inflate_toc_member(toc_member_bytes, max_toc_size)
         start, end = _toc_json_span(plain, max_toc_size)
         with memoryview(plain) as whole, whole[start:end] as toc_json:
-            toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+            toc_digest = sha256_digest(toc_json)
             if expected_toc_digest is not None and toc_digest != expected_toc_digest:
                 raise TOCDigestMismatchError(
                     f"TOC digest {toc_digest} != expected {expected_toc_digest}"

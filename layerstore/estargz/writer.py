@@ -23,7 +23,6 @@ readers that predate ``innerOffset`` their correctness, so it is off by default.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -39,6 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol, Union
 
+from layerstore.common.atomicfile import atomic_output
+from layerstore.digest import sha256_digest
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
 from layerstore.estargz.constants import (
     LANDMARK_CONTENT,
@@ -143,10 +144,6 @@ def _rfc3339(mtime: int) -> str:
 
 def _pad(n: int) -> int:
     return (-n) % _BLOCK
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _gzip_member(data: bytes | bytearray, level: int) -> bytes:
@@ -714,7 +711,7 @@ class _Writer:
         b = self.b
         b.cur += _ustar_header(name, len(LANDMARK_CONTENT))
         b.cut()
-        digest = _sha256(LANDMARK_CONTENT)
+        digest = sha256_digest(LANDMARK_CONTENT)
         r = _TocRecord({"name": name, "type": "reg", "size": 1, "digest": digest})
         r.d["chunkDigest"] = digest
         r.segment = b.segment
@@ -737,7 +734,7 @@ class _Writer:
         if e.size == 0:
             d = _toc_head(e)
             _toc_tail(d, e)
-            d["digest"] = _sha256(b"")
+            d["digest"] = sha256_digest(b"")
             self.records.append(_TocRecord(d))
             return
         opts = self.opts
@@ -769,7 +766,7 @@ class _Writer:
             r.chunk_offset = done
             r.chunk_size = n if e.size > chunk else 0
             if e.size > chunk:
-                r.d["chunkDigest"] = _sha256(data)
+                r.d["chunkDigest"] = sha256_digest(data)
             self.records.append(r)
             file_hash.update(data)
             b.cur += data
@@ -882,7 +879,7 @@ def _write(
             raise LimitExceededError(
                 f"the TOC would be {len(toc_json)} bytes; readers refuse more than {MAX_TOC_SIZE}"
             )
-        toc_digest = _sha256(toc_json)
+        toc_digest = sha256_digest(toc_json)
         tail = (
             _ustar_header(TOC_TAR_NAME, len(toc_json))
             + toc_json
@@ -978,21 +975,10 @@ def write_estargz_file(
     options: WriterOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> WriteResult:
-    """:func:`write_estargz` into *dst_path*, atomically (temporary file + rename)."""
-    dst_path = os.fspath(dst_path)
-    d = os.path.dirname(os.path.abspath(dst_path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".estargz-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            res = write_estargz(src, out, options, progress)  # type: ignore[arg-type]
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst_path)
-        return res
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """:func:`write_estargz` into *dst_path*, atomically and durably (temporary file, fsync,
+    rename, fsync of the directory)."""
+    with atomic_output(os.path.abspath(dst_path), durable=True, prefix=".estargz-") as out:
+        return write_estargz(src, out, options, progress)
 
 
 def iter_members(blob: bytes) -> Iterator[tuple[int, int]]:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from layerstore.digest import validate
+from layerstore.digest import sha256_digest, validate
 from layerstore.errors import ManifestError, VerificationError
 from layerstore.estargz.constants import (
     TOC_DIGEST_ANNOTATION,
@@ -290,19 +290,19 @@ class RegistryDestination:
                 os.unlink(path)
 
     def put_blob(self, data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         self.client.push_blob(self.ref, data, digest)
         return digest
 
     def put_manifest(self, body: bytes, media_type: str) -> str:
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = sha256_digest(body)
         by_digest = dataclasses.replace(self.ref, tag=None, digest=digest)
         return self.client.put_manifest(by_digest, body, media_type)
 
     def commit(self, body: bytes, media_type: str) -> str:
         ref = self.ref
         if ref.tag is None:
-            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            digest = sha256_digest(body)
             ref = dataclasses.replace(ref, digest=digest)
         return self.client.put_manifest(ref, body, media_type)
 
