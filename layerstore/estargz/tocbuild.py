@@ -217,12 +217,7 @@ def _iter_toc_entries(text: str, max_entries: int) -> Iterator[Any]:
                 else:
                     n = 0
                     while True:
-                        try:
-                            e, pos = scan(text, pos)
-                        except StopIteration:
-                            raise TOCError(f"invalid JSON in TOC at offset {pos}") from None
-                        except ValueError as exc:
-                            raise TOCError(f"invalid JSON in TOC: {exc}") from None
+                        e, pos = value(pos)
                         n += 1
                         if n > max_entries:
                             raise LimitExceededError(f"TOC has more than {max_entries} entries")

@@ -273,16 +273,7 @@ class _Stream:
         self.pos = 0
 
     def read_exact(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        got = 0
-        while got < n:
-            piece = self._r.read(n - got)
-            if not piece:
-                break
-            parts.append(piece)
-            got += len(piece)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.pos += len(data)
+        data = self.read_upto(n)
         if len(data) != n:
             raise TarFormatError(f"tar stream ends early at byte {self.pos}")
         return data
@@ -297,7 +288,7 @@ class _Stream:
                 break
             parts.append(piece)
             got += len(piece)
-        data = b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += len(data)
         return data
 
