@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION
 from layerstore.estargz.writer import write_estargz
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
@@ -33,7 +34,7 @@ from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
-from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION, LayerManager, ManagerSettings
+from layerstore.runtime.manager import LayerManager, ManagerSettings
 from layerstore.source import BytesSource
 from testbed.resolved import resolved_image
 

@@ -35,7 +35,6 @@ import errno
 import functools
 import inspect
 import os
-import re
 import stat
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -47,6 +46,7 @@ import trio
 
 from layerstore import errors as lse
 from layerstore.common.negcache import NegativeCache
+from layerstore.digest import is_valid as is_valid_digest
 from stargz_store.config import FuseSettings
 from stargz_store.log import get_logger
 
@@ -188,7 +188,6 @@ def _guarded(fn: F) -> F:
 _DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o444
 NEGATIVE_CACHE_MAX = 4096
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 @dataclass
@@ -485,7 +484,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     async def _key_dir(self, ref_dir: _RefDir, key: str) -> _KeyDir:
         self.stats.lookups += 1
-        if not _DIGEST_RE.fullmatch(key):
+        if not is_valid_digest(key):  # containers/storage's keys are sha256
             raise _Absent(self._settings.negative_timeout)
         slot = (ref_dir.name, key)
         kd = self._key_dirs.get(slot)
@@ -810,7 +809,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         ref_dir = self._ref_by_ino.get(parent_inode)
         key = os.fsdecode(name)
-        if ref_dir is None or not _DIGEST_RE.fullmatch(key):
+        if ref_dir is None or not is_valid_digest(key):
             raise _fuse_error(errno.EROFS)
         try:
             await run_in_thread(

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION
 from layerstore.image.ocilayout import OCILayout
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +45,6 @@ MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 
 #: Fixed modification time of every tar member, so that layers are byte-for-byte reproducible.
 EPOCH = 1_700_000_000

@@ -437,8 +437,8 @@ class _LocalClient:
     """Just enough of RegistryClient for LayerManager: one image of the Go blobs, in memory."""
 
     def __init__(self, blobs: list[GoBlob]) -> None:
+        from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION
         from layerstore.registry.manifest import Descriptor
-        from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION
         from testbed.resolved import resolved_image
 
         media = "application/vnd.oci.image.layer.v1.tar+gzip"

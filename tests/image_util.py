@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION
 from testbed import (
     MEDIA_OCI_LAYER_GZIP,
-    TOC_DIGEST_ANNOTATION,
     BuiltLayer,
     Entry,
     ImageInfo,

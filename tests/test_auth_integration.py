@@ -27,9 +27,9 @@ from auth.authfile import AuthEnvironment
 from auth.helper_channel import HelperChannelServer
 from auth.store import CredentialStore
 from layerstore.errors import AuthenticationError
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.registry.client import RegistryClient, RegistrySettings
 from layerstore.registry.registries_conf import RegistriesConf
-from layerstore.runtime.manager import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from tests import fuse_util as fu
 from tests import secret_guard
 from tests.estargz_util import build_blob

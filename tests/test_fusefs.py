@@ -156,6 +156,21 @@ def test_unknown_and_failing_keys_are_enoent_and_cached(store: Store) -> None:
     assert store.mgr.count("get") == before
 
 
+def test_sha512_keys_are_enoent_without_asking_the_provider(store: Store) -> None:
+    # containers/storage names layers by sha256 only; the grammar is layerstore.digest's
+    key = "sha512:" + "a" * 128
+    before = len(store.mgr.calls)
+    with pytest.raises(FileNotFoundError):
+        os.stat(store.refdir / key)
+    with pytest.raises(FileNotFoundError):
+        os.stat(store.refdir / key / "diff")
+    with pytest.raises(FileNotFoundError):
+        open(store.refdir / key / "use", "w").close()
+    with pytest.raises(FileNotFoundError):  # the kernel's lookup fails before any rmdir
+        os.rmdir(store.refdir / key)
+    assert store.mgr.calls[before:] == []  # get, use and release never saw it
+
+
 def test_getattr_readdir_read(store: Store) -> None:
     d = store.diff
     assert sorted(os.listdir(d)) == sorted(

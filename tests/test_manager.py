@@ -23,6 +23,7 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.estargz.reader import EStargzReader
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
@@ -31,8 +32,6 @@ from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import (
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
     LayerManager,
     ManagerSettings,
 )

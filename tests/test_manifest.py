@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from layerstore.errors import ManifestError
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION
 from layerstore.registry import manifest as m
 
 D1 = "sha256:" + "11" * 32
@@ -22,7 +23,7 @@ def _manifest(media_type: str | None = m.OCI_MANIFEST, **extra: Any) -> bytes:
                 "mediaType": m.OCI_LAYER_GZIP,
                 "digest": D2,
                 "size": 123,
-                "annotations": {m.ANNOTATION_TOC_DIGEST: D3},
+                "annotations": {TOC_DIGEST_ANNOTATION: D3},
             }
         ],
     }
@@ -52,9 +53,9 @@ def test_parse_oci_manifest() -> None:
     assert parsed.config.digest == D1
     (layer,) = parsed.layers
     assert (layer.digest, layer.size, layer.media_type) == (D2, 123, m.OCI_LAYER_GZIP)
-    assert layer.annotations[m.ANNOTATION_TOC_DIGEST] == D3
+    assert layer.annotations[TOC_DIGEST_ANNOTATION] == D3
     assert m.layer_compression(layer.media_type) == "gzip"
-    assert layer.to_dict()["annotations"] == {m.ANNOTATION_TOC_DIGEST: D3}
+    assert layer.to_dict()["annotations"] == {TOC_DIGEST_ANNOTATION: D3}
 
 
 def test_media_type_from_header_and_shape() -> None:

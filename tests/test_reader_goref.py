@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from layerstore.estargz.constants import OPAQUE_XATTRS
 from layerstore.estargz.reader import EStargzReader, decode_chunk, tail_fetch_size
-from layerstore.estargz.toc import OPAQUE_XATTRS
 from layerstore.source import BytesSource, FileSource
 
 BLOBS = ("ref-small", "ref-chunked-64k", "ref-prioritized")

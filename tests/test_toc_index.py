@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerstore.errors import LimitExceededError, TOCError
-from layerstore.estargz.toc import OPAQUE_XATTRS, TOCIndex, parse_rfc3339_ns
+from layerstore.estargz.constants import OPAQUE_XATTRS
+from layerstore.estargz.toc import TOCIndex
 
 TOC_OFFSET = 1_000_000
 
@@ -345,6 +346,11 @@ def test_long_names_limits() -> None:
         {"name": "x", "type": "reg", "size": 4, "offset": TOC_OFFSET, "chunkDigest": dg("x")},
         {"name": "x", "type": "reg", "size": 4, "offset": -1, "chunkDigest": dg("x")},
         {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha256:" + "g" * 64},
+        # layerstore.digest's grammar: lowercase hex only (bytes.fromhex alone took uppercase)
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha256:" + "AB" * 32},
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "SHA256:" + "a" * 64},
+        {"name": "x", "type": "reg", "digest": "sha256:" + "A" * 64},
+        {"name": "x", "type": "reg", "size": 4, "offset": 5, "chunkDigest": "sha512:" + "a" * 128},
         {
             "name": "x",
             "type": "reg",
@@ -507,15 +513,26 @@ def test_legacy_digest_stands_in_for_a_single_chunk() -> None:
         )
 
 
-def test_rfc3339() -> None:
-    assert parse_rfc3339_ns("1970-01-01T00:00:00Z") == 0
-    assert parse_rfc3339_ns("2020-09-13T12:26:40Z") == 1600000000 * 10**9
-    assert parse_rfc3339_ns("2020-09-13T14:26:40.5+02:00") == 1600000000 * 10**9 + 500_000_000
-    assert parse_rfc3339_ns("1969-12-31T23:59:59.000000001Z") == -999_999_999
-    assert parse_rfc3339_ns("0001-01-01T00:00:00Z") == -(2**63)  # clamped
-    for bad in ("2020-09-13 12:26:40Z", "2020-13-01T00:00:00Z", "2020-01-01T25:00:00Z", ""):
-        with pytest.raises(TOCError):
-            parse_rfc3339_ns(bad)
+def test_rfc3339_modtime() -> None:
+    """modtime goes through layerstore.common.timefmt; its ValueError becomes a TOCError."""
+
+    def mtime(s: str) -> int:
+        idx = mk([reg("x", modtime=s)])
+        return idx.getattr(idx.find("x") or 0).mtime_ns
+
+    assert mtime("1970-01-01T00:00:00Z") == 0
+    assert mtime("2020-09-13T12:26:40Z") == 1600000000 * 10**9
+    assert mtime("2020-09-13T14:26:40.5+02:00") == 1600000000 * 10**9 + 500_000_000
+    assert mtime("1969-12-31T23:59:59.000000001Z") == -999_999_999
+    assert mtime("0001-01-01T00:00:00Z") == -(2**63)  # clamped
+    assert mtime("") == 0  # absent
+    for bad, why in (
+        ("2020-09-13 12:26:40Z", "is not an RFC 3339 time"),
+        ("2020-13-01T00:00:00Z", "is not a valid date"),
+        ("2020-01-01T25:00:00Z", "is not a valid time"),
+    ):
+        with pytest.raises(TOCError, match=f"^modtime '{bad}' {why}$"):
+            mk([reg("x", modtime=bad)])
 
 
 @pytest.mark.parametrize(

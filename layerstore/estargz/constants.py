@@ -19,6 +19,10 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 """The one-byte content of either landmark file."""
 
+RESERVED_ROOT_NAMES = frozenset((TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK))
+"""Root entries the format itself writes: the writer drops them from its input, and the overlay
+view hides them (as regular files at the root)."""
+
 ESTARGZ_FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 

@@ -10,9 +10,17 @@ from __future__ import annotations
 import struct
 
 from layerstore.errors import NotEStargzError
+from layerstore.estargz.constants import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE
 
-ESTARGZ_FOOTER_SIZE = 51
-LEGACY_FOOTER_SIZE = 47
+__all__ = [
+    "ESTARGZ_FOOTER_SIZE",
+    "LEGACY_FOOTER_SIZE",
+    "MAGIC",
+    "build_footer",
+    "build_legacy_footer",
+    "parse_footer",
+]
+
 MAGIC = b"STARGZ"
 
 # gzip header: magic, CM=deflate, FLG=FEXTRA, MTIME=0, XFL=0, OS=255 (unknown)

@@ -13,11 +13,11 @@ fail are never returned.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 import zlib
 from collections.abc import Sequence
 
+from layerstore.digest import sha256_digest
 from layerstore.errors import (
     ChunkDigestMismatchError,
     FormatError,
@@ -25,9 +25,15 @@ from layerstore.errors import (
     NotEStargzError,
     TOCDigestMismatchError,
 )
-from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
-from layerstore.estargz.tarfmt import parse_pax_records
-from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, TOC_TAR_NAME, Chunk, TOCIndex
+from layerstore.estargz.constants import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, TOC_TAR_NAME
+from layerstore.estargz.footer import parse_footer
+from layerstore.estargz.tarfmt import (
+    header_checksum_ok,
+    parse_number,
+    parse_pax_int,
+    parse_pax_records,
+)
+from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, Chunk, TOCIndex
 from layerstore.source import RangeSource
 
 DEFAULT_MAX_TOC_SIZE = 150 * 2**20
@@ -115,27 +121,14 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
     return result
 
 
-def _tar_number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256
-        if field[0] & 0x40:
-            raise FormatError("negative number in the TOC tar header")
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    s = field.replace(b"\x00", b" ").strip()
-    if not s:
-        return 0
+def _check_tar_header(hdr: bytes) -> int:
+    """Check a TOC member tar header's checksum; return its size field."""
     try:
-        return int(s, 8)
-    except ValueError:
-        raise FormatError(f"bad number {field!r} in the TOC tar header") from None
-
-
-def _check_tar_checksum(hdr: bytes) -> None:
-    want = _tar_number(hdr[148:156])
-    unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
-    if want != unsigned:
-        signed = unsigned - 2 * sum(b for b in hdr if b > 127)
-        if want != signed:
+        if not header_checksum_ok(hdr):
             raise FormatError("TOC tar header checksum mismatch")
+        return parse_number(hdr[124:136], "size")
+    except FormatError as e:
+        raise FormatError(f"{e} in the TOC member") from None
 
 
 def _parse_pax(payload: bytes) -> dict[str, str]:
@@ -160,8 +153,8 @@ def _toc_json_span(tar: bytes | bytearray, max_toc_size: int) -> tuple[int, int]
         hdr = bytes(tar[pos : pos + 512])
         if len(hdr) < 512 or hdr == bytes(512):
             raise FormatError(f"the TOC member has no {TOC_TAR_NAME} tar entry")
-        _check_tar_checksum(hdr)
-        size = _tar_number(hdr[124:136]) if override_size is None else override_size
+        header_size = _check_tar_header(hdr)
+        size = header_size if override_size is None else override_size
         typeflag = hdr[156:157]
         body = pos + 512
         if typeflag in (b"x", b"g", b"L"):
@@ -174,9 +167,9 @@ def _toc_json_span(tar: bytes | bytearray, max_toc_size: int) -> tuple[int, int]
                     override_name = pax["path"]
                 if "size" in pax:
                     try:
-                        override_size = int(pax["size"])
-                    except ValueError:
-                        raise FormatError("bad PAX size in the TOC member") from None
+                        override_size = parse_pax_int(pax["size"].encode(), "size")
+                    except FormatError as e:
+                        raise FormatError(f"{e} in the TOC member") from None
             elif typeflag == b"L":
                 override_name = payload.split(b"\x00", 1)[0].decode("utf-8", "replace")
             pos = body + (size + 511) // 512 * 512
@@ -245,7 +238,7 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
     except zlib.error as exc:
         raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
     out_bytes = parts[0] if len(parts) == 1 else b"".join(parts)
-    got = "sha256:" + hashlib.sha256(out_bytes).hexdigest()
+    got = sha256_digest(out_bytes)
     if got != chunk.digest:
         raise ChunkDigestMismatchError(
             f"chunk at blob offset {chunk.offset} (file offset {chunk.chunk_offset}): "
@@ -344,7 +337,7 @@ class EStargzReader:
         plain = _inflate_toc_member(toc_member_bytes, max_toc_size)
         start, end = _toc_json_span(plain, max_toc_size)
         with memoryview(plain) as whole, whole[start:end] as toc_json:
-            toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+            toc_digest = sha256_digest(toc_json)
             if expected_toc_digest is not None and toc_digest != expected_toc_digest:
                 raise TOCDigestMismatchError(
                     f"TOC digest {toc_digest} != expected {expected_toc_digest}"

@@ -23,7 +23,6 @@ readers that predate ``innerOffset`` their correctness, so it is off by default.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -39,9 +38,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Protocol, Union
 
+from layerstore.common.atomicfile import atomic_output
+from layerstore.digest import sha256_digest
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
+from layerstore.estargz.constants import (
+    LANDMARK_CONTENT,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    RESERVED_ROOT_NAMES,
+    TOC_TAR_NAME,
+)
 from layerstore.estargz.footer import build_footer
-from layerstore.estargz.tarfmt import parse_pax_records
+from layerstore.estargz.tarfmt import (
+    header_checksum_ok,
+    parse_number,
+    parse_pax_int,
+    parse_pax_records,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -58,11 +71,6 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MAX_TOC_SIZE = 150 << 20  # containers/storage's limit, and our reader's
-TOC_TAR_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-LANDMARK_CONTENTS = b"\x0f"
-_RESERVED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -136,10 +144,6 @@ def _rfc3339(mtime: int) -> str:
 
 def _pad(n: int) -> int:
     return (-n) % _BLOCK
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _gzip_member(data: bytes | bytearray, level: int) -> bytes:
@@ -269,16 +273,7 @@ class _Stream:
         self.pos = 0
 
     def read_exact(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        got = 0
-        while got < n:
-            piece = self._r.read(n - got)
-            if not piece:
-                break
-            parts.append(piece)
-            got += len(piece)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.pos += len(data)
+        data = self.read_upto(n)
         if len(data) != n:
             raise TarFormatError(f"tar stream ends early at byte {self.pos}")
         return data
@@ -293,7 +288,7 @@ class _Stream:
                 break
             parts.append(piece)
             got += len(piece)
-        data = b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += len(data)
         return data
 
@@ -307,23 +302,8 @@ class _Stream:
 # --- tar parsing -------------------------------------------------------------------------------
 
 
-def _num(field_: bytes, what: str) -> int:
-    if field_ and field_[0] & 0x80:  # base-256 (GNU)
-        if field_[0] == 0xFF:
-            return int.from_bytes(field_, "big", signed=True)
-        return int.from_bytes(bytes([field_[0] & 0x7F]) + field_[1:], "big")
-    s = field_.split(b"\0", 1)[0].strip(b" ")
-    if not s:
-        return 0
-    try:
-        return int(s, 8)
-    except ValueError:
-        raise TarFormatError(f"bad octal number in tar header field {what}: {s!r}") from None
-
-
-def _signed_checksum(blk: bytes) -> int:
-    """The historical checksum over signed chars (some old tars wrote that)."""
-    return sum(b - 256 if b & 0x80 else b for b in blk[:148] + blk[156:]) + 256
+def _num(field_: bytes, what: str, *, signed: bool = False) -> int:
+    return parse_number(field_, what, signed=signed, error=TarFormatError)
 
 
 def _cstr(field_: bytes) -> bytes:
@@ -343,10 +323,7 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
 
 
 def _pax_int(v: bytes, what: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise TarFormatError(f"bad PAX {what}: {v!r}") from None
+    return parse_pax_int(v, what, error=TarFormatError)
 
 
 def _pax_time(v: bytes) -> int:
@@ -439,9 +416,7 @@ class _TarParser:
                     raise TarFormatError("tar extension header not followed by an entry")
                 self.done = True
                 return None
-            stored = _num(blk[148:156], "chksum")
-            unsigned = sum(blk[:148]) + 256 + sum(blk[156:])
-            if stored != unsigned and stored != _signed_checksum(blk):
+            if not header_checksum_ok(blk, error=TarFormatError):
                 raise TarFormatError(f"bad tar header checksum at byte {self._s.pos - _BLOCK}")
             tflag = blk[156:157]
             size = _num(blk[124:136], "size")
@@ -495,14 +470,15 @@ class _TarParser:
         if tflag == b"\0" and raw_name.endswith("/"):
             e.type = "dir"
         e.size = _pax_int(rec["size"], "size") if "size" in rec else size
-        if e.size < 0:
-            raise TarFormatError(f"negative size in tar header of {raw_name!r}")
         e.mode = _num(blk[100:108], "mode") & 0o7777
         e.uid = _pax_int(rec["uid"], "uid") if "uid" in rec else _num(blk[108:116], "uid")
         e.gid = _pax_int(rec["gid"], "gid") if "gid" in rec else _num(blk[116:124], "gid")
         e.uname = _utf8(rec["uname"] if "uname" in rec else _cstr(blk[265:297]), "user name")
         e.gname = _utf8(rec["gname"] if "gname" in rec else _cstr(blk[297:329]), "group name")
-        e.mtime = _pax_time(rec["mtime"]) if "mtime" in rec else _num(blk[136:148], "mtime")
+        if "mtime" in rec:
+            e.mtime = _pax_time(rec["mtime"])
+        else:  # before 1970 in base-256
+            e.mtime = _num(blk[136:148], "mtime", signed=True)
         if e.type in ("char", "block"):
             e.devmajor = _num(blk[329:337], "devmajor")
             e.devminor = _num(blk[337:345], "devminor")
@@ -724,14 +700,14 @@ class _Writer:
     def add_landmark(self, name: str) -> None:
         self._boundary()
         b = self.b
-        b.cur += _ustar_header(name, len(LANDMARK_CONTENTS))
+        b.cur += _ustar_header(name, len(LANDMARK_CONTENT))
         b.cut()
-        digest = _sha256(LANDMARK_CONTENTS)
+        digest = sha256_digest(LANDMARK_CONTENT)
         r = _TocRecord({"name": name, "type": "reg", "size": 1, "digest": digest})
         r.d["chunkDigest"] = digest
         r.segment = b.segment
         self.records.append(r)
-        b.cur += LANDMARK_CONTENTS + bytes(_pad(1))
+        b.cur += LANDMARK_CONTENT + bytes(_pad(1))
 
     def add(self, e: _TarEntry, read: Callable[[int], bytes]) -> None:
         """Append entry *e*; *read(n)* returns the next n payload bytes of it."""
@@ -749,7 +725,7 @@ class _Writer:
         if e.size == 0:
             d = _toc_head(e)
             _toc_tail(d, e)
-            d["digest"] = _sha256(b"")
+            d["digest"] = sha256_digest(b"")
             self.records.append(_TocRecord(d))
             return
         opts = self.opts
@@ -781,7 +757,7 @@ class _Writer:
             r.chunk_offset = done
             r.chunk_size = n if e.size > chunk else 0
             if e.size > chunk:
-                r.d["chunkDigest"] = _sha256(data)
+                r.d["chunkDigest"] = sha256_digest(data)
             self.records.append(r)
             file_hash.update(data)
             b.cur += data
@@ -876,7 +852,7 @@ def _write(
                 e = parser.next()
                 if e is None:
                     break
-                if e.name in _RESERVED_NAMES:
+                if e.name in RESERVED_ROOT_NAMES:
                     stream.skip(e.size + _pad(e.size))
                     continue
                 w.add(e, stream.read_exact)
@@ -894,7 +870,7 @@ def _write(
             raise LimitExceededError(
                 f"the TOC would be {len(toc_json)} bytes; readers refuse more than {MAX_TOC_SIZE}"
             )
-        toc_digest = _sha256(toc_json)
+        toc_digest = sha256_digest(toc_json)
         tail = (
             _ustar_header(TOC_TAR_NAME, len(toc_json))
             + toc_json
@@ -966,7 +942,7 @@ def _write_reordered(
             skip = e.size + _pad(e.size)
             stream.pos += skip
             pr.pos += skip
-            if e.name not in _RESERVED_NAMES:
+            if e.name not in RESERVED_ROOT_NAMES:
                 entries.append(e)
         if spool is None:
             counting.count = stream.pos
@@ -990,21 +966,10 @@ def write_estargz_file(
     options: WriterOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> WriteResult:
-    """:func:`write_estargz` into *dst_path*, atomically (temporary file + rename)."""
-    dst_path = os.fspath(dst_path)
-    d = os.path.dirname(os.path.abspath(dst_path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".estargz-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            res = write_estargz(src, out, options, progress)  # type: ignore[arg-type]
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst_path)
-        return res
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """:func:`write_estargz` into *dst_path*, atomically and durably (temporary file, fsync,
+    rename, fsync of the directory)."""
+    with atomic_output(os.path.abspath(dst_path), durable=True, prefix=".estargz-") as out:
+        return write_estargz(src, out, options, progress)
 
 
 def iter_members(blob: bytes) -> Iterator[tuple[int, int]]:

@@ -29,8 +29,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from layerstore.digest import validate
+from layerstore.digest import sha256_digest, validate
 from layerstore.errors import ManifestError, VerificationError
+from layerstore.estargz.constants import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
+)
 from layerstore.estargz.writer import WriteResult, WriterOptions, write_estargz
 from layerstore.image.ocilayout import OCILayout
 from layerstore.registry import manifest as mf
@@ -73,7 +78,7 @@ _FOREIGN = frozenset(
 # annotations describing the old encoding of a layer, wrong after conversion
 _STALE_ANNOTATIONS = (
     "containerd.io/uncompressed",
-    mf.ANNOTATION_ZSTD_CHUNKED_MANIFEST_CHECKSUM,
+    ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
     "io.github.containers.zstd-chunked.manifest-position",
     "io.github.containers.zstd-chunked.tarsplit-position",
 )
@@ -285,19 +290,19 @@ class RegistryDestination:
                 os.unlink(path)
 
     def put_blob(self, data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         self.client.push_blob(self.ref, data, digest)
         return digest
 
     def put_manifest(self, body: bytes, media_type: str) -> str:
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = sha256_digest(body)
         by_digest = dataclasses.replace(self.ref, tag=None, digest=digest)
         return self.client.put_manifest(by_digest, body, media_type)
 
     def commit(self, body: bytes, media_type: str) -> str:
         ref = self.ref
         if ref.tag is None:
-            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            digest = sha256_digest(body)
             ref = dataclasses.replace(ref, digest=digest)
         return self.client.put_manifest(ref, body, media_type)
 
@@ -599,7 +604,7 @@ class _Converter:
         if (
             self.opts.keep_estargz
             and isinstance(annotations, dict)
-            and mf.ANNOTATION_TOC_DIGEST in annotations
+            and TOC_DIGEST_ANNOTATION in annotations
             and lmt in (mf.OCI_LAYER_GZIP, mf.DOCKER_LAYER_GZIP)
         ):
             if not self.dst.has_blob(digest):
@@ -621,8 +626,8 @@ class _Converter:
         ann = dict(annotations) if isinstance(annotations, dict) else {}
         for k in _STALE_ANNOTATIONS:
             ann.pop(k, None)
-        ann[mf.ANNOTATION_TOC_DIGEST] = res.toc_digest
-        ann[mf.ANNOTATION_UNCOMPRESSED_SIZE] = str(res.uncompressed_size)
+        ann[TOC_DIGEST_ANNOTATION] = res.toc_digest
+        ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(res.uncompressed_size)
         nd["annotations"] = ann
         self._done[digest] = (nd, res.diff_id)
         self._report(
@@ -659,7 +664,7 @@ class _Converter:
             digest=str(nd.get("digest")),
             size=int(nd.get("size", 0)),
             action=action,
-            toc_digest=ann.get(mf.ANNOTATION_TOC_DIGEST) if isinstance(ann, dict) else None,
+            toc_digest=ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None,
             diff_id=diff_id,
             seconds=seconds,
         )

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from layerstore.digest import hex_part, is_valid, validate
+from layerstore.common.atomicfile import TMP_PREFIX, TMP_SUFFIX, fsync_dir, write_atomic
+from layerstore.digest import hex_part, is_valid, sha256_digest, validate
 from layerstore.errors import DigestError, LayerStoreError, ManifestError, VerificationError
 
 __all__ = [
@@ -47,19 +48,6 @@ def parse_oci_reference(text: str) -> tuple[str, str | None]:
     if sep and not tag:
         raise OCILayoutError(f"oci:{text}: empty tag after ':'")
     return directory, (tag if sep else None)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class OCILayout:
@@ -218,14 +206,14 @@ class OCILayout:
             data = f.read(max_size + 1)
         if len(data) > max_size:
             raise ManifestError(f"blob {digest} is larger than {max_size} bytes")
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        actual = sha256_digest(data)
         if actual != digest:
             raise VerificationError(f"{self.root}: blob {digest} is corrupt (content is {actual})")
         return data
 
     def write_blob(self, data: bytes, expected_digest: str | None = None) -> str:
         """Store *data*; returns its digest (checked against *expected_digest* if given)."""
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        actual = sha256_digest(data)
         if expected_digest is not None and validate(expected_digest) != actual:
             raise VerificationError(f"blob to write is {actual}, expected {expected_digest}")
         path = self.blob_path(actual)
@@ -238,11 +226,13 @@ class OCILayout:
         path; pass the path to :meth:`commit_staged` or delete it."""
         d = self.root / "blobs" / "sha256"
         d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".partial")
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
         return os.fdopen(fd, "w+b"), tmp
 
     def commit_staged(self, tmp_path: str, expected_digest: str) -> None:
-        """Verify the staged file's sha256 and rename it into place."""
+        """Verify the staged file's sha256 and rename it into place, durably (the staged file
+        is written by the caller, so :func:`~layerstore.common.atomicfile.atomic_output` does
+        not fit; the steps are the same)."""
         validate(expected_digest)
         h = hashlib.sha256()
         try:
@@ -258,7 +248,7 @@ class OCILayout:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
             raise
-        _fsync_dir(self.blob_path(expected_digest).parent)
+        fsync_dir(self.blob_path(expected_digest).parent)
 
     def copy_blob_from(self, src: BinaryIO, expected_digest: str) -> None:
         """Stream *src* into the layout as blob *expected_digest* (verified)."""
@@ -284,15 +274,4 @@ class OCILayout:
     # --- helpers ------------------------------------------------------------------------------
     def _write_atomic(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, data, durable=True)

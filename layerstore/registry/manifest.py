@@ -44,11 +44,6 @@ ZSTD_LAYER_MEDIA_TYPES = frozenset({OCI_LAYER_ZSTD, OCI_LAYER_ND_ZSTD})
 TAR_LAYER_MEDIA_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_ND_TAR})
 LAYER_MEDIA_TYPES = GZIP_LAYER_MEDIA_TYPES | ZSTD_LAYER_MEDIA_TYPES | TAR_LAYER_MEDIA_TYPES
 
-# Annotations the layer store cares about.
-ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-ANNOTATION_ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-
 
 # --- platforms ----------------------------------------------------------------------------------
 _GOARCH = {

@@ -61,6 +61,7 @@ from layerstore.errors import (
     RegistryUnavailableError,
     TOCDigestMismatchError,
 )
+from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.registry.client import ResolvedImage
@@ -75,8 +76,6 @@ from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
 
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 MAX_TOC_BYTES = DEFAULT_MAX_TOC_SIZE
 NEGATIVE_CACHE_MAX = 4096
 """Failed (ref, key) lookups remembered at once."""
