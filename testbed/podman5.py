@@ -52,8 +52,12 @@ STAMP = ".stargz-store-chroot"
 #: Where the session's work directory appears inside the chroot.
 INSIDE_WORK = "/var/lib/stargz-store"
 HELPER_NAME = "stargz-store-helper"
-CHROOT_PATH = "/var/lib/stargz-store/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CHROOT_PATH = (
+    "/var/lib/stargz-store/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+)
 REPO = Path(__file__).resolve().parent.parent
+SESSION_PREFIX = "sgz5-"
+OWNER_FILE = "owner.pid"
 
 
 def chroot_cache() -> Path:
@@ -105,13 +109,45 @@ def unmount_all(below: str) -> list[str]:
     return _mount_points(below)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is no zombie (a killed test run's process can stay a
+    zombie for a while when its parent was killed too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def sweep_stale_sessions() -> list[Path]:
+    """Unmount and delete the directories of sessions whose process is gone (a test run killed
+    before its clean-up): left mounted, their recursive binds of /dev and /sys would let a later
+    ``rm -rf /tmp/*`` reach the host's devices. Sessions of live processes are left alone; a
+    directory something is still mounted below is never deleted. Returns what was removed."""
+    removed = []
+    for base in Path("/tmp").glob(SESSION_PREFIX + "*"):
+        try:
+            pid = int((base / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(pid):
+            continue
+        if unmount_all(str(base)):
+            continue
+        shutil.rmtree(base, ignore_errors=True)
+        removed.append(base)
+    return removed
+
+
 class TrixieChroot:
     """The cached trixie tree mounted for one session under a private directory in /tmp (short,
     because Unix socket paths below it are limited to 107 bytes)."""
 
     def __init__(self, cache: Path | None = None) -> None:
         self.cache = (cache or chroot_cache()).resolve()
-        self.base = Path(tempfile.mkdtemp(prefix="sgz5-", dir="/tmp"))
+        sweep_stale_sessions()
+        self.base = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX, dir="/tmp"))
+        (self.base / OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.session = self.base.name.split("-", 1)[1].lower().replace("_", "")[:6]
         self.root = self.base / "root"  # the chroot, as the host sees it
         self.backing = self.base / "work"  # what /var/lib/stargz-store shows inside
@@ -181,7 +217,7 @@ class TrixieChroot:
         wrapper.write_text(
             "#!/bin/sh\n"
             "# stargz-store-helper for podman in the test chroot (testbed/podman5.py)\n"
-            f"PYTHONPATH={INSIDE_WORK}/helper exec python3 -m auth.helper_client \"$@\"\n"
+            f'PYTHONPATH={INSIDE_WORK}/helper exec python3 -m auth.helper_client "$@"\n'
         )
         wrapper.chmod(0o755)
 

@@ -14,10 +14,14 @@ mounts serves the module, and every test checks at its end that the mounts are b
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from testbed.podman5 import (
     inside,
     mounts_below,
     store_daemon,
+    sweep_stale_sessions,
 )
 from tests.image_util import (
     CHECK_OK,
@@ -53,14 +58,13 @@ from tests.registry_fixtures import (  # noqa: F401 - pytest fixtures
 
 pytestmark = [pytest.mark.podman, pytest.mark.registry, pytest.mark.timeout(600)]
 
+REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = Path("/bin/busybox")
 DATA_SIZE = 512 * 1024
 DATA_FILES = 3
 
 
 def _busybox_sha256() -> str:
-    import hashlib
-
     return hashlib.sha256(BUSYBOX.read_bytes()).hexdigest()
 
 
@@ -131,7 +135,7 @@ Maker = Callable[..., Lazy]
 
 @pytest.fixture
 def make(trixie: TrixieChroot) -> Iterator[Maker]:
-    """``make(reg, auth_helper=False, authfile=None, store=True)``: a podman 5.4 (with a store
+    """``make(reg, auth_helper=False, credentials=None, store=True)``: a podman 5.4 (with a store
     daemon of its own unless ``store=False``). At teardown: podman cleaned up first (its overlays
     use the store's mount), then the daemon stopped (exit status 0 and no mount left), then the
     chroot's mounts checked to be the session's set again."""
@@ -142,7 +146,7 @@ def make(trixie: TrixieChroot) -> Iterator[Maker]:
         reg: RegistryHandle,
         *,
         auth_helper: bool = False,
-        authfile: str | None = None,
+        credentials: tuple[str, str] | None = None,
         store: bool = True,
     ) -> Lazy:
         name = trixie.new_name()
@@ -158,10 +162,13 @@ def make(trixie: TrixieChroot) -> Iterator[Maker]:
             name,
             layer_store=where["mountpoint"] if store else None,
             insecure=[reg.host],
-            authfile=authfile,
             auth_helper="stargz-store-helper" if auth_helper else None,
             helper_socket=where["socket"] if auth_helper else None,
         )
+        if credentials is not None:
+            # An auth.json inside the chroot, for podman only (the daemon's is empty).
+            write_auth_json(podman.workdir / "auth.json", {reg.host: credentials})
+            podman.authfile = f"{podman.inside}/auth.json"
         if store:
             stack.callback(lambda: statuses.append((daemon, daemon.stop())))
             daemon.start()
@@ -184,8 +191,6 @@ def daemon_log_on_failure(*lazies: Lazy) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        import sys
-
         for lazy in lazies:
             sys.stderr.write(f"--- daemon log {lazy.daemon.workdir.name} ---\n")
             sys.stderr.write(lazy.daemon.log_tail(8000) + "\n")
@@ -193,11 +198,21 @@ def daemon_log_on_failure(*lazies: Lazy) -> Iterator[None]:
 
 
 def _check_lazy_pull(lazy: Lazy, ref: str, image: ImageInfo) -> None:
-    """Every layer of ``ref`` is a symlink into the store; the graphroot holds less than one data
-    file; and the store was asked for the layers' TOC digests and nothing else."""
-    assert lazy.podman.store_links(ref) == [True] * len(image.layers), lazy.podman.layer_diff_links()
+    """Every layer of ``ref`` is a symlink into the store, the graphroot holds less than one data
+    file, and the lookups were by TOC digest."""
+    assert lazy.podman.store_links(ref) == [True] * len(image.layers), (
+        lazy.podman.layer_diff_links()
+    )
     assert lazy.podman.graphroot_usage() < DATA_SIZE, lazy.podman.graphroot_usage()
-    toc_digests = {layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"] for layer in image.layers}
+    _check_toc_lookups(lazy, image)
+
+
+def _check_toc_lookups(lazy: Lazy, image: ImageInfo) -> None:
+    """The store resolved every layer by its TOC digest, and was never asked for a compressed
+    digest."""
+    toc_digests = {
+        layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"] for layer in image.layers
+    }
     compressed = {layer["digest"] for layer in image.layers}
     resolved = lazy.events("layer_resolved")
     keys = {rec["key"] for rec in resolved if "key" in rec}
@@ -216,6 +231,43 @@ def test_podman_is_5_4(make: Maker, registry: RegistryHandle) -> None:  # noqa: 
     assert (major, minor) >= (5, 2)
     store = lazy.podman.check_storage()
     assert store["graphRoot"] == lazy.podman.graphroot
+
+
+def test_chroot_is_read_only_and_a_killed_session_is_swept(trixie: TrixieChroot) -> None:
+    """The cached tree is shared by every session of the machine: it is mounted read-only. A
+    session killed before its clean-up leaves its mounts (recursive binds of /dev and /sys
+    among them); the next session unmounts and deletes them."""
+    with pytest.raises(OSError) as err:
+        (trixie.root / "etc" / "stargz-test").write_text("x")
+    assert err.value.errno == errno.EROFS
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from testbed.podman5 import TrixieChroot\n"
+            "c = TrixieChroot().start()\n"
+            "print(c.base, flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert child.stdout is not None
+        base = Path(child.stdout.readline().strip())
+        assert base.name.startswith("sgz5-")
+        assert {str(base / "root" / "dev"), str(base / "root" / "sys")} <= set(
+            mounts_below(str(base))
+        )
+    finally:
+        child.kill()
+        child.wait()
+    assert base in sweep_stale_sessions()
+    assert not mounts_below(str(base)) and not base.exists()
+    assert trixie.base.exists()  # a live session is left alone
+    trixie.check_clean()
 
 
 def test_lazy_run_by_toc_digest(
@@ -242,3 +294,138 @@ def test_lazy_run_by_toc_digest(
         lazy.podman.run_podman("rmi", ref)
         assert lazy.podman.storage_layers() == []
         assert lazy.podman.layer_diff_links() == {}
+
+
+def test_auth_helper_hands_podmans_credentials_to_the_store(
+    make: Maker,
+    registry_htpasswd: RegistryHandle,  # noqa: F811
+    esgz: ImageInfo,
+    request: pytest.FixtureRequest,
+) -> None:
+    """htpasswd registry; the credentials are in an auth.json for podman only, and the daemon's
+    credential chain is empty. With ``additional-layer-store-auth-helper`` (our
+    ``stargz-store-helper``, reaching the daemon's socket through the chroot) podman hands
+    them over and every layer comes from the store; without it, the daemon cannot read the
+    registry and podman pulls every layer itself."""
+    reg = registry_htpasswd
+    assert reg.username and reg.password
+    creds = (reg.username, reg.password)
+    repo = _repo(request)
+    push_image(esgz, _client(reg), repo, "v1")
+    ref = f"{reg.host}/{repo}:v1"
+
+    without = make(reg, credentials=creds)
+    with daemon_log_on_failure(without):
+        assert json.loads(without.daemon.authfile.read_text()) == {"auths": {}}
+        without.podman.pull(ref)
+        assert without.podman.store_links(ref) == [False, False]
+        assert without.podman.run(ref).strip() == CHECK_OK
+        assert not _helper_deliveries(without)
+        failed = without.events("layer_lookup_failed")
+        assert failed and all(rec.get("error_type") == "AuthenticationError" for rec in failed), (
+            failed
+        )
+
+    lazy = make(reg, credentials=creds, auth_helper=True)
+    with daemon_log_on_failure(lazy):
+        assert json.loads(lazy.daemon.authfile.read_text()) == {"auths": {}}
+        lazy.podman.pull(ref)
+        _check_lazy_pull(lazy, ref, esgz)
+        assert lazy.podman.run(ref).strip() == CHECK_OK
+        assert len(_helper_deliveries(lazy)) >= 1
+        log = lazy.daemon.log_tail(1 << 24)
+        assert reg.password not in log, "the daemon logged the registry password"
+
+
+def _helper_deliveries(lazy: Lazy) -> list[str]:
+    """The daemon's log lines saying credentials arrived through the auth-helper channel."""
+    pattern = re.compile(r"auth.helper.credentials.received", re.IGNORECASE)
+    return [line for line in lazy.daemon.log_tail(1 << 24).splitlines() if pattern.search(line)]
+
+
+def test_save_and_push_of_a_lazily_pulled_image(
+    make: Maker,
+    registry: RegistryHandle,  # noqa: F811
+    esgz: ImageInfo,
+    request: pytest.FixtureRequest,
+) -> None:
+    """podman 5.4 reads the store's layers back for ``save`` (both archive formats) and
+    ``push``: the layers' content must be the eStargz layers' exact content (same DiffIDs,
+    recomputed from the bytes). The pushed copy is then pulled by a podman without the store
+    (every layer fetched and checked by containers/image) and run."""
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    copy = f"{registry.host}/{repo}-copy:v1"
+    lazy = make(registry)
+    with daemon_log_on_failure(lazy):
+        lazy.podman.pull(ref)
+        _check_lazy_pull(lazy, ref, esgz)
+        for fmt in ("docker-archive", "oci-archive"):
+            archive = lazy.podman.save(ref, f"{lazy.podman.inside}/saved-{fmt}.tar", fmt)
+            config_ids, blob_ids = archive_layer_diff_ids(archive)
+            assert config_ids == esgz.diff_ids, fmt
+            assert blob_ids == esgz.diff_ids, fmt
+            archive.unlink()
+        lazy.podman.push(ref, copy)
+        got = registry_diff_ids(_client(registry), f"{repo}-copy", "v1")
+        assert got["config_diff_ids"] == esgz.diff_ids
+        assert got["blob_diff_ids"] == esgz.diff_ids
+        # Still lazy after save and push: nothing of the layers was copied into the graphroot.
+        assert lazy.podman.store_links(ref) == [True, True]
+        assert lazy.podman.graphroot_usage() < DATA_SIZE
+
+    full = make(registry, store=False)
+    full.podman.pull(copy)
+    assert full.podman.layer_diff_links() == {}
+    assert full.podman.graphroot_usage() > DATA_SIZE * DATA_FILES
+    assert full.podman.run(copy).strip() == CHECK_OK
+    assert full.podman.run(copy, "sha256sum", "/bin/busybox").split()[0] == _busybox_sha256()
+
+
+def test_build_from_an_estargz_image(
+    make: Maker,
+    registry: RegistryHandle,  # noqa: F811
+    esgz: ImageInfo,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``podman build`` FROM an eStargz image pulls the base through the store (TOC keys, no
+    layer fetched by podman); a COPY and a RUN (which reads every data file of the base through
+    the store) add layers; the result runs and prints the right things.
+
+    podman 5.4 quirk, not the store's: at commit, buildah cannot reuse base layers that
+    containers/image identified by TOC digest (their DiffID is "untrusted", by design, and the
+    store's TOC-scheme ``info`` carries it only as ``expected-layer-diffid``, as the Go store's
+    does), so it copies them into the graphroot, reading them through the store's ``blob``
+    files (each verified by the store against its digest). The base image stays lazy; the built
+    image's layers are all real directories."""
+    repo = _repo(request)
+    push_image(esgz, _client(registry), repo, "v1")
+    ref = f"{registry.host}/{repo}:v1"
+    lazy = make(registry)
+    podman = lazy.podman
+    ctx = podman.workdir / "context"
+    ctx.mkdir()
+    (ctx / "added.txt").write_text("added by podman build\n")
+    (ctx / "Containerfile").write_text(
+        f"FROM {ref}\n"
+        "COPY added.txt /added.txt\n"
+        "RUN /data/check.sh > /check.out && sha256sum /bin/busybox >> /check.out\n"
+        'CMD ["/bin/sh", "-c", "cat /added.txt /check.out"]\n'
+    )
+    built = "localhost/p5/built:v1"
+    with daemon_log_on_failure(lazy):
+        podman.run_podman(
+            "build", "--tls-verify=false", "--network", "none", "--tag", built,
+            f"{podman.inside}/context",
+        )  # fmt: skip
+        assert podman.store_links(ref) == [True, True], podman.layer_diff_links()
+        _check_toc_lookups(lazy, esgz)
+        out = podman.run(built).splitlines()
+        assert out[:2] == ["added by podman build", CHECK_OK]
+        assert out[2].split()[0] == _busybox_sha256()
+        # The quirk: the built image's base layers are copies, made from the store's blobs.
+        assert podman.store_links(built) == [False, False, False, False]
+        verified = {rec.get("digest") for rec in lazy.events("blob_read_verified")}
+        assert {layer["digest"] for layer in esgz.layers} <= verified
+        assert podman.graphroot_usage() > DATA_SIZE * DATA_FILES
