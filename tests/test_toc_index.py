@@ -237,6 +237,34 @@ def test_entry_below_non_directory_refused() -> None:
         mk([reg(".wh.x"), reg(".wh.x/y")])
 
 
+def test_image_overlay_xattrs_are_not_shown() -> None:
+    """An image must not steer the overlay mount it is part of: redirect, metacopy, origin,
+    opaque or whiteout xattrs it carries never reach overlayfs; only the opaque marker derived
+    from ``.wh..wh..opq`` is answered."""
+    y = "eQ=="  # base64 of b"y"
+    steer = {
+        "trusted.overlay.redirect": "L2V0Yy9zaGFkb3c=",
+        "trusted.overlay.metacopy": "",
+        "trusted.overlay.origin": "AAEC",
+        "trusted.overlay.opaque": y,
+        "user.overlay.redirect": "L2V0Yw==",
+        "user.overlay.whiteout": "",
+        "user.keep": "AAEC",
+        "security.capability": "AAEC",
+    }
+    idx = mk([d("a/", xattrs=steer), reg("a/f", xattrs=steer), d("o/"), reg("o/.wh..wh..opq")])
+    kept = {"user.keep": b"\x00\x01\x02", "security.capability": b"\x00\x01\x02"}
+    for path in ("a", "a/f"):
+        ino = idx.find(path)
+        assert ino is not None
+        assert idx.xattrs(ino) == kept, path
+    o = idx.find("o")
+    assert o is not None and idx.xattrs(o) == {k: b"y" for k in OPAQUE_XATTRS}
+    # the raw TOC view keeps what the image said (for verification and conversion)
+    raw = {e.name: e.xattrs for e in idx.entries()}
+    assert raw["a/f"] is not None and "trusted.overlay.redirect" in raw["a/f"]
+
+
 def test_modes_devices_symlinks_xattrs() -> None:
     idx = mk(
         [

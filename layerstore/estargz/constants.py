@@ -41,3 +41,7 @@ WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+"""xattrs overlayfs reads from its lower layers (opaque, redirect, metacopy, origin, whiteout...).
+An image must not steer the overlay mount it is part of: ``diff/`` shows none of them from the
+image, only the opaque marker the store derives from ``.wh..wh..opq``."""

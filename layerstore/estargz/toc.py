@@ -14,7 +14,9 @@ The overlay view (what ``diff/`` serves): inodes are numbered 1..N in TOC order 
 implied directories take the number of the point where they are first needed, whiteouts come
 last), so numbers are stable across runs for the same TOC. ``D/.wh.NAME`` shows as ``D/NAME``, a
 character device 0/0 with mode ``S_IFCHR`` (a real ``NAME`` wins); ``D/.wh..wh..opq`` is hidden
-and ``D`` answers the opaque xattrs; other ``.wh..wh.*`` (aufs metadata) is hidden; the root's
+and ``D`` answers the opaque xattrs (and no ``trusted.overlay.*``/``user.overlay.*`` xattr from the
+image is shown: the image must not steer the overlay mount); other ``.wh..wh.*`` (aufs metadata)
+is hidden; the root's
 ``.prefetch.landmark``, ``.no.prefetch.landmark`` and ``stargz.index.json`` regular files are
 hidden; hardlinks share one inode; a later entry with the same name replaces the earlier one
 (directory over directory updates the attributes and keeps the children).
@@ -30,7 +32,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, overload
 
-from layerstore.estargz.constants import OPAQUE_XATTRS
+from layerstore.estargz.constants import OPAQUE_XATTRS, OVERLAY_XATTR_PREFIXES
 
 DEFAULT_MAX_ENTRIES = 1_000_000
 """Default cap on the number of TOC entries (:class:`~layerstore.errors.LimitExceededError`)."""
@@ -336,6 +338,8 @@ class TOCIndex:
             x = self._r_xattrs.get(r)
             if x:
                 out.update(x)
+                for name in [n for n in out if n.startswith(OVERLAY_XATTR_PREFIXES)]:
+                    del out[name]
         if ino in self._opaque:
             for name in OPAQUE_XATTRS:
                 out[name] = b"y"
