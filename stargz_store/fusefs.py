@@ -194,7 +194,6 @@ def _guarded(fn: F) -> F:
 
 # --- the inode table ----------------------------------------------------------------------------
 
-_DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o444
 NEGATIVE_CACHE_MAX = 4096
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
@@ -310,8 +309,16 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
-        self._allowed_uids = frozenset({0, os.getuid(), *self._settings.allowed_uids})
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._allowed_uids = frozenset({0, self._uid, *self._settings.allowed_uids})
         self._denied_uids: set[int] = set()  # those logged at warning level once
+        # Who may use the store's own directories (see _check_caller). When only root and the
+        # daemon's user may, the kernel enforces it: those directories are 0700 and owned by
+        # the daemon's user, so a path walk by anyone else stops at the mount's root, cached
+        # names or not, without a request. Other allowed uids need 0755 directories; then
+        # only the daemon can tell users apart, and it must be asked at every walk.
+        self._shared = bool(self._allowed_uids - {0, self._uid})
+        self._store_dir_mode = stat.S_IFDIR | (0o755 if self._shared else 0o700)
         self.stats = _Stats()
 
     # -- inode helpers ---------------------------------------------------------------------------
@@ -350,7 +357,10 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         return block
 
     def _dir_attr(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
-        return self._attr(ino, _DIR_MODE, 2, 0, timeout)
+        """The root, an image or a layer-key directory."""
+        a = self._attr(ino, self._store_dir_mode, 2, 0, timeout)
+        a.st_uid, a.st_gid = self._uid, self._gid
+        return a
 
     def _attr(
         self, ino: int, mode: int, nlink: int, size: int, timeout: float
@@ -438,11 +448,13 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
         Naming an image here makes this root daemon fetch it from a registry the caller chose
         and serve its files, and shows other users' images: only the container engines may.
+        With no other uid allowed, the kernel refuses others first (0700 directories); this
+        check is the only one when other uids are allowed, and the second one otherwise.
         Requests inside ``diff/`` are not checked: they are reached only through a checked
-        key directory (whose name the kernel always asks again, see :meth:`_store_entry`), and
-        overlayfs sends some of them with the container process's credentials (page faults,
-        dentry revalidation), which must keep working. The root's own attributes (and
-        ``statfs``) stay visible to everyone: they reveal nothing.
+        key directory (whose name the kernel asks again at every walk when it cannot check
+        itself, see :meth:`_store_entry`), and overlayfs sends some of them with the container
+        process's credentials (page faults, dentry revalidation), which must keep working. The
+        root's own attributes (and ``statfs``) stay visible to everyone: they reveal nothing.
 
         EACCES, not ENOENT: it tells a misconfigured rootless user what is wrong instead of
         looking like an unknown image, and an ENOENT would leave negative dentries behind.
@@ -464,12 +476,15 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         raise _fuse_error(errno.EACCES)
 
     def _store_entry(self, ino: int) -> pyfuse3.EntryAttributes:
-        """An image or layer-key directory's entry. Its name is valid for no time (entry
-        timeout 0): every path walk through it sends a LOOKUP with the walker's credentials, so
-        :meth:`_check_caller` sees every user, even right after root looked the name up.
-        Attributes keep ``store_dir_timeout``."""
+        """An image or layer-key directory's entry. When uids other than root and the daemon's
+        are allowed (0755 directories), its name is valid for no time (entry timeout 0): every
+        path walk through it sends a LOOKUP with the walker's credentials, so
+        :meth:`_check_caller` sees every user, even right after root looked the name up (at the
+        cost of two round trips per walk from the mount's root; overlayfs keeps its lower
+        directories and does not walk). Attributes keep ``store_dir_timeout``."""
         a = self._dir_attr(ino, self._settings.store_dir_timeout)
-        a.entry_timeout = 0
+        if self._shared:
+            a.entry_timeout = 0
         return a
 
     # -- lookups ---------------------------------------------------------------------------------
