@@ -485,7 +485,7 @@ def test_rootless_podman_pulls_through_the_store_only_when_allowed(
     probe.cleanup()
     if info.returncode != 0 or info.stdout.split() != ["true", "overlay"]:
         pytest.skip(f"rootless podman with overlay does not work here: {info.stderr[-500:]}")
-    with store(open_dir / "daemon", image.reg, allowed_uids=[NOBODY] if allowed else []) as d:
+    with store(open_dir / "daemon", image.reg, allowed_uids=[NOBODY] if allowed else None) as d:
         rootless = RootlessPodman(open_dir / "rootless", d.mountpoint, image.reg.host)
         try:
             r = rootless.podman("pull", "--quiet", image.ref)
