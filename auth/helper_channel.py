@@ -12,7 +12,9 @@ references, never credentials.
 
 Security: the socket is created with mode 0600 inside a private (0700) temporary directory and
 renamed into place, so it is never reachable with looser permissions; on Linux the peer's uid
-(SO_PEERCRED) must also be root or the daemon's own uid.
+(SO_PEERCRED) must also be root or the daemon's own uid. A socket already at the path is
+replaced only when nothing answers on it (connect refused): a live one belongs to another
+daemon, whose podman clients would otherwise be silently cut off.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ DEFAULT_SOCKET_PATH = "/var/lib/stargz-store/" + SOCKET_NAME
 MAX_PAYLOAD = 1 << 20
 CONNECTION_TIMEOUT = 5.0
 MAX_CONCURRENT_CONNECTIONS = 16
+PROBE_TIMEOUT = 2.0
 
 
 class HelperCredentialSink(Protocol):
@@ -54,6 +57,23 @@ def _peer_uid(conn: socket.socket) -> int | None:
     raw = conn.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
     return int(uid)
+
+
+def socket_is_live(path: str | os.PathLike[str], timeout: float = PROBE_TIMEOUT) -> bool:
+    """Does a process listen on the Unix socket ``path``? Only a refused connection (or a
+    vanished file) means no: any other failure (a full backlog, a timeout, no permission) is
+    taken as live, so that an unclear answer never leads to unlinking someone's socket."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
 
 
 def _reply(conn: socket.socket, doc: Mapping[str, Any]) -> None:
@@ -143,7 +163,13 @@ class HelperChannelServer:
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise HelperChannelError(f"{path} exists and is not a socket")
-            os.unlink(path)  # a stale socket from an earlier run
+            if socket_is_live(path):
+                raise HelperChannelError(
+                    f"{path} is in use (a process answers on it): is another stargz-store "
+                    "using the same socket?"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket from an earlier run
         try:
             private = tempfile.mkdtemp(prefix=".auth-helper-", dir=parent)  # mode 0700
         except OSError as e:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -123,6 +123,9 @@ class FuseSettings(_Section):
     store_dir_timeout: float = Field(default=1.0, ge=0)
     negative_timeout: float = Field(default=2.0, ge=0)
     allow_other: bool = True
+    # Besides root (and the daemon's own uid), the uids whose processes may look up images and
+    # layers in the mount (rootless podman users); everyone else gets EACCES.
+    allowed_uids: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(default_factory=list)
     lookup_threads: int = Field(default=16, ge=1)
     read_threads: int = Field(default=32, ge=1)
     read_ahead_kb: int = Field(default=1024, ge=0)

@@ -5,16 +5,21 @@ Lifecycle:
 
 1. parse arguments and the configuration (errors: one readable line, exit status 2);
 2. set up logging (structlog; JSON lines unless stderr is a terminal);
-3. build the layer provider: CredentialStore -> RegistryClient -> ChunkCache (+ the
+3. make ``--root`` private (created 0700; refused when others can write to it or it belongs to
+   another user; an existing one others can read is made 0700) and lock it: ``<root>/lock``
+   is held with ``flock`` for the daemon's life, so a second daemon on the same ``--root``
+   refuses to start, naming the first's pid, before it touches anything;
+4. make the mount point usable: a dead FUSE mount left by a killed daemon (``ENOTCONN``) is
+   detached with ``umount -l``; a live mount is refused (another daemon is serving it); missing
+   parents are created 0700;
+5. build the layer provider: CredentialStore -> RegistryClient -> ChunkCache (+ the
    ResolutionStore in ``<root>/resolutions``) -> LayerManager, and start the podman
    auth-helper channel;
-4. make the mount point usable: a dead FUSE mount left by a killed daemon (``ENOTCONN``) is
-   detached with ``umount -l``; a live mount is refused (another daemon is serving it);
-5. mount (pyfuse3; ``allow_other``, ``suid``, ``dev``, ``default_permissions``), send
+6. mount (pyfuse3; ``allow_other``, ``nosuid``, ``nodev``, ``default_permissions``), send
    ``READY=1`` to ``$NOTIFY_SOCKET``, serve until SIGINT/SIGTERM or an external unmount;
-6. send ``STOPPING=1``, unmount, close the provider. Exit status 0.
+7. send ``STOPPING=1``, unmount, close the provider. Exit status 0.
 
-``STARGZ_STORE_PROVIDER_FACTORY=module:function`` replaces step 3 with ``function(config,
+``STARGZ_STORE_PROVIDER_FACTORY=module:function`` replaces step 5 with ``function(config,
 root)`` returning a provider (tests and demos use it to serve an in-memory tree).
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import importlib
 import os
 import signal
@@ -35,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import IO, TYPE_CHECKING, Any, Callable, cast
 
 from stargz_store import notify
 from stargz_store.cmdline import ArgParser, HelpShown, UsageError
@@ -51,6 +57,7 @@ PROVIDER_FACTORY_ENV = "STARGZ_STORE_PROVIDER_FACTORY"
 SWEEP_INTERVAL = 60.0
 STARTUP_CHECK_SECONDS = 30.0
 PROBE_SECONDS = 5.0
+LOCK_NAME = "lock"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -207,14 +214,99 @@ def _probe(path: Path, timeout: float = PROBE_SECONDS) -> int | None:
     return result[0] if result else None
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 (``Path.mkdir(parents=True)`` would
+    give the parents the umask's mode, typically 0755)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+
+
+def prepare_root(root: Path) -> None:
+    """Create ``--root`` 0700, or check an existing one.
+
+    It holds the chunk cache (bytes of private images, and what is served again without a
+    registry), the auth-helper socket (credentials) and the lock. A directory that someone
+    other than root or the daemon's user owns, or that group or others may write to, is refused:
+    whoever can write there may already have planted files or links, and tightening the mode
+    now would not undo that; an operator has to look. One that others may only read or enter
+    (0755, as earlier releases created it) is made 0700, with a warning.
+    """
+    try:
+        make_private_dirs(root)
+        st = os.stat(root)
+    except OSError as exc:
+        raise DaemonError(f"cannot create --root {root}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"--root {root} is not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        raise DaemonError(
+            f"--root {root} belongs to uid {st.st_uid}, not to root or to this daemon's user: "
+            "refusing to use it (chown it or choose another --root)"
+        )
+    if mode & 0o022:
+        raise DaemonError(
+            f"--root {root} is writable by group or others (mode {mode:04o}): refusing to use "
+            f"it; check its contents, then chmod 700 {root}"
+        )
+    if mode & 0o077:
+        try:
+            os.chmod(root, mode & 0o700)
+        except OSError as exc:
+            raise DaemonError(f"cannot make --root {root} private: {exc.strerror}") from None
+        log.warning("root_made_private", root=str(root), old_mode=f"{mode:04o}", new_mode="0700")
+
+
+def lock_root(root: Path) -> IO[str]:
+    """Take ``<root>/lock`` (``flock``, exclusive) for the daemon's life and write our pid in it.
+
+    A second daemon on the same ``--root`` would take over the first's auth-helper socket and
+    cache; it gets a DaemonError naming the first's pid instead, having changed nothing (the
+    lock file is opened without truncation and written only once the lock is ours). The file
+    is never removed: unlinking a lock file races with the next daemon opening it.
+    """
+    path = root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise DaemonError(f"cannot open the lock {path}: {exc.strerror}") from None
+    f = os.fdopen(fd, "r+", encoding="ascii", errors="replace")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = f.read(32).strip() or "unknown"
+        f.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DaemonError(
+                f"--root {root} is in use by another stargz-store (pid {holder}, "
+                f"lock {path}); not starting a second daemon on it"
+            ) from None
+        raise DaemonError(f"cannot lock {path}: {exc.strerror}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def prepare_mountpoint(path: Path) -> None:
     """Make ``path`` a directory we can mount on; detach a dead FUSE mount (``ENOTCONN``) left
-    by a killed daemon; refuse a live one."""
+    by a killed daemon; refuse a live one. Missing parents are created 0700: only root needs to
+    reach the mount (a rootless setup in ``fuse.allowed_uids`` provides its own parent)."""
     dead: int | None = None
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
+        path.mkdir(exist_ok=True)
         return
     except OSError as exc:
         if exc.errno not in _DEAD:
@@ -473,11 +565,9 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         config=config_path,
         pid=os.getpid(),
     )
-    with _early_signals():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DaemonError(f"cannot create --root {root}: {exc.strerror}") from None
+    with _early_signals(), contextlib.ExitStack() as held:
+        prepare_root(root)
+        held.enter_context(lock_root(root))
         prepare_mountpoint(mountpoint)
         wiring = build_wiring(config, root)
         try:

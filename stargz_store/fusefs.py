@@ -112,11 +112,21 @@ class LayerProvider(Protocol):
 def mount_options(settings: FuseSettings) -> set[str]:
     """The option set for ``pyfuse3.init``, built explicitly.
 
-    ``suid`` and ``dev`` are given because libfuse mounts with MS_NOSUID|MS_NODEV unless told
-    otherwise, and setuid binaries and device nodes must work inside containers. The mount is
-    not ``ro``: the kernel would then refuse create(use) and rmdir(key) before asking us.
+    ``nosuid`` and ``nodev``: the images are chosen by whoever names them, so a setuid-root
+    binary or a device node must not work when executed or opened straight from this mount.
+    Containers are unaffected: overlayfs applies the flags of its own mount (which podman and
+    CRI-O make without them), not those of its lower layers; tried with podman 4.3.1, a
+    ``--user 65534`` container still gets euid 0 from a setuid-root binary of the image and can
+    use its device nodes (``docs/trust-local.md``). The mount is not ``ro``: the kernel would
+    then refuse create(use) and rmdir(key) before asking us.
     """
-    opts = {"fsname=stargz-store", "subtype=stargz-store", "default_permissions", "suid", "dev"}
+    opts = {
+        "fsname=stargz-store",
+        "subtype=stargz-store",
+        "default_permissions",
+        "nosuid",
+        "nodev",
+    }
     if settings.allow_other:
         opts.add("allow_other")
     return opts
@@ -185,7 +195,6 @@ def _guarded(fn: F) -> F:
 
 # --- the inode table ----------------------------------------------------------------------------
 
-_DIR_MODE = stat.S_IFDIR | 0o755
 _FILE_MODE = stat.S_IFREG | 0o444
 NEGATIVE_CACHE_MAX = 4096
 
@@ -302,6 +311,16 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._allowed_uids = frozenset({0, self._uid, *self._settings.allowed_uids})
+        self._denied_uids: set[int] = set()  # those logged at warning level once
+        # Who may use the store's own directories (see _check_caller). When only root and the
+        # daemon's user may, the kernel enforces it: those directories are 0700 and owned by
+        # the daemon's user, so a path walk by anyone else stops at the mount's root, cached
+        # names or not, without a request. Other allowed uids need 0755 directories; then
+        # only the daemon can tell users apart, and it must be asked at every walk.
+        self._shared = bool(self._allowed_uids - {0, self._uid})
+        self._store_dir_mode = stat.S_IFDIR | (0o755 if self._shared else 0o700)
         self.stats = _Stats()
 
     # -- inode helpers ---------------------------------------------------------------------------
@@ -340,7 +359,10 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         return block
 
     def _dir_attr(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
-        return self._attr(ino, _DIR_MODE, 2, 0, timeout)
+        """The root, an image or a layer-key directory."""
+        a = self._attr(ino, self._store_dir_mode, 2, 0, timeout)
+        a.st_uid, a.st_gid = self._uid, self._gid
+        return a
 
     def _attr(
         self, ino: int, mode: int, nlink: int, size: int, timeout: float
@@ -419,6 +441,54 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if block is not None:
             block.lookups += 1
 
+    # -- who may use the store's own directories -------------------------------------------------
+
+    def _check_caller(self, inode: int, ctx: pyfuse3.RequestContext) -> None:
+        """Refuse (EACCES) a request on one of the store's own nodes (the root, image and
+        layer-key directories, ``info``, ``blob``) from a uid that is neither root, the
+        daemon's own nor in ``fuse.allowed_uids``.
+
+        Naming an image here makes this root daemon fetch it from a registry the caller chose
+        and serve its files, and shows other users' images: only the container engines may.
+        With no other uid allowed, the kernel refuses others first (0700 directories); this
+        check is the only one when other uids are allowed, and the second one otherwise.
+        Requests inside ``diff/`` are not checked: they are reached only through a checked
+        key directory (whose name the kernel asks again at every walk when it cannot check
+        itself, see :meth:`_store_entry`), and overlayfs sends some of them with the container
+        process's credentials (page faults, dentry revalidation), which must keep working. The
+        root's own attributes (and ``statfs``) stay visible to everyone: they reveal nothing.
+
+        EACCES, not ENOENT: it tells a misconfigured rootless user what is wrong instead of
+        looking like an unknown image, and an ENOENT would leave negative dentries behind.
+        """
+        uid = ctx.uid
+        if uid in self._allowed_uids:
+            return
+        if not (
+            inode == pyfuse3.ROOT_INODE or inode in self._ref_by_ino or inode in self._key_by_ino
+        ):
+            return
+        if uid not in self._denied_uids and len(self._denied_uids) < 64:
+            self._denied_uids.add(uid)
+            log.warning(
+                "access_denied", uid=uid, pid=ctx.pid, allowed_uids=sorted(self._allowed_uids)
+            )
+        else:
+            log.debug("access_denied", uid=uid, pid=ctx.pid)
+        raise _fuse_error(errno.EACCES)
+
+    def _store_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        """An image or layer-key directory's entry. When uids other than root and the daemon's
+        are allowed (0755 directories), its name is valid for no time (entry timeout 0): every
+        path walk through it sends a LOOKUP with the walker's credentials, so
+        :meth:`_check_caller` sees every user, even right after root looked the name up (at the
+        cost of two round trips per walk from the mount's root; overlayfs keeps its lower
+        directories and does not walk). Attributes keep ``store_dir_timeout``."""
+        a = self._dir_attr(ino, self._settings.store_dir_timeout)
+        if self._shared:
+            a.entry_timeout = 0
+        return a
+
     # -- lookups ---------------------------------------------------------------------------------
 
     @_guarded
@@ -426,6 +496,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self.stats.fuse_lookups += 1
+        self._check_caller(parent_inode, ctx)
         try:
             attr = await self._lookup(parent_inode, name)
         except _Absent as absent:
@@ -447,11 +518,11 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if name == ".":
             return self._attr_of(parent)
         if parent == pyfuse3.ROOT_INODE:
-            return self._dir_attr(self._ref_dir(name).ino, self._settings.store_dir_timeout)
+            return self._store_entry(self._ref_dir(name).ino)
         ref_dir = self._ref_by_ino.get(parent)
         if ref_dir is not None:
             resolved = await self._key_dir(ref_dir, name)
-            return self._dir_attr(resolved.ino, self._settings.store_dir_timeout)
+            return self._store_entry(resolved.ino)
         kd = self._key_by_ino.get(parent)
         if kd is not None:
             if parent != kd.ino:
@@ -599,6 +670,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode != pyfuse3.ROOT_INODE:
+            self._check_caller(inode, ctx)
         return self._attr_of(inode)
 
     @_guarded
@@ -612,6 +685,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     @_guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._check_caller(inode, ctx)  # readdir gets no context: opendir decides
         attr = self._attr_of(inode)
         if not stat.S_ISDIR(attr.st_mode):
             raise _fuse_error(errno.ENOTDIR)
@@ -668,6 +742,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise _fuse_error(errno.EROFS)
+        self._check_caller(inode, ctx)
         kd = self._key_by_ino.get(inode)
         if kd is not None:
             if inode == kd.ino:
@@ -763,6 +838,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._check_caller(inode, ctx)
         value = self._xattrs(inode).get(os.fsdecode(name))
         if value is None:
             raise _fuse_error(pyfuse3.ENOATTR)
@@ -770,6 +846,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        self._check_caller(inode, ctx)
         return [os.fsencode(n) for n in self._xattrs(inode)]
 
     @_guarded
@@ -794,6 +871,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_caller(parent_inode, ctx)
         kd = self._key_by_ino.get(parent_inode)
         if kd is None or parent_inode != kd.ino or name != b"use":
             raise _fuse_error(errno.EROFS)
@@ -807,6 +885,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     @_guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_caller(parent_inode, ctx)
         ref_dir = self._ref_by_ino.get(parent_inode)
         key = os.fsdecode(name)
         if ref_dir is None or not is_valid_digest(key):

@@ -1006,7 +1006,8 @@ class StoreDaemon:
             self.home,
             self.workdir / "registries.conf.d",
         ):
-            d.mkdir(parents=True, exist_ok=True)
+            # --root as the daemon makes it (0700): it would tighten a wider one, with a warning
+            d.mkdir(mode=0o700 if d == self.root else 0o777, parents=True, exist_ok=True)
         self.config.write_text(self.config_text or "")
         if not self.authfile.exists():
             self.authfile.write_text('{"auths": {}}')

@@ -40,9 +40,10 @@ class Daemon:
         factory: str = "tests.fuse_util:fake_provider_factory",
         config: str = "",
         name: str = "d",
+        root: Path | None = None,
     ) -> None:
         self.tmp = tmp
-        self.root = tmp / "root"
+        self.root = root or tmp / "root"
         self.mp = tmp / "mnt"
         self.log = tmp / f"{name}.log"
         self.config = tmp / "config.toml"
@@ -131,7 +132,7 @@ def test_ready_serve_and_signal_unmounts(
     assert fu.is_mounted(d.mp)  # READY=1 comes after the mount
     entry = fu.mount_entry(d.mp)
     assert entry is not None and entry["fstype"] == "fuse.stargz-store"
-    assert "nosuid" not in entry["options"] and "nodev" not in entry["options"]
+    assert "nosuid" in entry["options"].split(",") and "nodev" in entry["options"].split(",")
     assert fu.run_with_timeout(_sample_file(d.mp).read_bytes, 10) == b"sample\n"
     dev = os.stat(d.mp).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
@@ -183,7 +184,8 @@ def test_live_mount_is_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
     first = Daemon(tmp_path, name="first")
     daemons.append(first)
     first.messages("READY=1")
-    second = Daemon(tmp_path, name="second")
+    # (another --root: on the same one, the root lock refuses it first; tests/test_privilege.py)
+    second = Daemon(tmp_path, name="second", root=tmp_path / "root2")
     daemons.append(second)
     assert second.proc.wait(15) == 1
     assert "already a live FUSE mount" in second.log_text()

@@ -85,3 +85,11 @@ def test_unit_is_notify_and_has_no_private_mount_namespace() -> None:
     forbidden = ("PrivateTmp", "PrivateMounts", "ReadOnlyPaths", "PrivateDevices", "Protect")
     for key in keys:
         assert not key.startswith(forbidden), f"{key} would hide the FUSE mount from podman"
+
+
+def test_state_directory_is_private() -> None:
+    """The daemon refuses a group- or world-writable --root and tightens a readable one; the
+    package installs it 0700 root:root so that it never has to."""
+    text = SPEC.read_text()
+    assert "install -d -m 0700 %{buildroot}%{_sharedstatedir}/stargz-store\n" in text
+    assert "%dir %attr(0700, root, root) %{_sharedstatedir}/stargz-store\n" in text
