@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import report
+from benchmarks import images, report
 from benchmarks.coldstart import pick_files
 from benchmarks.images import (
     build_image,
@@ -62,6 +62,32 @@ def test_tiny_recipe_builds_a_valid_oci_layout(tmp_path: Path) -> None:
     # cached: a second call does not rebuild
     again = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
     assert again.manifest_digest == img.manifest_digest
+
+
+def test_derived_recipe_reuses_the_base_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe with ``base`` (like ``pandas`` on ``large``) is the base image's blobs, hard
+    linked, under its own command, with the files that command opens recorded."""
+    if shutil.which("busybox") is None:
+        pytest.skip("needs busybox-static")
+    record = shutil.which("strace") is not None and shutil.which("chroot") is not None
+    record = record and os.geteuid() == 0
+    derived = images.Recipe(
+        "tiny-cat", (), ("/bin/sh", "-c", "cat /etc/passwd; echo hi"), "hi", base="tiny"
+    )
+    monkeypatch.setitem(images.RECIPES, "tiny-cat", derived)
+    base = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
+    img = build_image("tiny-cat", tmp_path, record=record, log=lambda _m: None)
+    manifest = _check_layout(Path(img.layout), img.tag)
+    assert [la["digest"] for la in manifest["layers"]] == [la.digest for la in base.layers]
+    assert img.layers == base.layers and img.manifest_digest != base.manifest_digest
+    _, _, config = read_oci_image(Path(img.layout), img.tag)
+    assert config["config"]["Cmd"] == ["/bin/sh", "-c", "cat /etc/passwd; echo hi"]
+    blob = Path(img.layout) / "blobs/sha256" / base.layers[0].digest[7:]
+    assert blob.stat().st_nlink >= 2  # shared with the base layout, not copied
+    if record:
+        assert img.opened_files == ["/usr/bin/busybox", "/etc/passwd"]
 
 
 def test_layers_are_reproducible(tmp_path: Path) -> None:
