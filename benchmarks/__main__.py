@@ -1,5 +1,6 @@
 """``python -m benchmarks`` (``./run bench``): cold starts of full pulls against lazy pulls
-through stargz-store, behind an emulated WAN link, plus filesystem figures. See README.md."""
+through stargz-store and through the Go reference store, behind an emulated WAN link, plus
+filesystem figures. See README.md."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from benchmarks.images import (
     image_dir,
     read_oci_image,
 )
+from testbed.gopeer import GoPeerError, GoPeerUnavailable, ensure_built, go_convert_image
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,7 +51,7 @@ _CONVERTER_SOURCES = (
     "layerstore/image/ocilayout.py",
     "layerstore/registry/manifest.py",
 )
-VARIANT_OF_MODE = {"full-gzip": "gzip", "lazy-esgz": "esgz", "lazy-esgz-opt": "esgz-opt"}
+DEFAULT_IMAGES = "python,large,pandas"
 
 
 def log(msg: str) -> None:
@@ -106,6 +108,67 @@ def convert_image(img: BuiltImage, cache: Path, optimized: bool, key: str) -> st
     return str(dst)
 
 
+def go_writer_key() -> str:
+    """The Go peers' build stamp (sources, toolchain, library version): the cache key of the
+    images the Go writer re-wrote. Raises EnvError when the Go peers cannot be built."""
+    try:
+        bin_dir = ensure_built()
+    except (GoPeerUnavailable, GoPeerError) as exc:
+        raise EnvError(str(exc)) from exc
+    return (bin_dir / ".stamp").read_text().strip()[:12]
+
+
+def go_convert(img: BuiltImage, cache: Path, optimized: bool, key: str) -> str:
+    """The image re-written layer by layer by the Go library's writer (``estargz-peer build``,
+    ``estargz.Build`` defaults), with the workload's prioritized files when *optimized*;
+    cached per Go build *key*. Raises EnvError."""
+    variant = "esgz-go-opt" if optimized else "esgz-go"
+    top = image_dir(cache, img.name)
+    dst = top / f"goconv-{key}" / variant
+    for old in top.glob("goconv-*"):
+        if old.name != f"goconv-{key}":
+            shutil.rmtree(old, ignore_errors=True)
+    if (dst / ".done").exists():
+        return str(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    prioritized: list[str] = []
+    if optimized:
+        prio = image_dir(cache, img.name) / "prioritized-files.txt"
+        prioritized = [p for p in prio.read_text().splitlines() if p.strip()]
+    log(f"converting {img.name} to {variant} (Go writer)")
+    t0 = time.monotonic()
+    try:
+        go_convert_image(
+            Path(img.layout),
+            img.tag,
+            dst,
+            img.tag,
+            prioritized=prioritized,
+            nice=19,
+            log=lambda m: log(f"  {m}"),
+        )
+    except (GoPeerError, GoPeerUnavailable, OSError) as exc:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise EnvError(f"Go writer failed: {exc}") from exc
+    (dst / ".done").write_text(f"{time.monotonic() - t0:.1f}\n")
+    return str(dst)
+
+
+def variant_layout(
+    img: BuiltImage, variant: str, cache: Path, conv_key: str, go_key: str | None
+) -> str:
+    """The OCI layout of one image variant (report.VARIANTS), built and cached on first use."""
+    if variant == "gzip":
+        return img.layout
+    if variant in ("esgz", "esgz-opt"):
+        return convert_image(img, cache, variant == "esgz-opt", conv_key)
+    if go_key is None:
+        raise EnvError("the Go writer is not available")
+    return go_convert(img, cache, variant == "esgz-go-opt", go_key)
+
+
 def host_info(key: str) -> dict[str, Any]:
     def out(cmd: list[str]) -> str:
         try:
@@ -129,9 +192,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="cold runs per image and mode (median)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="emulated round-trip time")
     p.add_argument("--mbit", type=float, default=150.0, help="emulated bandwidth, 0 = unlimited")
-    p.add_argument("--images", default="python,large", help="comma-separated: tiny,python,large")
-    p.add_argument("--modes", default=",".join(report.MODES), help="comma-separated modes")
+    p.add_argument("--images", default=DEFAULT_IMAGES, help=f"comma-separated: {','.join(RECIPES)}")
+    p.add_argument(
+        "--modes",
+        default=",".join(report.DEFAULT_MODES),
+        help=f"comma-separated modes, of: {','.join(report.MODES)}",
+    )
     p.add_argument("--no-fs", action="store_true", help="skip the filesystem figures")
+    p.add_argument(
+        "--fs-stores",
+        default="ours,go",
+        help="stores measured for the filesystem figures: ours, go, or ours,go",
+    )
     p.add_argument("--fs-read-mb", type=float, default=128.0, help="bytes read for fs figures")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="images, registry, scratch")
     p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
@@ -155,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         if m not in report.MODES:
             print(f"unknown mode {m}; known: {', '.join(report.MODES)}", file=sys.stderr)
             return 2
+    fs_stores = [x.strip() for x in args.fs_stores.split(",") if x.strip()]
+    if any(x not in ("ours", "go") for x in fs_stores):
+        print("--fs-stores takes ours, go or ours,go", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("benchmarks need root (FUSE, overlay mounts, drop_caches)", file=sys.stderr)
         return 2
@@ -176,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             "images": images,
             "modes": modes,
             "store": "config defaults; background_fetch off for the fs figures only",
+            "go_store": "go-stargz-store (Debian's stargz-snapshotter 0.12), upstream defaults;"
+            " no_background_fetch for the fs figures only",
+            "fs_stores": fs_stores,
         },
         "host": host_info(conv_key),
         "images": {},
@@ -186,14 +265,27 @@ def main(argv: list[str] | None = None) -> int:
     built = build_images(images, cache)
     layouts: dict[tuple[str, str], str] = {}
     conv_errors: dict[tuple[str, str], str] = {}
+    variants = {"gzip"} | {report.mode_parts(m)[1] for m in modes}  # gzip: the link check
+    if not args.no_fs:
+        variants.add("esgz")
+    go_key: str | None = None
+    go_needed = any(v.startswith("esgz-go") for v in variants) or any(
+        report.mode_parts(m)[0] == "go" for m in modes
+    )
+    if go_needed or (not args.no_fs and "go" in fs_stores):
+        try:
+            go_key = go_writer_key()
+            results["host"]["go_peer_key"] = go_key
+        except EnvError as exc:
+            log(f"Go peers unavailable: {exc}")
+            results["host"]["go_peer_error"] = str(exc)
     for n in images:
         img = built[n]
-        layouts[(n, "gzip")] = img.layout
-        for variant, optimized in (("esgz", False), ("esgz-opt", True)):
-            if f"lazy-{variant}" not in modes and not (variant == "esgz" and not args.no_fs):
+        for variant in report.VARIANTS:
+            if variant not in variants:
                 continue
             try:
-                layouts[(n, variant)] = convert_image(img, cache, optimized, conv_key)
+                layouts[(n, variant)] = variant_layout(img, variant, cache, conv_key, go_key)
             except EnvError as exc:
                 conv_errors[(n, variant)] = str(exc)
                 log(f"{n}/{variant}: {exc}")
@@ -254,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in images:
             for m in modes:
                 entry: dict[str, Any] = {"image": n, "mode": m, "runs": [], "error": None}
-                if (n, VARIANT_OF_MODE[m]) not in refs:
-                    entry["error"] = conv_errors.get((n, VARIANT_OF_MODE[m]), "no image")
+                store, variant = report.mode_parts(m)
+                if (n, variant) not in refs:
+                    entry["error"] = conv_errors.get((n, variant), "no image")
+                elif store == "go" and go_key is None:
+                    entry["error"] = results["host"].get("go_peer_error", "no Go store")
                 entries[(n, m)] = entry
                 results["coldstart"].append(entry)
         for r in range(args.runs):
@@ -264,19 +359,20 @@ def main(argv: list[str] | None = None) -> int:
                     entry = entries[(n, m)]
                     if entry["error"]:
                         continue
+                    store, variant = report.mode_parts(m)
                     target = Target(
                         image=n,
                         mode=m,
-                        ref=f"{proxy.address}/{refs[(n, VARIANT_OF_MODE[m])]}",
+                        ref=f"{proxy.address}/{refs[(n, variant)]}",
                         expect=built[n].expect,
-                        lazy=m != "full-gzip",
+                        store=store,
                     )
                     res = cold_run(target, proxy, scratch / "run", log=log)
                     res["run"] = r
                     entry["runs"].append(res)
                     if res.get("error") is None:
                         log(
-                            f"run {r + 1}/{args.runs} {n:<6} {m:<14} pull {res['pull_s']:6.2f} s"
+                            f"run {r + 1}/{args.runs} {n:<6} {m:<16} pull {res['pull_s']:6.2f} s"
                             f"  run {res['run_s']:6.2f} s  total {res['total_s']:6.2f} s  "
                             f"{res['bytes_down'] / 1e6:7.1f} MB down"
                             + (f"  [{res['warning']}]" if res.get("warning") else "")
@@ -292,17 +388,23 @@ def main(argv: list[str] | None = None) -> int:
                 layout = layouts[(fs_image, "esgz")]
                 layers = manifest_layers(layout, built[fs_image].tag)
                 biggest = max(layers, key=lambda la: int(str(la["size"])))
-                log(f"filesystem figures on {fs_image}'s largest eStargz layer")
-                results["fs"] = fs_figures(
-                    fs_image,
-                    f"{proxy.address}/{refs[(fs_image, 'esgz')]}",
-                    str(biggest["digest"]),
-                    int(str(biggest["size"])),
-                    proxy,
-                    scratch / "fs",
-                    int(args.fs_read_mb * 1e6),
-                    log=log,
-                )
+                for store in fs_stores:
+                    key = "fs" if store == "ours" else "fs_go"
+                    if store == "go" and go_key is None:
+                        results[key] = {"error": results["host"].get("go_peer_error")}
+                        continue
+                    log(f"filesystem figures on {fs_image}'s largest eStargz layer ({store})")
+                    results[key] = fs_figures(
+                        fs_image,
+                        f"{proxy.address}/{refs[(fs_image, 'esgz')]}",
+                        str(biggest["digest"]),
+                        int(str(biggest["size"])),
+                        proxy,
+                        scratch / "fs",
+                        int(args.fs_read_mb * 1e6),
+                        log=log,
+                        store=store,
+                    )
             else:
                 results["fs"] = {"error": conv_errors.get((fs_image, "esgz"), "no eStargz image")}
     finally:

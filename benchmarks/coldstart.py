@@ -12,12 +12,14 @@ from typing import Any
 
 from benchmarks.env import (
     EnvError,
+    GoStore,
     Podman,
     ProxyThread,
     StoreDaemon,
     als_layer_dir,
     cleaned,
     drop_caches,
+    make_store,
 )
 
 _READ = 1 << 20
@@ -28,10 +30,14 @@ class Target:
     """An image variant in the registry, as podman pulls it (through the proxy)."""
 
     image: str
-    mode: str  # full-gzip | lazy-esgz | lazy-esgz-opt
+    mode: str  # report.MODES: full-gzip | lazy-esgz | lazy-esgz-opt | go-esgz | ...
     ref: str  # <proxy host:port>/bench/<image>:<tag>
     expect: str
-    lazy: bool
+    store: str | None  # None: podman pulls everything; "ours" or "go": the layer store
+
+    @property
+    def lazy(self) -> bool:
+        return self.store is not None
 
 
 def _als_layers(graphroot: Path) -> int:
@@ -48,15 +54,15 @@ def cold_run(
     workdir: Path,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fresh graphroot, fresh store root and daemon, dropped page cache; then time
-    ``podman pull`` and ``podman run --rm``."""
-    result: dict[str, Any] = {"error": None}
+    """Fresh graphroot, fresh store root and daemon (ours or the Go store), dropped page
+    cache; then time ``podman pull`` and ``podman run --rm``."""
+    result: dict[str, Any] = {"error": None, "store": target.store}
     with cleaned(workdir) as w:
-        daemon: StoreDaemon | None = None
+        daemon: StoreDaemon | GoStore | None = None
         podman: Podman | None = None
         try:
-            if target.lazy:
-                daemon = StoreDaemon(w / "store", w / "mnt", proxy.address)
+            if target.store is not None:
+                daemon = make_store(target.store, w / "store", w / "mnt", proxy.address)
                 daemon.start()
                 result["daemon_startup_s"] = daemon.startup_s
             podman = Podman(w / "podman", proxy.address, als_mount=w / "mnt" if daemon else None)
@@ -148,10 +154,18 @@ def fs_figures(
     workdir: Path,
     read_budget: int,
     log: Callable[[str], None] = print,
+    store: str = "ours",
 ) -> dict[str, Any]:
     """Resolve, walk and read one layer through a fresh daemon (background fetch off, so cold
-    reads are cold); then restart the daemon on the warm disk cache and read again."""
+    reads are cold); then read again from the store's disk cache with the page cache dropped.
+
+    Our daemon is restarted first (its cache persists across restarts: the figure includes a
+    fresh process's first use of each chunk). The Go store keeps serving: its disk cache lives
+    in a fresh temporary directory per process and does not survive a restart, so the Go
+    figure is a dropped page cache with the same process (``cached_after_restart`` says
+    which)."""
     res: dict[str, Any] = {
+        "store": store,
         "image": image,
         "ref": ref,
         "layer": layer_digest,
@@ -161,7 +175,7 @@ def fs_figures(
         "error": None,
     }
     with cleaned(workdir) as w:
-        daemon = StoreDaemon(w / "store", w / "mnt", proxy.address, background_fetch=False)
+        daemon = make_store(store, w / "store", w / "mnt", proxy.address, background_fetch=False)
         try:
             daemon.start()
             res["daemon_startup_s"] = daemon.startup_s
@@ -189,10 +203,12 @@ def fs_figures(
             res["fetched_vs_layer"] = res["bytes_fetched"] / layer_size if layer_size else None
             res["fetched_vs_read"] = res["bytes_fetched"] / nbytes if nbytes else None
             rss = daemon.peak_rss_bytes()
-            log(f"  fs: cold {res['cold_MBps'] or 0:.1f} MB/s over {nbytes / 1e6:.0f} MB")
+            log(f"  fs ({store}): cold {res['cold_MBps'] or 0:.1f} MB/s over {nbytes / 1e6:.0f} MB")
 
-            daemon.stop()
-            daemon.start()
+            res["cached_after_restart"] = store != "go"
+            if store != "go":
+                daemon.stop()
+                daemon.start()
             os.stat(diff)
             drop_caches()
             b1 = proxy.bytes_down
@@ -206,7 +222,7 @@ def fs_figures(
             res["daemon_peak_rss_bytes"] = max(rss, daemon.peak_rss_bytes())
         except (EnvError, OSError) as exc:
             res["error"] = str(exc)[-1500:]
-            log(f"  fs: ERROR {res['error']}")
+            log(f"  fs ({store}): ERROR {res['error']}")
         finally:
             daemon.stop()
     return res

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from benchmarks.wanproxy import WanProxy
+from testbed.gopeer import GoPeerError, GoPeerUnavailable, GoStoreDaemon
 
 LOOPBACK = "127.0.0.1"
 
@@ -331,11 +332,7 @@ class StoreDaemon:
         self.mount.mkdir(parents=True, exist_ok=True)
         cfg = self.root.parent / "store-config.toml"
         cfg.write_text(self.config_text())
-        log_path = self.log_path or self.root.parent / "store.log"
-        keep = os.environ.get("BENCH_STORE_LOG_DIR")
-        if keep and self.log_path is None:  # daemon logs kept across the scratch clean-up
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            log_path = Path(keep) / f"store-{time.strftime('%H%M%S')}-{os.getpid()}-{id(self)}.log"
+        log_path = self.log_path or _log_path(self.root.parent / "store.log", "store", self)
         log = open(log_path, "ab")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "REGISTRY_AUTH_FILE": str(self.root.parent / "store-auth.json")}
         (self.root.parent / "store-auth.json").write_text('{"auths": {}}')
@@ -400,6 +397,83 @@ class StoreDaemon:
             subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False)
             if os.path.ismount(self.mount):
                 subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+def _log_path(default: Path, name: str, obj: object) -> Path:
+    """*default*, or a file in ``$BENCH_STORE_LOG_DIR`` (daemon logs kept across clean-ups)."""
+    keep = os.environ.get("BENCH_STORE_LOG_DIR")
+    if not keep:
+        return default
+    Path(keep).mkdir(parents=True, exist_ok=True)
+    return Path(keep) / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}-{id(obj)}.log"
+
+
+@dataclass
+class GoStore:
+    """The Go reference store (``go-stargz-store``, our main around the ``store`` package of
+    Debian's stargz-snapshotter 0.12; ``testbed.gopeer``) with :class:`StoreDaemon`'s interface.
+
+    Its defaults are the upstream ones: landmark prefetch and background fetch on, the
+    registry on 127.0.0.1 reached over http (the library's rule for loopback hosts, so
+    *registry* needs no configuration). ``BENCH_GO_STORE_CONFIG`` adds TOML lines
+    (``;``-separated, e.g. ``prefetch_size = 0``); ``BENCH_STORE_LOG_LEVEL`` and
+    ``BENCH_STORE_LOG_DIR`` apply as for our daemon."""
+
+    root: Path
+    mount: Path
+    registry: str
+    background_fetch: bool = True
+    startup_s: float = 0.0
+    daemon: GoStoreDaemon | None = None
+
+    def config_text(self) -> str:
+        extra = [
+            x.strip() for x in os.environ.get("BENCH_GO_STORE_CONFIG", "").split(";") if x.strip()
+        ]
+        lines = [] if self.background_fetch else ["no_background_fetch = true"]
+        return "".join(f"{x}\n" for x in [*lines, *extra])
+
+    def start(self, timeout: float = 60) -> None:
+        level = os.environ.get("BENCH_STORE_LOG_LEVEL", "warning")
+        work = self.root.parent / "go-store"
+        self.daemon = GoStoreDaemon(
+            work,
+            mountpoint=self.mount,
+            root=self.root,
+            config_text=self.config_text(),
+            log_level=level,
+            log_path=_log_path(work / "go-store.log", "go-store", self),
+        )
+        try:
+            self.daemon.start(timeout)
+        except (GoPeerError, GoPeerUnavailable) as exc:
+            raise EnvError(f"Go store: {exc}") from exc
+        self.startup_s = self.daemon.startup_s
+
+    @property
+    def pid(self) -> int:
+        return self.daemon.pid if self.daemon is not None else 0
+
+    def peak_rss_bytes(self) -> int:
+        return self.daemon.peak_rss_bytes() if self.daemon is not None else 0
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.daemon = None
+        if os.path.ismount(self.mount):
+            unmount_all(self.mount)
+
+
+def make_store(
+    kind: str, root: Path, mount: Path, registry: str, background_fetch: bool = True
+) -> StoreDaemon | GoStore:
+    """Our daemon (``ours``) or the Go reference store (``go``), not started."""
+    if kind == "go":
+        return GoStore(root, mount, registry, background_fetch=background_fetch)
+    if kind == "ours":
+        return StoreDaemon(root, mount, registry, background_fetch=background_fetch)
+    raise ValueError(f"unknown store {kind!r}")
 
 
 # --------------------------------------------------------------------------------------------

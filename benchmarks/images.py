@@ -6,10 +6,12 @@ Recipes (:data:`RECIPES`):
 * ``python`` - ~170 MB: Debian 12's ``/usr/bin/python3.11``, the shared libraries it and its
   extension modules need, the standard library, pip/setuptools/wheel/pygments, zoneinfo and
   locale data up to the target size. Workload ``python3 -c "print('hello')"``.
-* ``large``  - ~2.4 GB: the ``python`` layer, then one layer with numpy + scipy (from local
-  wheels), the PyTorch CPU and NVIDIA cuBLAS wheels unpacked (never loaded) and 700 MB of seeded
-  pseudo-random "model weights". Workload ``python3 -c "import scipy.linalg; print('ok')"``
-  opens under 5% of the bytes.
+* ``large``  - ~2.4 GB: the ``python`` layer, then one layer with numpy + scipy + pandas (from
+  local wheels), the PyTorch CPU and NVIDIA cuBLAS wheels unpacked (never loaded) and 700 MB of
+  seeded pseudo-random "model weights". Workload ``python3 -c "import scipy.linalg;
+  print('ok')"`` opens under 5% of the bytes.
+* ``pandas`` - the ``large`` image's layers (the same blobs) with a heavier workload,
+  ``python3 -c "import pandas, scipy.stats; print('ok')"``.
 
 Every image is written as a gzip OCI layout (the full-pull baseline). The files the workload
 opens are recorded once (``strace`` of the workload in a chroot of the merged layers) for
@@ -52,11 +54,19 @@ _FIXED_MTIME = 1_700_000_000
 _MERGED_USR = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 _PY = "python3.11"
 _PY_SITE = f"usr/local/lib/{_PY}/dist-packages"
-_WHEEL_DIRS = (Path("/opt/pypi-more/files"), Path("/opt/wheels"))
+_WHEEL_DIRS = (Path("/opt/pypi-more/files"), Path("/opt/wheels"), Path("/opt/pypi/files"))
 _NUMPY_WHEEL = "numpy-2.1.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 _SCIPY_WHEEL = "scipy-1.15.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 _TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 _CUBLAS_WHEEL = "nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl"
+# pandas 2.2.3 (numpy 2 ready) and its pure-Python dependencies
+_PANDAS_WHEELS = (
+    "pandas-2.2.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "python_dateutil-2.9.0.post0-py2.py3-none-any.whl",
+    "pytz-2026.4-py2.py3-none-any.whl",
+    "tzdata-2026.4-py2.py3-none-any.whl",
+    "six-1.17.0-py2.py3-none-any.whl",
+)
 _PY_DIST_PACKAGES = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel", "pygments")
 
 
@@ -224,13 +234,14 @@ def find_wheel(name: str) -> Path:
 
 
 def populate_scientific(root: Path, weights_bytes: int = 700 * MB) -> None:
-    """numpy + scipy (used); torch, CUDA cuBLAS and model weights (unused) in one layer."""
+    """numpy + scipy + pandas (used); torch, CUDA cuBLAS and model weights (unused) in one
+    layer."""
     site = root / _PY_SITE
     site.mkdir(parents=True)
-    for wheel in (_NUMPY_WHEEL, _SCIPY_WHEEL, _TORCH_WHEEL, _CUBLAS_WHEEL):
+    for wheel in (_NUMPY_WHEEL, _SCIPY_WHEEL, *_PANDAS_WHEELS, _TORCH_WHEEL, _CUBLAS_WHEEL):
         unpack_wheel(site, find_wheel(wheel))
     # manylinux wheels expect the system's libstdc++/libgcc_s: add what their modules need.
-    sos = [str(p) for pkg in ("numpy", "scipy") for p in (site / pkg).rglob("*.so")]
+    sos = [str(p) for pkg in ("numpy", "scipy", "pandas") for p in (site / pkg).rglob("*.so")]
     dynload = [str(p) for p in Path(f"/usr/lib/{_PY}/lib-dynload").glob("*.so")]
     in_base = _ldd([f"/usr/bin/{_PY}", *dynload])  # already in the python layer below
     for lib in sorted(_ldd(sos) - in_base):
@@ -528,6 +539,7 @@ class Recipe:
     cmd: tuple[str, ...]
     expect: str  # what the workload prints
     version: int = 1  # bump when the recipe changes: the cache key
+    base: str = ""  # another recipe whose layers (blobs) this image reuses: only cmd differs
 
 
 RECIPES: dict[str, Recipe] = {
@@ -540,7 +552,15 @@ RECIPES: dict[str, Recipe] = {
         (populate_python, populate_scientific),
         ("/usr/bin/python3", "-c", "import scipy.linalg; print('ok')"),
         "ok",
-        version=2,
+        version=3,
+    ),
+    "pandas": Recipe(
+        "pandas",
+        (),
+        ("/usr/bin/python3", "-c", "import pandas, scipy.stats; print('ok')"),
+        "ok",
+        version=1,
+        base="large",
     ),
 }
 
@@ -593,6 +613,12 @@ def build_image(
     meta = top / "image.json"
     if meta.exists():
         return BuiltImage.from_json(json.loads(meta.read_text()))
+    if recipe.base:
+        base = build_image(recipe.base, cache, record=record, log=log)
+        if top.exists():
+            shutil.rmtree(top)
+        top.mkdir(parents=True)
+        return _derive_image(recipe, base, top, record=record, log=log)
     if top.exists():
         shutil.rmtree(top)
     top.mkdir(parents=True)
@@ -635,6 +661,65 @@ def build_image(
     for ldir in layer_dirs:  # the layers live on as blobs; keep the cache small
         shutil.rmtree(ldir)
     meta.write_text(json.dumps(built.to_json(), indent=1))
+    return built
+
+
+def _derive_image(
+    recipe: Recipe, base: BuiltImage, top: Path, *, record: bool, log: Callable[[str], None]
+) -> BuiltImage:
+    """*base*'s layers (blob files hard-linked, byte for byte the same) under *recipe*'s
+    command; the files that command opens are recorded in a chroot unpacked from the blobs."""
+    layout = top / "oci-gzip"
+    blobs = layout / "blobs/sha256"
+    blobs.mkdir(parents=True)
+    for la in base.layers:
+        hexd = la.digest.split(":", 1)[1]
+        src = Path(base.layout) / "blobs/sha256" / hexd
+        try:
+            os.link(src, blobs / hexd)
+        except OSError:
+            shutil.copy2(src, blobs / hexd)
+    digest = write_oci_image(layout, "latest", list(base.layers), list(recipe.cmd))
+    opened: list[str] = []
+    opened_bytes = 0
+    layer_dirs: list[Path] = []
+    try:
+        if record:
+            for i, la in enumerate(base.layers):
+                ldir = top / f"rootfs-{i}"
+                ldir.mkdir()
+                log(f"images: {recipe.name}: unpacking layer {i} to record the workload")
+                with tarfile.open(blobs / la.digest.split(":", 1)[1], "r:gz") as tf:
+                    # our own blobs (write_layer): absolute symlinks included, as written
+                    if hasattr(tarfile, "fully_trusted_filter"):
+                        tf.extraction_filter = tarfile.fully_trusted_filter
+                    tf.extractall(ldir)
+                layer_dirs.append(ldir)
+            log(f"images: {recipe.name}: recording the files the workload opens")
+            opened = record_opened_files(layer_dirs, list(recipe.cmd), top)
+            for p in opened:
+                for ldir in reversed(layer_dirs):
+                    f = ldir / p.lstrip("/")
+                    if f.exists() or f.is_symlink():
+                        opened_bytes += os.lstat(f).st_size
+                        break
+            (top / "prioritized-files.txt").write_text("".join(p + "\n" for p in opened))
+    finally:
+        for ldir in layer_dirs:
+            shutil.rmtree(ldir, ignore_errors=True)
+    built = BuiltImage(
+        name=recipe.name,
+        layout=str(layout),
+        tag="latest",
+        manifest_digest=digest,
+        cmd=list(recipe.cmd),
+        expect=recipe.expect,
+        layers=list(base.layers),
+        opened_files=opened,
+        opened_bytes=opened_bytes,
+        rootfs_bytes=base.rootfs_bytes,
+    )
+    (top / "image.json").write_text(json.dumps(built.to_json(), indent=1))
     return built
 
 

@@ -10,14 +10,61 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-MODES = ("full-gzip", "lazy-esgz", "lazy-esgz-opt")
+# A mode is "<store>-<variant>": the store serving the layers (full = none: podman pulls them;
+# lazy = ours; go = the Go reference store, go-stargz-store) and the image variant in the
+# registry (gzip; esgz / esgz-opt written by our converter, without / with the workload's
+# prioritized files; esgz-go / esgz-go-opt written by the Go library's writer).
+MODES = (
+    "full-gzip",
+    "lazy-esgz",
+    "lazy-esgz-opt",
+    "go-esgz",
+    "go-esgz-opt",
+    "lazy-esgz-go",
+    "go-esgz-go",
+    "lazy-esgz-go-opt",
+    "go-esgz-go-opt",
+)
+DEFAULT_MODES = MODES[:7]
+STORES = {"full": None, "lazy": "ours", "go": "go"}
+VARIANTS = ("gzip", "esgz", "esgz-opt", "esgz-go", "esgz-go-opt")
+_VARIANT_LABELS = {
+    "gzip": "gzip",
+    "esgz": "eStargz",
+    "esgz-opt": "eStargz, optimized",
+    "esgz-go": "Go-written eStargz",
+    "esgz-go-opt": "Go-written eStargz, optimized",
+}
+_STORE_LABELS = {"full": "full pull", "lazy": "lazy, ours", "go": "Go store"}
 MODE_LABELS = {
-    "full-gzip": "full pull (gzip)",
-    "lazy-esgz": "lazy (eStargz)",
-    "lazy-esgz-opt": "lazy (eStargz, optimized)",
+    m: f"{_STORE_LABELS[m.split('-', 1)[0]]} ({_VARIANT_LABELS[m.split('-', 1)[1]]})" for m in MODES
 }
 _TIMES = ("pull_s", "run_s", "total_s")
 _MEDIANS = (*_TIMES, "bytes_down", "daemon_peak_rss_bytes")
+# Filesystem figures compared ours/Go: for times and RSS lower is better, for rates higher.
+_FS_RATIO_KEYS = {
+    "resolve_s": "resolve",
+    "walk_s": "walk",
+    "cold_MBps": "cold MB/s",
+    "cached_MBps": "cached MB/s",
+    "hot_MBps": "hot MB/s",
+    "daemon_peak_rss_bytes": "peak RSS",
+    "bytes_fetched": "fetched",
+}
+
+
+def mode_parts(mode: str) -> tuple[str | None, str]:
+    """(store: None | "ours" | "go", variant) of a mode name; ValueError for an unknown one."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode}; known: {', '.join(MODES)}")
+    store, variant = mode.split("-", 1)
+    return STORES[store], variant
+
+
+def go_counterpart(mode: str) -> str | None:
+    """The Go store's mode on the same image variant as our lazy *mode* (None otherwise)."""
+    store, variant = mode.split("-", 1)
+    return f"go-{variant}" if store == "lazy" else None
 
 
 def _rate(params: dict[str, Any]) -> str:
@@ -44,7 +91,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(coldstart: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per image: every lazy mode against the full pull of the same run (medians)."""
+    """Per image: every lazy mode against the full pull of the same run, and our store
+    against the Go store on the same image variant (``lazy-X/<key>_vs_go-X``), medians."""
     by_image: dict[str, dict[str, dict[str, float | None]]] = {}
     for entry in coldstart:
         by_image.setdefault(entry["image"], {})[entry["mode"]] = entry.get("median") or {}
@@ -64,8 +112,26 @@ def compute_ratios(coldstart: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
             out["lazy-esgz-opt/total_s_vs_lazy-esgz"] = _ratio(
                 opt.get("total_s"), plain.get("total_s")
             )
+        for mode in MODES:
+            go_mode = go_counterpart(mode)
+            ours, go = modes.get(mode), modes.get(go_mode or "")
+            if not ours or not go:
+                continue
+            for key in _TIMES:
+                out[f"{mode}/{key}_vs_{go_mode}"] = _ratio(ours.get(key), go.get(key))
+            out[f"{mode}/bytes_vs_{go_mode}"] = _ratio(ours.get("bytes_down"), go.get("bytes_down"))
+            out[f"{mode}/rss_vs_{go_mode}"] = _ratio(
+                ours.get("daemon_peak_rss_bytes"), go.get("daemon_peak_rss_bytes")
+            )
         ratios[image] = out
     return ratios
+
+
+def fs_ratios(ours: dict[str, Any] | None, go: dict[str, Any] | None) -> dict[str, float | None]:
+    """Filesystem figures, ours / Go (same layer, same link)."""
+    if not ours or not go or ours.get("error") or go.get("error"):
+        return {}
+    return {f"{k}_ours_vs_go": _ratio(ours.get(k), go.get(k)) for k in _FS_RATIO_KEYS}
 
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +139,8 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
     for entry in results.get("coldstart", []):
         entry["median"] = summarize_mode(entry.get("runs", []))
     results["ratios"] = compute_ratios(results.get("coldstart", []))
+    if results.get("fs_go"):
+        results["ratios"]["fs"] = fs_ratios(results.get("fs"), results.get("fs_go"))
     results.setdefault("schema", SCHEMA)
     return results
 
@@ -95,31 +163,47 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
 
     entries = [e for e in results.get("coldstart", []) if (e.get("median") or {}).get("total_s")]
     images = list(dict.fromkeys(e["image"] for e in entries)) or ["(no results)"]
+    per_image = max(3, max((sum(e["image"] == i for e in entries) for i in images), default=3))
     fig, axes = plt.subplots(
-        1, len(images), figsize=(max(6.0, 3.8 * len(images) + 1), 5.0), squeeze=False
+        1,
+        len(images),
+        figsize=(max(6.0, (0.75 * per_image + 1.6) * len(images) + 1), 5.5),
+        squeeze=False,
     )
     for ax, image in zip(axes[0], images):
         mine = [e for e in entries if e["image"] == image]
         xs = list(range(len(mine)))
         pulls = [float(e["median"]["pull_s"] or 0.0) for e in mine]
         runs = [float(e["median"]["run_s"] or 0.0) for e in mine]
-        ax.bar(xs, pulls, label="pull", color="#4878a8")
-        ax.bar(xs, runs, bottom=pulls, label="create + run", color="#e0904a")
+        bottom = ax.bar(xs, pulls, label="pull", color="#4878a8", edgecolor="white")
+        top = ax.bar(
+            xs, runs, bottom=pulls, label="create + run", color="#e0904a", edgecolor="white"
+        )
+        # the Go store's bars hatched, so that the contenders stand apart at a glance
+        for e, b1, b2 in zip(mine, bottom, top):
+            if e["mode"].startswith("go-"):
+                b1.set_hatch("//")
+                b2.set_hatch("//")
         ratios = results.get("ratios", {}).get(image, {})
         for x, e, p, r in zip(xs, mine, pulls, runs):
             text = f"{float(e['median']['total_s']):.1f} s"
             ratio = ratios.get(f"{e['mode']}/total_s_vs_full")
             if ratio is not None:
                 text += f"\n{ratio:.2f}x full"
-            ax.text(x, p + r, text, ha="center", va="bottom", fontsize=8)
+            go_mode = go_counterpart(e["mode"])
+            vs_go = ratios.get(f"{e['mode']}/total_s_vs_{go_mode}") if go_mode else None
+            if vs_go is not None:
+                text += f"\n{vs_go:.2f}x Go"
+            ax.text(x, p + r, text, ha="center", va="bottom", fontsize=7)
         ax.set_title(image)
         ax.set_xticks(xs)
         ax.set_xticklabels(
             [MODE_LABELS.get(e["mode"], e["mode"]).replace(" (", "\n(") for e in mine],
-            fontsize=8,
+            fontsize=7,
+            rotation=90 if len(mine) > 3 else 0,
         )
         if mine:
-            ax.set_ylim(0, max(p + r for p, r in zip(pulls, runs)) * 1.25)
+            ax.set_ylim(0, max(p + r for p, r in zip(pulls, runs)) * 1.35)
         ax.set_ylabel("seconds (median)")
     axes[0][0].legend(loc="upper right")
     params = results.get("params", {})
@@ -168,25 +252,35 @@ def summary_text(results: dict[str, Any]) -> str:
             f"{link['effective_mbit']:.0f} Mbit/s effective "
             f"(nominal {_rate(results.get('params', {}))})"
         )
-    lines.append("image   mode                 pull s   run s   total s   MB down   vs full")
+    lines.append(
+        "image   mode               pull s   run s   total s   MB down   RSS MB   vs full   vs Go"
+    )
     for e in results.get("coldstart", []):
         m = e.get("median") or {}
-        ratio = (results.get("ratios", {}).get(e["image"], {})).get(f"{e['mode']}/total_s_vs_full")
+        ratios = results.get("ratios", {}).get(e["image"], {})
+        ratio = ratios.get(f"{e['mode']}/total_s_vs_full")
+        go_mode = go_counterpart(e["mode"])
+        vs_go = ratios.get(f"{e['mode']}/total_s_vs_{go_mode}") if go_mode else None
         err = f"  ERROR: {e['error']}" if e.get("error") else ""
         lines.append(
-            f"{e['image']:<7} {e['mode']:<18} {_fmt(m.get('pull_s')):>8} {_fmt(m.get('run_s')):>7}"
+            f"{e['image']:<7} {e['mode']:<16} {_fmt(m.get('pull_s')):>8} {_fmt(m.get('run_s')):>7}"
             f" {_fmt(m.get('total_s')):>9} {_fmt(m.get('bytes_down'), '', 1e6, 1):>9}"
-            f" {_fmt(ratio, 'x'):>9}{err}"
+            f" {_fmt(m.get('daemon_peak_rss_bytes'), '', 1e6, 0):>8}"
+            f" {_fmt(ratio, 'x'):>9} {_fmt(vs_go, 'x'):>7}{err}"
         )
-    fs = results.get("fs")
-    if fs:
+    lines.append("(vs Go: our store's median total over the Go store's, same image variant)")
+    for key, who in (("fs", "ours"), ("fs_go", "Go store")):
+        fs = results.get(key)
+        if not fs:
+            continue
         lines.append("")
         if fs.get("error"):
-            lines.append(f"filesystem figures: ERROR: {fs['error']}")
+            lines.append(f"filesystem figures ({who}): ERROR: {fs['error']}")
         else:
             lines.append(
-                f"filesystem ({fs.get('image')}, layer {fs.get('layer_mb', 0):.0f} MB compressed, "
-                f"{fs.get('entries')} entries): resolve {_fmt(fs.get('resolve_s'), ' s', 1, 3)}, "
+                f"filesystem, {who} ({fs.get('image')}, layer {fs.get('layer_mb', 0):.0f} MB "
+                f"compressed, {fs.get('entries')} entries): resolve "
+                f"{_fmt(fs.get('resolve_s'), ' s', 1, 3)}, "
                 f"walk {_fmt(fs.get('walk_s'), ' s')}, "
                 f"cold {_fmt(fs.get('cold_MBps'), ' MB/s', 1, 1)}, "
                 f"cached {_fmt(fs.get('cached_MBps'), ' MB/s', 1, 1)}, hot "
@@ -195,4 +289,13 @@ def summary_text(results: dict[str, Any]) -> str:
                 f"{_fmt(fs.get('bytes_fetched'), ' MB', 1e6, 1)} "
                 f"({_fmt(fs.get('fetched_vs_layer'), '', 0.01, 1)}% of the layer)"
             )
+    fsr = results.get("ratios", {}).get("fs")
+    if fsr:
+        lines.append(
+            "filesystem, ours/Go: "
+            + ", ".join(
+                f"{_FS_RATIO_KEYS.get(k.replace('_ours_vs_go', ''), k)} {_fmt(v, 'x')}"
+                for k, v in fsr.items()
+            )
+        )
     return "\n".join(lines)

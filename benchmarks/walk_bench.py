@@ -16,6 +16,10 @@ and landmark prefetch off, so the figures are the lookup/readdir path only). Mea
 - the daemon's ``VmHWM`` (peak RSS) and ``VmRSS`` at start, with the layer resolved, after the
   walks and after the reads.
 
+``--store go`` measures the Go reference store instead (``go-stargz-store``, prefetch and
+background fetch off too), ``--store ours,go`` both on the same registry and layer, with
+``ours_vs_go`` ratios.
+
 Targets (issue 4): peak RSS <= 150 MB, walk >= 30,000 entries/s. Prints one JSON document.
 """
 
@@ -48,6 +52,7 @@ from testbed import (
     sha256_digest,
     write_image,
 )
+from testbed.gopeer import GoStoreDaemon
 
 MB = 1_000_000
 TARGET_RSS_MB = 150.0
@@ -174,82 +179,77 @@ def config_text(host: str, workdir: Path, read_ahead: int | None) -> str:
     )
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    tar, counts, files = build_tar(args.entries)
-    layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
-    layout = work / "layout"
-    write_image(layout, "src", [layer], image_config([layer.diff_id]))
-    build_s = time.perf_counter() - t0
-    with LoopbackRegistry(work / "registry") as registry:
+GO_STORE_CONFIG = "noprefetch = true\nno_background_fetch = true\n"
+
+
+def start_store(
+    store: str, work: Path, host: str, read_ahead: int | None
+) -> StoreDaemon | GoStoreDaemon:
+    """Our daemon or the Go reference store, both with background fetch and landmark
+    prefetch off (the lookup/readdir and read paths only)."""
+    if store == "go":
+        return GoStoreDaemon(work / "go-daemon", config_text=GO_STORE_CONFIG).start()
+    return StoreDaemon(work / "daemon", config_text=config_text(host, work, read_ahead)).start()
+
+
+def measure(
+    args: argparse.Namespace,
+    store: str,
+    work: Path,
+    host: str,
+    ref: str,
+    digest: str,
+    tar: bytes,
+    files: list[str],
+) -> dict[str, Any]:
+    daemon = start_store(store, work, host, args.read_ahead_bytes)
+    try:
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        mem: dict[str, dict[str, float]] = {"started": memory(pid)}
+        prof = Profiler(args.py_spy if store == "ours" else None, pid)
+        prof.start("resolve-walk")
+        b64 = base64.b64encode(ref.encode()).decode()
+        diff = daemon.mountpoint / b64 / digest / "diff"
         t0 = time.perf_counter()
-        convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/walk:v1",
-                "--dest-tls-verify=false")  # fmt: skip
-        convert_s = time.perf_counter() - t0
-        client = RegistryHTTP(registry.host)
-        manifest = json.loads(client.manifest("bench/walk", "v1")[0])
-        desc = manifest["layers"][0]
-        ref = f"{registry.host}/bench/walk:v1"
-        daemon = StoreDaemon(
-            work / "daemon", config_text=config_text(registry.host, work, args.read_ahead_bytes)
-        )
-        with daemon:
-            assert daemon.proc is not None
-            pid = daemon.proc.pid
-            mem: dict[str, dict[str, float]] = {"started": memory(pid)}
-            prof = Profiler(args.py_spy, pid)
-            prof.start("resolve-walk")
-            b64 = base64.b64encode(ref.encode()).decode()
-            diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
-            t0 = time.perf_counter()
-            os.stat(diff)
-            resolve_s = time.perf_counter() - t0
-            mem["resolved"] = memory(pid)
-            walks = [timed_find(diff, "-printf", "%y %s\n")]
-            drop_kernel_caches("2")
-            walks.append(timed_find(diff))
-            walks.append(timed_find(diff))
-            walks[0]["kernel_caches"] = "cold (fresh layer)"
-            walks[1]["kernel_caches"] = "cold (dentries and inodes dropped)"
-            walks[2]["kernel_caches"] = "warm"
-            prof.stop()
-            mem["after_walk"] = memory(pid)
-            sample = random.Random(2).sample(files, min(args.sample, len(files)))
-            drop_kernel_caches("3")
-            prof.start("read")
-            t0 = time.perf_counter()
-            nbytes = 0
-            digest = hashlib.sha256()
-            for name in sample:
-                data = (diff / name).read_bytes()
-                nbytes += len(data)
-                digest.update(data)
-            read_s = time.perf_counter() - t0
-            prof.stop()
-            mem["after_read"] = memory(pid)
-            want = hashlib.sha256()
-            with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-                for name in sample:
-                    f = tf.extractfile(name)
-                    assert f is not None
-                    want.update(f.read())
-            if want.digest() != digest.digest():
-                raise SystemExit("the files read through the store differ from the source tar")
-            code = daemon.stop()
+        os.stat(diff)
+        resolve_s = time.perf_counter() - t0
+        mem["resolved"] = memory(pid)
+        walks = [timed_find(diff, "-printf", "%y %s\n")]
+        drop_kernel_caches("2")
+        walks.append(timed_find(diff))
+        walks.append(timed_find(diff))
+        walks[0]["kernel_caches"] = "cold (fresh layer)"
+        walks[1]["kernel_caches"] = "cold (dentries and inodes dropped)"
+        walks[2]["kernel_caches"] = "warm"
+        prof.stop()
+        mem["after_walk"] = memory(pid)
+        sample = random.Random(2).sample(files, min(args.sample, len(files)))
+        drop_kernel_caches("3")
+        prof.start("read")
+        t0 = time.perf_counter()
+        nbytes = 0
+        got = hashlib.sha256()
+        for name in sample:
+            data = (diff / name).read_bytes()
+            nbytes += len(data)
+            got.update(data)
+        read_s = time.perf_counter() - t0
+        prof.stop()
+        mem["after_read"] = memory(pid)
+    finally:
+        code = daemon.stop()
+    want = hashlib.sha256()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        for name in sample:
+            f = tf.extractfile(name)
+            assert f is not None
+            want.update(f.read())
+    if want.digest() != got.digest():
+        raise SystemExit(f"{store}: the files read through the store differ from the source tar")
     peak = max(m["VmHWM"] for m in mem.values())
     return {
-        "command": " ".join(
-            [os.path.basename(sys.executable), "-m", "benchmarks.walk_bench", *sys.argv[1:]]
-        ),
-        "layer": {
-            "entries": sum(counts.values()),
-            **counts,
-            "tar_bytes": len(tar),
-            "estargz_bytes": int(desc["size"]),
-            "build_s": round(build_s, 2),
-            "convert_s": round(convert_s, 2),
-        },
-        "read_ahead_bytes": args.read_ahead_bytes,  # None: the daemon's default (512 KiB)
+        "store": store,
         "resolve_s": round(resolve_s, 3),
         "walk": walks,
         "read": {
@@ -262,13 +262,68 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "daemon_memory_mb": mem,
         "peak_rss_mb": peak,
         "daemon_exit": code,
-        "targets": {
-            "peak_rss_mb": TARGET_RSS_MB,
-            "peak_rss_ok": peak <= TARGET_RSS_MB,
-            "walk_entries_per_s": TARGET_WALK_PER_S,
-            "walk_ok": walks[0]["entries_per_s"] >= TARGET_WALK_PER_S,
-        },
     }
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tar, counts, files = build_tar(args.entries)
+    layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
+    layout = work / "layout"
+    write_image(layout, "src", [layer], image_config([layer.diff_id]))
+    build_s = time.perf_counter() - t0
+    stores = [x.strip() for x in args.store.split(",") if x.strip()]
+    by_store: dict[str, dict[str, Any]] = {}
+    with LoopbackRegistry(work / "registry") as registry:
+        t0 = time.perf_counter()
+        convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/walk:v1",
+                "--dest-tls-verify=false")  # fmt: skip
+        convert_s = time.perf_counter() - t0
+        client = RegistryHTTP(registry.host)
+        manifest = json.loads(client.manifest("bench/walk", "v1")[0])
+        desc = manifest["layers"][0]
+        ref = f"{registry.host}/bench/walk:v1"
+        for store in stores:
+            by_store[store] = measure(
+                args, store, work, registry.host, ref, desc["digest"], tar, files
+            )
+    out: dict[str, Any] = {
+        "command": " ".join(
+            [os.path.basename(sys.executable), "-m", "benchmarks.walk_bench", *sys.argv[1:]]
+        ),
+        "layer": {
+            "entries": sum(counts.values()),
+            **counts,
+            "tar_bytes": len(tar),
+            "estargz_bytes": int(desc["size"]),
+            "build_s": round(build_s, 2),
+            "convert_s": round(convert_s, 2),
+        },
+        "read_ahead_bytes": args.read_ahead_bytes,  # None: the daemon's default (512 KiB)
+    }
+    if len(by_store) == 1:
+        out.update(next(iter(by_store.values())))
+    else:
+        out["by_store"] = by_store
+    if "ours" in by_store:
+        ours = by_store["ours"]
+        out["targets"] = {
+            "peak_rss_mb": TARGET_RSS_MB,
+            "peak_rss_ok": ours["peak_rss_mb"] <= TARGET_RSS_MB,
+            "walk_entries_per_s": TARGET_WALK_PER_S,
+            "walk_ok": ours["walk"][0]["entries_per_s"] >= TARGET_WALK_PER_S,
+        }
+    if "ours" in by_store and "go" in by_store:
+        ours, go = by_store["ours"], by_store["go"]
+        out["ours_vs_go"] = {
+            "resolve_s": round(ours["resolve_s"] / go["resolve_s"], 3),
+            "walk_s": [
+                round(a["seconds"] / b["seconds"], 3) for a, b in zip(ours["walk"], go["walk"])
+            ],
+            "read_files_per_s": round(ours["read"]["files_per_s"] / go["read"]["files_per_s"], 3),
+            "peak_rss": round(ours["peak_rss_mb"] / go["peak_rss_mb"], 3),
+        }
+    return out
 
 
 def main() -> None:
@@ -286,8 +341,15 @@ def main() -> None:
         type=int,
         help="the daemon's [fetch] read_ahead_bytes (default: the daemon's default)",
     )
+    ap.add_argument(
+        "--store",
+        default="ours",
+        help="ours, go (the Go reference store, go-stargz-store) or ours,go (both, with ratios)",
+    )
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = ap.parse_args()
+    if not set(args.store.split(",")) <= {"ours", "go"}:
+        raise SystemExit("--store takes ours, go or ours,go")
     if os.geteuid() != 0:
         raise SystemExit("walk_bench needs root (FUSE allow_other, drop_caches)")
     result = in_workdir(lambda work: run(args, work), args.keep, "walk-bench-")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from layerstore import errors as lse
+from tests.goref import GO_REFERENCE_ENV  # set by the go_reference fixture (conftest.py)
 
 
 def fuse_available() -> tuple[bool, str]:
@@ -409,9 +410,6 @@ def run_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
 # --- the real LayerManager over the Go reference blobs (no registry) ------------------------------
 
 GO_REF_IMAGE = "registry.example/go-reference:v1"
-GO_REFERENCE_DIR = (
-    Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / ("estargz-go-reference")
-)
 GO_BLOBS = ("ref-small", "ref-chunked-64k", "ref-prioritized")
 
 
@@ -424,7 +422,11 @@ class GoBlob:
     diff_id: str
 
 
-def go_blobs(directory: Path = GO_REFERENCE_DIR) -> list[GoBlob]:
+def go_blobs(directory: Path | None = None) -> list[GoBlob]:
+    """The Go-written blobs of the session's ``go_reference`` directory (by default the one
+    named by ``$STARGZ_TEST_GO_REFERENCE``, which the fixture sets for daemon subprocesses)."""
+    if directory is None:
+        directory = Path(os.environ[GO_REFERENCE_ENV])
     out = []
     for name in GO_BLOBS:
         meta = json.loads((directory / f"{name}.json").read_text())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import report
+from benchmarks import images, report
 from benchmarks.coldstart import pick_files
 from benchmarks.images import (
     build_image,
@@ -62,6 +62,32 @@ def test_tiny_recipe_builds_a_valid_oci_layout(tmp_path: Path) -> None:
     # cached: a second call does not rebuild
     again = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
     assert again.manifest_digest == img.manifest_digest
+
+
+def test_derived_recipe_reuses_the_base_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe with ``base`` (like ``pandas`` on ``large``) is the base image's blobs, hard
+    linked, under its own command, with the files that command opens recorded."""
+    if shutil.which("busybox") is None:
+        pytest.skip("needs busybox-static")
+    record = shutil.which("strace") is not None and shutil.which("chroot") is not None
+    record = record and os.geteuid() == 0
+    derived = images.Recipe(
+        "tiny-cat", (), ("/bin/sh", "-c", "cat /etc/passwd; echo hi"), "hi", base="tiny"
+    )
+    monkeypatch.setitem(images.RECIPES, "tiny-cat", derived)
+    base = build_image("tiny", tmp_path, record=record, log=lambda _m: None)
+    img = build_image("tiny-cat", tmp_path, record=record, log=lambda _m: None)
+    manifest = _check_layout(Path(img.layout), img.tag)
+    assert [la["digest"] for la in manifest["layers"]] == [la.digest for la in base.layers]
+    assert img.layers == base.layers and img.manifest_digest != base.manifest_digest
+    _, _, config = read_oci_image(Path(img.layout), img.tag)
+    assert config["config"]["Cmd"] == ["/bin/sh", "-c", "cat /etc/passwd; echo hi"]
+    blob = Path(img.layout) / "blobs/sha256" / base.layers[0].digest[7:]
+    assert blob.stat().st_nlink >= 2  # shared with the base layout, not copied
+    if record:
+        assert img.opened_files == ["/usr/bin/busybox", "/etc/passwd"]
 
 
 def test_layers_are_reproducible(tmp_path: Path) -> None:
@@ -125,6 +151,9 @@ def _synthetic() -> dict[str, Any]:
             {"image": "python", "mode": "full-gzip", "runs": runs(10.0, 1.0, 56), "error": None},
             {"image": "python", "mode": "lazy-esgz", "runs": runs(2.0, 3.0, 20), "error": None},
             {"image": "python", "mode": "lazy-esgz-opt", "runs": runs(2.0, 1.0, 12), "error": None},
+            {"image": "python", "mode": "go-esgz", "runs": runs(1.0, 7.0, 30), "error": None},
+            {"image": "python", "mode": "go-esgz-go", "runs": runs(1.0, 3.0, 30), "error": None},
+            {"image": "python", "mode": "lazy-esgz-go", "runs": runs(1.0, 2.0, 25), "error": None},
             {"image": "large", "mode": "full-gzip", "runs": runs(80.0, 4.0, 900), "error": None},
             {"image": "large", "mode": "lazy-esgz", "runs": [], "error": "converter missing"},
         ],
@@ -140,6 +169,21 @@ def _synthetic() -> dict[str, Any]:
             "daemon_peak_rss_bytes": 80e6,
             "bytes_fetched": 40e6,
             "fetched_vs_layer": 0.044,
+            "error": None,
+        },
+        "fs_go": {
+            "store": "go",
+            "image": "large",
+            "layer_mb": 900.0,
+            "entries": 12000,
+            "resolve_s": 0.4,
+            "walk_s": 1.0,
+            "cold_MBps": 20.0,
+            "cached_MBps": 100.0,
+            "hot_MBps": 1000.0,
+            "daemon_peak_rss_bytes": 160e6,
+            "bytes_fetched": 50e6,
+            "fetched_vs_layer": 0.055,
             "error": None,
         },
     }
@@ -160,6 +204,34 @@ def test_results_json_and_chart(tmp_path: Path) -> None:
     ratios = data["ratios"]["python"]
     assert ratios["lazy-esgz/total_s_vs_full"] == pytest.approx(5.0 / 11.0)
     assert ratios["lazy-esgz-opt/total_s_vs_lazy-esgz"] == pytest.approx(3.0 / 5.0)
-    assert data["coldstart"][4]["median"]["total_s"] is None
+    # ours against the Go store on the same image variant, and only there
+    assert ratios["lazy-esgz/total_s_vs_go-esgz"] == pytest.approx(5.0 / 8.0)
+    assert ratios["lazy-esgz/pull_s_vs_go-esgz"] == pytest.approx(2.0)
+    assert ratios["lazy-esgz-go/total_s_vs_go-esgz-go"] == pytest.approx(3.0 / 4.0)
+    assert ratios["lazy-esgz/bytes_vs_go-esgz"] == pytest.approx(20 / 30)
+    assert not any("vs_go-esgz-opt" in k for k in ratios)  # no Go run of that variant
+    assert ratios["go-esgz/total_s_vs_full"] == pytest.approx(8.0 / 11.0)
+    fs = data["ratios"]["fs"]
+    assert fs["resolve_s_ours_vs_go"] == pytest.approx(0.5)
+    assert fs["cold_MBps_ours_vs_go"] == pytest.approx(0.5)
+    assert fs["daemon_peak_rss_bytes_ours_vs_go"] == pytest.approx(0.5)
+    assert data["coldstart"][7]["median"]["total_s"] is None
     text = report.summary_text(data)
     assert "converter missing" in text and "filesystem" in text
+    lazy_line = next(line for line in text.splitlines() if "lazy-esgz " in line)
+    assert lazy_line.split()[-1] == "0.62x"  # the "vs Go" column: 5.0 / 8.0
+    assert "filesystem, Go store" in text and "resolve 0.50x" in text
+
+
+def test_modes_name_a_store_and_a_variant() -> None:
+    assert report.mode_parts("full-gzip") == (None, "gzip")
+    assert report.mode_parts("lazy-esgz-go-opt") == ("ours", "esgz-go-opt")
+    assert report.mode_parts("go-esgz") == ("go", "esgz")
+    assert report.go_counterpart("lazy-esgz-opt") == "go-esgz-opt"
+    assert report.go_counterpart("go-esgz") is None
+    with pytest.raises(ValueError):
+        report.mode_parts("go-gzip")
+    assert set(report.DEFAULT_MODES) <= set(report.MODES)
+    for mode in report.MODES:
+        assert report.mode_parts(mode)[1] in report.VARIANTS
+        assert mode in report.MODE_LABELS

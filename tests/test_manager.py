@@ -391,11 +391,18 @@ def test_background_fill_after_use(
     mgr = LayerManager(client, cache, settings)
     layer = mgr.get(REF_A, chunked.digest)
     mgr.use(REF_A, chunked.digest)
+    n = len(layer.fetcher.chunks)
+
+    def done() -> bool:
+        # the fetcher puts a chunk in the cache before it counts it: wait for both
+        cached = all(c.digest in cache for c in layer.fetcher.chunks)
+        return cached and layer.fetcher.stats.background_chunks == n
+
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not all(c.digest in cache for c in layer.fetcher.chunks):
+    while time.monotonic() < deadline and not done():
         time.sleep(0.01)
     assert all(c.digest in cache for c in layer.fetcher.chunks)
-    assert layer.fetcher.stats.background_chunks == len(layer.fetcher.chunks)
+    assert layer.fetcher.stats.background_chunks == n
     mgr.close()
 
 

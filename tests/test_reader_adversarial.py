@@ -12,6 +12,7 @@ import json
 import tarfile
 import tracemalloc
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +37,6 @@ from layerstore.estargz.reader import (
 )
 from layerstore.estargz.toc import Chunk, TOCIndex
 from layerstore.source import BytesSource
-from tests.conftest import GO_REFERENCE
 from tests.estargz_util import build_blob, gz, sha, tar_header, toc_member
 
 BLOBS = ("ref-small", "ref-chunked-64k", "ref-prioritized")
@@ -59,12 +59,15 @@ def flip(data: bytes, pos: int, mask: int = 0x01) -> bytes:
 
 
 # --- the Go reference blobs, corrupted -----------------------------------------------------------
-def _reference() -> dict[str, tuple[bytes, str, dict[str, bytes]]]:
-    out: dict[str, tuple[bytes, str, dict[str, bytes]]] = {}
-    if not GO_REFERENCE.is_dir():
-        return out
+Reference = dict[str, tuple[bytes, str, dict[str, bytes]]]
+
+
+@pytest.fixture(scope="session")
+def ref(go_reference: Path) -> Reference:
+    """{blob name: (blob, TOC digest, {path: contents} of small.tar's readable files)}."""
+    out: Reference = {}
     files: dict[str, bytes] = {}
-    with tarfile.open(GO_REFERENCE / "small.tar") as tf:
+    with tarfile.open(go_reference / "small.tar") as tf:
         for m in tf.getmembers():
             if m.isreg() and not m.name.rsplit("/", 1)[-1].startswith(".wh."):
                 f = tf.extractfile(m)
@@ -73,13 +76,9 @@ def _reference() -> dict[str, tuple[bytes, str, dict[str, bytes]]]:
             elif m.islnk():
                 files[m.name] = files[m.linkname]
     for name in BLOBS:
-        meta = json.loads((GO_REFERENCE / f"{name}.json").read_text())
-        out[name] = ((GO_REFERENCE / f"{name}.esgz").read_bytes(), meta["tocDigest"], files)
+        meta = json.loads((go_reference / f"{name}.json").read_text())
+        out[name] = ((go_reference / f"{name}.esgz").read_bytes(), meta["tocDigest"], files)
     return out
-
-
-REF = _reference()
-needs_ref = pytest.mark.skipif(not REF, reason=f"Go reference blobs absent at {GO_REFERENCE}")
 
 
 def _check_all_files(blob: bytes, toc_digest: str | None, files: dict[str, bytes]) -> int:
@@ -99,10 +98,9 @@ def _check_all_files(blob: bytes, toc_digest: str | None, files: dict[str, bytes
     return ok
 
 
-@needs_ref
 @pytest.mark.parametrize("name", BLOBS)
-def test_flipped_bit_in_chunk_is_an_error(name: str) -> None:
-    blob, toc_digest, _ = REF[name]
+def test_flipped_bit_in_chunk_is_an_error(ref: Reference, name: str) -> None:
+    blob, toc_digest, _ = ref[name]
     r = EStargzReader.open(BytesSource(blob), expected_toc_digest=toc_digest)
     ino = r.index.find("app/data.bin")
     assert ino is not None
@@ -116,10 +114,9 @@ def test_flipped_bit_in_chunk_is_an_error(name: str) -> None:
     assert r2.read_file("app/main.py") == b"print('hi')\n"  # other files unaffected
 
 
-@needs_ref
 @pytest.mark.parametrize("name", BLOBS)
-def test_flipped_bit_in_toc_is_an_error(name: str) -> None:
-    blob, toc_digest, _ = REF[name]
+def test_flipped_bit_in_toc_is_an_error(ref: Reference, name: str) -> None:
+    blob, toc_digest, _ = ref[name]
     r = EStargzReader.open(BytesSource(blob))
     toc_end = len(blob) - r.footer_size
     for pos in range(r.toc_offset, toc_end, max(1, (toc_end - r.toc_offset) // 40)):
@@ -127,15 +124,13 @@ def test_flipped_bit_in_toc_is_an_error(name: str) -> None:
             EStargzReader.open(BytesSource(flip(blob, pos)), expected_toc_digest=toc_digest)
 
 
-@needs_ref
-def test_digest_mismatch_names_both_digests() -> None:
-    blob, toc_digest, _ = REF["ref-small"]
+def test_digest_mismatch_names_both_digests(ref: Reference) -> None:
+    blob, toc_digest, _ = ref["ref-small"]
     wrong = "sha256:" + "0" * 64
     with pytest.raises(TOCDigestMismatchError, match=toc_digest[7:]):
         EStargzReader.open(BytesSource(blob), expected_toc_digest=wrong)
 
 
-@needs_ref
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
@@ -147,9 +142,9 @@ def test_digest_mismatch_names_both_digests() -> None:
     verified=st.booleans(),
 )
 def test_any_flipped_byte_never_yields_wrong_bytes(
-    name: str, where: str, frac: float, mask: int, verified: bool
+    ref: Reference, name: str, where: str, frac: float, mask: int, verified: bool
 ) -> None:
-    blob, toc_digest, files = REF[name]
+    blob, toc_digest, files = ref[name]
     if where == "anywhere":
         pos = int(frac * len(blob))
     elif where == "head":  # tar headers and small files
@@ -168,20 +163,18 @@ def test_any_flipped_byte_never_yields_wrong_bytes(
         assert list(r.index.entries()) == list(good.index.entries())
 
 
-@needs_ref
-def test_unflipped_reference_reads_everything() -> None:
+def test_unflipped_reference_reads_everything(ref: Reference) -> None:
     """The oracle of the property test above is not vacuous."""
     for name in BLOBS:
-        blob, toc_digest, files = REF[name]
+        blob, toc_digest, files = ref[name]
         assert (
             _check_all_files(blob, toc_digest, files) == len(files) == 5
         )  # 4 files and a hardlink
 
 
-@needs_ref
 @pytest.mark.parametrize("name", BLOBS)
-def test_truncated_blobs(name: str) -> None:
-    blob, toc_digest, _ = REF[name]
+def test_truncated_blobs(ref: Reference, name: str) -> None:
+    blob, toc_digest, _ = ref[name]
     for cut in (1, 10, 51, 52, 500, 5000, len(blob) // 2, len(blob) - 47, len(blob) - 1):
         with pytest.raises(LayerStoreError):
             EStargzReader.open(BytesSource(blob[: len(blob) - cut]), expected_toc_digest=toc_digest)

@@ -1,4 +1,5 @@
-"""The reader against blobs written by the Go reference library (../shared/testdata)."""
+"""The reader against blobs written by the Go reference library (tests/goref.py: the session
+builds them with our estargz-peer from Debian's stargz-snapshotter 0.12)."""
 
 from __future__ import annotations
 
