@@ -195,7 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--dest-creds", metavar="USER[:PASSWORD]", help="credentials for the destination"
     )
-    r.add_argument("--src-no-creds", action="store_true", help="access the source anonymously")
+    r.add_argument(
+        "--src-no-creds", action="store_true", help="access the source anonymously"
+    )
     r.add_argument(
         "--dest-no-creds", action="store_true", help="access the destination anonymously"
     )
