@@ -118,7 +118,7 @@ class BlobVerifier:
                 self._tail += view[max(0, tail_start - start) :]
         if not self._decode_error:
             try:
-                self._inflate(bytes(view))
+                self._inflate(view)
             except zlib.error as e:
                 self._decode_error = f"the blob does not decode as gzip: {e}"
 
@@ -128,8 +128,8 @@ class BlobVerifier:
         if a < b:
             h.update(view[a - start : b - start])
 
-    def _inflate(self, data: bytes) -> None:
-        pending = data
+    def _inflate(self, data: bytes | memoryview) -> None:
+        pending: bytes | memoryview = data
         while pending:
             d = self._member
             self._member_started = True
