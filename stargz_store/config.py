@@ -95,6 +95,10 @@ class CacheSettings(_Section):
 
     max_size_bytes: int = Field(default=10 * GiB, ge=1)
     dir: str = "cache"
+    layer_idle_seconds: float = Field(default=600.0, gt=0)
+    """A resolved layer without users that the mount no longer holds is dropped from memory
+    after this long idle (``ManagerSettings.idle_drop_seconds``); the idle sweep runs every
+    ``min(60 s, layer_idle_seconds / 2)``."""
 
 
 class FetchSettings(_Section):

@@ -55,6 +55,7 @@ log = get_logger("stargz_store.daemon")
 
 PROVIDER_FACTORY_ENV = "STARGZ_STORE_PROVIDER_FACTORY"
 SWEEP_INTERVAL = 60.0
+"""The idle sweep's period at most (shorter when ``[cache] layer_idle_seconds`` is)."""
 STARTUP_CHECK_SECONDS = 30.0
 PROBE_SECONDS = 5.0
 LOCK_NAME = "lock"
@@ -343,6 +344,7 @@ class Wiring:
     validate_ref: Callable[[str], object] | None = None
     closers: list[Callable[[], object]] = field(default_factory=list)
     sweep: Callable[[], object] | None = None
+    sweep_interval: float = SWEEP_INTERVAL
 
     def close(self) -> None:
         for fn in reversed(self.closers):
@@ -381,6 +383,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.registry.client import RegistryClient
     from layerstore.registry.reference import parse_reference
     from layerstore.registry.registries_conf import RegistriesConf
+    from layerstore.runtime.blobspool import BlobSpool
     from layerstore.runtime.cache import ChunkCache
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
@@ -407,6 +410,12 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         except (OSError, LayerStoreError, ValueError) as exc:
             raise DaemonError(f"cannot open the cache in {cache_dir}: {exc}") from None
         wiring.closers.append(cache.close)
+        spool_dir = root / "spool"
+        try:
+            # The `blob` file's verified copies: at most as much disk as the chunk cache.
+            spool = BlobSpool(spool_dir, config.cache.max_size_bytes)
+        except LayerStoreError as exc:
+            raise DaemonError(f"cannot open {spool_dir}: {exc}") from None
         resolutions_dir = root / "resolutions"
         try:
             resolutions = ResolutionStore(resolutions_dir)
@@ -421,6 +430,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
             ManagerSettings(
                 resolve_ttl=rc.resolve_ttl,
                 negative_ttl=config.fuse.negative_timeout,
+                idle_drop_seconds=config.cache.layer_idle_seconds,
+                blob_spool_max_bytes=config.cache.max_size_bytes,
                 background_fill_concurrency=fc.background_concurrency,
                 platform=rc.platform or None,
                 fetcher=FetcherSettings(
@@ -434,11 +445,13 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 ),
             ),
             resolutions=resolutions,
+            spool=spool,
         )
         checked: LayerProvider = manager  # the real manager meets the adapter's protocol
         wiring.provider = checked
         wiring.closers.append(manager.close)
         wiring.sweep = manager.sweep
+        wiring.sweep_interval = min(SWEEP_INTERVAL, config.cache.layer_idle_seconds / 2)
         if ac.helper_socket:
             sock = _under(root, ac.helper_socket)
             server = HelperChannelServer(sock, credentials)
@@ -504,7 +517,7 @@ async def _serve(
         if wiring.sweep is None:
             return
         while True:
-            await trio.sleep(SWEEP_INTERVAL)
+            await trio.sleep(wiring.sweep_interval)
             try:
                 dropped = await run_in_thread(wiring.sweep)
                 if dropped:

@@ -19,11 +19,17 @@ The tree::
     rmdir(<base64(ref)>/<key>)          -> provider.release(ref, key); answers ENOENT
 
 Inode numbers are global and stable for the life of the daemon: the store's own directories and
-files get numbers from a counter; each layer (by compressed digest) gets a block
-``[base, base + num_inodes]`` once, and a node of its index with local number ``i`` is
-``base + i`` (the same layer seen under two references or two keys has the same inodes). When
-the kernel forgets every inode of a layer, the adapter drops its reference to the layer object
-(the block's numbers stay reserved, so the numbers do not change if the layer comes back).
+files get numbers from a counter; each layer (by its ``identity``, else its compressed digest)
+gets a block ``[base, base + num_inodes]`` once, and a node of its index with local number ``i``
+is ``base + i`` (the same layer seen under two references or two keys has the same inodes; two
+layer objects that merely claim the same compressed digest do not). When the kernel forgets
+every inode of a layer, the adapter drops its reference to the layer object (the block's numbers
+stay reserved, so the numbers do not change if the layer comes back).
+
+Every reference the adapter keeps to a layer object (a key directory, an inode block, an open
+file) is announced with ``layer.hold()`` and given back with ``layer.unhold()`` when the layer
+has them: the manager's idle sweep never closes a layer the mount still serves. A key directory
+whose layer turned out bad (``layer.bad``) is resolved again on its next lookup.
 """
 
 from __future__ import annotations
@@ -104,6 +110,29 @@ class LayerProvider(Protocol):
     def get(self, ref: str, key: str) -> LayerLike: ...
     def use(self, ref: str, key: str) -> object: ...  # the result (a count) is not used
     def release(self, ref: str, key: str) -> object: ...
+
+
+def _layer_key(layer: LayerLike) -> str:
+    """What inode blocks are numbered by: the layer's identity when it has one."""
+    identity = getattr(layer, "identity", None)
+    return identity if isinstance(identity, str) and identity else layer.compressed_digest
+
+
+def _hold(layer: LayerLike) -> bool:
+    """Announce a reference to *layer*; False if it was retired (look it up again)."""
+    hold = getattr(layer, "hold", None)
+    return True if hold is None else bool(hold())
+
+
+def _unhold(layer: LayerLike | None) -> None:
+    if layer is not None:
+        unhold = getattr(layer, "unhold", None)
+        if unhold is not None:
+            unhold()
+
+
+def _is_bad(layer: LayerLike) -> bool:
+    return getattr(layer, "bad", None) is not None
 
 
 # --- mount options ------------------------------------------------------------------------------
@@ -346,16 +375,18 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         return block.layer, ino - block.base
 
     def _block_for(self, layer: LayerLike) -> _Block:
-        digest = layer.compressed_digest
+        key = _layer_key(layer)
         size = layer.index.num_inodes + 1
-        block = self._blocks.get(digest)
+        block = self._blocks.get(key)
         if block is None or block.size < size:
-            block = _Block(base=self._alloc(size), size=size, digest=digest)
-            self._blocks[digest] = block
+            block = _Block(base=self._alloc(size), size=size, digest=key)
+            self._blocks[key] = block
             self._block_starts.append(block.base)
             self._block_list.append(block)
         if block.layer is not layer:
-            block.layer = layer
+            _hold(layer)
+            old, block.layer = block.layer, layer
+            _unhold(old)
         return block
 
     def _dir_attr(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
@@ -559,7 +590,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             raise _Absent(self._settings.negative_timeout)
         slot = (ref_dir.name, key)
         kd = self._key_dirs.get(slot)
-        if kd is not None and kd.layer is not None:
+        if kd is not None and kd.layer is not None and not _is_bad(kd.layer):
             return kd
         neg = self._negative.get(slot)
         if neg is not None:
@@ -570,9 +601,16 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         ref = ref_dir.ref
         started = self._clock()
         try:
-            layer, scheme, info = await run_in_thread(
-                self._resolve, ref, key, limiter=self._lookup_limiter
-            )
+            for _attempt in range(3):
+                layer, scheme, info = await run_in_thread(
+                    self._resolve, ref, key, limiter=self._lookup_limiter
+                )
+                # Held before any await: the sweep may have retired it meanwhile (then the
+                # manager builds a new one on the next call).
+                if _hold(layer):
+                    break
+            else:
+                raise lse.LayerStoreError(f"layer {key} of {ref} keeps being dropped")
         except Exception as exc:
             # Any failure makes containers/storage treat the layer as unknown and pull it
             # itself. Store errors answer ENOENT; anything else is a bug: logged, EIO.
@@ -599,7 +637,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             self._key_dirs[slot] = kd
             for i in range(3):
                 self._key_by_ino[kd.ino + i] = kd
-        kd.layer, kd.scheme, kd.info = layer, scheme, info
+        old, kd.layer, kd.scheme, kd.info = kd.layer, layer, scheme, info
+        _unhold(old)  # the hold taken above replaces the directory's previous one
         kd.blob_size = layer.blob_size
         kd.content_base = self._block_for(layer).base
         log.info(
@@ -658,13 +697,16 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
                 if kd is not None:
                     kd.lookups = max(0, kd.lookups - n)
                     if kd.lookups == 0:
-                        kd.layer = None  # the (ref, key) is resolved again on the next lookup
+                        # the (ref, key) is resolved again on the next lookup
+                        old, kd.layer = kd.layer, None
+                        _unhold(old)
                     continue
                 block = self._find_block(ino)
                 if block is not None:
                     block.lookups = max(0, block.lookups - n)
                     if block.lookups == 0:
-                        block.layer = None
+                        old, block.layer = block.layer, None
+                        _unhold(old)
         except Exception as exc:  # forget must never raise
             log.error("fuse_forget_failed", error=repr(exc), exc_info=True)
 
@@ -767,6 +809,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
                 size=attr.size,
                 nowait=getattr(layer, "read_nowait", None),
             )
+        if handle.layer is not None:
+            _hold(handle.layer)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -820,7 +864,9 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             self.stats.read_ns += time.perf_counter_ns() - t0
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            _unhold(handle.layer)
 
     async def flush(self, fh: int) -> None:
         # Nothing is ever written. ENOSYS makes the kernel stop sending FLUSH (fc->no_flush)
@@ -915,7 +961,12 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     removexattr = _readonly
 
 
-def ino_base_of(ops: StoreOperations, digest: str) -> int | None:
-    """The inode block base of a layer (tests and diagnostics)."""
-    block = ops._blocks.get(digest)
+def ino_base_of(ops: StoreOperations, key: str) -> int | None:
+    """The inode block base of a layer, by identity or compressed digest (tests and
+    diagnostics)."""
+    block = ops._blocks.get(key)
+    if block is None:
+        for b in ops._block_list:
+            if b.layer is not None and b.layer.compressed_digest == key:
+                return b.base
     return None if block is None else block.base

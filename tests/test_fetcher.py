@@ -382,6 +382,68 @@ def test_background_fill_fetches_everything_in_large_ranges(cache: ChunkCache) -
     assert f.stats.background_chunks == 50
 
 
+class RecordingTap:
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, bytes]] = []
+        self.finished: list[bool] = []
+
+    def feed(self, offset: int, data: bytes) -> None:
+        self.pieces.append((offset, data))
+
+    def finish(self, complete: bool) -> None:
+        self.finished.append(complete)
+
+
+def test_streaming_fill_feeds_every_byte_in_order(cache: ChunkCache) -> None:
+    """With a tap, the fill covers the whole blob (the header member before the first chunk,
+    chunks already cached, the trailing member) in order, in ranges ending at member
+    boundaries, and still delivers the chunks nobody had."""
+    payloads = [os.urandom(10_000) for _ in range(30)]
+    blob, chunks = build_blob(payloads, prefix=b"tar headers before the first payload")
+    src = CountingSource(BytesSource(blob))
+    settings = small_settings(
+        background_range_bytes=50_000, background_idle_seconds=0.0, background_share=1.0
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    assert f.get_chunks(chunks[3:5]) == payloads[3:5]  # cached before the fill
+    tap = RecordingTap()
+    assert f.start_background_fill(tap)
+    f.join_background_fill(10)
+    assert tap.finished == [True]
+    pos = 0
+    for offset, data in tap.pieces:
+        assert offset == pos
+        pos += len(data)
+    assert b"".join(d for _, d in tap.pieces) == blob
+    boundaries = {c.offset for c in chunks} | {c.compressed_end for c in chunks} | {0, len(blob)}
+    assert all(o in boundaries for o, _ in tap.pieces)
+    assert all(c.digest in cache for c in chunks)
+    assert f.stats.background_chunks == 28  # the two cached ones are not delivered again
+
+
+def test_streaming_fill_that_cannot_finish_says_so(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(10)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    src.fail = RegistryUnavailableError("registry down")
+    settings = small_settings(
+        background_range_bytes=50_000, background_idle_seconds=0.0, background_share=1.0
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    tap = RecordingTap()
+    assert f.start_background_fill(tap)
+    time.sleep(0.2)
+    f.close()  # stops the retries
+    f.join_background_fill(10)
+    assert tap.finished == [False] and tap.pieces == []
+    # No chunk future is left pending: a reader gets the registry's answer, not a hang.
+    src.fail = None
+    assert f.get_chunk(chunks[0]) == payloads[0]
+    tap2 = RecordingTap()
+    assert not f.start_background_fill(tap2)  # once per fetcher; the tap still hears of it
+    assert tap2.finished == [False]
+
+
 def test_background_yields_to_foreground(cache: ChunkCache) -> None:
     payloads = [os.urandom(10_000) for _ in range(30)]
     blob, chunks = build_blob(payloads)

@@ -15,6 +15,7 @@ import io
 import json
 import struct
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from layerstore.errors import ChunkDigestMismatchError, VerificationError
+from layerstore.errors import CacheError, ChunkDigestMismatchError, VerificationError
 from layerstore.estargz.footer import parse_footer
+from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
@@ -182,6 +184,8 @@ def make_layer(
     uncompressed: int | None = None,
     fetch: FetcherSettings | None = None,
     settings: LayerSettings | None = None,
+    spool: BlobSpool | None = None,
+    diff_id: str | None = None,
 ) -> tuple[Layer, TinyIndex]:
     if blob is None:
         blob = (ref / f"{name}.esgz").read_bytes()
@@ -195,7 +199,7 @@ def make_layer(
     layer = Layer(
         compressed_digest=m["digest"],
         toc_digest=reader.toc_digest,
-        diff_id=m["diffID"],
+        diff_id=diff_id or m["diffID"],
         blob_size=len(blob),
         index=reader.index,
         source=src,
@@ -205,6 +209,8 @@ def make_layer(
         footer_size=footer_size,
         uncompressed_size=uncompressed,
         settings=settings or LayerSettings(landmark_prefetch=False),
+        spool=spool or BlobSpool(cache.root.parent / "spool", 1 << 30),
+        toc_member_digest="sha256:" + hashlib.sha256(member).hexdigest(),
     )
     return layer, reader.index
 
@@ -323,41 +329,97 @@ def test_uncompressed_size_without_annotation(
     assert src.calls == []
 
 
-def test_read_blob_windows_and_digest(go_reference: Path, cache: ChunkCache) -> None:
+def test_read_blob_serves_a_verified_spool(go_reference: Path, cache: ChunkCache) -> None:
     blob = (go_reference / "ref-small.esgz").read_bytes()
     src = CountingSource(BytesSource(blob))
+    spool = BlobSpool(cache.root.parent / "spool", 1 << 30)
     layer, _ = make_layer(
         go_reference,
         "ref-small",
         cache,
         blob=blob,
         source=src,
-        settings=LayerSettings(landmark_prefetch=False, blob_readahead_bytes=100_000),
+        spool=spool,
+        settings=LayerSettings(landmark_prefetch=False, blob_fetch_bytes=100_000),
     )
-    out = bytearray()
-    # Sequential 128 KiB-ish reads, with one pair out of order.
     offs = list(range(0, len(blob), 50_000))
-    offs[1], offs[2] = offs[2], offs[1]
+    offs[1], offs[2] = offs[2], offs[1]  # any order: the first read fetches everything
     parts = {o: layer.read_blob(o, 50_000) for o in offs}
-    for o in sorted(parts):
-        out += parts[o]
-    assert bytes(out) == blob
-    assert len(src.calls) <= 5  # 100 KB windows over 301 KB (+ one read-ahead race at most)
-    assert all(n <= 100_000 for call in src.calls for _, n in call)
+    assert b"".join(parts[o] for o in sorted(parts)) == blob
     assert layer.read_blob(len(blob), 10) == b""
-    assert layer._blob_verified
+    # The whole blob once, in order, in 100 KB ranges; the spool took its size.
+    starts = [call[0][0] for call in src.calls]
+    assert starts == list(range(0, len(blob), 100_000))
+    assert spool.used == len(blob)
+    assert layer.verified and layer.bad is None
+    assert not list(spool.directory.iterdir())  # the spool file is unlinked from the start
+    # Idle: dropped, the space comes back; the next read fetches again.
+    assert not layer.drop_spool(idle_before=time.monotonic() - 60)
+    assert layer.drop_spool(idle_before=time.monotonic() + 1)
+    assert spool.used == 0
+    assert layer.read_blob(1000, 10) == blob[1000:1010]
+    assert len(src.calls) == 2 * len(starts)
+    layer.close()
+    assert spool.used == 0
 
 
-def test_read_blob_mismatch_fails_last_read(go_reference: Path, cache: ChunkCache) -> None:
+@pytest.mark.parametrize("where", ["gzip header of the first member", "a chunk's payload"])
+def test_read_blob_of_a_tampered_blob_serves_nothing(
+    go_reference: Path, cache: ChunkCache, where: str
+) -> None:
     blob = bytearray((go_reference / "ref-small.esgz").read_bytes())
-    blob[1000] ^= 1  # the registry serves a different blob than the manifest names
-    layer, _ = make_layer(go_reference, "ref-small", cache, blob=bytes(blob))
-    step = 64 * 1024
+    if where.startswith("gzip"):
+        blob[5] ^= 0x40  # MTIME of the first member: inflates the same, digest differs
+    else:
+        blob[1000] ^= 1
+    spool = BlobSpool(cache.root.parent / "spool", 1 << 30)
+    layer, _ = make_layer(go_reference, "ref-small", cache, blob=bytes(blob), spool=spool)
+    bad: list[str] = []
+    layer.on_bad = lambda _layer, reason: bad.append(reason)
     with pytest.raises(VerificationError):
-        for o in range(0, len(blob), step):
-            layer.read_blob(o, step)
+        layer.read_blob(0, 4096)  # the very first read: nothing was served
+    assert layer.bad is not None and len(bad) == 1 and "blob digest" in bad[0]
     with pytest.raises(VerificationError):
         layer.read_blob(0, 10)
+    assert spool.used == 0
+
+
+def test_read_blob_concurrent_readers_share_one_fetch(
+    go_reference: Path, cache: ChunkCache
+) -> None:
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    src = CountingSource(BytesSource(blob), delay=0.05)
+    layer, _ = make_layer(
+        go_reference,
+        "ref-chunked-64k",
+        cache,
+        blob=blob,
+        source=src,
+        settings=LayerSettings(landmark_prefetch=False, blob_fetch_bytes=64 * 1024),
+    )
+    out: dict[int, bytes] = {}
+
+    def reader(o: int) -> None:
+        out[o] = layer.read_blob(o, 40_000)
+
+    threads = [threading.Thread(target=reader, args=(o,)) for o in range(0, len(blob), 40_000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert b"".join(out[o] for o in sorted(out)) == blob
+    starts = sorted(call[0][0] for call in src.calls)
+    assert starts == list(range(0, len(blob), 64 * 1024))  # each range fetched once
+
+
+def test_read_blob_spool_is_bounded(go_reference: Path, cache: ChunkCache) -> None:
+    blob = (go_reference / "ref-small.esgz").read_bytes()
+    spool = BlobSpool(cache.root.parent / "spool", len(blob) - 1)
+    src = CountingSource(BytesSource(blob))
+    layer, _ = make_layer(go_reference, "ref-small", cache, blob=blob, source=src, spool=spool)
+    with pytest.raises(CacheError):
+        layer.read_blob(0, 10)
+    assert src.calls == [] and spool.used == 0 and layer.bad is None
 
 
 def test_landmark_prefetch_on_start(go_reference: Path, cache: ChunkCache) -> None:
@@ -423,32 +485,6 @@ def test_sequential_readahead_in_large_files(go_reference: Path, cache: ChunkCac
     n = len(src.calls)
     assert layer.read(ino, 65_536, 65_536 * 2) == data[65_536 : 65_536 * 3]
     assert len(src.calls) == n
-
-
-def test_read_blob_sequential_readahead(go_reference: Path, cache: ChunkCache) -> None:
-    blob = (go_reference / "ref-small.esgz").read_bytes()
-    src = CountingSource(BytesSource(blob), delay=0.05)
-    layer, _ = make_layer(
-        go_reference,
-        "ref-small",
-        cache,
-        blob=blob,
-        source=src,
-        settings=LayerSettings(landmark_prefetch=False, blob_readahead_bytes=64 * 1024),
-    )
-    waited = 0.0
-    out = bytearray()
-    for o in range(0, len(blob), 16 * 1024):
-        t0 = time.monotonic()
-        out += layer.read_blob(o, 16 * 1024)
-        waited += time.monotonic() - t0
-        time.sleep(0.02)  # the consumer works a little between reads
-    assert bytes(out) == blob
-    starts = sorted(call[0][0] for call in src.calls)
-    assert starts == list(range(0, len(blob), 64 * 1024))  # each window fetched once
-    # Only the first window is waited for in full; the rest arrive while reading.
-    assert waited < 0.05 * 3
-    assert layer._blob_verified
 
 
 def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Path) -> None:

@@ -196,13 +196,25 @@ def test_toc_scheme_without_size_annotation(
 def test_same_layer_under_two_refs_is_shared(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
 ) -> None:
-    mgr = LayerManager(client, cache, quiet())
+    """Shared when two manifests of one repository make the same claims; another repository
+    (or other claims) gets its own object, which finds the TOC in the TOC cache and the
+    chunks in the chunk cache (docs/trust-identity.md)."""
     chunked = blobs["ref-chunked-64k"]
+    client.add("registry.example/app:v2", [(desc(chunked, size_ann=False), chunked.diff_id)])
+    mgr = LayerManager(client, cache, quiet())
     a = mgr.get(REF_A, chunked.digest)
-    b = mgr.get(REF_B, chunked.toc_digest)
-    assert a is b and a.fetcher is b.fetcher
-    assert len(client.sources[chunked.digest].calls) == 1
-    assert len(mgr.loaded()) == 1
+    a2 = mgr.get("registry.example/app:v2", chunked.toc_digest)
+    assert a is a2 and a.fetcher is a2.fetcher
+    b = mgr.get(REF_B, chunked.toc_digest)  # another repository
+    assert b is not a and b.identity != a.identity
+    assert len(client.sources[chunked.digest].calls) == 1  # the TOC came from the cache
+    ino = a.index.find("app/data.bin")
+    assert ino is not None
+    whole = a.read(ino, 0, 1 << 30)  # every chunk: no read-ahead beyond it
+    n = len(client.sources[chunked.digest].calls)
+    assert b.read(ino, 0, 1 << 30) == whole
+    assert len(client.sources[chunked.digest].calls) == n  # b's read hit the chunk cache
+    assert len(mgr.loaded()) == 2
 
 
 def test_tail_guess_grows_with_the_blob(

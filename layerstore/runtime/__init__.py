@@ -7,9 +7,11 @@ Owns:
 * :mod:`.fetcher` - fetching the chunks of one blob: single-flight per chunk, coalescing,
   read-ahead / read-behind / continuation, landmark prefetch, background fill;
 * :mod:`.layer` - one resolved layer: TOC index + fetcher + cache, file and ``blob`` reads,
-  the ``info`` file;
-* :mod:`.manager` - the layer lifecycle: resolve, build each layer once, count users, drop
-  idle layers;
+  the ``info`` file, bad/verified state, the adapter's holds;
+* :mod:`.blobcheck` - the whole-blob check: blob digest, DiffID, TOC member and footer;
+* :mod:`.blobspool` - disk budget and unlinked files for the ``blob`` file's verified copies;
+* :mod:`.manager` - the layer lifecycle: resolve, build each layer once per identity (the
+  requesting manifest's claims and blob source), count users, drop idle layers nobody holds;
 * :mod:`.prefetch` - the dependency prefetch policy (the image's entrypoint and the ELF
   loader and libraries it needs);
 * :mod:`.elfdeps` - ``PT_INTERP`` / ``DT_NEEDED`` of an ELF head;

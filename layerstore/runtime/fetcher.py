@@ -27,7 +27,9 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
 * **Background fill** (optional): a thread fetches the rest of the blob in 2 MiB ranges once
   foreground requests have been idle for ``background_idle_seconds`` (0.5 s, also counted from
   its start): on a thin link, every background byte fetched while a container starts delays
-  its reads. A shared semaphore bounds it across layers.
+  its reads. A shared semaphore bounds it across layers. Given a *tap*, it fetches every byte
+  of the blob in order instead (cached chunks and the bytes between payloads too) and feeds
+  the tap, which verifies the blob digest and the DiffID when the fill completes.
 * Foreground range requests are limited by a semaphore (``max_concurrent_requests``).
 
 A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
@@ -83,6 +85,17 @@ class ChunkLike(Protocol):
 
 
 DecodeFn = Callable[[bytes, "ChunkLike"], bytes]
+
+
+class FillTap(Protocol):
+    """Receives the blob's bytes in order from a streaming background fill (the layer's
+    :class:`~layerstore.runtime.blobcheck.BlobVerifier`)."""
+
+    def feed(self, offset: int, data: bytes) -> None: ...
+
+    def finish(self, complete: bool) -> None:
+        """Called once: *complete* when every byte up to the blob's end was fed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -348,23 +361,40 @@ class ChunkFetcher:
         )
         return len(wanted) - failed
 
-    def start_background_fill(self) -> bool:
+    def start_background_fill(self, tap: FillTap | None = None) -> bool:
         """Start the background fill of the whole blob (once). Returns whether a thread was
-        started."""
+        started.
+
+        With *tap*, the fill fetches every byte of the blob in order (not only the chunks not
+        cached yet) and hands each range to ``tap.feed`` as it completes, then calls
+        ``tap.finish(complete)``: that is how the layer verifies the blob digest and the DiffID
+        (:mod:`layerstore.runtime.blobcheck`). ``tap.finish(False)`` is also called when no
+        thread is started."""
         total = sum(c.chunk_size for c in self._chunks)
         if total > self._cache.max_bytes // 2:
             # It would only evict itself (and everything else) from the cache.
             self._log.info(
                 "background_fill_skipped", bytes=total, cache_max_bytes=self._cache.max_bytes
             )
+            if tap is not None:
+                tap.finish(False)
             return False
         with self._lock:
             if self._fill_thread is not None or self._closed.is_set():
-                return False
-            t = threading.Thread(
-                target=self._background_fill, name="stargz-background-fill", daemon=True
-            )
-            self._fill_thread = t
+                started = False
+            else:
+                started = True
+                t = threading.Thread(
+                    target=self._background_fill,
+                    args=(tap,),
+                    name="stargz-background-fill",
+                    daemon=True,
+                )
+                self._fill_thread = t
+        if not started:
+            if tap is not None:
+                tap.finish(False)
+            return False
         # Idle is counted from now: the first user's reads are about to start.
         self._activity.touch()
         t.start()
@@ -676,54 +706,174 @@ class ChunkFetcher:
     def _wait_foreground_idle(self) -> bool:
         return self._activity.wait_idle(self.settings.background_idle_seconds, self._closed)
 
-    def _background_fill(self) -> None:
+    def _background_fill(self, tap: FillTap | None = None) -> None:
         t0 = time.monotonic()
-        step = max(1, self.settings.background_range_bytes)
-        fetched = 0
-        failed = 0
-        i = 0
+        counts = [0, 0]  # chunks fetched, failed
+        complete = False
         try:
-            while i < len(self._chunks) and not self._closed.is_set():
-                # Next batch: uncached chunks from i whose span stays within one large range.
-                batch: list[ChunkLike] = []
-                start = -1
-                while i < len(self._chunks):
-                    c = self._chunks[i]
-                    if start >= 0 and c.compressed_end - start > step and batch:
-                        break
-                    i += 1
-                    if c.digest in self._cache:
-                        continue
-                    if start < 0:
-                        start = c.offset
-                    batch.append(c)
-                if not batch:
-                    continue
-                if not self._wait_foreground_idle():
-                    break
-                with self._fill_slots:
-                    if self._closed.is_set():
-                        break
-                    t_req = time.monotonic()
-                    futures = self._claim_and_fetch(
-                        batch, foreground=False, gap=step, max_bytes=step, speculate=False
-                    )
-                    spent = time.monotonic() - t_req
-                share = min(max(self.settings.background_share, 0.01), 1.0)
-                if share < 1.0:
-                    self._closed.wait(min(spent * (1.0 - share) / share, 5.0))
-                for f in futures:
-                    try:
-                        f.result()
-                        fetched += 1
-                    except LayerStoreError:
-                        failed += 1
+            if tap is None:
+                self._fill_chunks(counts)
+            else:
+                complete = self._fill_stream(tap, counts)
         except Exception as e:  # never let the thread die silently
             self._log.error("background_fill_crashed", error=describe_error(e))
+        finally:
+            if tap is not None:
+                try:
+                    tap.finish(complete)
+                except Exception as e:
+                    self._log.error("background_fill_crashed", error=describe_error(e))
         self._log.info(
             "background_fill_done",
-            chunks=fetched,
-            failed=failed,
+            chunks=counts[0],
+            failed=counts[1],
             stopped=self._closed.is_set(),
+            streamed=tap is not None,
             seconds=round(time.monotonic() - t0, 3),
         )
+
+    def _pace(self, spent: float) -> None:
+        share = min(max(self.settings.background_share, 0.01), 1.0)
+        if share < 1.0:
+            self._closed.wait(min(spent * (1.0 - share) / share, 5.0))
+
+    def _fill_chunks(self, counts: list[int]) -> None:
+        """The chunks not cached yet, in blob order, in batches of about one range."""
+        step = max(1, self.settings.background_range_bytes)
+        i = 0
+        while i < len(self._chunks) and not self._closed.is_set():
+            # Next batch: uncached chunks from i whose span stays within one large range.
+            batch: list[ChunkLike] = []
+            start = -1
+            while i < len(self._chunks):
+                c = self._chunks[i]
+                if start >= 0 and c.compressed_end - start > step and batch:
+                    break
+                i += 1
+                if c.digest in self._cache:
+                    continue
+                if start < 0:
+                    start = c.offset
+                batch.append(c)
+            if not batch:
+                continue
+            if not self._wait_foreground_idle():
+                break
+            with self._fill_slots:
+                if self._closed.is_set():
+                    break
+                t_req = time.monotonic()
+                futures = self._claim_and_fetch(
+                    batch, foreground=False, gap=step, max_bytes=step, speculate=False
+                )
+                spent = time.monotonic() - t_req
+            self._pace(spent)
+            for f in futures:
+                try:
+                    f.result()
+                    counts[0] += 1
+                except LayerStoreError:
+                    counts[1] += 1
+
+    def _fill_stream(self, tap: FillTap, counts: list[int]) -> bool:
+        """Every byte of the blob in order, in ranges of about ``background_range_bytes`` that
+        end at member boundaries; the chunks in a range that are neither cached nor in flight
+        are delivered from it, and each range goes to *tap*. Returns whether the end of the
+        blob was reached."""
+        step = max(1, self.settings.background_range_bytes)
+        size = self._source.size()
+        chunks = self._chunks
+        pos = 0
+        i = 0
+        while pos < size:
+            if self._closed.is_set():
+                return False
+            while i < len(chunks) and chunks[i].offset < pos:
+                i += 1  # overlapping entries of an odd TOC: left to readers
+            end = pos
+            j = i
+            if j < len(chunks) and chunks[j].offset - pos >= step:
+                end = chunks[j].offset  # a long stretch without payload
+            else:
+                while j < len(chunks):
+                    c = chunks[j]
+                    if c.compressed_end - pos > step and end > pos:
+                        break
+                    end = max(end, c.compressed_end)
+                    j += 1
+            if end <= pos:
+                end = min(size, pos + step)
+            end = min(end, size)
+            members = [c for c in chunks[i:j] if c.compressed_end <= end]
+            i = j
+            body: bytes | None = None
+            for attempt in range(3):
+                if not self._wait_foreground_idle():
+                    return False
+                with self._fill_slots:
+                    if self._closed.is_set():
+                        return False
+                    t_req = time.monotonic()
+                    try:
+                        body = self._fill_window(pos, end, members, counts)
+                    except LayerStoreError as e:
+                        self._log.warning(
+                            "background_fill_range_failed",
+                            offset=pos,
+                            attempt=attempt + 1,
+                            error=describe_error(e),
+                        )
+                    spent = time.monotonic() - t_req
+                self._pace(spent)
+                if body is not None:
+                    break
+                self._closed.wait(1.0 + attempt)
+            if body is None:
+                return False
+            tap.feed(pos, body)
+            pos = end
+        return True
+
+    def _fill_window(
+        self, start: int, end: int, members: Sequence[ChunkLike], counts: list[int]
+    ) -> bytes:
+        """Fetch ``[start, end)`` and deliver the chunks of *members* nobody else has."""
+        owned: list[tuple[ChunkLike, Future[bytes]]] = []
+        with self._lock:
+            for c in members:
+                k = chunk_key(c)
+                if k in self._inflight or c.digest in self._cache:
+                    continue
+                fut: Future[bytes] = Future()
+                self._inflight[k] = fut
+                owned.append((c, fut))
+        try:
+            try:
+                (body,) = self._source.read_ranges([(start, end - start)])
+            except LayerStoreError:
+                raise
+            except Exception as e:
+                raise RegistryError(f"background fill range failed: {describe_error(e)}") from None
+            if len(body) != end - start:
+                raise RangeError(f"range of {end - start} bytes answered with {len(body)}")
+            with self._lock:
+                self.stats.requests += 1
+                self.stats.ranges += 1
+                self.stats.bytes_fetched += len(body)
+            for c, _ in owned:
+                self._deliver(c, body[c.offset - start : c.compressed_end - start], background=True)
+            return body
+        finally:
+            # Every claimed future is resolved: delivered above, or failed here.
+            for c, fut in owned:
+                if fut.done():
+                    if fut.exception() is None:
+                        counts[0] += 1
+                    else:
+                        counts[1] += 1
+                    continue
+                with self._lock:
+                    if self._inflight.get(chunk_key(c)) is fut:
+                        del self._inflight[chunk_key(c)]
+                fut.set_exception(RegistryError("background fill range failed"))
+                counts[1] += 1

@@ -7,10 +7,24 @@ the file's next chunks already on disk, and a read that ends in the second half 
 starts the *sequential read-ahead* of the file's next chunks (``fetch_async``). ``start()``
 (first use) runs the *landmark prefetch* and then, when enabled, the *background fill*.
 
-``Layer.read_blob`` serves the raw registry blob for the ``blob`` file (``podman push/save``):
-large ranges through a few *blob read-ahead* windows, and the whole-blob sha256 is checked when
-the blob is read from start to end (the read that completes a mismatching blob fails, as does
-every later one).
+``Layer.read_blob`` serves the registry blob for the ``blob`` file (``podman push/save``) from a
+*blob spool*: on the first read the whole blob is fetched into an unlinked file under the
+daemon's root (:mod:`layerstore.runtime.blobspool`), in order, while its sha256 and DiffID are
+checked; no byte is served before both match (a tampered blob answers its first read with an
+error). Concurrent readers share that one fetch; the file goes when it has been idle for
+``blob_spool_idle_seconds`` or the layer closes.
+
+Identity and verification (``docs/trust-identity.md``): a layer object is what one manifest
+claims for one blob in one repository (``identity``, built by the manager). Its TOC is verified
+before it exists; its blob digest and DiffID are verified when the whole blob has been seen, by
+the streaming background fill or by the blob spool (:mod:`layerstore.runtime.blobcheck`). A
+mismatch makes the layer *bad* (:meth:`mark_bad`): every read fails from then on and the
+manager drops it. A match is recorded in the cache's TOC area (``verified-<hash>``) so a later
+fill of the same blob, TOC and DiffID fetches only what is not cached.
+
+``hold``/``unhold`` count the FUSE adapter's references (inode tables, open files): the manager's
+idle sweep retires only a layer nobody holds (:meth:`retire_if_idle`), so a layer the mount
+still serves keeps its fetcher and read-ahead, and a later lookup finds the same object.
 
 ``info_json(scheme)`` renders the ``info`` file, decoded by containers/storage into its
 ``Layer`` struct (json tags from ``layers.go``):
@@ -33,20 +47,32 @@ also starts members where the TOC records no offset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
 from layerstore.common.redact import describe_error
-from layerstore.errors import FormatError, LayerStoreError, RegistryError, VerificationError
+from layerstore.common.singleflight import SingleFlight
+from layerstore.errors import (
+    CacheError,
+    FormatError,
+    LayerStoreError,
+    RegistryError,
+    VerificationError,
+)
 from layerstore.estargz.toc import TOCIndex
+from layerstore.runtime.blobcheck import BlobVerdict, BlobVerifier, TOCClaim
+from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import ChunkFetcher, ChunkLike
 from layerstore.source import RangeSource
@@ -71,12 +97,10 @@ class LayerSettings:
     """When a read ends in the second half of a chunk, fetch this many following chunks of the
     file ahead (0 disables): sequential readers of large files do not wait a round trip per
     chunk."""
-    blob_readahead_bytes: int = 4 * MiB
-    """Minimum range fetched for the ``blob`` file; later sequential reads hit the window."""
-    blob_windows: int = 4
-    """Windows kept for concurrent sequential readers of the ``blob`` file."""
-    blob_reorder_bytes: int = 16 * MiB
-    """Out-of-order ``blob`` reads buffered for the whole-blob digest check."""
+    blob_fetch_bytes: int = 8 * MiB
+    """Range per request when the ``blob`` file's spool is filled (two in flight)."""
+    blob_spool_idle_seconds: float = 60.0
+    """A spooled blob nobody has read for this long is removed (by the manager's sweep)."""
 
 
 def _pad512(n: int) -> int:
@@ -119,7 +143,20 @@ class Layer:
         footer_size: int,
         uncompressed_size: int | None = None,
         settings: LayerSettings | None = None,
+        identity: str = "",
+        spool: BlobSpool | None = None,
+        toc_member_digest: str = "",
     ) -> None:
+        self.identity = identity or compressed_digest
+        """What the manager shares this object by (blob, TOC, DiffID and the repository the
+        blob is read from); the FUSE adapter numbers inodes by it."""
+        self.spool = spool
+        self.toc_member_digest = toc_member_digest
+        """sha256 of the compressed TOC member the index was built from ("" when unknown):
+        the whole-blob check makes sure the blob holds exactly that member."""
+        self.on_bad: Callable[[Layer, str], None] | None = None
+        """Called once when the layer turns out bad (the manager drops it and names its
+        references in the error event)."""
         self.compressed_digest = compressed_digest
         self.toc_digest = toc_digest
         self.diff_id = diff_id
@@ -138,17 +175,15 @@ class Layer:
         self._started = False
         self._info: dict[str, bytes] = {}
         self._ids: tuple[list[int], list[int]] | None = None
-        self._windows: OrderedDict[int, bytes] = OrderedDict()  # start offset -> bytes
-        # Blob read-ahead windows being fetched: start -> (length, done). Not a SingleFlight:
-        # a reader waits for any window that contains its range, whatever its start, and the
-        # window is fetched for no caller in particular (the reader that triggered it goes on).
-        self._blob_inflight: dict[int, tuple[int, threading.Event]] = {}
-        self._blob_hash = hashlib.sha256()
-        self._blob_pos = 0
-        self._blob_pending: dict[int, bytes] = {}
-        self._blob_pending_bytes = 0
-        self._blob_bad = False
-        self._blob_verified = False
+        # Under _lock: the FUSE adapter's references, whether the sweep retired the layer,
+        # why it is bad (None: not known bad), whether its blob and DiffID were verified, the
+        # spooled blob.
+        self._holds = 0
+        self._retired = False
+        self._bad: str | None = None
+        self._verified = False
+        self._spool: _Spooled | None = None
+        self._spool_flight: SingleFlight[int, None] = SingleFlight()
         self.last_used = time.monotonic()
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
 
@@ -176,10 +211,126 @@ class Layer:
         except Exception as e:  # logged; reads still work lazily
             self._log.warning("landmark_prefetch_failed", error=describe_error(e))
         if self._background_fill_enabled:
-            self.fetcher.start_background_fill()
+            # Until the blob is known good, the fill streams every byte in order through a
+            # verifier; afterwards it fetches only what is not cached.
+            tap = None if self.known_verified() else _FillCheck(self)
+            self.fetcher.start_background_fill(tap)
 
     def close(self) -> None:
         self.fetcher.close()
+        self.drop_spool()
+
+    # --- references from the FUSE adapter (see docs/CONCURRENCY.md) ---------------------------
+    def hold(self) -> bool:
+        """One more reference from the FUSE adapter. False when the sweep has already retired
+        this layer (then look it up again: the manager builds a new one)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._holds += 1
+            return True
+
+    def unhold(self) -> None:
+        with self._lock:
+            self._holds = max(0, self._holds - 1)
+        self.last_used = time.monotonic()
+
+    @property
+    def holds(self) -> int:
+        with self._lock:
+            return self._holds
+
+    def retire_if_idle(self, cutoff: float) -> bool:
+        """For the manager's sweep (under its lock): retire the layer if nobody holds it and it
+        was last used before *cutoff*. A retired layer is never held again."""
+        with self._lock:
+            if self._holds > 0 or self.last_used > cutoff:
+                return False
+            self._retired = True
+            return True
+
+    # --- verification ----------------------------------------------------------------------
+    @property
+    def bad(self) -> str | None:
+        """Why the layer must not be served (None: nothing known against it)."""
+        return self._bad
+
+    @property
+    def verified(self) -> bool:
+        """The whole blob matched its digest and its DiffID (here or in an earlier run)."""
+        return self._verified
+
+    def _check_bad(self) -> None:
+        reason = self._bad
+        if reason is not None:
+            raise VerificationError(f"layer {self.compressed_digest} is bad: {reason}")
+
+    def mark_bad(self, reason: str) -> bool:
+        """From now on every read fails; tells the manager (once). Returns whether this call
+        marked it."""
+        with self._lock:
+            if self._bad is not None:
+                return False
+            self._bad = reason
+        callback = self.on_bad
+        if callback is not None:
+            callback(self, reason)
+        else:
+            self._log.error("layer_verification_failed", reason=reason)
+        return True
+
+    def _marker(self) -> tuple[str, bytes]:
+        text = f"{self.compressed_digest}\n{self.toc_digest}\n{self.diff_id}\n".encode()
+        return "verified-" + hashlib.sha256(text).hexdigest(), text
+
+    def blob_verifier(self) -> BlobVerifier:
+        """A verifier of every claim this layer was built from: blob digest, DiffID, and (when
+        known) the TOC member and footer."""
+        toc = None
+        if self.toc_member_digest:
+            toc = TOCClaim(self.toc_offset, self.footer_size, self.toc_member_digest)
+        return BlobVerifier(self.compressed_digest, self.diff_id, self.blob_size, toc)
+
+    def known_verified(self) -> bool:
+        """Verified in this process, or recorded as verified in the cache by an earlier one."""
+        if self._verified:
+            return True
+        name, text = self._marker()
+        try:
+            found = self.cache.get_toc(name) == text
+        except LayerStoreError:
+            found = False
+        if found:
+            with self._lock:
+                self._verified = True
+        return found
+
+    def _blob_checked(self, verdict: BlobVerdict, via: str) -> None:
+        if not verdict.complete:
+            self._log.info("blob_check_incomplete", via=via)
+            return
+        if verdict.errors:
+            self._log.error("blob_check_failed", via=via, errors=list(verdict.errors))
+            self.mark_bad("; ".join(verdict.errors))
+            return
+        with self._lock:
+            first = not self._verified
+            self._verified = True
+        if self._uncompressed_size is not None and (
+            verdict.uncompressed_size != self._uncompressed_size
+        ):
+            self._log.warning(
+                "uncompressed_size_annotation_differs",
+                annotation=self._uncompressed_size,
+                actual=verdict.uncompressed_size,
+            )
+        if first:
+            name, text = self._marker()
+            try:
+                self.cache.put_toc(name, text)
+            except LayerStoreError as e:
+                self._log.warning("verified_marker_not_written", error=describe_error(e))
+            self._log.info("layer_verified", via=via, diff_id=verdict.diff_id)
 
     @property
     def _background_fill_enabled(self) -> bool:
@@ -256,6 +407,8 @@ class Layer:
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """Verified bytes of file *ino* at *offset*; short or empty at and past EOF."""
         self.last_used = time.monotonic()
+        if self._bad is not None:
+            self._check_bad()
         if not self._started:
             self.start()
         fsize = int(self.index.getattr(ino).size)
@@ -313,7 +466,7 @@ class Layer:
         writes, hot cache bytes); None otherwise (then call :meth:`read` in a thread). Never
         blocks on I/O: meant for the event loop. A read within one chunk is a read-only view
         of the cached bytes (no copy)."""
-        if not self._started or offset < 0 or size < 0:
+        if not self._started or self._bad is not None or offset < 0 or size < 0:
             return None
         fsize = int(self.index.getattr(ino).size)
         end = min(fsize, offset + size)
@@ -348,119 +501,177 @@ class Layer:
         hi = min(end, c.chunk_offset + csize) - c.chunk_offset
         return lo, max(lo, hi)
 
-    # --- raw blob --------------------------------------------------------------------------
+    # --- the blob file ---------------------------------------------------------------------
     def read_blob(self, offset: int, size: int) -> bytes:
-        """Raw registry bytes of the blob at *offset* (short at the end).
-
-        Served from a few read-ahead windows (``blob_readahead_bytes`` each); a read in the
-        second half of a window starts fetching the next one in the background, so a
-        sequential reader (``podman push``) rarely waits a full round trip.
-        """
+        """Bytes of the registry blob at *offset* (short at the end), served only from a spool
+        whose blob digest and DiffID matched (fetched on the first read, by one reader for
+        all)."""
         self.last_used = time.monotonic()
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
+        self._check_bad()
         end = min(self.blob_size, offset + size)
         if offset >= end:
             return b""
-        if self._blob_bad:
-            raise VerificationError(f"blob {self.compressed_digest} does not match its digest")
-        hit = self._from_windows(offset, end)
-        if hit is None:
-            self._wait_inflight_window(offset, end)
-            hit = self._from_windows(offset, end)
-        if hit is None:
-            length = max(end - offset, self.settings.blob_readahead_bytes)
-            window = self._fetch_window(offset, min(length, self.blob_size - offset))
-            hit = (offset, window)
-        start, window = hit
-        data = window[offset - start : end - start]
-        if self.settings.blob_readahead_bytes > 0 and end - start > len(window) // 2:
-            self._read_ahead_window(start + len(window))
-        self._track_digest(offset, data)
+        spooled = self._acquire_spool()
+        try:
+            data = os.pread(spooled.fd, end - offset, offset)
+        except OSError as e:
+            raise CacheError(f"reading the spooled blob failed: {e}") from None
+        finally:
+            self._release_spool(spooled)
+        if len(data) != end - offset:
+            raise CacheError(f"spooled blob is short at {offset}")
         return data
 
-    def _fetch_window(self, start: int, length: int) -> bytes:
+    def _acquire_spool(self) -> _Spooled:
+        for _ in range(3):
+            with self._lock:
+                spooled = self._spool
+                if spooled is not None:
+                    spooled.refs += 1
+                    spooled.last_used = time.monotonic()
+                    return spooled
+            self._spool_flight.do(0, self._build_spool)
+            self._check_bad()
+        raise CacheError(f"blob {self.compressed_digest}: spool dropped while being read")
+
+    def _release_spool(self, spooled: _Spooled) -> None:
+        with self._lock:
+            spooled.refs -= 1
+            close = spooled.refs == 0 and spooled.detached
+        if close:
+            self._close_spooled(spooled)
+
+    def _close_spooled(self, spooled: _Spooled) -> None:
+        with contextlib.suppress(OSError):
+            os.close(spooled.fd)
+        if self.spool is not None:
+            self.spool.release(spooled.size)
+
+    def drop_spool(self, idle_before: float | None = None) -> bool:
+        """Give the spooled blob's disk space back (now, or when its last read ends); with
+        *idle_before*, only if nobody has read it since then. Returns whether it was dropped."""
+        with self._lock:
+            spooled = self._spool
+            if spooled is None:
+                return False
+            if idle_before is not None and (spooled.last_used > idle_before or spooled.refs):
+                return False
+            self._spool = None
+            spooled.detached = True
+            close = spooled.refs == 0
+        if close:
+            self._close_spooled(spooled)
+        self._log.debug("blob_spool_dropped", bytes=spooled.size)
+        return True
+
+    def spool_idle_cutoff(self, now: float) -> float:
+        return now - self.settings.blob_spool_idle_seconds
+
+    def _build_spool(self) -> None:
+        with self._lock:
+            if self._spool is not None:
+                return
+        self._check_bad()
+        spool = self.spool
+        if spool is None:
+            raise CacheError("no blob spool: the blob file cannot be served")
+        size = self.blob_size
+        spool.reserve(size)
+        fd = -1
+        t0 = time.monotonic()
         try:
-            window = self.source.read_at(start, length)
+            fd = spool.open_file()
+            verifier = self.blob_verifier()
+            self._download(fd, verifier)
+            verdict = verifier.finish()
+            self._blob_checked(verdict, via="blob")
+            if not verdict.ok:
+                raise VerificationError(
+                    f"blob {self.compressed_digest}: " + ("; ".join(verdict.errors) or "incomplete")
+                )
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            spool.release(size)
+            raise
+        with self._lock:
+            self._spool = _Spooled(fd, size)
+        self._log.info("blob_spooled", bytes=size, seconds=round(time.monotonic() - t0, 3))
+
+    def _download(self, fd: int, verifier: BlobVerifier) -> None:
+        """The whole blob into *fd*, in order through *verifier*: ranges of
+        ``blob_fetch_bytes``, two in flight."""
+        size = self.blob_size
+        step = max(64 * 1024, self.settings.blob_fetch_bytes)
+        starts = iter(range(0, size, step))
+        pool = ThreadPoolExecutor(2, thread_name_prefix="stargz-blob-spool")
+        queue: deque[tuple[int, Future[bytes]]] = deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                queue.append(
+                    (start, pool.submit(self._fetch_range, start, min(step, size - start)))
+                )
+
+        try:
+            submit()
+            submit()
+            while queue:
+                start, fut = queue.popleft()
+                data = fut.result()
+                submit()
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    try:
+                        done += os.pwrite(fd, view[done:], start + done)
+                    except OSError as e:
+                        raise CacheError(f"writing the blob spool failed: {e}") from None
+                verifier.feed(start, data)
+        finally:
+            for _, fut in queue:
+                fut.cancel()
+            pool.shutdown(wait=False)
+
+    def _fetch_range(self, start: int, length: int) -> bytes:
+        try:
+            data = self.source.read_at(start, length)
         except LayerStoreError:
             raise
         except Exception as e:
             raise RegistryError(f"reading the blob failed: {describe_error(e)}") from None
-        if len(window) != length:
-            raise RegistryError(f"blob range of {length} bytes answered with {len(window)}")
-        with self._lock:
-            self._windows[start] = window
-            while len(self._windows) > max(2, self.settings.blob_windows):
-                self._windows.popitem(last=False)
-        return window
+        if len(data) != length:
+            raise RegistryError(f"blob range of {length} bytes answered with {len(data)}")
+        return data
 
-    def _read_ahead_window(self, start: int) -> None:
-        length = min(self.settings.blob_readahead_bytes, self.blob_size - start)
-        if length <= 0:
-            return
-        with self._lock:
-            if start in self._windows or start in self._blob_inflight:
-                return
-            done = threading.Event()
-            self._blob_inflight[start] = (length, done)
 
-        def run() -> None:
-            try:
-                self._fetch_window(start, length)
-            except Exception as e:  # the reader fetches it again and sees the error
-                self._log.warning("blob_readahead_failed", offset=start, error=describe_error(e))
-            finally:
-                with self._lock:
-                    self._blob_inflight.pop(start, None)
-                done.set()
+class _Spooled:
+    """A verified copy of the blob in an unlinked spool file."""
 
-        threading.Thread(target=run, name="stargz-blob-readahead", daemon=True).start()
+    __slots__ = ("detached", "fd", "last_used", "refs", "size")
 
-    def _wait_inflight_window(self, offset: int, end: int) -> None:
-        with self._lock:
-            waits = [
-                ev for s, (n, ev) in self._blob_inflight.items() if s <= offset and end <= s + n
-            ]
-        for ev in waits:
-            ev.wait(timeout=120)
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.refs = 0
+        self.detached = False
+        self.last_used = time.monotonic()
 
-    def _from_windows(self, offset: int, end: int) -> tuple[int, bytes] | None:
-        with self._lock:
-            for start, window in self._windows.items():
-                if start <= offset and end <= start + len(window):
-                    self._windows.move_to_end(start)
-                    return start, window
-        return None
 
-    def _track_digest(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            if self._blob_verified or offset + len(data) <= self._blob_pos:
-                return
-            if offset > self._blob_pos:
-                fits = self._blob_pending_bytes + len(data) <= self.settings.blob_reorder_bytes
-                if fits and offset not in self._blob_pending:
-                    self._blob_pending[offset] = data
-                    self._blob_pending_bytes += len(data)
-                return
-            self._blob_hash.update(data[self._blob_pos - offset :])
-            self._blob_pos = offset + len(data)
-            while self._blob_pending:
-                ready = [o for o in self._blob_pending if o <= self._blob_pos]
-                if not ready:
-                    break
-                for o in sorted(ready):
-                    piece = self._blob_pending.pop(o)
-                    self._blob_pending_bytes -= len(piece)
-                    if o + len(piece) > self._blob_pos:
-                        self._blob_hash.update(piece[self._blob_pos - o :])
-                        self._blob_pos = o + len(piece)
-            if self._blob_pos < self.blob_size:
-                return
-            got = "sha256:" + self._blob_hash.hexdigest()
-            if got == self.compressed_digest:
-                self._blob_verified = True
-                self._log.info("blob_read_verified")
-                return
-            self._blob_bad = True
-        self._log.error("blob_digest_mismatch", got=got)
-        raise VerificationError(f"blob {self.compressed_digest} does not match its digest")
+class _FillCheck:
+    """The background fill's tap: the blob's bytes in order into a :class:`BlobVerifier`;
+    the verdict goes to the layer when the fill ends."""
+
+    def __init__(self, layer: Layer) -> None:
+        self._layer = layer
+        self._verifier = layer.blob_verifier()
+
+    def feed(self, offset: int, data: bytes) -> None:
+        self._verifier.feed(offset, data)
+
+    def finish(self, complete: bool) -> None:
+        verdict = self._verifier.finish() if complete else BlobVerdict(complete=False)
+        self._layer._blob_checked(verdict, via="background_fill")

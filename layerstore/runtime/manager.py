@@ -19,16 +19,33 @@ Resolving a layer:
    before that, one more for the rest;
 4. the TOC digest is checked against the annotation (which for TOC keys is the key) inside the
    reader; nothing of the layer is served before that;
-5. a :class:`Layer` (index + fetcher + cache) is built once per compressed digest and shared by
-   every reference and key that name it.
+5. a :class:`Layer` (index + fetcher + cache) is built once per *identity* and shared by every
+   reference and key whose own manifest makes the same claims (see below).
+
+Identity (``docs/trust-identity.md``). A compressed digest in a manifest is a claim the store
+cannot check until it has the whole blob, so it is never enough to share a layer: an image on
+any registry could name another image's blob digest with its own TOC. A layer object is shared
+by :func:`layer_identity`: the TOC digest of the requesting manifest's annotation (verified
+against the TOC fetched before the layer exists), the compressed digest and size, the DiffID of
+the requesting image's config (rendered in ``info``), the uncompressed-size annotation, and the
+repository the blob is read from (a layer object reads ONE registry blob: an image on another
+registry or repository never makes the store read from a place it did not name). (ref, key) ->
+layer is recorded only after that ref's own manifest named the layer. Chunk data stays shared
+through the chunk cache (by chunk digest, verified per chunk) and TOCs through the TOC cache
+(re-verified against the TOC digest on load), so a second identity for the same content costs a
+TOC index in memory, not a download. When the whole blob has been seen (background fill, or the
+``blob`` spool) its digest and DiffID are verified; a mismatch marks the layer bad (every read
+fails), logs ``layer_verification_failed`` with the references that named it, and drops it here,
+so that a new lookup resolves again (after ``negative_ttl``).
 
 Concurrent ``get`` calls of the same (ref, key) share one resolution; failures are remembered for
 ``negative_ttl`` seconds and then forgotten. ``use``/``release`` count users per (ref, key); the
 first ``use`` starts the layer's landmark prefetch (and its background fill when enabled) and
 hands the layer to the dependency prefetch (:mod:`layerstore.runtime.prefetch`: the image's
-entrypoint and its shared libraries). Layers without users that have been idle for
-``idle_drop_seconds`` are dropped from memory by :meth:`sweep` (their chunks stay in the disk
-cache).
+entrypoint and its shared libraries). Layers without users that nobody holds (the FUSE adapter
+holds every layer it has inodes or open files of: :meth:`Layer.hold`) and that have been idle
+for ``idle_drop_seconds`` are dropped from memory by :meth:`sweep` (their chunks stay in the
+disk cache); a held layer is never closed, so a lookup or ``use`` finds the same object.
 """
 
 from __future__ import annotations
@@ -36,11 +53,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import json
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol, cast
 
 import structlog
@@ -60,6 +79,7 @@ from layerstore.errors import (
     RegistryError,
     RegistryUnavailableError,
     TOCDigestMismatchError,
+    VerificationError,
 )
 from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
@@ -67,6 +87,7 @@ from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decod
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference, parse_reference
+from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
@@ -79,6 +100,24 @@ log = structlog.get_logger(__name__)
 MAX_TOC_BYTES = DEFAULT_MAX_TOC_SIZE
 NEGATIVE_CACHE_MAX = 4096
 """Failed (ref, key) lookups remembered at once."""
+GiB = 1024**3
+
+
+def layer_identity(
+    image: ResolvedImage, desc: Descriptor, toc_digest: str, diff_id: str, uncompressed: str
+) -> str:
+    """What a layer object is shared by: every claim the requesting manifest and config make
+    about the layer, and where its blob is read from (see the module docstring)."""
+    parts = (
+        toc_digest,
+        desc.digest,
+        str(int(desc.size)),
+        diff_id,
+        uncompressed,
+        image.source.location,
+        "insecure" if image.source.insecure else "",
+    )
+    return "layer-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class ClientLike(Protocol):
@@ -148,6 +187,10 @@ class ManagerSettings:
     max_toc_bytes: int = MAX_TOC_BYTES
     """Cap on the TOC JSON (containers/storage: 150 MiB); the compressed region is checked too."""
     idle_drop_seconds: float = 600.0
+    """A layer without users that nobody holds is dropped from memory after this long idle
+    (config key ``[cache] layer_idle_seconds``)."""
+    blob_spool_max_bytes: int = 8 * GiB
+    """Disk for verified copies of blobs being read through the ``blob`` file."""
     background_fill_concurrency: int = 2
     """Background-fill range requests in flight across all layers."""
     dependency_prefetch: DependencyPrefetchSettings = field(
@@ -178,6 +221,7 @@ class LayerManager:
         *,
         resolutions: ResolutionStore | None = None,
         open_toc: OpenTOC | None = None,
+        spool: BlobSpool | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
@@ -185,18 +229,25 @@ class LayerManager:
         self.resolutions = resolutions
         """Where the last good resolutions are kept (None: not kept)."""
         self._open_toc = open_toc or _default_open_toc
-        # Guards _resolved, _by_ref_key, _by_digest, tail_requests. A leaf: nothing else is
-        # locked or awaited while it is held.
+        if spool is None:
+            root = Path(cache.root)
+            spool = BlobSpool(
+                root.parent / f"{root.name}-spool", self.settings.blob_spool_max_bytes
+            )
+        self.spool = spool
+        """Disk for the ``blob`` file's verified copies."""
+        # Guards _resolved, _by_ref_key, _by_identity, tail_requests. Nothing else is locked
+        # or awaited while it is held, except Layer._lock (a leaf) in sweep.
         self._lock = threading.Lock()
         self._resolved: dict[str, tuple[float, ResolvedImage]] = {}  # ref -> (expiry, image)
         self._negative: NegativeCache[tuple[str, str], LayerStoreError] = NegativeCache(
             NEGATIVE_CACHE_MAX
         )
         self._by_ref_key: dict[tuple[str, str], _Entry] = {}
-        self._by_digest: dict[str, Layer] = {}
+        self._by_identity: dict[str, Layer] = {}  # layer_identity() -> layer
         self._sf_resolve: SingleFlight[str, ResolvedImage] = SingleFlight()
         self._sf_get: SingleFlight[tuple[str, str], Layer] = SingleFlight()
-        self._sf_layer: SingleFlight[str, Layer] = SingleFlight()
+        self._sf_layer: SingleFlight[str, Layer] = SingleFlight()  # by identity
         self._fill_slots = threading.Semaphore(max(1, self.settings.background_fill_concurrency))
         self._request_slots = threading.Semaphore(
             max(1, self.settings.fetcher.max_concurrent_requests)
@@ -259,15 +310,23 @@ class LayerManager:
                 f"image {ref}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config"
             )
         diff_id = diff_ids[index]
-        layer = self._sf_layer.do(
-            desc.digest, lambda: self._layer(reference, image, desc, toc_digest, diff_id)
+        identity = layer_identity(
+            image, desc, toc_digest, diff_id, desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
         )
-        if layer.diff_id != diff_id:
-            bound.warning("layer_diff_id_differs", digest=desc.digest, other=diff_id)
+        layer = self._sf_layer.do(
+            identity, lambda: self._layer(reference, image, desc, toc_digest, diff_id, identity)
+        )
+        # The layer was built from exactly this manifest's claims (its identity): the same
+        # blob digest, the TOC verified against this manifest's annotation, this DiffID.
         if key not in (layer.compressed_digest, layer.toc_digest):
             raise TOCDigestMismatchError(f"layer {desc.digest}: TOC digest is not {key}")
+        if layer.bad is not None:
+            raise VerificationError(f"layer {desc.digest} of {ref} is bad: {layer.bad}")
+        bound.debug("layer_mapped", identity=identity, digest=desc.digest)
         with self._lock:
-            self._by_ref_key.setdefault((ref, key), _Entry(layer))
+            entry = self._by_ref_key.get((ref, key))
+            if entry is None or (entry.layer is not layer and entry.users == 0):
+                self._by_ref_key[(ref, key)] = _Entry(layer)
         return layer
 
     def _resolve(self, ref: str, reference: Reference) -> ResolvedImage:
@@ -322,9 +381,10 @@ class LayerManager:
         desc: Descriptor,
         toc_digest: str,
         diff_id: str,
+        identity: str,
     ) -> Layer:
         with self._lock:
-            existing = self._by_digest.get(desc.digest)
+            existing = self._by_identity.get(identity)
         if existing is not None:
             return existing
         bound = log.bind(ref=str(reference), digest=desc.digest, toc_digest=toc_digest)
@@ -388,12 +448,18 @@ class LayerManager:
             footer_size=footer_size,
             uncompressed_size=uncompressed,
             settings=self.settings.layer,
+            identity=identity,
+            spool=self.spool,
+            toc_member_digest=_digest.sha256_digest(member),
         )
+        layer.on_bad = self._layer_bad
         with self._lock:
-            self._by_digest[desc.digest] = layer
+            self._by_identity[identity] = layer
         release_free_memory()
         bound.info(
             "layer_loaded",
+            identity=identity,
+            source=image.source.location,
             toc_from_cache=from_cache,
             chunks=len(fetcher.chunks),
             seconds=round(time.monotonic() - t0, 3),
@@ -467,32 +533,69 @@ class LayerManager:
             entry = self._by_ref_key.get((ref, key))
             return entry.users if entry is not None else 0
 
+    def _layer_bad(self, layer: Layer, reason: str) -> None:
+        """A layer's whole blob did not match its digest or DiffID: name every reference that
+        maps to it, forget it (a new lookup resolves again once the negative entry expires)
+        and stop its fetching. Readers holding it get errors from the layer itself."""
+        err = VerificationError(f"layer {layer.compressed_digest} is bad: {reason}")
+        with self._lock:
+            keys = [rk for rk, e in self._by_ref_key.items() if e.layer is layer]
+            for rk in keys:
+                del self._by_ref_key[rk]
+            if self._by_identity.get(layer.identity) is layer:
+                del self._by_identity[layer.identity]
+        for rk in keys:
+            self._negative.put(rk, err, self.settings.negative_ttl)
+        log.error(
+            "layer_verification_failed",
+            refs=sorted({r for r, _ in keys}),
+            keys=sorted({k for _, k in keys}),
+            digest=layer.compressed_digest,
+            toc_digest=layer.toc_digest,
+            reason=reason,
+        )
+        layer.fetcher.close()
+
     def sweep(self) -> int:
-        """Drop from memory the layers without users idle for ``idle_drop_seconds``."""
-        cutoff = time.monotonic() - self.settings.idle_drop_seconds
+        """Drop from memory the layers without users, not held by the FUSE adapter, idle for
+        ``idle_drop_seconds``; and the ``blob`` spools idle for their own time."""
+        now = time.monotonic()
+        cutoff = now - self.settings.idle_drop_seconds
         dropped: list[Layer] = []
+        kept_held = 0
         with self._lock:
             busy = {id(e.layer) for e in self._by_ref_key.values() if e.users > 0}
-            for digest, layer in list(self._by_digest.items()):
+            layers = list(self._by_identity.values())
+            for layer in layers:
                 if id(layer) in busy or layer.last_used > cutoff:
                     continue
-                del self._by_digest[digest]
+                # Retired under our lock and the layer's: no hold can be taken on it after
+                # this, and no lookup can find it in the maps.
+                if not layer.retire_if_idle(cutoff):
+                    kept_held += 1
+                    continue
+                del self._by_identity[layer.identity]
                 dropped.append(layer)
             gone = {id(layer) for layer in dropped}
             self._by_ref_key = {
                 k: e for k, e in self._by_ref_key.items() if id(e.layer) not in gone
             }
+        for layer in layers:
+            if id(layer) not in gone:
+                layer.drop_spool(idle_before=layer.spool_idle_cutoff(now))
         for layer in dropped:
             layer.close()
-            log.info("layer_dropped", digest=layer.compressed_digest)
+            log.info("layer_dropped", digest=layer.compressed_digest, identity=layer.identity)
+        if dropped or kept_held:
+            log.debug("layers_swept", dropped=len(dropped), kept_held=kept_held)
         return len(dropped)
 
     def loaded(self) -> list[Layer]:
         with self._lock:
-            return list(self._by_digest.values())
+            return list(self._by_identity.values())
 
     def close(self) -> None:
         with self._lock:
-            layers = list(self._by_digest.values())
+            layers = list(self._by_identity.values())
         for layer in layers:
             layer.close()
