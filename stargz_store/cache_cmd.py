@@ -91,8 +91,7 @@ def build_parser() -> ArgParser:
         type=parse_size_or_zero,
         default=None,
         metavar="SIZE",
-        help=f"{SIZE_HELP}; 0 removes every chunk (default: the configured "
-        "[cache] max_size_bytes)",
+        help=f"{SIZE_HELP}; 0 removes every chunk (default: the configured [cache] max_size_bytes)",
     )
     sub.add_parser(
         "clear",

@@ -249,6 +249,10 @@ class ControlServer:
         uid = peer_uid(conn)
         if uid is not None and uid not in self._allowed:
             log.warning("control_connection_refused", uid=uid)
+            # Read (and drop) the request first: closing with unread bytes resets the
+            # connection, and the client would see ECONNRESET instead of the answer.
+            with contextlib.suppress(RequestError, OSError):
+                self._receive(conn)
             _send(conn, _error("permission denied"))
             return
         try:

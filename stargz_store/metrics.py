@@ -288,9 +288,7 @@ class MetricsServer:
         except ControlError as e:
             raise MetricsError(f"[metrics] listen = {self._listen!r}: {e}") from None
         except OSError as e:
-            raise MetricsError(
-                f"[metrics] listen = {self._listen!r}: {e.strerror or e}"
-            ) from None
+            raise MetricsError(f"[metrics] listen = {self._listen!r}: {e.strerror or e}") from None
         server.set_app(self._app)
         self._server = server
         self._thread = threading.Thread(
