@@ -213,19 +213,19 @@ def _root_lock(root: Path) -> Iterator[None]:
 
 
 def describe(action: str, done: dict[str, Any], how: str) -> str:
-    from stargz_store.status_cmd import human_bytes
+    from stargz_store.status_cmd import count, human_bytes
 
     if "missing" in done:
         return f"no cache in {done['missing']}: nothing to do"
     via = "by the running daemon" if how == "daemon" else "directly (no daemon running)"
     if action == "prune":
-        what = f"pruned {done['entries']} chunks ({human_bytes(done['bytes'])})"
+        what = f"pruned {count(done['entries'], 'chunk')} ({human_bytes(done['bytes'])})"
     else:
         what = (
-            f"cleared {done['entries']} chunks and {done['tocs']} TOCs "
+            f"cleared {count(done['entries'], 'chunk')} and {count(done['tocs'], 'TOC')} "
             f"({human_bytes(done['bytes'])})"
         )
     return (
         f"{what} {via}; the cache now holds {human_bytes(done['cache_bytes'])} in "
-        f"{done['cache_entries']} chunks (limit {human_bytes(done['max_bytes'])})"
+        f"{count(done['cache_entries'], 'chunk')} (limit {human_bytes(done['max_bytes'])})"
     )

@@ -105,6 +105,11 @@ def human_duration(seconds: float) -> str:
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
+def count(n: int, word: str) -> str:
+    """``1 chunk``, ``2 chunks``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def short(digest: str | None) -> str:
     """``sha256:`` and the first 12 hex digits (as podman shows IDs)."""
     if not digest:
@@ -189,8 +194,8 @@ def _summary(doc: dict[str, Any]) -> list[str]:
         rate_text = "-" if rate is None else f"{100.0 * rate:.1f}%"
         out.append(
             f"CACHE      {human_bytes(c['bytes'])} of {human_bytes(c['max_bytes'])} "
-            f"({percent(c['bytes'], c['max_bytes'])}) in {c['entries']} chunks, "
-            f"{c['toc_entries']} TOCs; hit rate {rate_text} ({c['hits']} hits, "
+            f"({percent(c['bytes'], c['max_bytes'])}) in {count(c['entries'], 'chunk')}, "
+            f"{count(c['toc_entries'], 'TOC')}; hit rate {rate_text} ({c['hits']} hits, "
             f"{c['misses']} misses); evicted {c['evicted']}, removed by operator "
             f"{c['removed_by_operator']}"
         )
@@ -216,7 +221,7 @@ def _summary(doc: dict[str, Any]) -> list[str]:
     fl = doc.get("in_flight", {})
     out.append(
         f"IN FLIGHT  {fl.get('lookups', 0)} lookups, {fl.get('foreground_fetches', 0)} "
-        f"foreground fetches, {fl.get('chunks', 0)} chunks"
+        f"foreground fetches, {count(fl.get('chunks', 0), 'chunk')}"
     )
     errors = doc.get("errors", {})
     counts = errors.get("counts", {})
