@@ -5,6 +5,7 @@ the metrics collector and listener, the log ring, and the daemon's registries.co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -21,9 +22,16 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from layerstore.errors import BlockedRegistryError, NotEStargzError
+from layerstore.errors import (
+    BlockedRegistryError,
+    LayerStoreError,
+    NotEStargzError,
+    VerificationError,
+)
 from layerstore.runtime import meter as m
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.fetcher import ChunkFetcher
+from layerstore.source import BytesSource
 from stargz_store import control, status_cmd
 from stargz_store.config import ConfigError, parse_config_text, parse_metrics_listen
 from stargz_store.log import RecentEvents
@@ -66,6 +74,48 @@ def test_meter_tells_mechanisms_by_thread_name() -> None:
     assert t["landmark_prefetch"].buckets[-1] == 1 and sum(t["landmark_prefetch"].buckets) == 1
     meter.observe(1, 1, 0.001)
     assert snap.by_mechanism["foreground"].requests == 1  # a snapshot is a copy
+
+
+def test_fetcher_reports_each_mechanism_to_the_meter(tmp_path: Path) -> None:
+    """Real fetcher threads: the reader's own request, ``fetch_async`` (the read-ahead pool),
+    the background fill's thread; a chunk failing verification and a failed request."""
+    from tests.test_fetcher import CountingSource, build_blob, fake_decode, small_settings
+
+    payloads = [os.urandom(5000) for _ in range(12)]
+    blob, chunks = build_blob(payloads)
+    meter = m.FetchMeter()
+    cache = ChunkCache(tmp_path, 1 << 30)
+    settings = small_settings(background_idle_seconds=0.0, background_share=1.0)
+    f = ChunkFetcher(CountingSource(BytesSource(blob)), cache, chunks, fake_decode, settings,
+                     meter=meter)  # fmt: skip
+    assert f.get_chunks(chunks[:2]) == payloads[:2]
+    assert f.fetch_async(chunks[2:4]) == 2
+    deadline = time.monotonic() + 30
+    while not all(c.digest in cache for c in chunks[2:4]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f.start_background_fill()
+    f.join_background_fill(30)
+    snap = meter.snapshot().by_mechanism
+    sizes = [c.compressed_end - c.offset for c in chunks]
+    assert snap["foreground"].bytes == sum(sizes[:2]) and snap["foreground"].chunks == 2
+    assert snap["read_ahead"].bytes == sum(sizes[2:4]) and snap["read_ahead"].chunks == 2
+    assert snap["background_fill"].chunks == 8 and snap["background_fill"].bytes >= sum(sizes[4:])
+    assert f.snapshot().stats.bytes_fetched == sum(t.bytes for t in snap.values())
+    f.close()
+
+    bad = [dataclasses.replace(chunks[0], digest=dg(b"something else"))]
+    g = ChunkFetcher(BytesSource(blob), cache, bad, fake_decode, small_settings(), meter=meter)
+    with pytest.raises(VerificationError):
+        g.get_chunks(bad)
+    assert meter.snapshot().verification_failures == 1
+    empty = ChunkCache(tmp_path / "empty", 1 << 20)  # chunk 5 is in the first cache
+    short = ChunkFetcher(BytesSource(blob[:100]), empty, chunks[5:6], fake_decode,
+                         small_settings(), meter=meter)  # fmt: skip
+    with pytest.raises(LayerStoreError):
+        short.get_chunks(chunks[5:6])
+    assert meter.snapshot().by_mechanism["foreground"].failures == 1
+    cache.close()
+    empty.close()
 
 
 # --- the cache: prune and clear -------------------------------------------------------------------

@@ -509,6 +509,7 @@ class LayerManager:
         now = time.monotonic()
         with self._lock:
             resolved = {ref: image.manifest_digest for ref, (_, image) in self._resolved.items()}
+            fresh = {ref for ref, (expiry, _) in self._resolved.items() if expiry > now}
             keys = [(ref, key, e.layer, e.users) for (ref, key), e in self._by_ref_key.items()]
             loaded = list(self._by_digest.values())
             tail_requests = self.tail_requests
@@ -539,7 +540,7 @@ class LayerManager:
                 layers=tuple(dict.fromkeys(d for d, _ in per_ref.get(ref, []))),
                 users=sum(u for _, u in per_ref.get(ref, [])),
             )
-            for ref in sorted(set(resolved) | set(per_ref))
+            for ref in sorted(fresh | set(per_ref))  # not every reference ever resolved
         )
         with self._activity.cond:
             foreground = self._activity.active

@@ -46,6 +46,8 @@ class LayerSnapshot:
 
 @dataclass(frozen=True)
 class ImageSnapshot:
+    """An image reference with layers held, or resolved within its ``resolve_ttl``."""
+
     ref: str
     manifest_digest: str | None
     """None when the reference's resolution is no longer in memory."""
