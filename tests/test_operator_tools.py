@@ -478,8 +478,9 @@ def test_cache_prune_and_clear_without_a_daemon(
 
     # a daemon that holds the root's lock but does not answer: nothing is touched
     lock = root / "lock"
-    with open(lock, "a+") as held:
+    with open(lock, "a+") as held:  # the daemon leaves the file (with its pid) behind
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
         held.write("4242\n")
         held.flush()
         r = cli("cache", "clear", "--root", str(root), "--config", str(config))
