@@ -2,7 +2,7 @@
 
 ::
 
-    stargz-store COMMAND [ARGS...]          a subcommand (serve, convert, help, ...)
+    stargz-store COMMAND [ARGS...]          a subcommand (serve, convert, status, ...)
     stargz-store [OPTIONS] MOUNTPOINT       'serve' without the word, as the Go store is run
     stargz-store --version | --help
 
@@ -60,6 +60,16 @@ COMMANDS: dict[str, Command] = {
             "convert",
             "convert an image to eStargz (oci:DIR[:TAG] and docker://REF, as skopeo names them)",
             "stargz_store.convert_cmd:main",
+        ),
+        Command(
+            "status",
+            "show the running daemon's images, layers, cache, fetching and latest errors",
+            "stargz_store.status_cmd:main",
+        ),
+        Command(
+            "cache",
+            "shrink (prune) or empty (clear) the chunk cache, with or without a daemon",
+            "stargz_store.cache_cmd:main",
         ),
         Command(
             "help",

@@ -11,11 +11,14 @@ test checks that it parses and that every field below appears in it.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerstore.registry.settings import RegistrySettings as ClientSettings
 
@@ -63,6 +66,9 @@ class RegistrySection(_Section):
     platform: str = _CLIENT.platform or ""
     registries_conf: str = "/etc/containers/registries.conf"
     registries_conf_d: str = "/etc/containers/registries.conf.d"
+    # Seconds between checks of registries.conf and its drop-ins for changes (a change
+    # applies to the next image resolution); 0 reads them once at start.
+    registries_conf_check_seconds: float = Field(default=2.0, ge=0)
     resolve_ttl: float = Field(default=60.0, ge=0)
     ca_bundle: str = _CLIENT.ca_bundle or ""
     certs_dirs: list[str] = Field(default_factory=lambda: list(_CLIENT.certs_dirs))
@@ -136,6 +142,41 @@ class FuseSettings(_Section):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
 
+def parse_metrics_listen(value: str, root: str | os.PathLike[str]) -> tuple[str, Any]:
+    """``"HOST:PORT"`` -> ``("tcp", (host, port))``; ``"unix:PATH"`` -> ``("unix", Path)``
+    (relative to *root* unless absolute). Raises ValueError with a one-line message."""
+    if value.startswith("unix:"):
+        raw = value[5:]
+        if not raw:
+            raise ValueError("unix: needs a path, e.g. unix:/run/stargz-store/metrics.sock")
+        path = Path(raw)
+        return "unix", path if path.is_absolute() else Path(root) / path
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"expected HOST:PORT or unix:PATH, not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host != "localhost":
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host)
+            return "tcp", (host, int(port_text))
+        raise ValueError(f"the host must be an IP address or localhost, not {host!r}")
+    return "tcp", (host, int(port_text))
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (``stargz_store.metrics``)."""
+
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            parse_metrics_listen(value, DEFAULT_ROOT)
+        return value
+
+
 class LogSettings(_Section):
     """Logging to stderr."""
 
@@ -152,6 +193,7 @@ class Config(_Section):
     fetch: FetchSettings = Field(default_factory=lambda: FetchSettings())
     fuse: FuseSettings = Field(default_factory=lambda: FuseSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

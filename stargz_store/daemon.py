@@ -345,6 +345,11 @@ class Wiring:
     closers: list[Callable[[], object]] = field(default_factory=list)
     sweep: Callable[[], object] | None = None
     sweep_interval: float = SWEEP_INTERVAL
+    # For the operator's tools (status, cache, metrics): None with a provider factory.
+    manager: Any = None
+    cache: Any = None
+    status: Any = None
+    """:class:`stargz_store.status.StatusSource`, set by :func:`start_operator_services`."""
 
     def close(self) -> None:
         for fn in reversed(self.closers):
@@ -382,7 +387,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.errors import LayerStoreError
     from layerstore.registry.client import RegistryClient
     from layerstore.registry.reference import parse_reference
-    from layerstore.registry.registries_conf import RegistriesConf
+    from layerstore.registry.registries_conf import RegistriesConf, WatchedRegistriesConf
     from layerstore.runtime.blobspool import BlobSpool
     from layerstore.runtime.cache import ChunkCache
     from layerstore.runtime.fetcher import FetcherSettings
@@ -393,14 +398,28 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     rc, fc, ac = config.registry, config.fetch, config.auth
     wiring = Wiring(provider=None, validate_ref=parse_reference)
     try:
+        # registries.conf and its drop-ins: re-read when they change (checked at most every
+        # registries_conf_check_seconds, by the thread resolving an image), so that a mirror
+        # or a block applies without a restart; its credential-helpers list is read from the
+        # same object at each credential lookup.
+        registries: RegistriesConf | WatchedRegistriesConf
         try:
-            registries = RegistriesConf.load(
-                system_conf=rc.registries_conf, system_conf_dir=rc.registries_conf_d
-            )
+            if rc.registries_conf_check_seconds > 0:
+                registries = WatchedRegistriesConf(
+                    system_conf=rc.registries_conf,
+                    system_conf_dir=rc.registries_conf_d,
+                    min_interval=rc.registries_conf_check_seconds,
+                )
+            else:
+                registries = RegistriesConf.load(
+                    system_conf=rc.registries_conf, system_conf_dir=rc.registries_conf_d
+                )
         except LayerStoreError as exc:
             raise DaemonError(str(exc)) from None
         credentials = CredentialStore(
-            extra_files=list(ac.extra_auth_files), helper_timeout=ac.credential_helper_timeout
+            extra_files=list(ac.extra_auth_files),
+            helper_timeout=ac.credential_helper_timeout,
+            credential_helpers=lambda: registries.credential_helpers,
         )
         client = RegistryClient(credentials, registries, settings=rc.client_settings())
         wiring.closers.append(client.close)
@@ -449,6 +468,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         )
         checked: LayerProvider = manager  # the real manager meets the adapter's protocol
         wiring.provider = checked
+        wiring.manager, wiring.cache = manager, cache
         wiring.closers.append(manager.close)
         wiring.sweep = manager.sweep
         wiring.sweep_interval = min(SWEEP_INTERVAL, config.cache.layer_idle_seconds / 2)
@@ -467,6 +487,33 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     except BaseException:
         wiring.close()
         raise
+
+
+def start_operator_services(wiring: Wiring, config: Config, root: Path) -> None:
+    """The control socket (``stargz-store status``, ``cache``) and, when configured, the
+    metrics listener. The control socket is best effort (the store serves without it); a
+    metrics listener that was asked for and cannot listen stops the start."""
+    from stargz_store.control import ControlError, ControlServer, socket_path
+    from stargz_store.status import StatusSource
+
+    status = StatusSource(root=str(root), manager=wiring.manager, cache=wiring.cache)
+    wiring.status = status
+    server = ControlServer(socket_path(root), status.handle)
+    try:
+        server.start()
+    except ControlError as exc:
+        log.warning("control_socket_unavailable", socket=str(server.path), error=str(exc))
+    else:
+        wiring.closers.append(server.stop)
+    if config.metrics.listen:
+        from stargz_store.metrics import MetricsError, MetricsServer
+
+        try:
+            metrics = MetricsServer(config.metrics.listen, status, root)
+            metrics.start()
+        except MetricsError as exc:
+            raise DaemonError(str(exc)) from None
+        wiring.closers.append(metrics.stop)
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -584,7 +631,9 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         prepare_mountpoint(mountpoint)
         wiring = build_wiring(config, root)
         try:
+            start_operator_services(wiring, config, root)
             ops = StoreOperations(wiring.provider, config.fuse, validate_ref=wiring.validate_ref)
+            wiring.status.attach_fuse(ops.stats, str(mountpoint))
             options = mount_options(config.fuse)
             try:
                 pyfuse3.init(ops, str(mountpoint), options)

@@ -44,7 +44,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar, cast
 
 import pyfuse3
@@ -295,6 +295,7 @@ class _Stats:
     fast_reads: int = 0  # served from memory on the event loop (no thread hop)
     read_ns: int = 0  # wall time spent answering file and blob reads
     read_errors: int = 0
+    failed_by_error: dict[str, int] = field(default_factory=dict)  # failed, by exception class
 
 
 def _default_validate_ref(ref: str) -> None:
@@ -615,6 +616,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             # Any failure makes containers/storage treat the layer as unknown and pull it
             # itself. Store errors answer ENOENT; anything else is a bug: logged, EIO.
             self.stats.failed += 1
+            kind = type(exc).__name__
+            self.stats.failed_by_error[kind] = self.stats.failed_by_error.get(kind, 0) + 1
             expected = isinstance(exc, lse.LayerStoreError)
             code = errno.ENOENT if expected else errno.EIO
             failure = _Negative(type(exc).__name__, code)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Iterator, MutableMapping
 from typing import IO, Any
 
 import structlog
@@ -53,6 +55,7 @@ def configure_logging(
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        RECENT_EVENTS,
     ]
     renderer: Any
     if as_json:
@@ -109,6 +112,61 @@ def scoped_logging(
         root.setLevel(saved_level)
         for name, lvl in saved_levels.items():
             logging.getLogger(name).setLevel(lvl)
+
+
+class RecentEvents:
+    """A structlog processor that keeps the latest warning and error events in a bounded ring,
+    for ``stargz-store status`` ("last errors") and counts them by level (metrics).
+
+    It sees each event once, as rendered (the same fields as the log line, so nothing a log
+    line may not contain), after the level filter. Values are kept as short strings.
+    """
+
+    LEVELS = ("warning", "error", "critical")
+    _SKIP = frozenset({"event", "level", "timestamp", "logger", "exc_info", "stack_info"})
+
+    def __init__(self, size: int = 50, value_chars: int = 300) -> None:
+        self._lock = threading.Lock()
+        self._ring: deque[dict[str, Any]] = deque(maxlen=size)
+        self._counts = dict.fromkeys(self.LEVELS, 0)
+        self._value_chars = value_chars
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        level = str(event_dict.get("level", method_name)).lower()
+        if level in self._counts:
+            n = self._value_chars
+            fields = {
+                str(k): str(v)[:n]
+                for k, v in event_dict.items()
+                if k not in self._SKIP and not str(k).startswith("_")
+            }
+            item: dict[str, Any] = {
+                "time": str(event_dict.get("timestamp", "")),
+                "level": level,
+                "event": str(event_dict.get("event", ""))[:n],
+                "logger": str(event_dict.get("logger", "")),
+                "fields": fields,
+            }
+            with self._lock:
+                self._ring.append(item)
+                self._counts[level] += 1
+        return event_dict
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The kept events, oldest first."""
+        with self._lock:
+            return [dict(e) for e in self._ring]
+
+    def counts(self) -> dict[str, int]:
+        """Warning, error and critical events seen since start, by level."""
+        with self._lock:
+            return dict(self._counts)
+
+
+RECENT_EVENTS = RecentEvents()
+"""The daemon's ring (one process, one ring); :func:`configure_logging` installs it."""
 
 
 def get_logger(name: str) -> Any:

@@ -47,6 +47,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -142,6 +143,8 @@ class ChunkCache:
         )
         self._hits = 0
         self._misses = 0
+        self._evicted = 0  # entries evicted by the size limit (LRU)
+        self._removed_by_operator = 0  # entries removed by prune() and clear()
         try:
             self._chunks.mkdir(parents=True, exist_ok=True)
             self._tocs.mkdir(parents=True, exist_ok=True)
@@ -560,6 +563,7 @@ class ChunkCache:
             self._forget_fd_locked(hexd)
             victims.append(self._path(hexd))
             freed += entry.size
+        self._evicted += len(victims)
         if victims:
             log.debug("chunk_cache_evicted", entries=len(victims), bytes=freed, total=self._total)
         return victims
@@ -680,3 +684,114 @@ class ChunkCache:
                     self._toc_total -= size
             with contextlib.suppress(OSError):
                 (self._tocs / name).unlink()
+
+    # --- operator maintenance: ``stargz-store cache prune`` / ``cache clear`` ------------------
+    # Kept apart from the read and write paths above. Entries leave the bookkeeping under the
+    # lock first (as an eviction does), their descriptors are closed once no pread uses them,
+    # and the files are unlinked afterwards: a reader racing with this gets either the bytes
+    # (an open descriptor reads an unlinked file) or a miss, which the fetcher refetches. It
+    # never reads a half-removed entry.
+
+    def snapshot(self) -> CacheSnapshot:
+        """Sizes and counters (read-only, one lock)."""
+        with self._lock:
+            return CacheSnapshot(
+                root=str(self.root),
+                entries=len(self._entries),
+                bytes=self._total,
+                max_bytes=self.max_bytes,
+                hits=self._hits,
+                misses=self._misses,
+                evicted=self._evicted,
+                removed_by_operator=self._removed_by_operator,
+                toc_entries=len(self._toc_entries),
+                toc_bytes=self._toc_total,
+                pending_bytes=self._pending_bytes,
+                hot_bytes=self._hot_bytes,
+            )
+
+    def prune(self, max_bytes: int) -> PruneResult:
+        """Remove the least recently used chunks until at most *max_bytes* remain."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        victims: list[Path] = []
+        freed = 0
+        with self._lock:
+            while self._total > max_bytes and self._entries:
+                hexd, entry = self._entries.popitem(last=False)
+                freed += entry.size
+                victims.append(self._remove_locked(hexd, entry))
+            self._removed_by_operator += len(victims)
+            left = self._total
+        self._unlink(victims)
+        log.info("chunk_cache_pruned", entries=len(victims), bytes=freed, total=left)
+        return PruneResult(entries=len(victims), bytes=freed, tocs=0, remaining_bytes=left)
+
+    def clear(self) -> PruneResult:
+        """Remove every chunk and TOC member (pending writes are waited for first, up to 10 s,
+        so that they are removed too)."""
+        self.flush(timeout=10.0)
+        victims: list[Path] = []
+        freed = 0
+        with self._lock:
+            while self._entries:
+                hexd, entry = self._entries.popitem(last=False)
+                freed += entry.size
+                victims.append(self._remove_locked(hexd, entry))
+            self._removed_by_operator += len(victims)
+            self._hot.clear()
+            self._hot_bytes = 0
+            tocs = [self._tocs / name for name in self._toc_entries]
+            toc_bytes = self._toc_total
+            self._toc_entries.clear()
+            self._toc_total = 0
+            left = self._total
+        self._unlink(victims)
+        self._unlink(tocs)
+        log.info(
+            "chunk_cache_cleared", entries=len(victims), bytes=freed + toc_bytes, tocs=len(tocs)
+        )
+        return PruneResult(
+            entries=len(victims), bytes=freed + toc_bytes, tocs=len(tocs), remaining_bytes=left
+        )
+
+    def _remove_locked(self, hexd: str, entry: _Entry) -> Path:
+        """Forget an entry already taken out of ``_entries``; the caller unlinks the path."""
+        self._total -= entry.size
+        self._forget_fd_locked(hexd)
+        hot = self._hot.pop(hexd, None)
+        if hot is not None:
+            self._hot_bytes -= len(hot)
+        return self._path(hexd)
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    root: str
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evicted: int
+    """Entries evicted to stay under ``max_bytes``."""
+    removed_by_operator: int
+    """Entries removed by ``prune``/``clear``."""
+    toc_entries: int
+    toc_bytes: int
+    pending_bytes: int
+    """Verified chunks waiting for the writer pool."""
+    hot_bytes: int
+    """Verified bytes kept in memory."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    entries: int
+    """Chunks removed."""
+    bytes: int
+    """Bytes removed (chunks and TOC members)."""
+    tocs: int
+    """TOC members removed."""
+    remaining_bytes: int
+    """Bytes of chunks left in the cache."""

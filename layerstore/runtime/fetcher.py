@@ -54,6 +54,7 @@ from layerstore.common.negcache import NegativeCache
 from layerstore.common.redact import describe_error, redact
 from layerstore.errors import LayerStoreError, RangeError, RegistryError, VerificationError
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.meter import FetchMeter
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -228,6 +229,7 @@ class ChunkFetcher:
         request_slots: threading.Semaphore | None = None,
         activity: Activity | None = None,
         name: str = "",
+        meter: FetchMeter | None = None,
     ) -> None:
         self._source = source
         self._cache = cache
@@ -259,6 +261,7 @@ class ChunkFetcher:
         self._ahead: ThreadPoolExecutor | None = None
         self._closed = threading.Event()
         self.stats = FetchStats()
+        self._meter = meter  # totals per mechanism, shared by the manager's fetchers
         self._log = log.bind(digest=name) if name else log
 
     # --- public ----------------------------------------------------------------------------
@@ -644,6 +647,8 @@ class ChunkFetcher:
             )
             for c in chunks:
                 self._resolve(chunk_key(c), None, err)
+            if self._meter is not None:
+                self._meter.failed()
             if not isinstance(e, Exception):
                 raise
             return deferred
@@ -661,6 +666,8 @@ class ChunkFetcher:
             self.stats.requests += 1
             self.stats.ranges += len(ranges)
             self.stats.bytes_fetched += total
+        if self._meter is not None:
+            self._meter.observe(total, len(chunks), time.monotonic() - t0)
         for (start, _end, members), body in zip(plan, bodies):
             for c in members:
                 compressed = body[c.offset - start : c.compressed_end - start]
@@ -693,6 +700,8 @@ class ChunkFetcher:
     def _verification_failed(self, c: ChunkLike, err: VerificationError) -> None:
         with self._lock:
             self.stats.verification_failures += 1
+        if self._meter is not None:
+            self._meter.verification_failed()
         self._failed.put(chunk_key(c), err, self.settings.failed_chunk_ttl)
         self._log.error(
             "chunk_verification_failed",
@@ -877,3 +886,25 @@ class ChunkFetcher:
                         del self._inflight[chunk_key(c)]
                 fut.set_exception(RegistryError("background fill range failed"))
                 counts[1] += 1
+
+    # --- snapshot (stargz-store status, metrics) --------------------------------------------
+    def snapshot(self) -> FetcherSnapshot:
+        """A copy of this fetcher's counters and what it has in flight (cheap: one lock)."""
+        with self._lock:
+            fill = self._fill_thread
+            return FetcherSnapshot(
+                stats=FetchStats(**vars(self.stats)),
+                chunks=len(self._chunks),
+                chunks_in_flight=len(self._inflight),
+                background_fill_running=fill is not None and fill.is_alive(),
+            )
+
+
+@dataclass(frozen=True)
+class FetcherSnapshot:
+    stats: FetchStats
+    chunks: int
+    """Chunks in the layer."""
+    chunks_in_flight: int
+    """Chunks claimed by a fetch that has not delivered them yet."""
+    background_fill_running: bool

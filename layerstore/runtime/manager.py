@@ -91,8 +91,10 @@ from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
+from layerstore.runtime.meter import FetchMeter
 from layerstore.runtime.prefetch import DependencyPrefetcher, DependencyPrefetchSettings
 from layerstore.runtime.resolutions import ResolutionStore
+from layerstore.runtime.snapshot import ImageSnapshot, KeyUse, LayerSnapshot, ManagerSnapshot
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
@@ -253,6 +255,7 @@ class LayerManager:
             max(1, self.settings.fetcher.max_concurrent_requests)
         )
         self._activity = Activity()  # foreground work of every layer holds back every fill
+        self.meter = FetchMeter()  # fetch totals per mechanism, across layers (status, metrics)
         self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
@@ -425,6 +428,7 @@ class LayerManager:
             request_slots=self._request_slots,
             activity=self._activity,
             name=desc.digest,
+            meter=self.meter,
         )
         size_ann = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         uncompressed: int | None = None
@@ -599,3 +603,54 @@ class LayerManager:
             layers = list(self._by_identity.values())
         for layer in layers:
             layer.close()
+
+    # --- snapshot (stargz-store status, metrics) ------------------------------------------
+    def snapshot(self) -> ManagerSnapshot:
+        """What the manager holds now: images, layers with their keys and users, fetch totals.
+        Read-only and cheap (copies under ``_lock``, then each fetcher's own lock in turn)."""
+        now = time.monotonic()
+        with self._lock:
+            resolved = {ref: image.manifest_digest for ref, (_, image) in self._resolved.items()}
+            fresh = {ref for ref, (expiry, _) in self._resolved.items() if expiry > now}
+            keys = [(ref, key, e.layer, e.users) for (ref, key), e in self._by_ref_key.items()]
+            loaded = list(self._by_identity.values())
+            tail_requests = self.tail_requests
+        uses: dict[int, list[KeyUse]] = {}
+        per_ref: dict[str, list[tuple[str, int]]] = {}
+        for ref, key, layer, users in keys:
+            try:
+                scheme = layer.scheme_for(key)
+            except ValueError:  # not reachable: _get checked the key against the layer
+                continue
+            uses.setdefault(id(layer), []).append(KeyUse(ref, key, scheme, users))
+            per_ref.setdefault(ref, []).append((layer.compressed_digest, users))
+        layers = tuple(
+            LayerSnapshot(
+                digest=layer.compressed_digest,
+                toc_digest=layer.toc_digest,
+                blob_size=layer.blob_size,
+                keys=tuple(sorted(uses.get(id(layer), []), key=lambda k: (k.ref, k.key))),
+                fetcher=layer.fetcher.snapshot(),
+                idle_seconds=max(0.0, now - layer.last_used),
+            )
+            for layer in sorted(loaded, key=lambda x: x.compressed_digest)
+        )
+        images = tuple(
+            ImageSnapshot(
+                ref=ref,
+                manifest_digest=resolved.get(ref),
+                layers=tuple(dict.fromkeys(d for d, _ in per_ref.get(ref, []))),
+                users=sum(u for _, u in per_ref.get(ref, [])),
+            )
+            for ref in sorted(fresh | set(per_ref))  # not every reference ever resolved
+        )
+        with self._activity.cond:
+            foreground = self._activity.active
+        return ManagerSnapshot(
+            images=images,
+            layers=layers,
+            meter=self.meter.snapshot(),
+            lookups_in_flight=len(self._sf_get),
+            foreground_fetches=foreground,
+            tail_requests=tail_requests,
+        )
