@@ -313,6 +313,14 @@ class Layer:
             self._log.error("blob_check_failed", via=via, errors=list(verdict.errors))
             self.mark_bad("; ".join(verdict.errors))
             return
+        if not self._verified:
+            # The marker goes to the cache before the layer says it is verified, so whoever sees
+            # ``verified`` also finds the marker (an idempotent write if two checks finish).
+            name, text = self._marker()
+            try:
+                self.cache.put_toc(name, text)
+            except LayerStoreError as e:
+                self._log.warning("verified_marker_not_written", error=describe_error(e))
         with self._lock:
             first = not self._verified
             self._verified = True
@@ -325,11 +333,6 @@ class Layer:
                 actual=verdict.uncompressed_size,
             )
         if first:
-            name, text = self._marker()
-            try:
-                self.cache.put_toc(name, text)
-            except LayerStoreError as e:
-                self._log.warning("verified_marker_not_written", error=describe_error(e))
             self._log.info("layer_verified", via=via, diff_id=verdict.diff_id)
 
     @property
