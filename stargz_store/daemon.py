@@ -156,6 +156,37 @@ def set_read_ahead(path: Path, kib: int) -> None:
         log.debug("read_ahead_set", knob=str(knob), kib=kib)
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def set_max_background(path: Path, requests: int) -> None:
+    """Raise the kernel's limit of background (read-ahead) requests in flight on the mount.
+
+    The kernel queues read-ahead of *every* file of the mount behind this one limit (12 by
+    default): a dozen reads hanging on one slow registry would hold up reads of images from all
+    others, whatever the daemon's per-registry shares allow. Needs fusectl (systemd mounts it at
+    boot); best effort. The congestion threshold (where the kernel skips async read-ahead) is
+    kept at the kernel's 3/4 of the limit."""
+    if requests <= 0:
+        return
+    dev = mount_device(path)
+    if dev is None:
+        return
+    conn = FUSECTL / dev.partition(":")[2]
+    try:
+        (conn / "max_background").write_text(str(requests))
+        (conn / "congestion_threshold").write_text(str(max(1, requests * 3 // 4)))
+    except OSError as exc:
+        log.warning(
+            "max_background_not_set",
+            knob=str(conn / "max_background"),
+            error=exc.strerror,
+            hint=f"mount -t fusectl fusectl {FUSECTL}",
+        )
+    else:
+        log.debug("max_background_set", knob=str(conn / "max_background"), requests=requests)
+
+
 def _detach(path: Path) -> None:
     attempts = (["umount", "-l", str(path)], ["fusermount3", "-u", "-z", str(path)])
     last = ""
@@ -306,6 +337,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 resolve_ttl=rc.resolve_ttl,
                 negative_ttl=config.fuse.negative_timeout,
                 background_concurrency=fc.background_concurrency,
+                host_share=rc.host_share,
                 platform=rc.platform or None,
                 fetcher=FetcherSettings(
                     max_concurrent_requests=fc.concurrency,
@@ -353,7 +385,12 @@ def _stopping() -> None:
 
 
 async def _serve(
-    ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int, grace: float
+    ops: Any,
+    wiring: Wiring,
+    mountpoint: Path,
+    read_ahead_kb: int,
+    grace: float,
+    max_background: int = 0,
 ) -> str:
     """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted").
 
@@ -404,6 +441,7 @@ async def _serve(
         if scope.cancelled_caught:
             log.warning("mount_self_check_timeout", mountpoint=str(mountpoint))
         await run_in_thread(set_read_ahead, mountpoint, read_ahead_kb)
+        await run_in_thread(set_max_background, mountpoint, max_background)
         notify.ready(f"serving {mountpoint}")
         log.info("ready", mountpoint=str(mountpoint))
 
@@ -456,7 +494,12 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         prepare_mountpoint(mountpoint)
         wiring = build_wiring(config, root)
         try:
-            ops = StoreOperations(wiring.provider, config.fuse, validate_ref=wiring.validate_ref)
+            ops = StoreOperations(
+                wiring.provider,
+                config.fuse,
+                validate_ref=wiring.validate_ref,
+                host_share=config.registry.host_share,
+            )
             options = mount_options(config.fuse)
             try:
                 pyfuse3.init(ops, str(mountpoint), options)
@@ -473,6 +516,7 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
                     mountpoint,
                     config.fuse.read_ahead_kb,
                     config.fuse.shutdown_grace_seconds,
+                    config.fuse.max_background,
                 )
             finally:
                 _stopping()

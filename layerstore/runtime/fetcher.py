@@ -24,7 +24,8 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   foreground requests have been idle for ``background_idle_seconds`` (0.5 s, also counted from
   its start): on a thin link, every background byte fetched while a container starts delays
   its reads. A shared semaphore bounds it across layers.
-* Foreground range requests are limited by a semaphore (``max_concurrent_requests``).
+* Foreground range requests are limited by a semaphore (``max_concurrent_requests``), or by
+  the manager's per-registry-host bulkhead slot when it passes one.
 
 A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
 failed request fails the chunks it carried (:class:`RegistryError`); futures are then forgotten
@@ -40,8 +41,9 @@ import time
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import structlog
 
@@ -220,7 +222,7 @@ class ChunkFetcher:
         settings: FetcherSettings | None = None,
         *,
         background_slots: threading.Semaphore | None = None,
-        request_slots: threading.Semaphore | None = None,
+        request_slots: AbstractContextManager[Any] | None = None,
         activity: Activity | None = None,
         name: str = "",
     ) -> None:
@@ -240,7 +242,8 @@ class ChunkFetcher:
         self._inflight: dict[str, Future[bytes]] = {}
         self._failed: dict[str, tuple[float, VerificationError]] = {}
         # Shared across layers when the manager passes one; else per fetcher.
-        self._requests = request_slots or threading.Semaphore(
+        # A semaphore, or one registry host's slot of the manager's bulkhead.
+        self._requests: AbstractContextManager[Any] = request_slots or threading.Semaphore(
             max(1, self.settings.max_concurrent_requests)
         )
         self._activity = activity or Activity()

@@ -48,6 +48,7 @@ from typing import Any, Callable, Generic, Protocol, TypeVar, cast
 import structlog
 
 from layerstore import digest as _digest
+from layerstore.common.bulkhead import Bulkhead, share_limit
 from layerstore.errors import (
     AuthenticationError,
     BlockedRegistryError,
@@ -248,6 +249,10 @@ class ManagerSettings:
     idle_drop_seconds: float = 600.0
     background_concurrency: int = 2
     """Background-fill range requests in flight across all layers."""
+    host_share: float = 1.0
+    """Share (0 < x <= 1) of the foreground range requests (``fetcher.max_concurrent_requests``,
+    across all layers) one registry host may have in flight: a registry that answers slowly
+    holds at most that many, and the other registries keep the rest. 1.0: no split."""
     entrypoint_prefetch_bytes: int = 32 * 1024 * 1024
     """When a layer without prioritized files (no prefetch landmark) is first used, the image's
     entrypoint executable, if this layer has it and it is at most this large (compressed), is
@@ -323,9 +328,8 @@ class LayerManager:
         self._sf_get: _SingleFlight[tuple[str, str], Layer] = _SingleFlight()
         self._sf_layer: _SingleFlight[str, Layer] = _SingleFlight()
         self._bg_slots = threading.Semaphore(max(1, self.settings.background_concurrency))
-        self._request_slots = threading.Semaphore(
-            max(1, self.settings.fetcher.max_concurrent_requests)
-        )
+        total = max(1, self.settings.fetcher.max_concurrent_requests)
+        self._request_slots = Bulkhead(total, share_limit(total, self.settings.host_share))
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self._stored: dict[str, str] = {}  # ref -> manifest digest written to disk
         self._entrypoints: set[str] = set()  # layers whose entrypoint prefetch was considered
@@ -362,6 +366,15 @@ class LayerManager:
                     self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
                 self._negative[rk] = (time.monotonic() + self.settings.negative_ttl, e)
             raise
+
+    @staticmethod
+    def registry_host(ref: str) -> str:
+        """The registry host *ref* names ("" when it does not parse): the FUSE adapter's key
+        for its per-registry share of lookup threads."""
+        try:
+            return parse_reference(ref).domain
+        except LayerStoreError:
+            return ""
 
     def scheme(self, ref: str, key: str) -> str:
         return self.get(ref, key).scheme_for(key)
@@ -547,7 +560,7 @@ class LayerManager:
             decode,
             self.settings.fetcher,
             background_slots=self._bg_slots,
-            request_slots=self._request_slots,
+            request_slots=self._request_slots.slot(getattr(source, "registry_host", "")),
             activity=self._activity,
             name=desc.digest,
         )
