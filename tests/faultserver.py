@@ -61,6 +61,7 @@ class Request:
     headers: dict[str, str]  # lower-case names
     body: bytes
     server_host: str
+    client_port: int = 0  # the client's source port: the same port means a reused connection
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -77,6 +78,7 @@ class Reply:
     content_length: int | None = None  # override the Content-Length header
     dribble_headers: float = 0.0  # seconds between single bytes of the status line and headers
     dribble_body: float = 0.0  # seconds between single bytes of the body
+    dribble_chunk: int = 1  # bytes sent per dribble step (a slow but honest link: more)
     never_answer: bool = False  # read the request, answer nothing until the server stops
 
 
@@ -163,6 +165,7 @@ class FaultServer:
                     headers={k.lower(): v for k, v in self.headers.items()},
                     body=body,
                     server_host=server.netloc,
+                    client_port=int(self.client_address[1]),
                 )
                 reply = server._dispatch(req)
                 if reply.never_answer:
@@ -182,14 +185,14 @@ class FaultServer:
                     reason = self.responses.get(reply.status, ("",))[0]
                     head = f"{self.protocol_version} {reply.status} {reason}\r\n"
                     head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-                    self._send(head.encode("latin-1"), reply.dribble_headers)
+                    self._send(head.encode("latin-1"), reply.dribble_headers, 1)
                     if reply.stall_body:
                         time.sleep(reply.stall_body)
                     if self.command != "HEAD":
                         data = reply.body
                         if reply.truncate is not None:
                             data = data[: reply.truncate]
-                        self._send(data, reply.dribble_body)
+                        self._send(data, reply.dribble_body, reply.dribble_chunk)
                     if reply.truncate is not None or any(
                         k.lower() == "connection" and v.lower() == "close" for k, v in headers
                     ):
@@ -197,17 +200,18 @@ class FaultServer:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
-            def _send(self, data: bytes, every: float) -> None:
-                """*data*, at once or one byte every *every* seconds (until the server stops)."""
+            def _send(self, data: bytes, every: float, step: int) -> None:
+                """*data*, at once or *step* bytes every *every* seconds (until the server
+                stops)."""
                 if every <= 0:
                     self.wfile.write(data)
                     self.wfile.flush()
                     return
-                for i in range(len(data)):
+                for i in range(0, len(data), max(1, step)):
                     if server._stopping.wait(every):
                         self.close_connection = True
                         raise BrokenPipeError("fault server stopping")
-                    self.wfile.write(data[i : i + 1])
+                    self.wfile.write(data[i : i + max(1, step)])
                     self.wfile.flush()
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle

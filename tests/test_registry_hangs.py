@@ -383,3 +383,96 @@ def test_token_post_redirect_is_refused(
     assert not any(REFRESH_TOKEN.encode() in r.body for r in thief.requests), "body re-sent"
     assert not thief.requests, [(r.method, r.path) for r in thief.requests]
     assert "redirect" in log and srv.netloc in log
+
+
+# --- the FUSE adapter's per-registry shares of its threads (in-process mount) ---------------------
+class HostLayer(fu.FakeLayer):
+    """A fake layer served from *host*; its reads wait for *gate* (a hung registry) if given."""
+
+    def __init__(self, tree: dict[str, fu.Node], host: str, gate: threading.Event | None) -> None:
+        super().__init__(tree, blob=host.encode() * 64)
+        self.registry_host = host
+        self.gate = gate
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        if self.gate is not None:
+            self.gate.wait(120)
+        return super().read(ino, offset, size)
+
+
+class HostManager(fu.FakeManager):
+    """Lookups of the refs in ``hung`` wait for ``gate``; ``registry_host`` like the real one."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.hung: set[str] = set()
+
+    def registry_host(self, ref: str) -> str:
+        return ref.split("/", 1)[0]
+
+    def get(self, ref: str, key: str) -> fu.FakeLayer:
+        if ref in self.hung:
+            self.gate.wait(120)
+        return super().get(ref, key)
+
+
+def test_fuse_threads_are_shared_per_registry_host(tmp_path: Path) -> None:
+    """Four read and four lookup threads, half of each per registry host: six reads and six
+    lookups stuck on one registry leave the other registry's reads and lookups served."""
+    from stargz_store.config import FuseSettings
+    from stargz_store.fusefs import StoreOperations, mount_options
+
+    gate = threading.Event()
+    mgr = HostManager(gate)
+    files = {f"f{i}": fu.file(b"slow %d\n" % i) for i in range(6)}
+    slow = mgr.add("slow.example/app:1", HostLayer(files, "slow.example", gate))
+    fast = mgr.add(
+        "fast.example/app:1", HostLayer({"hello": fu.file(b"hi\n")}, "fast.example", None)
+    )
+    stuck_refs = [f"slow.example/app:{i}" for i in range(2, 8)]
+    for ref in stuck_refs:
+        mgr.add(ref, slow)
+        mgr.hung.add(ref)
+    free_refs = [f"fast.example/app:{i}" for i in range(2, 5)]
+    for ref in free_refs:
+        mgr.add(ref, fast)
+    settings = FuseSettings(read_threads=4, lookup_threads=4, negative_timeout=0.0)
+    ops = StoreOperations(mgr, settings, host_share=0.5)
+    stuck: list[Any] = []
+    try:
+        with fu.mounted_ops(ops, tmp_path / "mnt", mount_options(settings)) as mp:
+            slow_diff = mp / fu.b64("slow.example/app:1") / slow.compressed_digest / "diff"
+            fast_dir = mp / fu.b64("fast.example/app:1") / fast.compressed_digest
+            for i in range(6):
+                fu.run_with_timeout(lambda i=i: os.stat(slow_diff / f"f{i}"), 30)
+            fu.run_with_timeout(lambda: os.stat(fast_dir / "diff" / "hello"), 30)
+
+            def run(fn: Callable[[], Any]) -> None:
+                try:
+                    stuck.append(fn())
+                except OSError as exc:
+                    stuck.append(exc)
+
+            for i in range(6):  # reads that hang on the slow registry
+                f = slow_diff / f"f{i}"
+                threading.Thread(target=run, args=(lambda f=f: read_file(f),), daemon=True).start()
+            for ref in stuck_refs:  # lookups that hang on it
+                kd = mp / fu.b64(ref) / slow.compressed_digest
+                threading.Thread(target=run, args=(lambda kd=kd: os.stat(kd),), daemon=True).start()
+            time.sleep(1.0)
+            assert not stuck, stuck[:1]
+            got, _ = outcome(lambda: read_file(fast_dir / "diff" / "hello"), PROMPT)
+            assert got == b"hi\n", got
+            for ref in free_refs:
+                kd = mp / fu.b64(ref) / fast.compressed_digest
+                got, _ = outcome(lambda kd=kd: os.listdir(kd), PROMPT)
+                assert sorted(got) == ["blob", "diff", "info"], got
+            assert not stuck, stuck[:1]
+            gate.set()  # the slow registry answers: everything it held is served
+            deadline = time.monotonic() + 30
+            while len(stuck) < 12 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(stuck) == 12 and not any(isinstance(x, OSError) for x in stuck), stuck
+    finally:
+        gate.set()
