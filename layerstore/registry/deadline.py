@@ -79,11 +79,6 @@ class Deadline:
         """*timeout* (a per-operation socket timeout), shortened to what is left."""
         return max(MIN_SOCKET_TIMEOUT, min(timeout, self.remaining(now)))
 
-    def within(self, seconds: float, now: float | None = None) -> Deadline:
-        """The sooner of this deadline and one *seconds* from *now*."""
-        other = Deadline.after(seconds, now)
-        return other if other.at < self.at else self
-
 
 class DeadlineExceeded(OSError):
     """Raised inside urllib3 when a connection attempt would start after its scope's deadline
@@ -254,7 +249,8 @@ class Watchdog:
     def cancel(self, scope: _Scope) -> None:
         """*scope* ended before its deadline: forget it (lazily; compacted when many)."""
         with self._cond:
-            self._live -= 1
+            if not scope.fired:  # a fired scope was counted off when it fired
+                self._live -= 1
             if len(self._heap) > 64 and len(self._heap) > 4 * max(self._live, 1):
                 self._heap = [e for e in self._heap if not e[2].closed]
                 heapq.heapify(self._heap)
