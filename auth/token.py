@@ -173,7 +173,11 @@ def build_token_request(
     *,
     client_id: str = DEFAULT_CLIENT_ID,
 ) -> TokenRequest:
-    """The token request for a Bearer *challenge* and the *scopes* we need."""
+    """The token request for a Bearer *challenge* and the *scopes* we need.
+
+    A ``POST`` carries the refresh token in its body: the client sends it to the realm only and
+    follows no redirect with it; a ``GET`` carries Basic credentials, which stay on the realm's
+    origin."""
     if challenge.scheme != "bearer":
         raise TokenError(f"not a Bearer challenge: {challenge.scheme}")
     realm = challenge.realm

@@ -82,6 +82,11 @@ class RegistryUnavailableError(RegistryError):
     """The registry could not be reached (connection refused, timeout) after retries."""
 
 
+class DeadlineExceededError(RegistryUnavailableError):
+    """A registry request (connect, headers and whole body, retries included) did not finish
+    within its total deadline: the registry is too slow, or sends a byte now and then."""
+
+
 # --- layers and the cache ----------------------------------------------------------------------
 class LayerNotFoundError(LayerStoreError):
     """The image has no layer with the requested key."""

@@ -57,6 +57,9 @@ class RegistrySection(_Section):
 
     connect_timeout: float = Field(default=_CLIENT.connect_timeout, gt=0)
     read_timeout: float = Field(default=_CLIENT.read_timeout, gt=0)
+    request_deadline: float = Field(default=_CLIENT.request_deadline, gt=0)
+    min_bytes_per_second: int = Field(default=_CLIENT.min_bytes_per_second, ge=1)
+    host_share: float = Field(default=0.5, gt=0, le=1)
     retries: int = Field(default=_CLIENT.retries, ge=0)
     retry_backoff: float = Field(default=_CLIENT.backoff_factor, ge=0)
     pool_size: int = Field(default=_CLIENT.pool_size, ge=1)
@@ -78,6 +81,8 @@ class RegistrySection(_Section):
         return ClientSettings(
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            request_deadline=self.request_deadline,
+            min_bytes_per_second=self.min_bytes_per_second,
             retries=self.retries,
             backoff_factor=self.retry_backoff,
             pool_size=self.pool_size,
@@ -117,7 +122,7 @@ class FetchSettings(_Section):
     ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*.
     """
 
-    concurrency: int = Field(default=8, ge=1)
+    concurrency: int = Field(default=16, ge=1)
     read_ahead_bytes: int = Field(default=512 * KiB, ge=0)
     background_fetch: bool = True
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
@@ -139,6 +144,7 @@ class FuseSettings(_Section):
     lookup_threads: int = Field(default=16, ge=1)
     read_threads: int = Field(default=32, ge=1)
     read_ahead_kb: int = Field(default=1024, ge=0)
+    max_background: int = Field(default=128, ge=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
 

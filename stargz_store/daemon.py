@@ -179,6 +179,37 @@ def set_read_ahead(path: Path, kib: int) -> None:
         log.debug("read_ahead_set", knob=str(knob), kib=kib)
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def set_max_background(path: Path, requests: int) -> None:
+    """Raise the kernel's limit of background (read-ahead) requests in flight on the mount.
+
+    The kernel queues read-ahead of *every* file of the mount behind this one limit (12 by
+    default): a dozen reads hanging on one slow registry would hold up reads of images from all
+    others, whatever the daemon's per-registry shares allow. Needs fusectl (systemd mounts it at
+    boot); best effort. The congestion threshold (where the kernel skips async read-ahead) is
+    kept at the kernel's 3/4 of the limit."""
+    if requests <= 0:
+        return
+    dev = mount_device(path)
+    if dev is None:
+        return
+    conn = FUSECTL / dev.partition(":")[2]
+    try:
+        (conn / "max_background").write_text(str(requests))
+        (conn / "congestion_threshold").write_text(str(max(1, requests * 3 // 4)))
+    except OSError as exc:
+        log.warning(
+            "max_background_not_set",
+            knob=str(conn / "max_background"),
+            error=exc.strerror,
+            hint=f"mount -t fusectl fusectl {FUSECTL}",
+        )
+    else:
+        log.debug("max_background_set", knob=str(conn / "max_background"), requests=requests)
+
+
 def _detach(path: Path) -> None:
     attempts = (["umount", "-l", str(path)], ["fusermount3", "-u", "-z", str(path)])
     last = ""
@@ -452,6 +483,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 idle_drop_seconds=config.cache.layer_idle_seconds,
                 blob_spool_max_bytes=config.cache.max_size_bytes,
                 background_fill_concurrency=fc.background_concurrency,
+                host_share=rc.host_share,
                 platform=rc.platform or None,
                 fetcher=FetcherSettings(
                     max_concurrent_requests=fc.concurrency,
@@ -530,7 +562,12 @@ def _stopping() -> None:
 
 
 async def _serve(
-    ops: Any, wiring: Wiring, mountpoint: Path, read_ahead_kb: int, grace: float
+    ops: Any,
+    wiring: Wiring,
+    mountpoint: Path,
+    read_ahead_kb: int,
+    grace: float,
+    max_background: int = 0,
 ) -> str:
     """Run pyfuse3's loop; return why it ended ("signal SIGTERM", "unmounted").
 
@@ -581,6 +618,7 @@ async def _serve(
         if scope.cancelled_caught:
             log.warning("mount_self_check_timeout", mountpoint=str(mountpoint))
         await run_in_thread(set_read_ahead, mountpoint, read_ahead_kb)
+        await run_in_thread(set_max_background, mountpoint, max_background)
         notify.ready(f"serving {mountpoint}")
         log.info("ready", mountpoint=str(mountpoint))
 
@@ -632,7 +670,12 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         wiring = build_wiring(config, root)
         try:
             start_operator_services(wiring, config, root)
-            ops = StoreOperations(wiring.provider, config.fuse, validate_ref=wiring.validate_ref)
+            ops = StoreOperations(
+                wiring.provider,
+                config.fuse,
+                validate_ref=wiring.validate_ref,
+                host_share=config.registry.host_share,
+            )
             wiring.status.attach_fuse(ops.stats, str(mountpoint))
             options = mount_options(config.fuse)
             try:
@@ -650,6 +693,7 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
                     mountpoint,
                     config.fuse.read_ahead_kb,
                     config.fuse.shutdown_grace_seconds,
+                    config.fuse.max_background,
                 )
             finally:
                 _stopping()

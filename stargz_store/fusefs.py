@@ -6,6 +6,9 @@ table and
 the mapping of exceptions to errno; it knows nothing about registries or the eStargz format.
 Every call that may block (resolving a layer, reading bytes) runs in a worker thread via
 ``trio.to_thread.run_sync`` with a capacity limiter, so the trio loop only does table look-ups.
+Before it takes a thread, a call takes a slot of its registry host's share of that limiter
+(``host_share``, :mod:`layerstore.common.bulkhead`): a slow registry holds at most its share of
+the lookup or read threads, and images on other registries keep being served.
 
 The tree::
 
@@ -51,6 +54,7 @@ import pyfuse3
 import trio
 
 from layerstore import errors as lse
+from layerstore.common.bulkhead import KeyedLimiters, share_limit
 from layerstore.common.negcache import NegativeCache
 from layerstore.digest import is_valid as is_valid_digest
 from stargz_store.config import FuseSettings
@@ -318,6 +322,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         *,
         validate_ref: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        host_share: float = 1.0,
     ) -> None:
         super().__init__()
         self._provider = provider
@@ -326,6 +331,14 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._clock = clock
         self._lookup_limiter = trio.CapacityLimiter(self._settings.lookup_threads)
         self._read_limiter = trio.CapacityLimiter(self._settings.read_threads)
+        # Per registry host shares of those (the provider names a ref's host, a layer its own).
+        self._lookup_hosts: KeyedLimiters[trio.CapacityLimiter] = KeyedLimiters(
+            share_limit(self._settings.lookup_threads, host_share), trio.CapacityLimiter
+        )
+        self._read_hosts: KeyedLimiters[trio.CapacityLimiter] = KeyedLimiters(
+            share_limit(self._settings.read_threads, host_share), trio.CapacityLimiter
+        )
+        self._host_of: Callable[[str], str] | None = getattr(provider, "registry_host", None)
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._ref_dirs: dict[str, _RefDir] = {}  # base64 name -> dir
         self._ref_by_ino: dict[int, _RefDir] = {}
@@ -352,6 +365,21 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._shared = bool(self._allowed_uids - {0, self._uid})
         self._store_dir_mode = stat.S_IFDIR | (0o755 if self._shared else 0o700)
         self.stats = _Stats()
+
+    # -- worker threads --------------------------------------------------------------------------
+
+    async def _lookup_thread(self, ref: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a lookup thread, within the share of *ref*'s registry host."""
+        host = self._host_of(ref) if self._host_of is not None else ""
+        with self._lookup_hosts.borrow(host) as share:
+            async with share:
+                return await run_in_thread(fn, *args, limiter=self._lookup_limiter)
+
+    async def _read_thread(self, layer: LayerLike, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a read thread, within the share of the layer's registry host."""
+        with self._read_hosts.borrow(getattr(layer, "registry_host", "")) as share:
+            async with share:
+                return await run_in_thread(fn, *args, limiter=self._read_limiter)
 
     # -- inode helpers ---------------------------------------------------------------------------
 
@@ -603,9 +631,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         started = self._clock()
         try:
             for _attempt in range(3):
-                layer, scheme, info = await run_in_thread(
-                    self._resolve, ref, key, limiter=self._lookup_limiter
-                )
+                layer, scheme, info = await self._lookup_thread(ref, self._resolve, ref, key)
                 # Held before any await: the sweep may have retired it meanwhile (then the
                 # manager builds a new one on the next call).
                 if _hold(layer):
@@ -843,10 +869,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
                     self.stats.fast_reads += 1
                     return data
             if handle.kind == "blob":
-                return await run_in_thread(layer.read_blob, off, size, limiter=self._read_limiter)
-            return await run_in_thread(
-                layer.read, handle.local, off, size, limiter=self._read_limiter
-            )
+                return await self._read_thread(layer, layer.read_blob, off, size)
+            return await self._read_thread(layer, layer.read, handle.local, off, size)
         except (lse.VerificationError, lse.RegistryError, lse.CacheError) as exc:
             self.stats.read_errors += 1
             log.error(
@@ -926,7 +950,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             raise _fuse_error(errno.EROFS)
         ref, key = kd.ref_dir.ref, kd.key
         try:
-            await run_in_thread(self._provider.use, ref, key, limiter=self._lookup_limiter)
+            await self._lookup_thread(ref, self._provider.use, ref, key)
         except Exception as exc:
             log.warning("layer_use_failed", ref=ref, key=key, error=repr(exc))
         # containers/storage expects ENOENT from a store that counts users.
@@ -940,9 +964,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if ref_dir is None or not is_valid_digest(key):
             raise _fuse_error(errno.EROFS)
         try:
-            await run_in_thread(
-                self._provider.release, ref_dir.ref, key, limiter=self._lookup_limiter
-            )
+            await self._lookup_thread(ref_dir.ref, self._provider.release, ref_dir.ref, key)
         except Exception as exc:
             log.warning("layer_release_failed", ref=ref_dir.ref, key=key, error=repr(exc))
         raise _fuse_error(errno.ENOENT)

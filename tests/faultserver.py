@@ -10,7 +10,11 @@ and 127.0.0.2 are different hosts) and answers each request with the first match
     srv.requests  # every request seen (method, path, query, headers, body)
 
 A :class:`Reply` can misbehave: ``stall`` seconds before the status line, ``stall_body``
-seconds after the headers, ``truncate`` the body after N bytes and drop the connection.
+seconds after the headers, ``truncate`` the body after N bytes and drop the connection,
+``dribble_headers`` / ``dribble_body`` send the status line and headers / the body one byte
+every that many seconds (never idle long enough for a read timeout), ``never_answer`` reads the
+request and sends nothing at all (until the server stops). Request bodies are recorded
+(``srv.requests[i].body``).
 :func:`range_reply` answers Range requests (single, multipart, refused, ignored, or broken).
 :class:`FakeRegistry` serves manifests and blobs from dicts with optional Basic or Bearer auth
 and blob redirects to another server.
@@ -57,6 +61,7 @@ class Request:
     headers: dict[str, str]  # lower-case names
     body: bytes
     server_host: str
+    client_port: int = 0  # the client's source port: the same port means a reused connection
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -71,6 +76,10 @@ class Reply:
     stall_body: float = 0.0
     truncate: int | None = None
     content_length: int | None = None  # override the Content-Length header
+    dribble_headers: float = 0.0  # seconds between single bytes of the status line and headers
+    dribble_body: float = 0.0  # seconds between single bytes of the body
+    dribble_chunk: int = 1  # bytes sent per dribble step (a slow but honest link: more)
+    never_answer: bool = False  # read the request, answer nothing until the server stops
 
 
 Handler = Callable[[Request], Reply]
@@ -82,6 +91,7 @@ class FaultServer:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._lock = threading.Lock()
         self.requests: list[Request] = []
+        self._stopping = threading.Event()  # ends dribbles and never-answers
         self._server = ThreadingHTTPServer((host, 0), self._handler_class())
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
@@ -121,6 +131,7 @@ class FaultServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -154,34 +165,54 @@ class FaultServer:
                     headers={k.lower(): v for k, v in self.headers.items()},
                     body=body,
                     server_host=server.netloc,
+                    client_port=int(self.client_address[1]),
                 )
                 reply = server._dispatch(req)
+                if reply.never_answer:
+                    server._stopping.wait()
+                    self.close_connection = True
+                    return
                 if reply.stall:
                     time.sleep(reply.stall)
                 try:
-                    self.send_response(reply.status)
                     names = {k.lower() for k, _ in reply.headers}
-                    for k, v in reply.headers:
-                        self.send_header(k, v)
+                    headers = list(reply.headers)
                     if "content-length" not in names:
                         n = reply.content_length
-                        self.send_header("Content-Length", str(len(reply.body) if n is None else n))
+                        headers.append(("Content-Length", str(len(reply.body) if n is None else n)))
                     if reply.truncate is not None:
-                        self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.wfile.flush()
+                        headers.append(("Connection", "close"))
+                    reason = self.responses.get(reply.status, ("",))[0]
+                    head = f"{self.protocol_version} {reply.status} {reason}\r\n"
+                    head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+                    self._send(head.encode("latin-1"), reply.dribble_headers, 1)
                     if reply.stall_body:
                         time.sleep(reply.stall_body)
                     if self.command != "HEAD":
                         data = reply.body
                         if reply.truncate is not None:
                             data = data[: reply.truncate]
-                        self.wfile.write(data)
-                    self.wfile.flush()
-                    if reply.truncate is not None:
+                        self._send(data, reply.dribble_body, reply.dribble_chunk)
+                    if reply.truncate is not None or any(
+                        k.lower() == "connection" and v.lower() == "close" for k, v in headers
+                    ):
                         self.close_connection = True
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
+
+            def _send(self, data: bytes, every: float, step: int) -> None:
+                """*data*, at once or *step* bytes every *every* seconds (until the server
+                stops)."""
+                if every <= 0:
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    return
+                for i in range(0, len(data), max(1, step)):
+                    if server._stopping.wait(every):
+                        self.close_connection = True
+                        raise BrokenPipeError("fault server stopping")
+                    self.wfile.write(data[i : i + max(1, step)])
+                    self.wfile.flush()
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -313,13 +344,26 @@ class FakeRegistry:
         self.manifests[d] = (body, media_type)
         return d
 
-    def add_image(self, repo_tag: str, layers: Sequence[bytes]) -> tuple[str, bytes]:
-        """Config + layers + manifest under tag *repo_tag*; returns (digest, manifest)."""
+    def add_image(
+        self,
+        repo_tag: str,
+        layers: Sequence[bytes],
+        *,
+        layer_media_type: str = "application/vnd.oci.image.layer.v1.tar",
+        layer_annotations: Sequence[Mapping[str, str]] = (),
+        diff_ids: Sequence[str] = (),
+    ) -> tuple[str, bytes]:
+        """Config + layers + manifest under tag *repo_tag*; returns (digest, manifest).
+
+        *diff_ids* default to the layers' own digests (right for uncompressed layers)."""
         config = json.dumps(
             {
                 "architecture": "amd64",
                 "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": [sha256(b) for b in layers]},
+                "rootfs": {
+                    "type": "layers",
+                    "diff_ids": list(diff_ids) or [sha256(b) for b in layers],
+                },
             }
         ).encode()
         manifest = json.dumps(
@@ -333,11 +377,16 @@ class FakeRegistry:
                 },
                 "layers": [
                     {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "mediaType": layer_media_type,
                         "digest": self.add_blob(b),
                         "size": len(b),
+                        **(
+                            {"annotations": dict(layer_annotations[i])}
+                            if i < len(layer_annotations)
+                            else {}
+                        ),
                     }
-                    for b in layers
+                    for i, b in enumerate(layers)
                 ],
             }
         ).encode()

@@ -2,7 +2,8 @@
 
 Owns: atomic file writes (:mod:`.atomicfile`), single-flight calls (:mod:`.singleflight`),
 expiring negative caches (:mod:`.negcache`), redaction of URLs and secrets for logs
-(:mod:`.redact`) and RFC 3339 time parsing (:mod:`.timefmt`).
+(:mod:`.redact`), RFC 3339 time parsing (:mod:`.timefmt`) and per-key shares of shared pools
+(:mod:`.bulkhead`).
 
 May import: the standard library and ``layerstore.errors`` only. Nothing here knows about
 eStargz, registries or FUSE.

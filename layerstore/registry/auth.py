@@ -27,7 +27,13 @@ from auth import token as _token
 from auth.errors import AuthError, TokenError
 from auth.types import Credentials
 from layerstore.common.singleflight import SingleFlight
-from layerstore.errors import AuthenticationError, RegistryError, RegistryUnavailableError
+from layerstore.errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from layerstore.registry import deadline as _deadline
 from layerstore.registry.transport import (
     RETRY_STATUSES,
     Endpoint,
@@ -114,9 +120,20 @@ class RegistryAuth:
             return fresh
 
         # A caller that waited on another's flight may get back the very token it was refused
-        # (the owner found it cached); a second flight then fetches a fresh one.
+        # (the owner found it cached); a second flight then fetches a fresh one. A waiter
+        # waits no longer than its own budget (the owner's may be longer).
         for _ in range(2):
-            tok = self._token_flights.do(key, cached_or_fetched)
+            budget = _deadline.current()
+            try:
+                tok = self._token_flights.do(
+                    key, cached_or_fetched, timeout=None if budget is None else budget.remaining()
+                )
+            except TimeoutError:
+                assert budget is not None
+                raise DeadlineExceededError(
+                    f"no token from registry {ep.host} for {ep.describe()} within the "
+                    f"{budget.seconds:.3g} s deadline"
+                ) from None
             if usable(tok):
                 break
         assert tok is not None

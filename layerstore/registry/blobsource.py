@@ -5,6 +5,9 @@ Owns: the Range and multi-range requests for a blob, checking every answer again
 asked (the ``Content-Range`` and ``multipart/byteranges`` parsers, lengths, the blob's size),
 coalescing ranges, batching them ``max_ranges_per_request`` at a time, learning per host
 whether multi-range requests work, and reusing the signed storage URL a registry redirected to.
+Each ``read_at``/``read_ranges`` call runs in one budget scope sized by the bytes it asks for
+(``request_deadline + bytes / min_bytes_per_second``): whatever requests it takes (a
+multi-range fallback, a re-resolved signed URL, a token), they end by that deadline.
 
 Uses only the public parts of :class:`~layerstore.registry.client.RegistryClient` and
 :mod:`.transport`.
@@ -90,6 +93,10 @@ class BlobSource:
         self._check(offset, length)
         if length == 0:
             return b""
+        with self._transport.budget(length):
+            return self._read_at(offset, length)
+
+    def _read_at(self, offset: int, length: int) -> bytes:
         end = offset + length - 1
         resp = self._open({"Range": f"bytes={offset}-{end}"})
         try:
@@ -121,6 +128,11 @@ class BlobSource:
         for off, ln in ranges:
             self._check(off, ln)
         spans = _coalesce(ranges)
+        with self._transport.budget(sum(n for _, n in spans)):
+            fetched = self._read_spans(spans)
+        return [_slice(fetched, spans, off, ln) for off, ln in ranges]
+
+    def _read_spans(self, spans: list[tuple[int, int]]) -> dict[int, bytes]:
         st = self._transport.host_state(self._ep.host)
         fetched: dict[int, bytes] = {}
         limit = max(1, self._client.settings.max_ranges_per_request)
@@ -141,7 +153,7 @@ class BlobSource:
                         fetched[off] = self.read_at(off, ln)
                     break
                 fetched.update(got)
-        return [_slice(fetched, spans, off, ln) for off, ln in ranges]
+        return fetched
 
     def _read_multi(self, spans: list[tuple[int, int]]) -> dict[int, bytes] | None:
         """One multi-range request; None when the registry refused or ignored it."""

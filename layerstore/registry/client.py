@@ -4,7 +4,10 @@ Owns the distribution API (:class:`RegistryClient`: ``resolve``, ``get_manifest`
 ``get_blob``, ``blob_exists``, ``blob_source``, ``push_blob``, ``put_manifest``,
 ``pull_sources``), its result types, which pull source (mirror or registry) a request goes to,
 and what is verified: every manifest, config and whole blob against its digest, sizes against
-limits and descriptors. It is thin over three modules:
+limits and descriptors, and the budget of each operation: every public method runs in a
+budget scope (:mod:`.deadline`; per pull source when it tries several), so all the requests
+one call makes (token, redirects, retries) end by one total deadline. It is thin over three
+modules:
 
 - :mod:`.transport`: sessions and retries, TLS, the http/https probe, redirect policy, body
   reading;
@@ -220,12 +223,17 @@ class RegistryClient:
         parsed = _manifest.parse_manifest(raw, content_type, limit=self.settings.max_manifest_size)
         return ManifestResponse(raw, parsed.media_type, actual, parsed, ep.source)
 
-    def _each_source(self, ref: Reference, action: Callable[[Endpoint], Any]) -> Any:
+    def _each_source(
+        self, ref: Reference, action: Callable[[Endpoint], Any], *, nbytes: int = 0
+    ) -> Any:
+        """``action(ep)`` for each pull source in turn until one succeeds; each source gets its
+        own budget (for bodies of *nbytes*), so a dead mirror does not eat the registry's."""
         last: LayerStoreError | None = None
         for source in self.pull_sources(ref):
             ep = self._endpoint(source)
             try:
-                return action(ep)
+                with self.transport.budget(nbytes):
+                    return action(ep)
             except (RegistryError, ManifestError, VerificationError) as exc:
                 last = exc
                 if source.mirror:
@@ -331,16 +339,18 @@ class RegistryClient:
         return data
 
     def get_blob(self, ref: RefLike | ResolvedImage, digest: str, max_size: int) -> bytes:
-        """A whole blob of at most *max_size* bytes, verified against *digest*."""
+        """A whole blob of at most *max_size* bytes, verified against *digest* (within the
+        budget for *max_size* bytes)."""
         _validate_digest(digest)
         if isinstance(ref, ResolvedImage):
-            return self._fetch_blob(self._endpoint(ref.source), digest, max_size)
+            with self.transport.budget(max_size):
+                return self._fetch_blob(self._endpoint(ref.source), digest, max_size)
         r = _as_reference(ref)
 
         def action(ep: Endpoint) -> bytes:
             return self._fetch_blob(ep, digest, max_size)
 
-        data: bytes = self._each_source(r.with_digest(r.digest or digest), action)
+        data: bytes = self._each_source(r.with_digest(r.digest or digest), action, nbytes=max_size)
         return data
 
     def blob_source(self, ref: RefLike | ResolvedImage, digest: str, size: int) -> BlobSource:
@@ -385,7 +395,8 @@ class RegistryClient:
     def blob_exists(self, ref: RefLike, digest: str) -> bool:
         r = _as_reference(ref)
         ep = self._endpoint(self._push_source(r))
-        return self._blob_exists(ep, digest)
+        with self.transport.budget():
+            return self._blob_exists(ep, digest)
 
     def _blob_exists(self, ep: Endpoint, digest: str) -> bool:
         resp = self.auth.request(ep, "HEAD", f"blobs/{digest}", actions=("pull", "push"))
@@ -402,7 +413,6 @@ class RegistryClient:
         _validate_digest(digest)
         r = _as_reference(ref)
         ep = self._endpoint(self._push_source(r))
-        actions = ("pull", "push")
         if isinstance(data, (bytes, bytearray, memoryview)):
             payload = bytes(data)
             if _digest.sha256_digest(payload) != digest:
@@ -413,6 +423,13 @@ class RegistryClient:
             path = os.fspath(data)
             size = os.path.getsize(path)
             payload = b""
+        with self.transport.budget(size):
+            return self._push_blob(ep, digest, payload, path, size)
+
+    def _push_blob(
+        self, ep: Endpoint, digest: str, payload: bytes, path: str | None, size: int
+    ) -> bool:
+        actions = ("pull", "push")
         if self._blob_exists(ep, digest):
             log.debug("registry_blob_exists", repository=ep.describe(), digest=digest)
             return False
@@ -515,19 +532,20 @@ class RegistryClient:
             raise VerificationError(f"manifest to push does not match its digest {r.digest}")
         ep = self._endpoint(self._push_source(r))
         target = r.tag or actual
-        resp = self.auth.request(
-            ep,
-            "PUT",
-            f"manifests/{target}",
-            actions=("pull", "push"),
-            headers={"Content-Type": media_type, "Content-Length": str(len(body))},
-            body=bytes(body),
-        )
-        try:
-            _expect_status(resp, ep, (200, 201), f"manifest {target}")
-            header = resp.headers.get("Docker-Content-Digest")
-        finally:
-            resp.close()
+        with self.transport.budget(len(body)):
+            resp = self.auth.request(
+                ep,
+                "PUT",
+                f"manifests/{target}",
+                actions=("pull", "push"),
+                headers={"Content-Type": media_type, "Content-Length": str(len(body))},
+                body=bytes(body),
+            )
+            try:
+                _expect_status(resp, ep, (200, 201), f"manifest {target}")
+                header = resp.headers.get("Docker-Content-Digest")
+            finally:
+                resp.close()
         if header and _digest.is_valid(header) and header != actual:
             raise VerificationError(
                 f"registry {ep.host} stored manifest {target} as {header}, expected {actual}"

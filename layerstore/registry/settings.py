@@ -18,6 +18,14 @@ DEFAULT_CERTS_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 class RegistrySettings:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    """Idle timeout: the longest wait for the next bytes of an answer (per read)."""
+    request_deadline: float = 30.0
+    """Total time one request for a small document (manifest, config, token, HEAD) may take:
+    connect, headers and the whole body, retries and backoff included. Range and whole-blob
+    reads get this plus their size at ``min_bytes_per_second``."""
+    min_bytes_per_second: int = 128 * 1024
+    """The slowest transfer rate a body may have: a range of N bytes gets
+    ``request_deadline + N / min_bytes_per_second`` seconds in all."""
     retries: int = 3
     """Retries for connect errors and for 429/5xx answers (attempts = retries + 1)."""
     read_retries: int = 1

@@ -1,17 +1,22 @@
 """HTTP to registries and blob storage, below auth and the distribution API.
 
 Owns: the ``requests`` sessions (a urllib3 ``Retry`` on the adapter: 429/5xx/connect errors,
-backoff, ``Retry-After`` honoured but bounded), TLS (CA bundle, containers-certs.d(5) extra CAs
-and client certificates), the http/https probe for insecure hosts, per-host state (scheme,
-multi-range support), sending one request with ``requests``' exceptions mapped to our
-``RegistryError`` types, the redirect policy, HTTP status -> error mapping, and reading bodies
-(streamed, capped, drained).
+backoff, ``Retry-After`` honoured but bounded), the total deadline of every request
+(:mod:`.deadline`: a budget scope per operation, socket timeouts and backoff sleeps shortened
+to what is left of it, a watchdog that ends connections at it), TLS (CA bundle,
+containers-certs.d(5) extra CAs and client certificates), the http/https probe for insecure
+hosts, per-host state (scheme, multi-range support), sending one request with ``requests``'
+exceptions mapped to our ``RegistryError`` types, the redirect policy, HTTP status -> error
+mapping, and reading bodies (streamed, capped, drained).
 
 Security rules kept here:
 
 - redirects (to blob storage) are followed by hand, at most ``max_redirects`` hops;
   ``Authorization`` is only sent to the registry's own origin, never to another host;
   ``https`` -> ``http`` is refused unless the registry is insecure;
+- a token request follows no redirect with a body: a redirected POST (it carries an OAuth2
+  refresh token) is refused; a GET follows redirects by the rules above, its credentials
+  (Basic ``Authorization``) only to the realm's own origin;
 - a client certificate is only presented to the registry host itself;
 - URLs are logged without query strings (signed URLs, also in urllib3's own log lines), and
   error messages never contain credentials, tokens or query strings.
@@ -38,18 +43,19 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import structlog
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from layerstore.common.redact import redact_url
 from layerstore.errors import (
     AuthenticationError,
+    DeadlineExceededError,
     ManifestError,
     NotFoundError,
     RangeError,
     RegistryError,
     RegistryUnavailableError,
 )
+from layerstore.registry import deadline as _deadline
 from layerstore.registry.reference import api_host, split_location
 from layerstore.registry.settings import RegistrySettings
 
@@ -167,11 +173,28 @@ class _BoundedRetry(Retry):
         return r  # type: ignore[return-value]
 
     def get_backoff_time(self) -> float:
-        return float(min(super().get_backoff_time(), self.max_wait))
+        return _left(min(super().get_backoff_time(), self.max_wait))
 
     def get_retry_after(self, response: Any) -> float | None:
         value = super().get_retry_after(response)
-        return None if value is None else float(min(value, self.max_wait))
+        return None if value is None else _left(min(value, self.max_wait))
+
+
+def _left(seconds: float) -> float:
+    """*seconds* of sleep, no longer than what is left of the thread's request budget (the
+    attempt after it then fails at once if nothing is left)."""
+    d = _deadline.current()
+    return float(seconds if d is None else min(seconds, d.remaining()))
+
+
+_NEARLY = 0.1  # a failure this close to the deadline is the deadline's doing
+
+
+def _deadline_error(host: str, ep: Endpoint, d: _deadline.Deadline, what: str) -> RegistryError:
+    return DeadlineExceededError(
+        f"registry {host} did not {what} for {ep.describe()} within its "
+        f"{d.seconds:.3g} s deadline"
+    )
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -220,7 +243,6 @@ class Transport:
         retry.max_wait = s.max_backoff
         self._session = self._make_session(retry)
         self._probe_session = self._make_session(Retry(0, read=False, redirect=False))
-        self._timeout = (s.connect_timeout, s.read_timeout)
         self._hosts: dict[str, HostState] = {}
         self._tls: dict[tuple[str, bool], TLSConfig] = {}
         self._tls_files: list[str] = []
@@ -229,7 +251,7 @@ class Transport:
     def _make_session(self, retry: Retry) -> requests.Session:
         session = requests.Session()
         session.trust_env = False  # no proxies or netrc credentials from the environment
-        adapter = HTTPAdapter(
+        adapter = _deadline.GuardedAdapter(
             pool_connections=self.settings.pool_size,
             pool_maxsize=self.settings.pool_size,
             max_retries=retry,
@@ -239,6 +261,18 @@ class Transport:
         session.headers["User-Agent"] = self.settings.user_agent
         session.headers["Accept-Encoding"] = "identity"
         return session
+
+    def budget(self, nbytes: int = 0) -> contextlib.AbstractContextManager[_deadline.Deadline]:
+        """A budget scope for one operation whose bodies total *nbytes* (0: small documents):
+        every request inside, retries and redirects included, ends by its deadline."""
+        s = self.settings
+        return _deadline.budget(
+            _deadline.budget_seconds(s.request_deadline, nbytes, s.min_bytes_per_second)
+        )
+
+    def _timeouts(self, d: _deadline.Deadline) -> tuple[float, float]:
+        s = self.settings
+        return d.cap(s.connect_timeout), d.cap(s.read_timeout)
 
     def close(self) -> None:
         """Closes the sessions and removes the temporary CA bundles."""
@@ -315,15 +349,17 @@ class Transport:
         # containers/image does. Only a definite answer is remembered.
         remember = True
         try:
-            resp = self._probe_session.get(
-                f"https://{ep.host}/v2/",
-                timeout=(self.settings.connect_timeout, min(self.settings.read_timeout, 5.0)),
-                verify=False,
-                cert=self.tls_config(ep).cert,
-                allow_redirects=False,
-                stream=True,
-            )
-            resp.close()
+            with _deadline.budget(min(self.settings.request_deadline, 10.0)) as d:
+                connect, read = self._timeouts(d)
+                resp = self._probe_session.get(
+                    f"https://{ep.host}/v2/",
+                    timeout=(connect, min(read, 5.0)),
+                    verify=False,
+                    cert=self.tls_config(ep).cert,
+                    allow_redirects=False,
+                    stream=True,
+                )
+                resp.close()
             scheme = "https"
         except requests.exceptions.SSLError:
             scheme = "http"
@@ -350,41 +386,27 @@ class Transport:
         data: Any = None,
     ) -> requests.Response:
         """One request (streamed, redirects not followed); transport failures raise
-        RegistryUnavailableError/RegistryError, HTTP statuses are the caller's."""
+        RegistryUnavailableError/RegistryError (DeadlineExceededError when the thread's budget
+        ran out), HTTP statuses are the caller's."""
         tls = self.tls_config(ep)
-        try:
-            resp = self._session.request(
-                method,
-                url,
-                headers=dict(headers),
-                data=data,
-                stream=True,
-                allow_redirects=False,
-                timeout=self._timeout,
-                verify=tls.verify,
-                cert=tls.cert if origin(url)[1] == ep.host.lower() else None,
-            )
-        except requests.exceptions.Timeout as exc:
-            raise RegistryUnavailableError(
-                f"registry {urlsplit(url).netloc} timed out ({_reason(exc)}) for {ep.describe()}"
-            ) from None
-        except requests.exceptions.SSLError as exc:
-            raise RegistryUnavailableError(
-                f"TLS failure talking to {urlsplit(url).netloc} ({_reason(exc)})"
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            reason = _reason(exc)
-            if "Timeout" in reason:  # read timeouts after retries arrive as ConnectionError
-                raise RegistryUnavailableError(
-                    f"registry {urlsplit(url).netloc} timed out ({reason}) for {ep.describe()}"
-                ) from None
-            raise RegistryUnavailableError(
-                f"cannot reach {urlsplit(url).netloc} for {ep.describe()} ({reason})"
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise RegistryError(
-                f"request to {urlsplit(url).netloc} failed ({_reason(exc)})"
-            ) from None
+        netloc = urlsplit(url).netloc
+        with _deadline.request_scope(self.settings.request_deadline) as d:
+            if d.expired():
+                raise _deadline_error(netloc, ep, d, "answer")
+            try:
+                resp = self._session.request(
+                    method,
+                    url,
+                    headers=dict(headers),
+                    data=data,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=self._timeouts(d),
+                    verify=tls.verify,
+                    cert=tls.cert if origin(url)[1] == ep.host.lower() else None,
+                )
+            except requests.RequestException as exc:
+                raise self._transport_error(exc, netloc, ep, d) from None
         log.debug(
             "registry_response",
             method=method,
@@ -392,6 +414,30 @@ class Transport:
             status=resp.status_code,
         )
         return resp
+
+    @staticmethod
+    def _transport_error(
+        exc: requests.RequestException, netloc: str, ep: Endpoint, d: _deadline.Deadline
+    ) -> RegistryError:
+        """Our error for a failed request to *netloc* (no URL: it may be a signed one)."""
+        if d.remaining() <= _NEARLY:
+            return _deadline_error(netloc, ep, d, "answer")
+        if isinstance(exc, requests.exceptions.Timeout):
+            return RegistryUnavailableError(
+                f"registry {netloc} timed out ({_reason(exc)}) for {ep.describe()}"
+            )
+        if isinstance(exc, requests.exceptions.SSLError):
+            return RegistryUnavailableError(f"TLS failure talking to {netloc} ({_reason(exc)})")
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            reason = _reason(exc)
+            if "Timeout" in reason:  # read timeouts after retries arrive as ConnectionError
+                return RegistryUnavailableError(
+                    f"registry {netloc} timed out ({reason}) for {ep.describe()}"
+                )
+            return RegistryUnavailableError(
+                f"cannot reach {netloc} for {ep.describe()} ({reason})"
+            )
+        return RegistryError(f"request to {netloc} failed ({_reason(exc)})")
 
     def send_to_token_server(
         self,
@@ -402,25 +448,82 @@ class Transport:
         headers: Mapping[str, str],
         form: Mapping[str, str] | None,
     ) -> requests.Response:
-        """A request to the token server of *ep*'s registry (redirects followed, the
-        registry's CA settings, no client certificate); any transport failure is
-        RegistryUnavailableError."""
-        try:
-            return self._session.request(
-                method,
-                url,
-                headers=dict(headers),
-                data=dict(form) if form is not None else None,
-                timeout=self._timeout,
-                allow_redirects=True,
-                verify=self.tls_config(ep).verify,
-                stream=True,
-            )
-        except requests.RequestException as exc:
-            raise RegistryUnavailableError(
-                f"cannot reach the token server {urlsplit(url).netloc} of registry {ep.host} "
-                f"({_reason(exc)})"
-            ) from None
+        """A request to the token server of *ep*'s registry (the registry's CA settings, no
+        client certificate); any transport failure is RegistryUnavailableError.
+
+        Redirects are followed by hand: a POST (an OAuth2 refresh-token grant: the body is a
+        secret) is never re-sent anywhere, its redirect is an AuthenticationError; a GET
+        follows at most ``max_redirects`` hops, its ``Authorization`` (Basic credentials) only
+        as long as it stays on the realm's origin.
+        """
+        hdrs = dict(headers)
+        realm_origin = origin(url)
+        hops = 0
+        while True:
+            resp = self._token_request(method, url, ep, hdrs, form)
+            if resp.status_code not in REDIRECT_CODES:
+                return resp
+            location = resp.headers.get("Location") or ""
+            drain(resp)
+            here = urlsplit(url).netloc
+            new_url = urljoin(url, location)
+            there = urlsplit(new_url).netloc or "(no Location)"
+            if method != "GET":
+                raise AuthenticationError(
+                    f"token server {here} of registry {ep.host} redirected the token {method} "
+                    f"to {there}; refusing to send the request body anywhere else",
+                    status=resp.status_code,
+                )
+            hops += 1
+            if not location or hops > self.settings.max_redirects:
+                raise RegistryError(
+                    f"token server {here} of registry {ep.host} sent a redirect without "
+                    "Location or too many redirects",
+                    status=resp.status_code,
+                )
+            new_scheme = urlsplit(new_url).scheme.lower()
+            if new_scheme not in ("http", "https") or (
+                urlsplit(url).scheme.lower() == "https" and new_scheme == "http" and not ep.insecure
+            ):
+                raise RegistryError(
+                    f"token server {here} of registry {ep.host} redirected to a {new_scheme} "
+                    f"URL on {there}; refusing"
+                )
+            if origin(new_url) != realm_origin:
+                hdrs.pop("Authorization", None)  # credentials stay with the realm's origin
+            log.debug("registry_token_redirect", host=ep.host, to=redact_url(new_url), hop=hops)
+            url = new_url
+
+    def _token_request(
+        self,
+        method: str,
+        url: str,
+        ep: Endpoint,
+        headers: Mapping[str, str],
+        form: Mapping[str, str] | None,
+    ) -> requests.Response:
+        netloc = urlsplit(url).netloc
+        with _deadline.request_scope(self.settings.request_deadline) as d:
+            if d.expired():
+                raise _deadline_error(netloc, ep, d, "answer a token request")
+            try:
+                return self._session.request(
+                    method,
+                    url,
+                    headers=dict(headers),
+                    data=dict(form) if form is not None else None,
+                    timeout=self._timeouts(d),
+                    allow_redirects=False,
+                    verify=self.tls_config(ep).verify,
+                    stream=True,
+                )
+            except requests.RequestException as exc:
+                if d.remaining() <= _NEARLY:
+                    raise _deadline_error(netloc, ep, d, "answer a token request") from None
+                raise RegistryUnavailableError(
+                    f"cannot reach the token server {netloc} of registry {ep.host} "
+                    f"({_reason(exc)})"
+                ) from None
 
     def follow_redirects(
         self,
@@ -510,22 +613,32 @@ def _error_detail(resp: requests.Response) -> str:
 
 
 def stream(resp: requests.Response, ep: Endpoint) -> Iterator[bytes]:
-    """Raw body bytes (no content decoding), with transport errors mapped to ours."""
+    """Raw body bytes (no content decoding), with transport errors mapped to ours; the
+    thread's budget is checked before every read (the watchdog ends a read that outlives it)."""
     raw = resp.raw
+    d = _deadline.current()
     try:
         while True:
+            if d is not None and d.expired():
+                raise _deadline_error(ep.host, ep, d, "finish sending a body")
             piece = raw.read(_READ_CHUNK, decode_content=False)
             if not piece:
-                return
+                break
             yield piece
     except urllib3.exceptions.ReadTimeoutError:
+        if d is not None and d.remaining() <= _NEARLY:
+            raise _deadline_error(ep.host, ep, d, "finish sending a body") from None
         raise RegistryUnavailableError(
             f"registry {ep.host} stalled while sending a body for {ep.describe()}"
         ) from None
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
+        if d is not None and d.remaining() <= _NEARLY:
+            raise _deadline_error(ep.host, ep, d, "finish sending a body") from None
         raise RangeError(
             f"body from {ep.host} for {ep.describe()} broke off ({type(exc).__name__})"
         ) from None
+    if d is not None and d.expired():  # the watchdog may have cut it short
+        raise _deadline_error(ep.host, ep, d, "finish sending a body")
 
 
 def read_capped(resp: requests.Response, limit: int, ep: Endpoint, what: str) -> bytes:

@@ -30,7 +30,8 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   its reads. A shared semaphore bounds it across layers. Given a *tap*, it fetches every byte
   of the blob in order instead (cached chunks and the bytes between payloads too) and feeds
   the tap, which verifies the blob digest and the DiffID when the fill completes.
-* Foreground range requests are limited by a semaphore (``max_concurrent_requests``).
+* Foreground range requests are limited by a semaphore (``max_concurrent_requests``), or by
+  the manager's per-registry-host bulkhead slot when it passes one.
 
 A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
 failed request fails the chunks it carried (:class:`RegistryError`); futures are then forgotten
@@ -45,8 +46,9 @@ import time
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import structlog
 
@@ -226,7 +228,7 @@ class ChunkFetcher:
         settings: FetcherSettings | None = None,
         *,
         fill_slots: threading.Semaphore | None = None,
-        request_slots: threading.Semaphore | None = None,
+        request_slots: AbstractContextManager[Any] | None = None,
         activity: Activity | None = None,
         name: str = "",
         meter: FetchMeter | None = None,
@@ -252,7 +254,8 @@ class ChunkFetcher:
         # Chunks that failed verification: answered with their error for failed_chunk_ttl.
         self._failed: NegativeCache[str, VerificationError] = NegativeCache(10_000)
         # Shared across layers when the manager passes one; else per fetcher.
-        self._requests = request_slots or threading.Semaphore(
+        # A semaphore, or one registry host's slot of the manager's bulkhead.
+        self._requests: AbstractContextManager[Any] = request_slots or threading.Semaphore(
             max(1, self.settings.max_concurrent_requests)
         )
         self._activity = activity or Activity()

@@ -187,6 +187,12 @@ class Layer:
         self.last_used = time.monotonic()
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
 
+    @property
+    def registry_host(self) -> str:
+        """The registry host the blob's bytes come from ("" when not a registry): the key of
+        the bulkheads that keep one slow registry from starving the others."""
+        return str(getattr(self.source, "registry_host", ""))
+
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> bool:
         """Start the landmark prefetch and (if enabled) then the background fill, once, in a

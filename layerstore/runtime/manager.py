@@ -65,6 +65,7 @@ from typing import Callable, Protocol, cast
 import structlog
 
 from layerstore import digest as _digest
+from layerstore.common.bulkhead import Bulkhead, share_limit
 from layerstore.common.negcache import NegativeCache
 from layerstore.common.redact import describe_error
 from layerstore.common.singleflight import SingleFlight
@@ -195,6 +196,10 @@ class ManagerSettings:
     """Disk for verified copies of blobs being read through the ``blob`` file."""
     background_fill_concurrency: int = 2
     """Background-fill range requests in flight across all layers."""
+    host_share: float = 1.0
+    """Share (0 < x <= 1) of the foreground range requests (``fetcher.max_concurrent_requests``,
+    across all layers) one registry host may have in flight: a registry that answers slowly
+    holds at most that many, and the other registries keep the rest. 1.0: no split."""
     dependency_prefetch: DependencyPrefetchSettings = field(
         default_factory=DependencyPrefetchSettings
     )
@@ -251,9 +256,8 @@ class LayerManager:
         self._sf_get: SingleFlight[tuple[str, str], Layer] = SingleFlight()
         self._sf_layer: SingleFlight[str, Layer] = SingleFlight()  # by identity
         self._fill_slots = threading.Semaphore(max(1, self.settings.background_fill_concurrency))
-        self._request_slots = threading.Semaphore(
-            max(1, self.settings.fetcher.max_concurrent_requests)
-        )
+        total = max(1, self.settings.fetcher.max_concurrent_requests)
+        self._request_slots = Bulkhead(total, share_limit(total, self.settings.host_share))
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self.meter = FetchMeter()  # fetch totals per mechanism, across layers (status, metrics)
         self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
@@ -281,6 +285,15 @@ class LayerManager:
         except LayerStoreError as e:
             self._negative.put(rk, e, self.settings.negative_ttl)
             raise
+
+    @staticmethod
+    def registry_host(ref: str) -> str:
+        """The registry host *ref* names ("" when it does not parse): the FUSE adapter's key
+        for its per-registry share of lookup threads."""
+        try:
+            return parse_reference(ref).domain
+        except LayerStoreError:
+            return ""
 
     def scheme(self, ref: str, key: str) -> str:
         return self.get(ref, key).scheme_for(key)
@@ -425,7 +438,7 @@ class LayerManager:
             _DECODE,
             self.settings.fetcher,
             fill_slots=self._fill_slots,
-            request_slots=self._request_slots,
+            request_slots=self._request_slots.slot(getattr(source, "registry_host", "")),
             activity=self._activity,
             name=desc.digest,
             meter=self.meter,
