@@ -26,14 +26,16 @@ Rules:
   ``verify_ahead(digests)`` verifies entries a sequential reader will want next on a background
   thread; ``peek`` answers from memory only (pending writes and verified bytes), without
   blocking, or None.
-* **Bytes read back from disk are checked before they are served.** Whenever an entry's bytes
-  are verified in this process (written by ``put``/``store_stream`` after the caller checked
-  them, or re-hashed at first use), the cache keeps keyed tags of its 64 KiB blocks in memory
-  (:mod:`layerstore.runtime.blocktags`, a random key per process); every pread hashes the
-  blocks it covers and compares. A mismatch (the file was altered after it was verified) removes
-  the entry, logs ``chunk_cache_entry_altered`` (an error) and answers a miss, so the caller
-  fetches the chunk again; the altered bytes are never returned. Slices served from memory
-  (pending writes, the hot LRU) need no check. See ``docs/trust-cache.md``.
+* **Bytes read back from disk are checked before they are served.** When an entry's bytes are
+  verified in this process and will be read back from its file (written by
+  ``put``/``store_stream`` after the caller checked them; re-hashed at first use when too large
+  to keep in memory, or when read again after leaving the hot LRU), the cache keeps keyed tags
+  of its 64 KiB blocks in memory (:mod:`layerstore.runtime.blocktags`, a random key per
+  process); every pread hashes the blocks it covers and compares. A mismatch (the file was
+  altered after it was verified) removes the entry, logs ``chunk_cache_entry_altered`` (an
+  error) and answers a miss, so the caller fetches the chunk again; the altered bytes are never
+  returned. Slices served from memory (pending writes, the hot LRU) need no check. See
+  ``docs/trust-cache.md``.
 * ``store_stream`` writes a large chunk piece by piece as it is decoded (temp file + rename, tags
   computed on the way): the fetcher never holds a whole large chunk in memory. The daemon-wide
   :class:`~layerstore.runtime.membudget.MemoryBudget` (``memory_budget``) bounds the bytes held
@@ -100,14 +102,16 @@ class _Fd:
 
 class _Entry:
     """``tags``: the block tags of the entry's verified bytes (set once, never changed), or
-    None while the file has not been verified in this process."""
+    None while preads of the file cannot be checked: not verified in this process yet, or
+    verified once with its bytes kept in the hot LRU (``seen``), where no check is needed."""
 
-    __slots__ = ("size", "tags", "touched")
+    __slots__ = ("seen", "size", "tags", "touched")
 
     def __init__(self, size: int, touched: float, tags: bytes | None) -> None:
         self.size = size
         self.touched = touched
         self.tags = tags
+        self.seen = False
 
 
 class ChunkCache:
@@ -349,8 +353,12 @@ class ChunkCache:
             if len(data) != entry.size or hashlib.sha256(data).hexdigest() != hexd:
                 self._drop(hexd, entry, reason="corrupt")
                 return None
-            tags = self._tagger.tags(data)
-        entry.tags = tags
+            # Tags only when the entry is verified a second time (its bytes left the hot LRU
+            # and it is read again): most entries found on disk are read once after a restart,
+            # and their slices come from memory, which needs no check.
+            if entry.seen:
+                entry.tags = self._tagger.tags(data)
+            entry.seen = True
         self._keep_hot(hexd, data)
         self._hit(hexd, entry)
         return data
