@@ -115,7 +115,7 @@ def test_altered_cache_files_are_never_served(live_reg: Registry, tmp_path: Path
 
 BIG = 255 * MiB
 FILES = 8
-RSS_BOUND_MB = 600
+RSS_BOUND_MB = 600  # MiB
 
 
 class _Zeros(io.RawIOBase):
@@ -239,8 +239,8 @@ def test_eight_readers_of_255mib_chunks_bounded_memory(
         assert not errors, errors
         assert [got.get(n) for n in range(FILES)] == want
         evs = events(d)
-    print(f"daemon VmHWM: {before} MB before the readers, {peak} MB after")
-    assert peak < RSS_BOUND_MB, f"daemon peak RSS {peak} MB (bound {RSS_BOUND_MB} MB)"
+    print(f"daemon VmHWM: {before} MiB before the readers, {peak} MiB after")
+    assert peak < RSS_BOUND_MB, f"daemon peak RSS {peak} MiB (bound {RSS_BOUND_MB} MiB)"
     assert not [e for e in evs if e.get("level") == "error"]
 
 
