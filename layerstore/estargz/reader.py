@@ -8,7 +8,9 @@ compressed region itself is bounded before it is fetched.
 
 File data is verified chunk by chunk: :func:`decode_chunk` inflates ``[offset,
 compressed_end)``, skips ``inner_offset`` and checks sha256 against ``chunkDigest``; bytes that
-fail are never returned.
+fail are never returned. :func:`decode_chunk_into` does the same in bounded memory, handing
+pieces to a sink, which must discard them when the call raises (the chunk cache streams large
+chunks into a temporary file that way).
 """
 
 from __future__ import annotations
