@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import tarfile
 import threading
 import time
 import tracemalloc
@@ -17,12 +19,19 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from layerstore.errors import CacheError, ChunkDigestMismatchError, FormatError
-from layerstore.estargz.reader import decode_chunk, decode_chunk_into
+from layerstore.errors import (
+    CacheError,
+    ChunkDigestMismatchError,
+    FormatError,
+    RegistryUnavailableError,
+)
+from layerstore.estargz.reader import EStargzReader, decode_chunk, decode_chunk_into
 from layerstore.estargz.toc import Chunk
+from layerstore.estargz.writer import WriterOptions, write_estargz
 from layerstore.runtime.blocktags import BLOCK, TAG_SIZE, BlockTagger
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import ChunkFetcher, FetcherSettings
+from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.runtime.membudget import MemoryBudget
 from layerstore.source import BytesSource
 from tests.test_fetcher import CountingSource
@@ -411,4 +420,96 @@ def test_requests_larger_than_half_the_budget_are_split(tmp_path: Path) -> None:
     assert budget.peak <= 2 * MiB and budget.used == 0
     assert f.get_chunks(chunks) == payloads
     f.close()
+    cache.close()
+
+
+# --- Layer.read of streamed chunks: from the checked cache file, or by slices ----------------
+
+
+class _Switch:
+    """A RangeSource that can be made to fail (the registry gone)."""
+
+    def __init__(self, inner: BytesSource) -> None:
+        self.inner = inner
+        self.down = False
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.read_ranges([(offset, length)])[0]
+
+    def read_ranges(self, ranges: Any) -> list[bytes]:
+        if self.down:
+            raise RegistryUnavailableError("registry down (test)")
+        return self.inner.read_ranges(ranges)
+
+
+def _layer(tmp_path: Path, cache_max: int) -> tuple[Any, int, bytes, ChunkCache, _Switch]:
+    data = bytes(3 * MiB) + b"the-tail"
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+    out = io.BytesIO()
+    res = write_estargz(io.BytesIO(tar.getvalue()), out, WriterOptions(chunk_size=4 * MiB))
+    src = _Switch(BytesSource(out.getvalue()))
+    reader = EStargzReader.open(src)
+    index = reader.index
+    cache = ChunkCache(tmp_path, cache_max)
+    fetcher = ChunkFetcher(
+        src,
+        cache,
+        list(index.all_chunks()),
+        decode_chunk,  # type: ignore[arg-type]
+        FetcherSettings(stream_chunk_bytes=MiB, readahead_bytes=0),
+    )
+    layer = Layer(
+        compressed_digest=res.blob_digest,
+        toc_digest=res.toc_digest,
+        diff_id=res.diff_id,
+        blob_size=res.compressed_size,
+        index=index,  # type: ignore[arg-type]
+        source=src,
+        cache=cache,
+        fetcher=fetcher,
+        toc_offset=res.toc_offset,
+        footer_size=51,
+        settings=LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=0),
+    )
+    ino = index.find("big.bin")
+    assert ino is not None
+    (chunk,) = index.chunks(ino)
+    assert fetcher.streamed(chunk)
+    return layer, ino, data, cache, src
+
+
+def test_layer_reads_streamed_chunk_from_the_checked_cache_file(tmp_path: Path) -> None:
+    layer, ino, data, cache, src = _layer(tmp_path, 1 << 30)
+    assert layer.read(ino, 3 * MiB - 4, 100) == data[3 * MiB - 4 :]
+    (chunk,) = layer.index.chunks(ino)
+    assert chunk.digest in cache and cache.peek(chunk.digest, 0, 1) is None
+    assert layer.read(ino, 0, 10) == data[:10]
+    path = tmp_path / "chunks" / chunk.digest[7:9] / chunk.digest[7:]
+    _alter(path, 3 * MiB + 1)
+    with capture_logs() as logs:
+        assert layer.read(ino, 3 * MiB, 8) == b"the-tail"  # fetched again, not the altered byte
+    assert "chunk_cache_entry_altered" in [e["event"] for e in logs]
+    _alter(path, 3 * MiB + 1)
+    src.down = True  # altered again, and the registry is gone: an error, not the bytes
+    with pytest.raises(RegistryUnavailableError):
+        layer.read(ino, 3 * MiB, 8)
+    src.down = False
+    assert layer.read(ino, 3 * MiB, 8) == b"the-tail"
+    layer.close()
+    cache.close()
+
+
+def test_layer_reads_a_chunk_larger_than_the_cache_by_slices(tmp_path: Path) -> None:
+    layer, ino, data, cache, _src = _layer(tmp_path, 2 * MiB)
+    assert layer.read(ino, 100, 1000) == data[100:1100]
+    assert layer.read(ino, 3 * MiB, 8) == b"the-tail"
+    assert len(cache) == 0
+    layer.close()
     cache.close()
