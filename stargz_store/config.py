@@ -128,6 +128,10 @@ class FetchSettings(_Section):
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True
     background_concurrency: int = Field(default=2, ge=1)
+    max_inflight_decoded_bytes: int = Field(default=256 * MiB, ge=1 * MiB)
+    """Daemon-wide bound on the bytes chunk fetches and first-use checks of cached chunks hold
+    in memory (compressed ranges and chunks decoded in memory); readers wait for room. A larger
+    chunk is decoded in pieces and goes alone."""
 
 
 class FuseSettings(_Section):

@@ -424,6 +424,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
     from layerstore.runtime.manager import LayerManager, ManagerSettings
+    from layerstore.runtime.membudget import MemoryBudget
     from layerstore.runtime.resolutions import ResolutionStore
 
     rc, fc, ac = config.registry, config.fetch, config.auth
@@ -456,7 +457,11 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         wiring.closers.append(client.close)
         cache_dir = _under(root, config.cache.dir)
         try:
-            cache = ChunkCache(cache_dir, config.cache.max_size_bytes)
+            cache = ChunkCache(
+                cache_dir,
+                config.cache.max_size_bytes,
+                memory_budget=MemoryBudget(fc.max_inflight_decoded_bytes),
+            )
         except (OSError, LayerStoreError, ValueError) as exc:
             raise DaemonError(f"cannot open the cache in {cache_dir}: {exc}") from None
         wiring.closers.append(cache.close)

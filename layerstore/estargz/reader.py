@@ -8,14 +8,18 @@ compressed region itself is bounded before it is fetched.
 
 File data is verified chunk by chunk: :func:`decode_chunk` inflates ``[offset,
 compressed_end)``, skips ``inner_offset`` and checks sha256 against ``chunkDigest``; bytes that
-fail are never returned.
+fail are never returned. :func:`decode_chunk_into` does the same in bounded memory, handing
+pieces to a sink, which must discard them when the call raises (the chunk cache streams large
+chunks into a temporary file that way).
 """
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Callable
 
 from layerstore.digest import sha256_digest
 from layerstore.errors import (
@@ -48,6 +52,9 @@ DEFAULT_TAIL_FETCH = 64 * 1024
 _GZIP = 31  # zlib wbits: gzip wrapper, 32 KiB window
 _SKIP_PIECE = 1 << 20
 _INFLATE_PIECE = 16 << 20
+
+DECODE_PIECE = 1 << 20
+"""Largest piece :func:`decode_chunk_into` hands to its sink."""
 
 
 def tail_fetch_size(blob_size: int, hint: int = DEFAULT_TAIL_FETCH) -> int:
@@ -194,17 +201,16 @@ def _toc_json_span(tar: bytes | bytearray, max_toc_size: int) -> tuple[int, int]
         return body, body + size
 
 
-def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
-    """Inflate *compressed* (the blob bytes from ``chunk.offset``, possibly several gzip
-    members), skip ``chunk.inner_offset``, take ``chunk.chunk_size`` bytes and verify them.
-
-    Raises :class:`ChunkDigestMismatchError` when the sha256 differs from ``chunk.digest`` and
-    :class:`FormatError` when the data is not gzip or ends early. Pure and thread-safe.
-    """
+def _inflate_chunk(
+    compressed: bytes | memoryview, chunk: Chunk, piece: int
+) -> Iterator[bytes]:
+    """The chunk's bytes (not yet verified) in pieces of at most *piece* bytes: inflate
+    *compressed* (the blob bytes from ``chunk.offset``, possibly several gzip members), skip
+    ``chunk.inner_offset``, stop after ``chunk.chunk_size`` bytes. Never inflates more than
+    that, whatever the compressed bytes hold."""
     skip = chunk.inner_offset
     need = chunk.chunk_size
     buf = memoryview(compressed)
-    parts: list[bytes] = []
     have = 0
     pos = 0
     try:
@@ -222,11 +228,11 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
                     out = d.decompress(data, limit)
                     skip -= len(out)
                 else:
-                    limit = need - have
+                    limit = min(need - have, piece)
                     out = d.decompress(data, limit)
                     if out:
-                        parts.append(out)
                         have += len(out)
+                        yield out
                 if have >= need or d.eof:
                     break
                 data = d.unconsumed_tail
@@ -237,14 +243,50 @@ def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
             pos = len(buf) - len(d.unused_data)
     except zlib.error as exc:
         raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
-    out_bytes = parts[0] if len(parts) == 1 else b"".join(parts)
-    got = sha256_digest(out_bytes)
+
+
+def _check_chunk_digest(got: str, chunk: Chunk) -> None:
     if got != chunk.digest:
         raise ChunkDigestMismatchError(
             f"chunk at blob offset {chunk.offset} (file offset {chunk.chunk_offset}): "
             f"digest {got} != {chunk.digest}"
         )
+
+
+def decode_chunk(compressed: bytes | memoryview, chunk: Chunk) -> bytes:
+    """Inflate *compressed* (the blob bytes from ``chunk.offset``, possibly several gzip
+    members), skip ``chunk.inner_offset``, take ``chunk.chunk_size`` bytes and verify them.
+
+    Holds the whole chunk in memory (twice while joining pieces of several gzip members): for
+    chunks of ordinary size; large ones go through :func:`decode_chunk_into`.
+    Raises :class:`ChunkDigestMismatchError` when the sha256 differs from ``chunk.digest`` and
+    :class:`FormatError` when the data is not gzip or ends early. Pure and thread-safe.
+    """
+    parts = list(_inflate_chunk(compressed, chunk, max(chunk.chunk_size, 1)))
+    out_bytes = parts[0] if len(parts) == 1 else b"".join(parts)
+    _check_chunk_digest(sha256_digest(out_bytes), chunk)
     return out_bytes
+
+
+def decode_chunk_into(
+    compressed: bytes | memoryview,
+    chunk: Chunk,
+    sink: Callable[[bytes], object],
+    piece: int = DECODE_PIECE,
+) -> None:
+    """:func:`decode_chunk` in bounded memory: each piece of at most *piece* decompressed bytes
+    is handed to *sink* as soon as it is inflated, and the sha256 is computed on the way.
+
+    The pieces are NOT verified when *sink* gets them: only a normal return says that all of
+    them, in order, have ``chunk.digest``. When this raises (:class:`ChunkDigestMismatchError`,
+    :class:`FormatError`, or whatever *sink* raised), the caller must discard everything the
+    sink received (the chunk cache writes them to a temporary file that it then removes).
+    """
+    h = hashlib.sha256()
+    for out in _inflate_chunk(compressed, chunk, max(1, piece)):
+        h.update(out)
+        sink(out)
+    _check_chunk_digest("sha256:" + h.hexdigest(), chunk)
 
 
 class EStargzReader:

@@ -21,9 +21,25 @@ Rules:
   first read in this process. A corrupt or truncated entry is deleted and reported as a miss.
   That first read reads the whole entry once (one thread at a time per entry) and keeps the
   verified bytes in a small in-memory LRU (``max_hot_bytes``), so the following slices of the
-  chunk are served from memory instead of being read again. ``verify_ahead(digests)``
-  verifies entries a sequential reader will want next on a background thread; ``peek`` answers from
-  memory only (pending writes and verified bytes), without blocking, or None.
+  chunk are served from memory instead of being read again; an entry larger than
+  ``max_hot_entry_bytes`` is read and hashed in pieces instead, and never held whole.
+  ``verify_ahead(digests)`` verifies entries a sequential reader will want next on a background
+  thread; ``peek`` answers from memory only (pending writes and verified bytes), without
+  blocking, or None.
+* **Bytes read back from disk are checked before they are served.** When an entry's bytes are
+  verified in this process and will be read back from its file (written by
+  ``put``/``store_stream`` after the caller checked them; re-hashed at first use when too large
+  to keep in memory, or when read again after leaving the hot LRU), the cache keeps keyed tags
+  of its 64 KiB blocks in memory (:mod:`layerstore.runtime.blocktags`, a random key per
+  process); every pread hashes the blocks it covers and compares. A mismatch (the file was
+  altered after it was verified) removes the entry, logs ``chunk_cache_entry_altered`` (an
+  error) and answers a miss, so the caller fetches the chunk again; the altered bytes are never
+  returned. Slices served from memory (pending writes, the hot LRU) need no check. See
+  ``docs/trust-cache.md``.
+* ``store_stream`` writes a large chunk piece by piece as it is decoded (temp file + rename, tags
+  computed on the way): the fetcher never holds a whole large chunk in memory. The daemon-wide
+  :class:`~layerstore.runtime.membudget.MemoryBudget` (``memory_budget``) bounds the bytes held
+  by fetches and by first-use checks together.
 * The total size of ``chunks/`` is kept under ``max_bytes``: sizes and the use order live in
   memory (rebuilt from the directory listing, oldest mtime first); a hit moves the entry to the
   young end and touches its mtime at most once a minute so the order survives a restart.
@@ -49,11 +65,14 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
-from layerstore.common.atomicfile import TMP_PREFIX, write_atomic
+from layerstore.common.atomicfile import TMP_PREFIX, atomic_output, write_atomic
 from layerstore.errors import CacheError, VerificationError
+from layerstore.runtime.blocktags import BLOCK, BlockTagger
+from layerstore.runtime.membudget import MemoryBudget
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +80,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOC_NAME = re.compile(r"[0-9A-Za-z._-]{1,200}")
 _LEGACY_RESOLUTION_PREFIX = "resolved-"  # image resolutions, now in ResolutionStore
 _TOUCH_INTERVAL = 60.0
+_VERIFY_PIECE = 1 << 20  # first-use check of a large entry: read and hashed this much at a time
+DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 
 
 def _hex_of(digest: str) -> str:
@@ -81,12 +102,17 @@ class _Fd:
 
 
 class _Entry:
-    __slots__ = ("size", "touched", "verified")
+    """``tags``: the block tags of the entry's verified bytes (set once, never changed), or
+    None while preads of the file cannot be checked: not verified in this process yet, or
+    verified once with its bytes kept in the hot LRU (``seen``), where no check is needed."""
 
-    def __init__(self, size: int, touched: float, verified: bool) -> None:
+    __slots__ = ("seen", "size", "tags", "touched")
+
+    def __init__(self, size: int, touched: float, tags: bytes | None) -> None:
         self.size = size
         self.touched = touched
-        self.verified = verified
+        self.tags = tags
+        self.seen = False
 
 
 class ChunkCache:
@@ -102,7 +128,10 @@ class ChunkCache:
         writer_threads: int = 4,
         max_toc_bytes: int | None = None,
         max_hot_bytes: int = 32 * 1024 * 1024,
+        max_hot_entry_bytes: int = 8 * 1024 * 1024,
         verify_threads: int = 4,
+        memory_budget: MemoryBudget | None = None,
+        memory_wait_seconds: float = 60.0,
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must not be negative")  # 0: nothing is cached
@@ -126,6 +155,15 @@ class ChunkCache:
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self.max_hot_bytes = max(0, max_hot_bytes)
+        self.max_hot_entry_bytes = min(self.max_hot_bytes, max(0, max_hot_entry_bytes))
+        # Bytes held in memory by fetches and first-use checks, daemon-wide (the fetchers of
+        # every layer take their grants from this one too).
+        self.memory_budget = memory_budget or MemoryBudget(DEFAULT_MEMORY_BUDGET)
+        self.memory_wait_seconds = memory_wait_seconds
+        # Keyed block tags of verified entries (the key lives in this object only).
+        self._tagger = BlockTagger()
+        self._reserved = 0  # bytes of store_stream writes in progress, counted against max_bytes
+        self._altered = 0
         # Single flight of first-use checks: hex -> set when done. Not a SingleFlight: the
         # claim is made under self._lock together with the look at _entries and _hot (so an
         # entry verified a moment ago is not read and hashed again), verify_ahead consults it
@@ -191,7 +229,7 @@ class ChunkCache:
             self._toc_total += size
         found.sort()
         for stamp, name, size in found:
-            self._entries[name] = _Entry(size, stamp, verified=False)
+            self._entries[name] = _Entry(size, stamp, tags=None)
             self._total += size
         log.info(
             "chunk_cache_opened",
@@ -237,11 +275,15 @@ class ChunkCache:
                 "max_bytes": self.max_bytes,
                 "hits": self._hits,
                 "misses": self._misses,
+                "altered": self._altered,
             }
 
     # --- reads -----------------------------------------------------------------------------
     def get(self, digest: str) -> bytes | None:
-        """The whole verified entry, or None (absent, or found corrupt and removed)."""
+        """The whole verified entry, or None (absent, or found corrupt or altered and removed).
+
+        Holds the whole entry in memory: meant for chunks of ordinary size; slices of large
+        ones are read with :meth:`read`."""
         hexd = _hex_of(digest)
         with self._lock:
             pending = self._pending.get(hexd)
@@ -254,39 +296,34 @@ class ChunkCache:
             if entry is None:
                 self._misses += 1
                 return None
-            verified = entry.verified
-        if not verified:
-            return self._verify(hexd, entry)
-        try:
-            with open(self._path(hexd), "rb") as f:
-                data = f.read()
-        except OSError:
-            self._drop(hexd, entry, reason="unreadable")
-            return None
-        if len(data) != entry.size:
-            self._drop(hexd, entry, reason="corrupt")
-            return None
-        self._hit(hexd, entry)
-        return data
+        if entry.tags is None:
+            found, data = self._verify(hexd, entry)
+            if found is None or data is not None:
+                return data
+            entry = found
+        return self._pread_checked(hexd, entry, 0, entry.size)
 
-    def _verify(self, hexd: str, entry: _Entry) -> bytes | None:
-        """First use of an entry found on disk: read it whole, check its sha256, keep the
-        verified bytes in the hot LRU. One thread reads a given entry; others wait for it."""
+    def _verify(self, hexd: str, entry: _Entry) -> tuple[_Entry | None, bytes | None]:
+        """First use of an entry found on disk: check its sha256 and record its block tags.
+        One thread checks a given entry; others wait for it.
+
+        Returns ``(None, None)`` when the entry is gone (corrupt, unreadable, evicted);
+        ``(entry, bytes)`` when its verified bytes are in memory; ``(entry, None)`` when it is
+        verified but on disk only (larger than ``max_hot_entry_bytes``): read it with tags."""
         while True:
             with self._lock:
                 hot = self._hot.get(hexd)
+                current = self._entries.get(hexd)
                 if hot is not None:
                     self._hot.move_to_end(hexd)
                     self._hits += 1
-                    return hot
-                current = self._entries.get(hexd)
+                    return current or entry, hot
                 if current is None:
                     self._misses += 1
-                    return None
-                if current is not entry:
-                    entry = current
-                if entry.verified:
-                    break  # verified meanwhile (hot bytes since evicted): plain read
+                    return None, None
+                entry = current
+                if entry.tags is not None:
+                    return entry, None  # verified meanwhile (hot bytes since evicted, or large)
                 done = self._verifying.get(hexd)
                 if done is None:
                     done = self._verifying[hexd] = threading.Event()
@@ -297,26 +334,67 @@ class ChunkCache:
                 done.wait()
                 continue
             try:
-                return self._verify_now(hexd, entry)
+                if entry.size <= self.max_hot_entry_bytes:
+                    data = self._verify_whole(hexd, entry)
+                    return (entry, data) if data is not None else (None, None)
+                return (entry, None) if self._verify_pieces(hexd, entry) else (None, None)
             finally:
                 with self._lock:
                     self._verifying.pop(hexd, None)
                 done.set()
-        return self.get("sha256:" + hexd)
 
-    def _verify_now(self, hexd: str, entry: _Entry) -> bytes | None:
-        try:
-            with open(self._path(hexd), "rb") as f:
-                data = f.read()
-        except OSError:
-            self._drop(hexd, entry, reason="unreadable")
-            return None
-        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != hexd:
-            self._drop(hexd, entry, reason="corrupt")
-            return None
+    def _verify_whole(self, hexd: str, entry: _Entry) -> bytes | None:
+        with self.memory_budget.acquire(
+            entry.size, self.memory_wait_seconds, "first use of a cached chunk"
+        ):
+            try:
+                with open(self._path(hexd), "rb") as f:
+                    data = f.read()
+            except OSError:
+                self._drop(hexd, entry, reason="unreadable")
+                return None
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != hexd:
+                self._drop(hexd, entry, reason="corrupt")
+                return None
+            # Tags only when the entry is verified a second time (its bytes left the hot LRU
+            # and it is read again): most entries found on disk are read once after a restart,
+            # and their slices come from memory, which needs no check.
+            if entry.seen:
+                entry.tags = self._tagger.tags(data)
+            entry.seen = True
         self._keep_hot(hexd, data)
         self._hit(hexd, entry)
         return data
+
+    def _verify_pieces(self, hexd: str, entry: _Entry) -> bool:
+        """The first-use check of a large entry in bounded memory (nothing kept hot)."""
+        h = hashlib.sha256()
+        tags = self._tagger.builder()
+        with self.memory_budget.acquire(
+            _VERIFY_PIECE, self.memory_wait_seconds, "first use of a cached chunk"
+        ):
+            try:
+                with open(self._path(hexd), "rb", buffering=0) as f:
+                    buf = bytearray(_VERIFY_PIECE)
+                    view = memoryview(buf)
+                    while True:
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        piece = view[:n]
+                        h.update(piece)
+                        tags.add(piece)
+                        if tags.size > entry.size:
+                            break
+            except OSError:
+                self._drop(hexd, entry, reason="unreadable")
+                return False
+        if tags.size != entry.size or h.hexdigest() != hexd:
+            self._drop(hexd, entry, reason="corrupt")
+            return False
+        entry.tags = tags.finish()
+        self._hit(hexd, entry)
+        return True
 
     def _keep_hot(self, hexd: str, data: bytes) -> None:
         if len(data) > self.max_hot_bytes:
@@ -362,7 +440,7 @@ class ChunkCache:
                 entry = self._entries.get(hexd)
                 if (
                     entry is None
-                    or entry.verified
+                    or entry.tags is not None
                     or hexd in self._hot
                     or hexd in self._verifying
                     or self._verify_queued >= 4 * self._verify_threads
@@ -396,7 +474,8 @@ class ChunkCache:
                 self._verify_queued -= 1
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
-        """``length`` bytes at ``offset`` of the entry (short at its end), or None on a miss."""
+        """``length`` bytes at ``offset`` of the entry (short at its end), or None on a miss
+        (absent, or found corrupt or altered and removed)."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         hexd = _hex_of(digest)
@@ -413,37 +492,72 @@ class ChunkCache:
             if entry is None:
                 self._misses += 1
                 return None
-            verified = entry.verified
-        # First use in this process: verify the whole entry once, serve from those bytes.
-        if not verified:
-            data = self._verify(hexd, entry)
-            return None if data is None else data[offset : offset + length]
+        # First use in this process: verify the whole entry once (serve from those bytes when
+        # it is small enough to keep them).
+        if entry.tags is None:
+            found, data = self._verify(hexd, entry)
+            if found is None or data is not None:
+                return None if data is None else data[offset : offset + length]
+            entry = found
         if offset >= entry.size or length == 0:
             self._hit(hexd, entry)
             return b""
-        length = min(length, entry.size - offset)
+        return self._pread_checked(hexd, entry, offset, min(length, entry.size - offset))
+
+    def _pread_checked(self, hexd: str, entry: _Entry, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of a verified entry (``entry.tags`` set), read from
+        its file together with the rest of the blocks they touch, every block compared with
+        its tag. None (the entry dropped) when the file is short, unreadable or altered."""
+        tags = entry.tags
+        assert tags is not None
+        first = offset // BLOCK
+        start = first * BLOCK
+        stop = min(entry.size, -(-(offset + length) // BLOCK) * BLOCK)
+        want = stop - start
         handle = self._acquire_fd(hexd)
         if handle is None:
             self._drop(hexd, entry, reason="unreadable")
             return None
         try:
-            parts: list[bytes] = []
-            done = 0
-            while done < length:
-                piece = os.pread(handle.fd, length - done, offset + done)
-                if not piece:
-                    break
-                parts.append(piece)
-                done += len(piece)
+            data = os.pread(handle.fd, want, start)
+            if 0 < len(data) < want:  # a short read is legal: go on
+                parts = [data]
+                done = len(data)
+                while done < want:
+                    piece = os.pread(handle.fd, want - done, start + done)
+                    if not piece:
+                        break
+                    parts.append(piece)
+                    done += len(piece)
+                data = b"".join(parts)
         except OSError:
-            parts, done = [], -1
+            data = b""
         finally:
             self._release_fd(handle)
-        if done != length:
+        if len(data) != want:
             self._drop(hexd, entry, reason="short")
             return None
+        bad = self._tagger.check(tags, first, data)
+        if bad >= 0:
+            self._altered_entry(hexd, entry, bad)
+            return None
         self._hit(hexd, entry)
-        return b"".join(parts)
+        if start == offset and want == length:
+            return data
+        return data[offset - start : offset - start + length]
+
+    def _altered_entry(self, hexd: str, entry: _Entry, block: int) -> None:
+        with self._lock:
+            self._altered += 1
+        log.error(
+            "chunk_cache_entry_altered",
+            digest="sha256:" + hexd,
+            path=str(self._path(hexd)),
+            block=block,
+            block_size=BLOCK,
+            detail="the file changed after its bytes were verified; removed, fetched again",
+        )
+        self._drop(hexd, entry, reason="altered")
 
     def _hit(self, hexd: str, entry: _Entry) -> None:
         now = time.time()
@@ -451,7 +565,6 @@ class ChunkCache:
         with self._lock:
             if self._entries.get(hexd) is not entry:
                 return
-            entry.verified = True
             self._entries.move_to_end(hexd)
             self._hits += 1
             if now - entry.touched > _TOUCH_INTERVAL:
@@ -479,20 +592,73 @@ class ChunkCache:
                 return True
         path = self._path(hexd)
         try:
-            if hexd[:2] not in self._shards:
-                path.parent.mkdir(exist_ok=True)
-                self._shards.add(hexd[:2])
+            self._shard(hexd)
             write_atomic(path, data, durable=False)
         except OSError as e:
             log.warning("chunk_cache_write_failed", digest=digest, error=str(e))
             return False
+        tags = self._tagger.tags(data)
+        self._add_entry(hexd, size, tags)
+        return True
+
+    def store_stream(
+        self, digest: str, size: int, fill: Callable[[Callable[[bytes], object]], None]
+    ) -> bool:
+        """Store a chunk of *size* bytes that *fill* writes piece by piece (it is called with a
+        ``write(piece)`` function), without ever holding it whole.
+
+        *fill* must verify what it writes (``decode_chunk_into``) and raise if it does not
+        match: the temporary file is then removed and the exception propagates; nothing is
+        stored. Returns False (and does not call *fill*) when *size* exceeds the cache; True
+        when the entry is in the cache (already, or now). ``OSError`` (disk full) propagates.
+        """
+        hexd = _hex_of(digest)
+        if size > self.max_bytes:
+            return False
         with self._lock:
-            if hexd not in self._entries:
-                self._entries[hexd] = _Entry(size, time.time(), verified=True)
+            if hexd in self._entries:
+                return True
+            # Counted at once, so that what is evicted to make room is evicted now rather than
+            # after the disk has held both.
+            self._reserved += size
+            victims = self._evict_locked(keep=None)
+        self._unlink(victims)
+        tags = self._tagger.builder()
+        try:
+            self._shard(hexd)
+            with atomic_output(self._path(hexd), durable=False) as f:
+
+                def write(piece: bytes) -> object:
+                    f.write(piece)
+                    tags.add(piece)
+                    return None
+
+                fill(write)
+                if tags.size != size:
+                    raise CacheError(f"{digest}: {tags.size} bytes written, expected {size}")
+        finally:
+            with self._lock:
+                self._reserved -= size
+        self._add_entry(hexd, size, tags.finish())
+        return True
+
+    def _shard(self, hexd: str) -> None:
+        if hexd[:2] not in self._shards:
+            self._path(hexd).parent.mkdir(exist_ok=True)
+            self._shards.add(hexd[:2])
+
+    def _add_entry(self, hexd: str, size: int, tags: bytes) -> None:
+        """Record a file just written (renamed into place) from verified bytes."""
+        with self._lock:
+            entry = self._entries.get(hexd)
+            if entry is None:
+                self._entries[hexd] = _Entry(size, time.time(), tags)
                 self._total += size
+            elif entry.tags is None and entry.size == size:
+                # The file now holds our verified bytes (same name: same content).
+                entry.tags = tags
             victims = self._evict_locked(keep=hexd)
         self._unlink(victims)
-        return True
 
     def put_async(self, digest: str, data: bytes, *, verified: bool = False) -> None:
         """Like :meth:`put`, but written by the writer pool; served from memory meanwhile."""
@@ -551,7 +717,7 @@ class ChunkCache:
         (after the lock is released: unlinking can take a millisecond)."""
         victims: list[Path] = []
         freed = 0
-        while self._total > self.max_bytes and self._entries:
+        while self._total + self._reserved > self.max_bytes and self._entries:
             hexd, entry = next(iter(self._entries.items()))
             if hexd == keep:
                 if len(self._entries) == 1:

@@ -32,6 +32,12 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   the tap, which verifies the blob digest and the DiffID when the fill completes.
 * Foreground range requests are limited by a semaphore (``max_concurrent_requests``), or by
   the manager's per-registry-host bulkhead slot when it passes one.
+* **Bounded memory**: a chunk larger than ``stream_chunk_bytes`` decoded is inflated in pieces
+  straight into a cache file (``ChunkCache.store_stream``; its future resolves to None: read
+  it from the cache), never held whole; smaller ones are decoded in memory. Every request
+  first takes its bytes (the compressed ranges plus the largest in-memory decode) from the
+  cache's daemon-wide :class:`~layerstore.runtime.membudget.MemoryBudget`, and a request
+  larger than half the budget is split into several.
 
 A chunk that fails verification fails only its own readers (:class:`VerificationError`); a
 failed request fails the chunks it carried (:class:`RegistryError`); futures are then forgotten
@@ -44,17 +50,24 @@ import bisect
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 import structlog
 
 from layerstore.common.negcache import NegativeCache
 from layerstore.common.redact import describe_error, redact
-from layerstore.errors import LayerStoreError, RangeError, RegistryError, VerificationError
+from layerstore.errors import (
+    CacheError,
+    LayerStoreError,
+    RangeError,
+    RegistryError,
+    VerificationError,
+)
+from layerstore.estargz.reader import DECODE_PIECE, decode_chunk_into
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.meter import FetchMeter
 from layerstore.source import RangeSource
@@ -88,6 +101,9 @@ class ChunkLike(Protocol):
 
 
 DecodeFn = Callable[[bytes, "ChunkLike"], bytes]
+DecodeIntoFn = Callable[[bytes, "ChunkLike", Callable[[bytes], object]], None]
+"""Inflate and verify a chunk piece by piece into a sink; raise when it does not match
+(``layerstore.estargz.reader.decode_chunk_into``)."""
 
 
 class FillTap(Protocol):
@@ -141,6 +157,9 @@ class FetcherSettings:
     failed_chunk_ttl: float = 5.0
     """Seconds a chunk that failed verification is answered with its error without refetching
     (a corrupt blob must not turn every read into a download); then it is tried again."""
+    stream_chunk_bytes: int = 8 * MiB
+    """A chunk larger than this (decoded) is inflated in pieces straight into the cache and
+    read back from there; smaller ones are decoded in memory (the fast path)."""
 
 
 @dataclass
@@ -227,6 +246,7 @@ class ChunkFetcher:
         decode: DecodeFn,
         settings: FetcherSettings | None = None,
         *,
+        decode_into: DecodeIntoFn | None = None,
         fill_slots: threading.Semaphore | None = None,
         request_slots: AbstractContextManager[Any] | None = None,
         activity: Activity | None = None,
@@ -236,7 +256,9 @@ class ChunkFetcher:
         self._source = source
         self._cache = cache
         self._decode = decode
+        self._decode_into: DecodeIntoFn = decode_into or cast(DecodeIntoFn, decode_chunk_into)
         self.settings = settings or FetcherSettings()
+        self._budget = cache.memory_budget
         # The chunks in blob order. The index's own (lazy, compact) sequence is kept as is when
         # it is already ordered, as eStargz writers produce it; otherwise a sorted copy.
         offsets = array("q", (c.offset for c in chunks))
@@ -250,7 +272,9 @@ class ChunkFetcher:
         # fetch (one coalesced request) resolves many keys, each as soon as its own bytes are
         # verified; keys are claimed together with the read-ahead planning under this lock;
         # and read-ahead chunks are claimed by a thread that no caller asked for them.
-        self._inflight: dict[str, Future[bytes]] = {}
+        # A future's result is the chunk's verified bytes, or None for a streamed chunk
+        # (in the cache now, unless the cache cannot hold it).
+        self._inflight: dict[str, Future[bytes | None]] = {}
         # Chunks that failed verification: answered with their error for failed_chunk_ttl.
         self._failed: NegativeCache[str, VerificationError] = NegativeCache(10_000)
         # Shared across layers when the manager passes one; else per fetcher.
@@ -272,19 +296,42 @@ class ChunkFetcher:
     def chunks(self) -> Sequence[ChunkLike]:
         return self._chunks
 
+    def streamed(self, c: ChunkLike) -> bool:
+        """Whether *c* is decoded in pieces into the cache rather than in memory."""
+        return c.chunk_size > self.settings.stream_chunk_bytes and c.digest.startswith("sha256:")
+
     def get_chunk(self, chunk: ChunkLike) -> bytes:
         return self.get_chunks([chunk])[0]
 
     def get_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes]:
         """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
 
+        Holds every chunk whole, large ones too (read back from the cache): for callers that
+        need whole files of modest size (the dependency prefetch). ``Layer.read`` uses
+        :meth:`fetch_chunks` and reads large chunks' slices from the cache.
+        Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
+        """
+        out: list[bytes] = []
+        for c, data in zip(chunks, self.fetch_chunks(chunks)):
+            if data is None:
+                data = self._cache.get(c.digest)
+                if data is None:  # not cacheable (or evicted meanwhile): decode it here
+                    data = self.read_slice(c, 0, c.chunk_size)
+            out.append(data)
+        return out
+
+    def fetch_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes | None]:
+        """The verified decompressed bytes of each chunk decoded in memory; None for each
+        chunk that is :meth:`streamed`: it is in the cache now (read slices with
+        ``ChunkCache.read``), or, when the cache cannot hold it, nowhere (:meth:`read_slice`).
+
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
         results: list[bytes | None] = [None] * len(chunks)
         missing: list[int] = []
         for i, c in enumerate(chunks):
-            data = self._cached(c)
-            if data is not None:
+            found, data = self._cached(c)
+            if found:
                 results[i] = data
             else:
                 missing.append(i)
@@ -304,10 +351,63 @@ class ChunkFetcher:
                 offset=chunks[missing[0]].offset,
                 seconds=round(time.monotonic() - t0, 4),
             )
-        return [r if r is not None else b"" for r in results]
+        return results
 
-    def _cached(self, c: ChunkLike) -> bytes | None:
-        return self._cache.get(c.digest) if c.digest.startswith("sha256:") else None
+    def _cached(self, c: ChunkLike) -> tuple[bool, bytes | None]:
+        """``(True, bytes)`` for a chunk in the cache (``(True, None)`` for a streamed one,
+        which stays on disk), ``(False, None)`` otherwise."""
+        if not c.digest.startswith("sha256:"):
+            return False, None
+        if self.streamed(c):
+            return c.digest in self._cache, None
+        data = self._cache.get(c.digest)
+        return data is not None, data
+
+    def read_slice(self, c: ChunkLike, lo: int, hi: int) -> bytes:
+        """Bytes ``[lo, hi)`` of chunk *c*, fetched and inflated whole (the digest covers all
+        of it) but keeping only that slice: for a streamed chunk the cache cannot hold. No
+        single flight and nothing cached: slow by design, bounded in memory."""
+        lo, hi = max(0, lo), min(hi, c.chunk_size)
+        if hi <= lo:
+            return b""
+        size = c.compressed_end - c.offset
+        kept: list[bytes] = []
+        pos = 0
+
+        def keep(piece: bytes) -> object:
+            nonlocal pos
+            end = pos + len(piece)
+            if end > lo and pos < hi:
+                kept.append(piece[max(lo - pos, 0) : min(hi, end) - pos])
+            pos = end
+            return None
+
+        with self._budget.acquire(
+            size + DECODE_PIECE + (hi - lo), self._cache.memory_wait_seconds, "chunk slice"
+        ):
+            try:
+                with self._requests:
+                    compressed = self._source.read_at(c.offset, size)
+            except LayerStoreError:
+                raise
+            except Exception as e:
+                raise RegistryError(f"fetching a chunk failed: {describe_error(e)}") from None
+            if len(compressed) != size:
+                raise RangeError(f"range of {size} bytes answered with {len(compressed)}")
+            try:
+                self._decode_into(compressed, c, keep)
+            except VerificationError as e:
+                self._verification_failed(c, e)
+                raise
+            except LayerStoreError:
+                raise
+            except Exception as e:
+                err = VerificationError(
+                    f"chunk at blob offset {c.offset} did not decode: {describe_error(e)}"
+                )
+                self._verification_failed(c, err)
+                raise err from None
+        return b"".join(kept)
 
     def fetch_async(self, chunks: Sequence[ChunkLike]) -> int:
         """Fetch *chunks* (those not cached nor in flight) on a helper thread, for readers
@@ -503,12 +603,12 @@ class ChunkFetcher:
         gap: int | None = None,
         max_bytes: int | None = None,
         speculate: bool = True,
-    ) -> list[Future[bytes]]:
+    ) -> list[Future[bytes | None]]:
         """Futures for *chunks*; the ones nobody is fetching yet are fetched by this thread,
         with read-ahead, read-behind and continuation when *speculate*."""
-        futures: list[Future[bytes]] = []
+        futures: list[Future[bytes | None]] = []
         mine: list[ChunkLike] = []
-        owned: list[tuple[str, Future[bytes]]] = []
+        owned: list[tuple[str, Future[bytes | None]]] = []
         with self._lock:
             taken: set[str] = set()
             for c in chunks:
@@ -546,8 +646,8 @@ class ChunkFetcher:
                 # A chunk may have landed in the cache between our lookup and the claim.
                 todo: list[ChunkLike] = []
                 for c in mine:
-                    data = self._cached(c)
-                    if data is not None:
+                    found, data = self._cached(c)
+                    if found:
                         self._resolve(chunk_key(c), data, None)
                     else:
                         todo.append(c)
@@ -580,7 +680,7 @@ class ChunkFetcher:
         if exc is not None:
             fut.set_exception(exc)
         else:
-            fut.set_result(data if data is not None else b"")
+            fut.set_result(data)
 
     def _defer(self, items: list[tuple[ChunkLike, bytes]], *, background: bool) -> set[str]:
         """Verify and deliver read-ahead chunks on a helper thread, so that the reader whose
@@ -589,11 +689,24 @@ class ChunkFetcher:
         keys = {chunk_key(c) for c, _ in items}
 
         def run() -> None:
-            for c, compressed in items:
-                try:
-                    self._deliver(c, compressed, background=background)
-                except BaseException as e:  # never leave a future pending
-                    self._resolve(chunk_key(c), None, RegistryError(describe_error(e)))
+            try:
+                # The request's grant was returned: these bytes take their own (the helper
+                # holds nothing else while it waits).
+                grant = self._budget.acquire(
+                    sum(len(b) for _, b in items) + self._decode_charge(c for c, _ in items),
+                    self._cache.memory_wait_seconds,
+                    "read-ahead chunks",
+                )
+            except CacheError as e:
+                for c, _ in items:
+                    self._resolve(chunk_key(c), None, e)
+                return
+            with grant:
+                for c, compressed in items:
+                    try:
+                        self._deliver(c, compressed, background=background)
+                    except BaseException as e:  # never leave a future pending
+                        self._resolve(chunk_key(c), None, RegistryError(describe_error(e)))
 
         with self._lock:
             if self._ahead is None and not self._closed.is_set():
@@ -607,6 +720,34 @@ class ChunkFetcher:
                 pass
         run()
         return keys
+
+    def _decode_charge(self, chunks: Iterable[ChunkLike]) -> int:
+        """Decoded bytes a fetch holds at once: chunks are delivered one after another, each
+        whole when decoded in memory, a piece at a time when streamed."""
+        return max(
+            (DECODE_PIECE if self.streamed(c) else c.chunk_size for c in chunks), default=0
+        )
+
+    def _batches(
+        self, chunks: Sequence[ChunkLike], gap: int, max_bytes: int
+    ) -> list[list[tuple[int, int, list[ChunkLike]]]]:
+        """The range plan of *chunks*, in requests of at most half the memory budget each
+        (a single range larger than that is a request alone)."""
+        half = max(1, self._budget.limit // 2)
+        plan = plan_ranges(chunks, gap, max_bytes)
+        if sum(end - start for start, end, _ in plan) <= half:
+            return [plan]
+        plan = plan_ranges(chunks, gap, min(max_bytes, half))
+        out: list[list[tuple[int, int, list[ChunkLike]]]] = [[]]
+        total = 0
+        for r in plan:
+            size = r[1] - r[0]
+            if out[-1] and total + size > half:
+                out.append([])
+                total = 0
+            out[-1].append(r)
+            total += size
+        return out
 
     def _fetch(
         self,
@@ -624,7 +765,31 @@ class ChunkFetcher:
         deferred: list[tuple[ChunkLike, bytes]] = []
         if not chunks:
             return deferred
-        plan = plan_ranges(chunks, gap, max_bytes)
+        for plan in self._batches(chunks, gap, max_bytes):
+            members = [c for _, _, cs in plan for c in cs]
+            charge = sum(end - start for start, end, _ in plan) + self._decode_charge(members)
+            try:
+                grant = self._budget.acquire(
+                    charge, self._cache.memory_wait_seconds, f"{len(plan)} range(s)"
+                )
+            except CacheError as e:
+                self._log.warning("chunk_fetch_failed", chunks=len(members), error=str(e))
+                for c in members:
+                    self._resolve(chunk_key(c), None, e)
+                continue
+            with grant:
+                self._fetch_plan(plan, members, foreground, urgent, deferred)
+        return deferred
+
+    def _fetch_plan(
+        self,
+        plan: list[tuple[int, int, list[ChunkLike]]],
+        chunks: list[ChunkLike],
+        foreground: bool,
+        urgent: set[str] | None,
+        deferred: list[tuple[ChunkLike, bytes]],
+    ) -> None:
+        """One request for *plan*: the caller holds its memory grant."""
         ranges = [(start, end - start) for start, end, _ in plan]
         t0 = time.monotonic()
         try:
@@ -654,7 +819,7 @@ class ChunkFetcher:
                 self._meter.failed()
             if not isinstance(e, Exception):
                 raise
-            return deferred
+            return
         total = sum(length for _, length in ranges)
         self._log.debug(
             "chunks_fetched",
@@ -678,11 +843,14 @@ class ChunkFetcher:
                     deferred.append((c, compressed))
                 else:
                     self._deliver(c, compressed, background=not foreground)
-        return deferred
 
     def _deliver(self, c: ChunkLike, compressed: bytes, *, background: bool) -> None:
+        data: bytes | None = None
         try:
-            data = self._decode(compressed, c)
+            if self.streamed(c):
+                self._stream_to_cache(c, compressed)
+            else:
+                data = self._decode(compressed, c)
         except VerificationError as e:
             self._verification_failed(c, e)
             return
@@ -692,13 +860,35 @@ class ChunkFetcher:
             )
             self._verification_failed(c, err)
             return
-        if c.digest.startswith("sha256:"):
+        if data is not None and c.digest.startswith("sha256:"):
             self._cache.put_async(c.digest, data, verified=True)
         with self._lock:
             self.stats.chunks_fetched += 1
             if background:
                 self.stats.background_chunks += 1
         self._resolve(chunk_key(c), data, None)
+
+    def _stream_to_cache(self, c: ChunkLike, compressed: bytes) -> None:
+        """Inflate, verify and write a large chunk into the cache piece by piece. Raises what
+        the decoder raises (nothing is stored then). When the cache cannot take it (too large,
+        disk error), nothing is decoded now: readers decode the slices they need
+        (:meth:`ChunkFetcher.read_slice`)."""
+        try:
+            stored = self._cache.store_stream(
+                c.digest, c.chunk_size, lambda write: self._decode_into(compressed, c, write)
+            )
+        except OSError as e:
+            self._log.warning(
+                "chunk_cache_write_failed", chunk_digest=c.digest, error=describe_error(e)
+            )
+            return
+        if not stored:
+            self._log.info(
+                "chunk_not_cacheable",
+                chunk_digest=c.digest,
+                size=c.chunk_size,
+                cache_max_bytes=self._cache.max_bytes,
+            )
 
     def _verification_failed(self, c: ChunkLike, err: VerificationError) -> None:
         with self._lock:
@@ -827,7 +1017,13 @@ class ChunkFetcher:
                         return False
                     t_req = time.monotonic()
                     try:
-                        body = self._fill_window(pos, end, members, counts)
+                        # The range and one decode at a time, from the daemon-wide budget.
+                        with self._budget.acquire(
+                            end - pos + self._decode_charge(members),
+                            self._cache.memory_wait_seconds,
+                            "background fill range",
+                        ):
+                            body = self._fill_window(pos, end, members, counts)
                     except LayerStoreError as e:
                         self._log.warning(
                             "background_fill_range_failed",
@@ -850,13 +1046,13 @@ class ChunkFetcher:
         self, start: int, end: int, members: Sequence[ChunkLike], counts: list[int]
     ) -> bytes:
         """Fetch ``[start, end)`` and deliver the chunks of *members* nobody else has."""
-        owned: list[tuple[ChunkLike, Future[bytes]]] = []
+        owned: list[tuple[ChunkLike, Future[bytes | None]]] = []
         with self._lock:
             for c in members:
                 k = chunk_key(c)
                 if k in self._inflight or c.digest in self._cache:
                     continue
-                fut: Future[bytes] = Future()
+                fut: Future[bytes | None] = Future()
                 self._inflight[k] = fut
                 owned.append((c, fut))
         try:

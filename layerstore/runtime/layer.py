@@ -1,11 +1,14 @@
 """A resolved, verified eStargz layer: TOC index + chunk fetcher + cache.
 
 ``Layer.read(ino, offset, size)`` serves file data: every byte comes from a chunk whose
-``chunkDigest`` matched (from the cache's pread fast path, or fetched and verified by the
-:class:`~layerstore.runtime.fetcher.ChunkFetcher`). Every read asks the cache to *verify ahead*
-the file's next chunks already on disk, and a read that ends in the second half of a chunk
-starts the *sequential read-ahead* of the file's next chunks (``fetch_async``). ``start()``
-(first use) runs the *landmark prefetch* and then, when enabled, the *background fill*.
+``chunkDigest`` matched (from the cache's pread fast path, each block checked against the tag
+recorded when it was verified, or fetched and verified by the
+:class:`~layerstore.runtime.fetcher.ChunkFetcher`). Slices of large chunks (``streamed``) are
+always read from the cache file, never from a whole chunk in memory. Every read asks the cache
+to *verify ahead* the file's next chunks already on disk, and a read that ends in the second
+half of a chunk starts the *sequential read-ahead* of the file's next chunks (``fetch_async``).
+``start()`` (first use) runs the *landmark prefetch* and then, when enabled, the *background
+fill*.
 
 ``Layer.read_blob`` serves the registry blob for the ``blob`` file (``podman push/save``) from a
 *blob spool*: on the first read the whole blob is fetched into an unlinked file under the
@@ -438,6 +441,9 @@ class Layer:
         misses: list[int] = []
         for n, c in enumerate(needed):
             lo, hi = self._span(c, offset, end, fsize)
+            if self.fetcher.streamed(c):
+                pieces.append(self._read_streamed(c, lo, hi))
+                continue
             piece = (
                 self.cache.read(c.digest, lo, hi - lo) if c.digest.startswith("sha256:") else None
             )
@@ -447,8 +453,10 @@ class Layer:
             else:
                 pieces.append(piece)
         if misses:
-            datas = self.fetcher.get_chunks([needed[n] for n in misses])
+            datas = self.fetcher.fetch_chunks([needed[n] for n in misses])
             for n, data in zip(misses, datas):
+                if data is None:  # cannot happen for a chunk that is not streamed
+                    raise FormatError(f"inode {ino}: chunk at {needed[n].offset} has no bytes")
                 lo, hi = self._span(needed[n], offset, end, fsize)
                 pieces[n] = data[lo:hi]
         out = b"".join(p for p in pieces if p is not None)
@@ -464,6 +472,20 @@ class Layer:
             if end - last.chunk_offset > (hi - lo) // 2:
                 self.fetcher.fetch_async(list(chunks[i : i + ahead]))
         return out
+
+    def _read_streamed(self, c: ChunkLike, lo: int, hi: int) -> bytes:
+        """Bytes ``[lo, hi)`` of a large chunk: from the cache file (every block checked
+        against its tag), fetched into the cache first when it is not there. A few tries
+        (it can be evicted, or found altered and removed, between the fetch and the read),
+        then, or at once when the cache cannot hold it, decoded from the registry keeping
+        only the slice."""
+        if c.chunk_size <= self.cache.max_bytes:
+            for _ in range(3):
+                piece = self.cache.read(c.digest, lo, hi - lo)
+                if piece is not None and len(piece) == hi - lo:
+                    return piece
+                self.fetcher.fetch_chunks([c])
+        return self.fetcher.read_slice(c, lo, hi)
 
     def _verify_ahead(self, chunks: Sequence[ChunkLike], i: int, ahead: int) -> None:
         """Chunks a sequential reader wants next that are on disk but not yet verified in
