@@ -343,6 +343,10 @@ class Wiring:
     validate_ref: Callable[[str], object] | None = None
     closers: list[Callable[[], object]] = field(default_factory=list)
     sweep: Callable[[], object] | None = None
+    # CredentialStore.on_credentials_added and LayerManager.forget_failures (see
+    # forget_failures_on_credentials).
+    subscribe_credentials: Callable[[Callable[[str, str], None]], None] | None = None
+    forget_failures: Callable[[str, str], object] | None = None
 
     def close(self) -> None:
         for fn in reversed(self.closers):
@@ -439,6 +443,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         wiring.provider = checked
         wiring.closers.append(manager.close)
         wiring.sweep = manager.sweep
+        wiring.subscribe_credentials = credentials.on_credentials_added
+        wiring.forget_failures = manager.forget_failures
         if ac.helper_socket:
             sock = _under(root, ac.helper_socket)
             server = HelperChannelServer(sock, credentials)
@@ -454,6 +460,25 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     except BaseException:
         wiring.close()
         raise
+
+
+def forget_failures_on_credentials(
+    forget_in_provider: Callable[[str, str], object] | None, ops: Any
+) -> Callable[[str, str], None]:
+    """The CredentialStore callback for credentials that arrive for ``host/repository``:
+    lookups of that repository that failed earlier (perhaps for want of them) are forgotten
+    where they are remembered for ``[fuse] negative_timeout``: the manager's negative cache,
+    then the adapter's and the kernel's negative dentries (on the trio loop, waited for).
+    Runs in the auth-helper connection thread, before podman's helper is answered, so podman's
+    lookups that follow ask the registry again."""
+    from layerstore.registry.reference import in_repository
+
+    def on_added(host: str, repository: str) -> None:
+        if forget_in_provider is not None:
+            forget_in_provider(host, repository)
+        ops.forget_failures_from_thread(lambda ref: in_repository(ref, host, repository))
+
+    return on_added
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -572,6 +597,10 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         wiring = build_wiring(config, root)
         try:
             ops = StoreOperations(wiring.provider, config.fuse, validate_ref=wiring.validate_ref)
+            if wiring.subscribe_credentials is not None:
+                wiring.subscribe_credentials(
+                    forget_failures_on_credentials(wiring.forget_failures, ops)
+                )
             options = mount_options(config.fuse)
             try:
                 pyfuse3.init(ops, str(mountpoint), options)
