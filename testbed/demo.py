@@ -161,6 +161,7 @@ def _podman_run(
 
 
 def run_demo(workdir: Path, data_mib: int, keep: bool, wan: Wan | None = None) -> int:
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         stack.callback(_say, "demo: cleaned up")
         if not keep:
@@ -188,7 +189,9 @@ def run_demo(workdir: Path, data_mib: int, keep: bool, wan: Wan | None = None) -
             layout = workdir / "image"
             _say(f"demo: building an image (busybox + an app layer with {data_mib} MiB of assets "
                  "its start does not read)")  # fmt: skip
+            t0 = time.monotonic()
             gzip_image = build_demo_image(layout, "gzip", data_size=data_mib << 20)
+            _say(f"demo:   built in {time.monotonic() - t0:.1f} s")
             _say("demo: converting it with `stargz-store convert`")
             t0 = time.monotonic()
             convert(f"oci:{layout}:gzip", f"oci:{layout}:estargz")
@@ -240,6 +243,7 @@ def run_demo(workdir: Path, data_mib: int, keep: bool, wan: Wan | None = None) -
             for line in _table(lazy, full, esgz_image.compressed_size, gzip_image.compressed_size):
                 _say(line)
             _say("")
+            _say(f"demo: finished in {time.monotonic() - started:.0f} s")
         finally:
             # A second Ctrl-C must not cut the clean-up short.
             _ignore_signals()
@@ -252,7 +256,8 @@ def run_demo(workdir: Path, data_mib: int, keep: bool, wan: Wan | None = None) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m testbed.demo",
-        description="Lazy pulling with stargz-store and podman, on a registry on 127.0.0.1.",
+        description="Lazy pulling with stargz-store and podman, on a registry on 127.0.0.1 "
+        "behind an emulated WAN link, compared with a full pull.",
     )
     parser.add_argument(
         "--data-mib",
