@@ -35,12 +35,19 @@ from typing import Any, Protocol
 import structlog
 
 from auth.errors import HelperChannelError
+from auth.helper_protocol import DEFAULT_SOCKET_PATH, MAX_PAYLOAD, SOCKET_NAME
+
+__all__ = [
+    "DEFAULT_SOCKET_PATH",
+    "MAX_PAYLOAD",
+    "SOCKET_NAME",
+    "HelperChannelServer",
+    "HelperCredentialSink",
+    "socket_is_live",
+]
 
 log = structlog.get_logger(__name__)
 
-SOCKET_NAME = "auth-helper.sock"
-DEFAULT_SOCKET_PATH = "/var/lib/stargz-store/" + SOCKET_NAME
-MAX_PAYLOAD = 1 << 20
 CONNECTION_TIMEOUT = 5.0
 MAX_CONCURRENT_CONNECTIONS = 16
 PROBE_TIMEOUT = 2.0

@@ -33,7 +33,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from auth.helper_channel import DEFAULT_SOCKET_PATH, MAX_PAYLOAD
+from auth.helper_protocol import DEFAULT_SOCKET_PATH, MAX_PAYLOAD
 
 ENV_SOCKET = "STARGZ_STORE_HELPER_SOCKET"
 DEFAULT_TIMEOUT = 10.0

@@ -183,12 +183,24 @@ class CredentialStore:
         self._helper: OrderedDict[tuple[str, str], Credentials] = OrderedDict()
         self._files: dict[str, _CachedFile] = {}
         self._errors: list[AuthError] = []
+        self._on_added: list[Callable[[str, str], None]] = []
 
     @property
     def environment(self) -> AuthEnvironment:
         return self._environment
 
     # --- the helper channel ---------------------------------------------------------------
+    def on_credentials_added(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(host, repository)`` whenever credentials for that repository arrive
+        through the helper channel (changed or not: podman sends them before every pull).
+
+        It runs in the delivering thread, before ``add_helper_credentials`` returns and so
+        before podman's helper gets its answer and podman looks any layer up: what it forgets
+        (failed lookups made without these credentials) is gone by then. It may block briefly;
+        an exception is logged and does not fail the delivery."""
+        with self._lock:
+            self._on_added.append(callback)
+
     def add_helper_credentials(self, payload: Mapping[str, Any]) -> int:
         """Remember the credentials of podman's auth-helper JSON; returns how many references
         carried credentials. Raises HelperChannelError for a malformed payload (nothing is
@@ -201,8 +213,19 @@ class CredentialStore:
                     self._helper[key] = creds
             while len(self._helper) > self._max_helper_entries:
                 self._helper.popitem(last=False)
-        for host, repository, _ in entries:
+            callbacks = list(self._on_added)
+        for host, repository in dict.fromkeys((h, r) for h, r, _ in entries):
             log.info("auth_helper_credentials_received", host=host, repository=repository)
+            for callback in callbacks:
+                try:
+                    callback(host, repository)
+                except Exception as e:
+                    log.warning(
+                        "credentials_added_callback_failed",
+                        host=host,
+                        repository=repository,
+                        error=f"{type(e).__name__}: {e}",
+                    )
         return len(entries)
 
     def clear_helper_credentials(self) -> None:

@@ -381,6 +381,10 @@ class Wiring:
     cache: Any = None
     status: Any = None
     """:class:`stargz_store.status.StatusSource`, set by :func:`start_operator_services`."""
+    # CredentialStore.on_credentials_added and LayerManager.forget_failures (see
+    # forget_failures_on_credentials).
+    subscribe_credentials: Callable[[Callable[[str, str], None]], None] | None = None
+    forget_failures: Callable[[str, str], object] | None = None
 
     def close(self) -> None:
         for fn in reversed(self.closers):
@@ -509,6 +513,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         wiring.closers.append(manager.close)
         wiring.sweep = manager.sweep
         wiring.sweep_interval = min(SWEEP_INTERVAL, config.cache.layer_idle_seconds / 2)
+        wiring.subscribe_credentials = credentials.on_credentials_added
+        wiring.forget_failures = manager.forget_failures
         if ac.helper_socket:
             sock = _under(root, ac.helper_socket)
             server = HelperChannelServer(sock, credentials)
@@ -551,6 +557,25 @@ def start_operator_services(wiring: Wiring, config: Config, root: Path) -> None:
         except MetricsError as exc:
             raise DaemonError(str(exc)) from None
         wiring.closers.append(metrics.stop)
+
+
+def forget_failures_on_credentials(
+    forget_in_provider: Callable[[str, str], object] | None, ops: Any
+) -> Callable[[str, str], None]:
+    """The CredentialStore callback for credentials that arrive for ``host/repository``:
+    lookups of that repository that failed earlier (perhaps for want of them) are forgotten
+    where they are remembered for ``[fuse] negative_timeout``: the manager's negative cache,
+    then the adapter's and the kernel's negative dentries (on the trio loop, waited for).
+    Runs in the auth-helper connection thread, before podman's helper is answered, so podman's
+    lookups that follow ask the registry again."""
+    from layerstore.registry.reference import in_repository
+
+    def on_added(host: str, repository: str) -> None:
+        if forget_in_provider is not None:
+            forget_in_provider(host, repository)
+        ops.forget_failures_from_thread(lambda ref: in_repository(ref, host, repository))
+
+    return on_added
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -682,6 +707,10 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
                 host_share=config.registry.host_share,
             )
             wiring.status.attach_fuse(ops.stats, str(mountpoint))
+            if wiring.subscribe_credentials is not None:
+                wiring.subscribe_credentials(
+                    forget_failures_on_credentials(wiring.forget_failures, ops)
+                )
             options = mount_options(config.fuse)
             try:
                 pyfuse3.init(ops, str(mountpoint), options)

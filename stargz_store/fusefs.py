@@ -46,6 +46,7 @@ import inspect
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar, cast
@@ -351,6 +352,9 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._negative: NegativeCache[tuple[str, str], _Negative] = NegativeCache(
             NEGATIVE_CACHE_MAX, clock=clock
         )
+        # (ref dir inode, key) -> (expiry, ref): the names answered with a negative entry for a
+        # failed layer lookup, so that forget_failures can invalidate them in the kernel.
+        self._negative_names: OrderedDict[tuple[int, str], tuple[float, str]] = OrderedDict()
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
@@ -625,7 +629,9 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if neg is not None:
             self.stats.negative_hits += 1
             if neg.errno == errno.ENOENT:
-                raise _Absent(self._negative.expires_in(slot))
+                remaining = self._negative.expires_in(slot)
+                self._note_negative_name(ref_dir, key, remaining)
+                raise _Absent(remaining)
             raise _fuse_error(neg.errno)
         ref = ref_dir.ref
         started = self._clock()
@@ -656,6 +662,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             else:
                 log.warning("layer_lookup_failed", **fields)
             if code == errno.ENOENT:
+                self._note_negative_name(ref_dir, key, self._settings.negative_timeout)
                 raise _Absent(self._settings.negative_timeout) from None
             raise _fuse_error(code) from None
         self.stats.resolved += 1
@@ -933,6 +940,67 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         s.f_namemax = 255
         return s
 
+    # -- forgetting failures (credentials arrived) ------------------------------------------------
+
+    def _note_negative_name(self, ref_dir: _RefDir, key: str, timeout: float) -> None:
+        """Remember that the kernel may now hold a negative dentry ``key`` in ``ref_dir`` for
+        *timeout* seconds (bounded: the oldest names are dropped first; a dropped name only
+        loses the early invalidation, never correctness)."""
+        if timeout <= 0:
+            return
+        slot = (ref_dir.ino, key)
+        self._negative_names.pop(slot, None)
+        self._negative_names[slot] = (self._clock() + timeout, ref_dir.ref)
+        while len(self._negative_names) > NEGATIVE_CACHE_MAX:
+            self._negative_names.popitem(last=False)
+
+    def forget_failures(self, matches: Callable[[str], bool]) -> list[tuple[int, bytes]]:
+        """Trio thread. Forget the remembered failed layer lookups of the references for which
+        ``matches(ref)`` is true; return the (parent inode, name) of the kernel's negative
+        dentries that still live for them, to be invalidated (:func:`invalidate_entries`)."""
+
+        def ref_of(name: str) -> str:
+            try:
+                return base64.b64decode(name.encode("ascii")).decode("utf-8")
+            except (ValueError, UnicodeError):
+                return ""
+
+        dropped = self._negative.discard_if(lambda slot, _neg: matches(ref_of(slot[0])))
+        now = self._clock()
+        names: list[tuple[int, bytes]] = []
+        for slot, (expiry, ref) in list(self._negative_names.items()):
+            if expiry <= now:
+                del self._negative_names[slot]
+            elif matches(ref):
+                del self._negative_names[slot]
+                names.append((slot[0], os.fsencode(slot[1])))
+        if dropped or names:
+            log.info("lookup_failures_forgotten", failures=len(dropped), dentries=len(names))
+        return names
+
+    async def forget_failures_async(self, matches: Callable[[str], bool]) -> int:
+        """Trio thread: :meth:`forget_failures`, then the kernel's negative dentries are
+        invalidated in a worker thread (``invalidate_entry`` blocks while a request on the
+        directory is in flight, which this loop must stay free to answer). Not abandoned on
+        cancellation: the loop, and so the FUSE session, outlives the invalidation."""
+        names = self.forget_failures(matches)
+        if names:
+            await trio.to_thread.run_sync(invalidate_entries, names)
+        return len(names)
+
+    def forget_failures_from_thread(self, matches: Callable[[str], bool]) -> int:
+        """Any thread but the trio thread: :meth:`forget_failures_async` on the running loop,
+        waiting for it, so that once this returns the kernel no longer answers those names
+        negatively by itself. Without a running loop there is nothing to forget (no lookup was
+        answered, or the mount is gone): returns 0."""
+        token = getattr(pyfuse3, "trio_token", None)  # set by pyfuse3.main while it runs
+        if token is None:
+            return 0
+        try:
+            return trio.from_thread.run(self.forget_failures_async, matches, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            return 0
+
     # -- use / release ---------------------------------------------------------------------------
 
     @_guarded
@@ -984,6 +1052,21 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     write = _readonly
     setxattr = _readonly
     removexattr = _readonly
+
+
+def invalidate_entries(names: Sequence[tuple[int, bytes]]) -> None:
+    """Worker thread: drop the kernel's dentries (negative ones included) ``name`` in directory
+    ``parent``. ENOENT means the kernel holds no such entry (expired, or the directory was
+    forgotten): nothing to do."""
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning(
+                    "dentry_invalidation_failed", parent=parent, name=os.fsdecode(name),
+                    error=exc.strerror,
+                )  # fmt: skip
 
 
 def ino_base_of(ops: StoreOperations, key: str) -> int | None:

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -381,12 +382,31 @@ def layer_of(image: ImageInfo, index: int) -> BuiltLayer:
     )
 
 
+DEMO_START = """#!/bin/sh
+echo "hello from the container"
+echo "config: $(cat /app/config.txt)"
+echo "assets: $(stat -c %s /app/assets/model.bin) bytes, not read at start"
+"""
+
+
 def build_demo_image(layout: Path, tag: str = "latest", data_size: int = 4 << 20) -> ImageInfo:
-    """The demo's image: a busybox layer and a data layer with a self-checking script."""
+    """The demo's image, shaped like many real ones: a base layer (busybox) and an application
+    layer whose start reads a script and a small configuration file, while its large assets
+    (*data_size* bytes of incompressible data, as a model or a dataset would be) are not read
+    at start. ``/app/start.sh`` is the command."""
     base = BuiltLayer.from_entries(busybox_rootfs())
-    data = BuiltLayer.from_entries(data_layer("data", size=data_size // 4, files=4))
-    cfg = image_config([base.diff_id, data.diff_id], cmd=["/data/check.sh"])
-    return write_image(layout, tag, [base, data], cfg)
+    assets = random.Random(1).randbytes(data_size)  # (fast; pseudo_random is ~10x slower)
+    app = BuiltLayer.from_entries(
+        [
+            directory("app"),
+            file("app/start.sh", DEMO_START, 0o755),
+            file("app/config.txt", "listen=8080 workers=4\n"),
+            directory("app/assets"),
+            file("app/assets/model.bin", assets),
+        ]
+    )
+    cfg = image_config([base.diff_id, app.diff_id], cmd=["/app/start.sh"])
+    return write_image(layout, tag, [base, app], cfg)
 
 
 # ---------------------------------------------------------------------------------------------

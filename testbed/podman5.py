@@ -52,6 +52,8 @@ STAMP = ".stargz-store-chroot"
 #: Where the session's work directory appears inside the chroot.
 INSIDE_WORK = "/var/lib/stargz-store"
 HELPER_NAME = "stargz-store-helper"
+#: What ``auth.helper_client`` needs, standard library only (tests/test_helper_channel.py).
+HELPER_CLIENT_FILES = ("__init__.py", "helper_protocol.py", "helper_client.py")
 CHROOT_PATH = (
     "/var/lib/stargz-store/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )
@@ -209,7 +211,7 @@ class TrixieChroot:
         ``$STARGZ_STORE_HELPER_SOCKET``, which podman passes on from its own environment."""
         lib = self.work / "helper" / "auth"
         lib.mkdir(parents=True)
-        for name in ("__init__.py", "errors.py", "helper_channel.py", "helper_client.py"):
+        for name in HELPER_CLIENT_FILES:
             shutil.copy2(REPO / "auth" / name, lib / name)
         bindir = self.work / "bin"
         bindir.mkdir()

@@ -9,6 +9,7 @@ code can log; every password used here is registered with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import logging
@@ -420,14 +421,8 @@ def test_convert_authenticated_and_wrong_password(
 
 
 # --- the daemon ----------------------------------------------------------------------------------
-@pytest.mark.fuse
-@pytest.mark.skipif(not fu.fuse_available()[0], reason=fu.fuse_available()[1] or "no FUSE")
-def test_daemon_serves_a_layer_from_the_htpasswd_registry(
-    tmp_path: Path,
-    registry_htpasswd: RegistryHandle,  # noqa: F811
-) -> None:
-    h = registry_htpasswd
-    assert h.username and h.password
+def push_estargz(h: RegistryHandle, repo: str) -> tuple[str, str, bytes, int]:
+    """An eStargz image in *repo*: (reference, layer digest, content of data/big, blob size)."""
     content = random.Random(5).randbytes(70_000)
     built = build_blob(
         [("etc/motd", b"lazy and authenticated\n"), ("data/big", content)], chunk_size=16384
@@ -436,26 +431,31 @@ def test_daemon_serves_a_layer_from_the_htpasswd_registry(
         TOC_DIGEST_ANNOTATION: built.toc_digest,
         UNCOMPRESSED_SIZE_ANNOTATION: str(len(gzip.decompress(built.blob))),
     }
-    img = h.push_image("auth/estargz", "v1", [built.blob], layer_annotations=[ann])
-    ref = h.ref("auth/estargz", "v1")
-    env = confined_env(tmp_path)
-    authfile = write_json(
-        tmp_path / "auth.json", {"auths": {h.host: {"auth": b64(h.username, h.password)}}}
-    )
-    env["REGISTRY_AUTH_FILE"] = str(authfile)
+    img = h.push_image(repo, "v1", [built.blob], layer_annotations=[ann])
+    return h.ref(repo, "v1"), img.layer_digests[0], content, len(built.blob)
+
+
+@contextlib.contextmanager
+def store_daemon(
+    tmp_path: Path, h: RegistryHandle, env: dict[str, str], config_extra: str = ""
+) -> Iterator[tuple[Path, Path]]:
+    """The real daemon (``python -m stargz_store``) on tmp_path/mnt with --root tmp_path/root,
+    the registry insecure, debug logs in tmp_path/daemon.log (checked for secrets).
+    Yields (mountpoint, log path); stops it with SIGTERM (must exit 0) and unmounts."""
     config = tmp_path / "config.toml"
     config.write_text(
         f'[registry]\nregistries_conf = "{tmp_path}/registries.conf"\n'
         f'registries_conf_d = "{tmp_path}/registries.conf.d"\n'
         f'insecure_registries = ["{h.host}"]\nretries = 0\n'
-        '[auth]\nextra_auth_files = []\n[log]\nlevel = "debug"\nformat = "json"\n'
+        '[auth]\nextra_auth_files = []\n[log]\nlevel = "debug"\nformat = "json"\n' + config_extra
     )
     mp, log_path = tmp_path / "mnt", tmp_path / "daemon.log"
     mp.mkdir()
     secret_guard.watch_log(log_path, "store daemon log")
     proc_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
     for name in ("DOCKER_CONFIG", "XDG_CONFIG_HOME", "STARGZ_STORE_PROVIDER_FACTORY"):
-        proc_env.pop(name, None)
+        if name not in env:
+            proc_env.pop(name, None)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stargz_store", "--config", str(config), "--root",
@@ -464,15 +464,7 @@ def test_daemon_serves_a_layer_from_the_htpasswd_registry(
         )  # fmt: skip
     try:
         fu.wait_mounted(mp, 30, proc)
-        layer_dir = mp / fu.b64(ref) / img.layer_digests[0]
-        diff = layer_dir / "diff"
-        assert fu.run_with_timeout(lambda: (diff / "etc" / "motd").read_bytes(), 30) == (
-            b"lazy and authenticated\n"
-        )
-        got = fu.run_with_timeout(lambda: (diff / "data" / "big").read_bytes(), 30)
-        assert got == content
-        info = json.loads(fu.run_with_timeout(lambda: (layer_dir / "info").read_bytes(), 30))
-        assert info["compressed-size"] == len(built.blob)
+        yield mp, log_path
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -483,3 +475,72 @@ def test_daemon_serves_a_layer_from_the_htpasswd_registry(
     text = log_path.read_text(errors="replace")
     assert_no_secret(text, h)
     assert h.host in text  # the log does talk about the registry
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not fu.fuse_available()[0], reason=fu.fuse_available()[1] or "no FUSE")
+def test_daemon_serves_a_layer_from_the_htpasswd_registry(
+    tmp_path: Path,
+    registry_htpasswd: RegistryHandle,  # noqa: F811
+) -> None:
+    h = registry_htpasswd
+    assert h.username and h.password
+    ref, digest, content, size = push_estargz(h, "auth/estargz")
+    env = confined_env(tmp_path)
+    authfile = write_json(
+        tmp_path / "auth.json", {"auths": {h.host: {"auth": b64(h.username, h.password)}}}
+    )
+    env["REGISTRY_AUTH_FILE"] = str(authfile)
+    with store_daemon(tmp_path, h, env) as (mp, _log):
+        layer_dir = mp / fu.b64(ref) / digest
+        diff = layer_dir / "diff"
+        assert fu.run_with_timeout(lambda: (diff / "etc" / "motd").read_bytes(), 30) == (
+            b"lazy and authenticated\n"
+        )
+        got = fu.run_with_timeout(lambda: (diff / "data" / "big").read_bytes(), 30)
+        assert got == content
+        info = json.loads(fu.run_with_timeout(lambda: (layer_dir / "info").read_bytes(), 30))
+        assert info["compressed-size"] == size
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not fu.fuse_available()[0], reason=fu.fuse_available()[1] or "no FUSE")
+def test_helper_credentials_end_a_remembered_lookup_failure(
+    tmp_path: Path,
+    registry_htpasswd: RegistryHandle,  # noqa: F811
+) -> None:
+    """The daemon has no credentials: a layer lookup fails (ENOENT), and with
+    ``negative_timeout = 60`` the failure is remembered (by the daemon and as the kernel's
+    negative dentry). Credentials then arrive through the real ``stargz-store-helper``, as
+    podman sends them before a pull: the very next lookup of that image succeeds, while
+    another repository's failure stays remembered."""
+    h = registry_htpasswd
+    assert h.username and h.password
+    ref, digest, _, _ = push_estargz(h, "auth/late")
+    other_ref, other_digest, _, _ = push_estargz(h, "auth/other")
+    env = confined_env(tmp_path)
+    with store_daemon(tmp_path, h, env, "[fuse]\nnegative_timeout = 60\n") as (mp, log_path):
+        layer_dir = mp / fu.b64(ref) / digest
+        other_dir = mp / fu.b64(other_ref) / other_digest
+        for d in (layer_dir, other_dir, layer_dir):
+            with pytest.raises(FileNotFoundError):
+                fu.run_with_timeout(lambda d=d: os.stat(d), 30)  # type: ignore[misc]
+        failed = [
+            json.loads(line)
+            for line in log_path.read_text().splitlines()
+            if '"layer_lookup_failed"' in line
+        ]
+        assert len(failed) == 2, failed  # the third lookup was answered from memory
+        assert all(f["error_type"] == "AuthenticationError" for f in failed), failed
+        r = run_helper(
+            tmp_path / "root" / "auth-helper.sock",
+            {ref: {"username": h.username, "password": h.password}},
+        )
+        assert r.returncode == 0, r.stderr
+        motd = fu.run_with_timeout(lambda: (layer_dir / "diff" / "etc" / "motd").read_bytes(), 30)
+        assert motd == b"lazy and authenticated\n"
+        with pytest.raises(FileNotFoundError):
+            fu.run_with_timeout(lambda: os.stat(other_dir), 30)
+    text = log_path.read_text()
+    assert '"lookup_failures_forgotten"' in text
+    assert text.count('"layer_lookup_failed"') == 2

@@ -151,6 +151,36 @@ def test_malformed_payload_stores_nothing(env: AuthEnvironment) -> None:
     assert store.lookup("r.io", "a") is None
 
 
+def test_credentials_added_callbacks(env: AuthEnvironment) -> None:
+    """Each subscriber hears of every (host, repository) that got credentials, once per
+    delivery, after they are stored; a failing subscriber is logged and changes nothing."""
+    store = make_store(env)
+    heard: list[tuple[str, str, Credentials | None]] = []
+
+    def broken(host: str, repository: str) -> None:
+        raise RuntimeError("subscriber bug")
+
+    store.on_credentials_added(broken)
+    store.on_credentials_added(lambda h, r: heard.append((h, r, store.lookup(h, r))))
+    payload = {
+        "R.io/a/b:1": {"username": "u", "password": "p"},
+        f"r.io/a/b@sha256:{'0' * 64}": {"username": "u", "password": "p"},
+        "index.docker.io/library/busybox:1": {"identityToken": "t"},
+        "r.io/anonymous:1": {},
+    }
+    with structlog.testing.capture_logs() as logs:
+        assert store.add_helper_credentials(payload) == 3
+    assert heard == [
+        ("r.io", "a/b", Credentials("u", "p")),
+        ("docker.io", "library/busybox", Credentials(identity_token="t")),
+    ]
+    failed = [e for e in logs if e["event"] == "credentials_added_callback_failed"]
+    assert len(failed) == 2 and "subscriber bug" in failed[0]["error"]
+    with pytest.raises(HelperChannelError):
+        store.add_helper_credentials({"bad ref": {"username": "v"}})
+    assert len(heard) == 2
+
+
 def test_helper_entries_bounded(env: AuthEnvironment) -> None:
     store = make_store(env, max_helper_entries=4)
     for i in range(10):

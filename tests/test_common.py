@@ -107,6 +107,15 @@ def test_negative_cache_expires_and_is_bounded() -> None:
     assert nc.get("z") is None
 
 
+def test_negative_cache_discard_if() -> None:
+    nc: NegativeCache[tuple[str, str], int] = NegativeCache(max_entries=10)
+    for i, k in enumerate([("a", "1"), ("b", "1"), ("a", "2")]):
+        nc.put(k, i, ttl=60)
+    assert sorted(nc.discard_if(lambda k, v: k[0] == "a")) == [("a", "1"), ("a", "2")]
+    assert nc.get(("a", "1")) is None and nc.get(("b", "1")) == 1
+    assert nc.discard_if(lambda k, v: v == 5) == [] and len(nc) == 1
+
+
 def test_redaction() -> None:
     text = "GET https://user:pw@blob.example/x/y?X-Amz-Signature=SECRET#frag failed"
     out = redact(text)

@@ -355,12 +355,6 @@ def test_auth_helper_hands_podmans_credentials_to_the_store(
         assert reg.password not in log, "the daemon logged the registry password"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: credentials that arrive through the auth helper do not clear the "
-    "negative caches (manager, FUSE adapter, kernel dentries; [fuse] negative_timeout) of an "
-    "earlier lookup of the same image that failed for want of them",
-)
 def test_helper_credentials_override_a_recent_auth_failure(
     make: Maker,
     registry_htpasswd: RegistryHandle,  # noqa: F811
@@ -370,9 +364,9 @@ def test_helper_credentials_override_a_recent_auth_failure(
     """Two podmans on one store: the first has no auth helper configured, so the store's lookups
     fail (no credentials) and that podman pulls the layers itself; the second pulls the same
     image right after with the helper, which hands the store the credentials before any
-    lookup. The store should then serve the layers. It does not while the failed lookups are
-    remembered (2 s by default, ``[fuse] negative_timeout``; 60 s here so the test does not
-    depend on timing): the second podman also falls back to a full pull."""
+    lookup. The store serves the layers: the failed lookups were remembered (the manager, the
+    FUSE adapter, the kernel's negative dentries; ``[fuse] negative_timeout``, 60 s here so the
+    test does not depend on timing) and are forgotten when the credentials arrive."""
     reg = registry_htpasswd
     assert reg.username and reg.password
     creds = (reg.username, reg.password)

@@ -100,6 +100,29 @@ def test_console_script_round_trip(server: HelperChannelServer, store: Credentia
     assert store.lookup("mirror.example.com", "ns/img") is None
 
 
+def test_helper_client_needs_only_the_standard_library(
+    tmp_path: Path, server: HelperChannelServer, store: CredentialStore
+) -> None:
+    """podman runs the helper with whatever python3 the host (or the podman 5.4 test chroot)
+    has: the files testbed.podman5 installs there must work without site-packages."""
+    from testbed.podman5 import HELPER_CLIENT_FILES
+
+    lib = tmp_path / "lib" / "auth"
+    lib.mkdir(parents=True)
+    for name in HELPER_CLIENT_FILES:
+        (lib / name).write_bytes((REPO / "auth" / name).read_bytes())
+    payload = {"r.io/a:1": {"username": "u", "password": "p"}}
+    res = subprocess.run(
+        [sys.executable, "-S", "-I", "-c",
+         f"import sys; sys.path.insert(0, {str(lib.parent)!r}); "
+         "from auth.helper_client import main; sys.exit(main(sys.argv[1:]))",
+         "--socket", str(server.path)],
+        input=json.dumps(payload).encode(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert store.lookup("r.io", "a") == Credentials("u", "p")
+
+
 def test_console_script_socket_from_env(
     server: HelperChannelServer, store: CredentialStore
 ) -> None:

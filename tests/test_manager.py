@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from layerstore.errors import (
+    AuthenticationError,
     ChunkDigestMismatchError,
     ImageReferenceError,
     LayerNotFoundError,
@@ -305,6 +306,34 @@ def test_negative_cache_expires(client: FakeClient, cache: ChunkCache) -> None:
     with pytest.raises(RegistryError):
         mgr2.get("registry.example/fresh:v1", key)
     assert client.resolve_calls == n + 1
+
+
+def test_forget_failures_of_one_repository(
+    client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
+) -> None:
+    """Credentials arrived for registry.example/app: its remembered failures go (the next
+    lookup asks the registry), other repositories' stay for their negative_ttl."""
+    mgr = LayerManager(client, cache, quiet(negative_ttl=60))
+    small, chunked = blobs["ref-small"], blobs["ref-chunked-64k"]
+    client.fail = AuthenticationError("registry.example: anonymous access refused (HTTP 401)")
+    lookups = [(REF_A, small.digest), (REF_A, small.toc_digest), (REF_B, chunked.digest)]
+    for ref, key in lookups:
+        with pytest.raises(AuthenticationError):
+            mgr.get(ref, key)
+    client.fail = None
+    n = client.resolve_calls
+    for ref, key in lookups:
+        with pytest.raises(AuthenticationError):  # remembered: the registry is not asked
+            mgr.get(ref, key)
+    assert client.resolve_calls == n
+    assert mgr.forget_failures("registry.example", "other/app") == 0
+    assert mgr.forget_failures("Registry.Example", "app") == 2
+    assert mgr.get(REF_A, small.digest).compressed_digest == small.digest
+    assert mgr.get(REF_A, small.toc_digest).compressed_digest == small.digest
+    assert client.resolve_calls == n + 1
+    with pytest.raises(AuthenticationError):
+        mgr.get(REF_B, chunked.digest)
+    assert mgr.forget_failures("registry.example", "app") == 0
 
 
 def test_single_flight_get_under_16_threads(

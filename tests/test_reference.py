@@ -3,7 +3,12 @@ from __future__ import annotations
 import pytest
 
 from layerstore.errors import ImageReferenceError
-from layerstore.registry.reference import Reference, parse_reference, split_location
+from layerstore.registry.reference import (
+    Reference,
+    in_repository,
+    parse_reference,
+    split_location,
+)
 
 D = "sha256:" + "ab" * 32
 
@@ -79,3 +84,16 @@ def test_split_location() -> None:
     assert split_location("busybox") == ("docker.io", "library/busybox")
     with pytest.raises(ImageReferenceError):
         split_location("")
+
+
+def test_in_repository() -> None:
+    assert in_repository("127.0.0.1:5000/a/b:v1", "127.0.0.1:5000", "a/b")
+    assert in_repository(f"127.0.0.1:5000/a/b@{D}", "127.0.0.1:5000", "/a/b/")
+    assert in_repository("Registry.Example/app:1", "registry.example", "app")
+    assert in_repository("busybox", "docker.io", "library/busybox")
+    assert in_repository("docker.io/library/busybox:1", "registry-1.docker.io", "library/busybox")
+    assert not in_repository("127.0.0.1:5000/a/b:v1", "127.0.0.1:5000", "a")
+    assert not in_repository("127.0.0.1:5000/a/b:v1", "127.0.0.1:5001", "a/b")
+    assert not in_repository("127.0.0.1:5000/a/bc:v1", "127.0.0.1:5000", "a/b")
+    assert not in_repository("not a ref", "127.0.0.1:5000", "a/b")
+    assert not in_repository("127.0.0.1:5000/a/b", "", "")

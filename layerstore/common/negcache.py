@@ -64,6 +64,15 @@ class NegativeCache(Generic[K, V]):
         with self._lock:
             self._entries.pop(key, None)
 
+    def discard_if(self, predicate: Callable[[K, V], bool]) -> list[K]:
+        """Forget every entry for which ``predicate(key, value)`` is true (expired ones too);
+        returns their keys. *predicate* runs under the lock: it must be pure and quick."""
+        with self._lock:
+            gone = [k for k, (_, v) in self._entries.items() if predicate(k, v)]
+            for k in gone:
+                del self._entries[k]
+        return gone
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

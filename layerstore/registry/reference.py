@@ -151,3 +151,15 @@ def parse_reference(text: str, *, default_tag: str | None = DEFAULT_TAG) -> Refe
     if tag is None and digest is None:
         tag = default_tag
     return Reference(domain, path, tag, digest)
+
+
+def in_repository(ref: str, host: str, repository: str) -> bool:
+    """Does the reference *ref* name an image of repository *repository* on registry *host*?
+    Both sides are normalised alike (docker.io aliases, ``library/``, host case); a reference
+    or a location that does not parse matches nothing."""
+    try:
+        want_domain, want_path = split_location(f"{host}/{repository.strip('/')}")
+        got = parse_reference(ref)
+    except ImageReferenceError:
+        return False
+    return got.domain.lower() == want_domain.lower() and got.path == want_path

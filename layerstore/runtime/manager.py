@@ -87,7 +87,7 @@ from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, p
 from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
-from layerstore.registry.reference import Reference, parse_reference
+from layerstore.registry.reference import Reference, in_repository, parse_reference
 from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
@@ -294,6 +294,15 @@ class LayerManager:
             return parse_reference(ref).domain
         except LayerStoreError:
             return ""
+
+    def forget_failures(self, host: str, repository: str) -> int:
+        """Forget the remembered failed lookups of images in *repository* on *host* (their next
+        lookup asks the registry again); returns how many. For when credentials arrive: the
+        failure may have been for want of them."""
+        gone = self._negative.discard_if(lambda rk, _e: in_repository(rk[0], host, repository))
+        if gone:
+            log.info("lookup_failures_forgotten", host=host, repository=repository, count=len(gone))
+        return len(gone)
 
     def scheme(self, ref: str, key: str) -> str:
         return self.get(ref, key).scheme_for(key)
