@@ -472,6 +472,6 @@ def test_build_from_an_estargz_image(
         assert out[2].split()[0] == _busybox_sha256()
         # The quirk: the built image's base layers are copies, made from the store's blobs.
         assert podman.store_links(built) == [False, False, False, False]
-        verified = {rec.get("digest") for rec in lazy.events("blob_read_verified")}
+        verified = {rec.get("digest") for rec in lazy.events("blob_spooled")}
         assert {layer["digest"] for layer in esgz.layers} <= verified
         assert podman.graphroot_usage() > DATA_SIZE * DATA_FILES
