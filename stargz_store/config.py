@@ -113,6 +113,9 @@ class FetchSettings(_Section):
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True
     background_concurrency: int = Field(default=2, ge=1)
+    prefetch_profile: bool = True
+    """The *profile prefetch*: on an image's first use, look for a workload profile attached
+    to it (``stargz-store optimize --attach``) and fetch the files it lists."""
 
 
 class FuseSettings(_Section):
@@ -127,6 +130,16 @@ class FuseSettings(_Section):
     read_threads: int = Field(default=32, ge=1)
     read_ahead_kb: int = Field(default=1024, ge=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+
+class RecordSettings(_Section):
+    """Recording workload profiles: per image, the files its layers serve in the first
+    ``period_seconds`` after the container's first read (``stargz-store serve --record`` turns
+    it on for one run; ``stargz-store profiles`` lists what was written under ``dir``)."""
+
+    enabled: bool = False
+    period_seconds: float = Field(default=10.0, gt=0)
+    dir: str = "profiles"
 
 
 class LogSettings(_Section):
@@ -144,6 +157,7 @@ class Config(_Section):
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     fetch: FetchSettings = Field(default_factory=lambda: FetchSettings())
     fuse: FuseSettings = Field(default_factory=lambda: FuseSettings())
+    record: RecordSettings = Field(default_factory=lambda: RecordSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
 
 
