@@ -7,8 +7,7 @@ podman's graphroot, configuration files and logs; podman's runroot is a short di
 ``CONTAINERS_CONF``, ``CONTAINERS_STORAGE_CONF`` and ``CONTAINERS_REGISTRIES_CONF`` (not with
 ``--root``, which makes podman 4 drop ``additionallayerstores``), so nothing of the machine's
 podman storage is read or written. The private containers.conf sets what a throwaway run
-needs: cgroupfs, a file events log, no network, and ulimits equal to this process's own (a
-container may not be given more than its parent has on some hosts).
+needs: cgroupfs, a file events log, no network; podman's default ulimits.
 
 Stopping: the container exits by itself, or is removed once the store has written the profile
 (the recording period ended), or at the timeout. Then the daemon gets SIGTERM: it writes the
@@ -23,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -77,15 +75,6 @@ class RunResult:
 
 def _toml(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def _limit(which: int) -> str:
-    soft, hard = resource.getrlimit(which)
-    inf = resource.RLIM_INFINITY
-    top = 1 << 20
-    soft = top if soft == inf else min(soft, top)
-    hard = top if hard == inf else min(hard, top)
-    return f"{soft}:{max(soft, hard)}"
 
 
 def mounts_below(root: str) -> list[str]:
@@ -145,9 +134,7 @@ class RecordingRun:
         runtime = f"runtime = {_toml(o.runtime)}\n" if o.runtime else ""
         (w / "containers.conf").write_text(
             "[containers]\n"
-            f'default_ulimits = ["nofile={_limit(resource.RLIMIT_NOFILE)}", '
-            f'"nproc={_limit(resource.RLIMIT_NPROC)}"]\n'
-            'netns = "none"\nlog_driver = "k8s-file"\n'
+            'default_ulimits = []\nnetns = "none"\nlog_driver = "k8s-file"\n'
             "[engine]\n" + runtime + 'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
             f"events_logfile_path = {_toml(str(self.tmpdir / 'events.log'))}\n"
             f"tmp_dir = {_toml(str(self.tmpdir))}\n"
