@@ -229,6 +229,10 @@ class _PriorityProgress(Progress):
 
 
 def _mb(n: float) -> str:
+    if n < 1e3:
+        return f"{n:.0f} B"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} KB"
     return f"{n / 1e6:.1f} MB"
 
 
