@@ -256,8 +256,10 @@ class ChunkFetcher:
     def get_chunk(self, chunk: ChunkLike) -> bytes:
         return self.get_chunks([chunk])[0]
 
-    def get_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes]:
+    def get_chunks(self, chunks: Sequence[ChunkLike], *, speculate: bool = True) -> list[bytes]:
         """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
+        ``speculate=False`` fetches exactly these chunks (no read-ahead, read-behind or
+        continuation): for callers that know what will be read (the profile prefetch).
 
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
@@ -276,7 +278,9 @@ class ChunkFetcher:
                     raise bad.with_traceback(None)
         if missing:
             t0 = time.monotonic()
-            futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
+            futures = self._claim_and_fetch(
+                [chunks[i] for i in missing], foreground=True, speculate=speculate
+            )
             for i, fut in zip(missing, futures):
                 results[i] = fut.result()
             self._log.debug(

@@ -39,6 +39,7 @@ digest or does not parse is logged and ignored.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import stat
 import threading
@@ -506,7 +507,8 @@ class ProfilePrefetcher:
             with ThreadPoolExecutor(
                 max(1, self.settings.parallel), thread_name_prefix="stargz-profile-prefetch"
             ) as pool:
-                for fut in [pool.submit(layer.fetcher.get_chunks, b) for b in batches]:
+                get = functools.partial(layer.fetcher.get_chunks, speculate=False)
+                for fut in [pool.submit(get, b) for b in batches]:
                     try:
                         fut.result()
                     except Exception as e:  # readers see (and retry) errors themselves
