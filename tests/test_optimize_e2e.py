@@ -17,7 +17,6 @@ executable of this machine (``/usr/bin/true``) with its loader and libraries at 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -360,23 +359,3 @@ def test_tampered_profile_is_ignored(images: dict[str, Any], tmp_path: Path) -> 
             assert podman.run(ref, "cat", "/etc/a").strip() == A_TEXT
             assert not events(daemon, "profile_prefetched")
             assert not events(daemon, "profile_found")
-
-
-def test_optimize_refuses_bad_usage_before_doing_anything(tmp_path: Path) -> None:
-    cases = [
-        (["--attach", "docker://127.0.0.1:1/a:b", "oci:/x"], "give SRC only"),
-        (["oci:/nonexistent"], "DST is missing"),
-        (["--attach", "oci:/x:y"], "needs a docker://REF source"),
-        (["--cmd", "sh -c true", "oci:/a", "oci:/b"], "JSON list"),
-        (["--env", "NOVALUE", "oci:/a", "oci:/b"], "NAME=VALUE"),
-        (["--period", "0", "oci:/a", "oci:/b"], "must be positive"),
-    ]
-    for args, message in cases:
-        out = subprocess.run(
-            [sys.executable, "-m", "stargz_store", "optimize", *args],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert out.returncode == 2, (args, out.stderr)
-        assert message in out.stderr, (args, out.stderr)
-        assert "Traceback" not in out.stderr
-    assert os.listdir(tmp_path) == []

@@ -12,10 +12,12 @@ lazy reads) under one repository name. Everything else is 404; nothing can be wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import socket
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -208,6 +210,31 @@ class _Server(ThreadingHTTPServer):
     layout: OCILayout
     name: str
 
+    def server_activate(self) -> None:
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        with self.connections_lock:
+            self.open_connections.add(conn)
+        return conn, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Keep-alive connections end with the server (their handler threads would go on
+        serving otherwise)."""
+        with self.connections_lock:
+            conns = list(self.open_connections)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
     def tags(self) -> dict[str, str]:
         out = {}
         for d in self.layout.index().get("manifests", []):
@@ -248,6 +275,7 @@ class LayoutRegistry:
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
+            server.close_connections()
             server.server_close()
 
     def __enter__(self) -> LayoutRegistry:
