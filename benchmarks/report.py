@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-MODES = ("full-gzip", "lazy-esgz", "lazy-esgz-opt")
+MODES: tuple[str, ...] = ("full-gzip", "lazy-esgz", "lazy-esgz-opt")
 MODE_LABELS = {
     "full-gzip": "full pull (gzip)",
     "lazy-esgz": "lazy (eStargz)",
     "lazy-esgz-opt": "lazy (eStargz, optimized)",
 }
+# The two modes of `stargz-store optimize` (benchmarks/optimize_modes.py).
+MODES += ("lazy-esgz-optimize", "lazy-esgz-attached")
+MODE_LABELS.update(
+    {
+        "lazy-esgz-optimize": "lazy (optimized by `optimize`)",
+        "lazy-esgz-attached": "lazy (eStargz + attached profile)",
+    }
+)
 _TIMES = ("pull_s", "run_s", "total_s")
 _MEDIANS = (*_TIMES, "bytes_down", "daemon_peak_rss_bytes")
 
@@ -64,8 +72,35 @@ def compute_ratios(coldstart: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
             out["lazy-esgz-opt/total_s_vs_lazy-esgz"] = _ratio(
                 opt.get("total_s"), plain.get("total_s")
             )
+        optimized, attached = modes.get("lazy-esgz-optimize"), modes.get("lazy-esgz-attached")
+        if optimized and attached:
+            out["lazy-esgz-attached/total_s_vs_lazy-esgz-optimize"] = _ratio(
+                attached.get("total_s"), optimized.get("total_s")
+            )
         ratios[image] = out
     return ratios
+
+
+def compute_floors(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per image, the floor of a lazy cold start: the bytes the workload opens at the link's
+    effective rate, plus the full pull's create+run (the container's own start); and every
+    mode's median total against it."""
+    link = results.get("link") or {}
+    mbit = link.get("effective_mbit")
+    floors: dict[str, dict[str, float | None]] = {}
+    for image, info in (results.get("images") or {}).items():
+        opened = info.get("opened_bytes")
+        entries = {e["mode"]: e.get("median") or {} for e in results.get("coldstart", [])
+                   if e["image"] == image}  # fmt: skip
+        run = (entries.get("full-gzip") or {}).get("run_s")
+        if not opened or not mbit or run is None:
+            continue
+        floor = opened * 8 / (float(mbit) * 1e6) + float(run)
+        out: dict[str, float | None] = {"floor_s": floor}
+        for mode, med in entries.items():
+            out[f"{mode}/total_s_vs_floor"] = _ratio(med.get("total_s"), floor)
+        floors[image] = out
+    return floors
 
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +108,7 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
     for entry in results.get("coldstart", []):
         entry["median"] = summarize_mode(entry.get("runs", []))
     results["ratios"] = compute_ratios(results.get("coldstart", []))
+    results["floors"] = compute_floors(results)
     results.setdefault("schema", SCHEMA)
     return results
 
@@ -178,6 +214,17 @@ def summary_text(results: dict[str, Any]) -> str:
             f" {_fmt(m.get('total_s')):>9} {_fmt(m.get('bytes_down'), '', 1e6, 1):>9}"
             f" {_fmt(ratio, 'x'):>9}{err}"
         )
+    floors = results.get("floors") or {}
+    if floors:
+        lines.append("")
+        for image, f in floors.items():
+            vs = ", ".join(
+                f"{k.split('/')[0]} {v:.2f}x"
+                for k, v in f.items()
+                if k.endswith("_vs_floor") and v is not None
+            )
+            lines.append(f"floor {image}: {_fmt(f.get('floor_s'))} s (opened bytes at the "
+                         f"effective rate + full pull's run); total vs floor: {vs}")  # fmt: skip
     fs = results.get("fs")
     if fs:
         lines.append("")

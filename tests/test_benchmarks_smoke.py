@@ -163,3 +163,28 @@ def test_results_json_and_chart(tmp_path: Path) -> None:
     assert data["coldstart"][4]["median"]["total_s"] is None
     text = report.summary_text(data)
     assert "converter missing" in text and "filesystem" in text
+
+
+def test_optimize_modes_ratios_and_floors() -> None:
+    """The two modes of ``stargz-store optimize`` and the floor: opened bytes at the link's
+    effective rate plus the full pull's create+run."""
+    results = _synthetic()
+    results["link"] = {"effective_mbit": 100.0, "first_byte_s": 0.04}
+    results["images"]["python"]["opened_bytes"] = 10_000_000  # 0.8 s at 100 Mbit/s
+    results["coldstart"] += [
+        {"image": "python", "mode": "lazy-esgz-optimize", "runs": [
+            {"pull_s": 0.5, "run_s": 1.5, "total_s": 2.0, "bytes_down": 9e6}], "error": None},
+        {"image": "python", "mode": "lazy-esgz-attached", "runs": [
+            {"pull_s": 0.5, "run_s": 1.7, "total_s": 2.2, "bytes_down": 9e6}], "error": None},
+    ]  # fmt: skip
+    assert {"lazy-esgz-optimize", "lazy-esgz-attached"} <= set(report.MODES)
+    data = report.finalize(results)
+    ratios = data["ratios"]["python"]
+    assert ratios["lazy-esgz-attached/total_s_vs_lazy-esgz-optimize"] == pytest.approx(1.1)
+    assert ratios["lazy-esgz-optimize/total_s_vs_full"] == pytest.approx(2.0 / 11.0)
+    floor = data["floors"]["python"]
+    assert floor["floor_s"] == pytest.approx(0.8 + 1.0)
+    assert floor["lazy-esgz-attached/total_s_vs_floor"] == pytest.approx(2.2 / 1.8)
+    assert "large" not in data["floors"]  # no opened bytes known
+    text = report.summary_text(data)
+    assert "floor python: 1.80 s" in text and "lazy-esgz-attached 1.22x" in text
