@@ -332,8 +332,9 @@ class ProfilePrefetchSettings:
     """Look for an attached profile on an image's first use (config key ``[fetch]
     prefetch_profile``)."""
     parallel: int = 4
-    """Batches fetched at once per layer (each one coalesced request, taken from the
-    foreground request budget, ``[fetch] concurrency``)."""
+    """Batches fetched at once, across all layers (each one coalesced request, taken from the
+    foreground request budget, ``[fetch] concurrency``, whose rest stays free for the
+    container's own reads)."""
     first_batch_bytes: int = 256 * 1024
     """Compressed bytes of the first batch; each later batch doubles, up to
     ``max_batch_bytes``: the first files are needed first, so they travel in small requests
@@ -371,6 +372,8 @@ class ProfilePrefetcher:
         self._lock = threading.Lock()
         self._lookups: dict[str, _Lookup] = {}  # manifest digest -> lookup
         self._started: set[str] = set()  # layer digests whose profile prefetch started
+        # Batches in flight across layers (a budget, held across one batch's fetch).
+        self._slots = threading.BoundedSemaphore(max(1, self.settings.parallel))
 
     @property
     def enabled(self) -> bool:
@@ -497,6 +500,10 @@ class ProfilePrefetcher:
             batches.append(cur)
         return batches, files, skipped
 
+    def _fetch_batch(self, layer: Layer, batch: list[Chunk]) -> None:
+        with self._slots:
+            layer.fetcher.get_chunks(batch, speculate=False)
+
     def fetch_layer(self, layer: Layer, section: LayerProfile) -> int:
         """Fetch the files of *section* in *layer*; returns the compressed bytes asked for."""
         t0 = time.monotonic()
@@ -507,7 +514,7 @@ class ProfilePrefetcher:
             with ThreadPoolExecutor(
                 max(1, self.settings.parallel), thread_name_prefix="stargz-profile-prefetch"
             ) as pool:
-                get = functools.partial(layer.fetcher.get_chunks, speculate=False)
+                get = functools.partial(self._fetch_batch, layer)
                 for fut in [pool.submit(get, b) for b in batches]:
                     try:
                         fut.result()
