@@ -72,6 +72,17 @@ COMMANDS: dict[str, Command] = {
             "stargz_store.cache_cmd:main",
         ),
         Command(
+            "optimize",
+            "run an image once, record what it reads at start, and write it with those files "
+            "first (or attach the record to it)",
+            "stargz_store.optimize.command:main",
+        ),
+        Command(
+            "profiles",
+            "list the workload profiles the store recorded ([record], serve --record)",
+            "stargz_store.profiles_cmd:main",
+        ),
+        Command(
             "help",
             "show this help, or a command's: stargz-store help COMMAND",
             "stargz_store.cli:help_main",

@@ -132,6 +132,9 @@ class FetchSettings(_Section):
     """Daemon-wide bound on the bytes chunk fetches and first-use checks of cached chunks hold
     in memory (compressed ranges and chunks decoded in memory); readers wait for room. A larger
     chunk is decoded in pieces and goes alone."""
+    prefetch_profile: bool = True
+    """The *profile prefetch*: on an image's first use, look for a workload profile attached
+    to it (``stargz-store optimize --attach``) and fetch the files it lists."""
 
 
 class FuseSettings(_Section):
@@ -187,6 +190,16 @@ class MetricsSettings(_Section):
         return value
 
 
+class RecordSettings(_Section):
+    """Recording workload profiles: per image, the files its layers serve in the first
+    ``period_seconds`` after the container's first read (``stargz-store serve --record`` turns
+    it on for one run; ``stargz-store profiles`` lists what was written under ``dir``)."""
+
+    enabled: bool = False
+    period_seconds: float = Field(default=10.0, gt=0)
+    dir: str = "profiles"
+
+
 class LogSettings(_Section):
     """Logging to stderr."""
 
@@ -202,6 +215,7 @@ class Config(_Section):
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     fetch: FetchSettings = Field(default_factory=lambda: FetchSettings())
     fuse: FuseSettings = Field(default_factory=lambda: FuseSettings())
+    record: RecordSettings = Field(default_factory=lambda: RecordSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
 

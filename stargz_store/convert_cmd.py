@@ -104,7 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="the image to convert")
     p.add_argument("dst", metavar="DST", help="where to write the converted image")
+    g = add_conversion_args(p)
+    g.add_argument(
+        "--prioritized-files",
+        metavar="FILE",
+        help="a text file of paths in the image, one per line ('#' comments), placed first "
+        "and prefetched by the store when the layer is first used (before the "
+        ".prefetch.landmark)",
+    )
+    g.add_argument(
+        "--reconvert",
+        action="store_true",
+        help="convert layers that are eStargz already too (default: copy them as they are)",
+    )
+    add_registry_args(p)
+    add_output_args(p)
+    return p
 
+
+def add_conversion_args(p: argparse.ArgumentParser) -> Any:
+    """The conversion options ``convert`` and ``optimize`` share; returns their group."""
     g = p.add_argument_group("conversion")
     g.add_argument(
         "--chunk-size",
@@ -131,29 +150,21 @@ def _parser() -> argparse.ArgumentParser:
         help="gzip level (default 6)",
     )
     g.add_argument(
-        "--prioritized-files",
-        metavar="FILE",
-        help="a text file of paths in the image, one per line ('#' comments), placed first "
-        "and prefetched by the store when the layer is first used (before the "
-        ".prefetch.landmark)",
-    )
-    g.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
         help="convert only this platform of a multi-platform image (default: all; the new "
         "index lists only what was converted)",
     )
     g.add_argument(
-        "--reconvert",
-        action="store_true",
-        help="convert layers that are eStargz already too (default: copy them as they are)",
-    )
-    g.add_argument(
         "--tmpdir",
         metavar="DIR",
         help="directory for converted layers before they are pushed (default $TMPDIR or /tmp)",
     )
+    return g
 
+
+def add_registry_args(p: argparse.ArgumentParser) -> None:
+    """Registry access as skopeo has it (both sides), shared with ``optimize``."""
     r = p.add_argument_group("registries (docker://), as skopeo")
     r.add_argument(
         "--src-tls-verify",
@@ -195,9 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--dest-creds", metavar="USER[:PASSWORD]", help="credentials for the destination"
     )
-    r.add_argument(
-        "--src-no-creds", action="store_true", help="access the source anonymously"
-    )
+    r.add_argument("--src-no-creds", action="store_true", help="access the source anonymously")
     r.add_argument(
         "--dest-no-creds", action="store_true", help="access the destination anonymously"
     )
@@ -207,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the check that the destination takes pushes before converting",
     )
 
+
+def add_output_args(p: argparse.ArgumentParser) -> Any:
+    """``--quiet``, ``--log-level``, ``--digestfile``; returns their group."""
     o = p.add_argument_group("output")
     o.add_argument(
         "-q",
@@ -226,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the digest of the written manifest or index to FILE",
     )
-    return p
+    return o
 
 
 def _normalize(argv: Sequence[str]) -> list[str]:
@@ -534,53 +546,72 @@ class _Opened:
     clients: tuple[Any, ...] = ()
 
 
-def _open(args: argparse.Namespace) -> _Opened:
-    src_t, src_rest = _split_transport(args.src)
-    dst_t, dst_rest = _split_transport(args.dst)
-    conf: RegistriesConf | None = None
-    if "docker" in (src_t, dst_t):
-        try:
-            conf = _registries_conf(args)
-        except LayerStoreError as exc:
-            raise _tagged(exc, "registries configuration") from None
-    clients: list[Any] = []
+def registries_for(args: argparse.Namespace, *images: str) -> RegistriesConf | None:
+    """registries.conf when one of *images* is ``docker://`` (else None)."""
+    if not any(_split_transport(i)[0] == "docker" for i in images):
+        return None
     try:
-        if src_t == "oci":
-            directory, tag = parse_oci_reference(src_rest)
-            with _side(f"source {args.src}"):
-                src: ImageSource = OCISource(OCILayout.open(directory), tag)
-        else:
-            from layerstore.image.convert import RegistrySource
-            from layerstore.registry.reference import parse_reference
+        return _registries_conf(args)
+    except LayerStoreError as exc:
+        raise _tagged(exc, "registries configuration") from None
 
-            assert conf is not None
-            with _side(f"source {args.src}"):
-                ref = parse_reference(src_rest)
-            client = _client(args, "src", conf)
-            clients.append(client)
-            src = RegistrySource(client, ref)
-        push_check = None
-        if dst_t == "oci":
-            directory, tag = parse_oci_reference(dst_rest)
-            with _side(f"destination {args.dst}"):
-                dst: ImageDestination = OCIDestination(OCILayout.create(directory), tag)
-        else:
-            from layerstore.image.convert import RegistryDestination
-            from layerstore.registry.reference import parse_reference
 
-            assert conf is not None
-            with _side(f"destination {args.dst}"):
-                dref = parse_reference(dst_rest)
-            dclient = _client(args, "dest", conf)
-            clients.append(dclient)
-            dst = RegistryDestination(dclient, dref, args.tmpdir)
-            if not args.no_push_check:
-                push_check = lambda: dclient.check_push(dref)  # noqa: E731
+def open_source(
+    args: argparse.Namespace, text: str, conf: RegistriesConf | None, side: str = "src"
+) -> tuple[_Source, RegistryClient | None]:
+    """The image *text* (``oci:`` or ``docker://``) to read, with the *side*'s registry
+    options (``src`` or ``dest``); the client to close, if one was made."""
+    transport, rest = _split_transport(text)
+    if transport == "oci":
+        directory, tag = parse_oci_reference(rest)
+        with _side(f"source {text}"):
+            return _Source(OCISource(OCILayout.open(directory), tag)), None
+    from layerstore.image.convert import RegistrySource
+    from layerstore.registry.reference import parse_reference
+
+    assert conf is not None
+    with _side(f"source {text}"):
+        ref = parse_reference(rest)
+    client = _client(args, side, conf)
+    return _Source(RegistrySource(client, ref)), client
+
+
+def open_destination(
+    args: argparse.Namespace, text: str, conf: RegistriesConf | None
+) -> tuple[_Destination, Any, RegistryClient | None]:
+    """The image *text* to write; a push check (``() -> None``) for a registry unless
+    ``--no-push-check``; the client to close, if one was made."""
+    transport, rest = _split_transport(text)
+    if transport == "oci":
+        directory, tag = parse_oci_reference(rest)
+        with _side(f"destination {text}"):
+            return _Destination(OCIDestination(OCILayout.create(directory), tag)), None, None
+    from layerstore.image.convert import RegistryDestination
+    from layerstore.registry.reference import parse_reference
+
+    assert conf is not None
+    with _side(f"destination {text}"):
+        dref = parse_reference(rest)
+    dclient = _client(args, "dest", conf)
+    push_check = None
+    if not args.no_push_check:
+        push_check = lambda: dclient.check_push(dref)  # noqa: E731
+    return _Destination(RegistryDestination(dclient, dref, args.tmpdir)), push_check, dclient
+
+
+def _open(args: argparse.Namespace) -> _Opened:
+    _split_transport(args.src)
+    _split_transport(args.dst)
+    conf = registries_for(args, args.src, args.dst)
+    src, client = open_source(args, args.src, conf)
+    try:
+        dst, push_check, dclient = open_destination(args, args.dst, conf)
     except BaseException:
-        for c in clients:
-            c.close()
+        if client is not None:
+            client.close()
         raise
-    return _Opened(_Source(src), _Destination(dst), push_check, tuple(clients))
+    clients = tuple(c for c in (client, dclient) if c is not None)
+    return _Opened(src, dst, push_check, clients)
 
 
 def main(argv: Sequence[str], stderr: TextIO | None = None) -> int:
@@ -675,3 +706,10 @@ def _convert(args: argparse.Namespace, opened: _Opened, prioritized: list[str], 
             file=err,
         )
     return 0
+
+
+# Shared with ``stargz-store optimize``, which reaches registries and reports errors the same way.
+describe_error = _describe_error
+normalize_tls_flags = _normalize
+on_side = _side
+SourceSide = _Source

@@ -44,7 +44,7 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Callable, cast
 
 from stargz_store import notify
-from stargz_store.cmdline import ArgParser, HelpShown, UsageError
+from stargz_store.cmdline import ArgParser, HelpShown, UsageError, version
 from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, Config, ConfigError, load_config
 from stargz_store.log import LEVELS, configure_logging, get_logger
 
@@ -105,6 +105,13 @@ def build_parser(prog: str = "stargz-store serve") -> argparse.ArgumentParser:
         default=None,
         metavar="LEVEL",
         help="debug, info, warning or error (default: the configuration's [log] level, info)",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="record workload profiles (as [record] enabled = true): per image, the files "
+        "read in the first [record] period_seconds (10) after the container's first read, "
+        "written under ROOT/profiles ('stargz-store profiles' lists them)",
     )
     p.add_argument(
         "mountpoint",
@@ -429,6 +436,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.runtime.layer import LayerSettings
     from layerstore.runtime.manager import LayerManager, ManagerSettings
     from layerstore.runtime.membudget import MemoryBudget
+    from layerstore.runtime.prefetch import ProfileSource
+    from layerstore.runtime.recorder import AccessRecorder, RecordSettings
     from layerstore.runtime.resolutions import ResolutionStore
 
     rc, fc, ac = config.registry, config.fetch, config.auth
@@ -480,6 +489,24 @@ def build_wiring(config: Config, root: Path) -> Wiring:
             resolutions = ResolutionStore(resolutions_dir)
         except LayerStoreError as exc:
             raise DaemonError(f"cannot open {resolutions_dir}: {exc}") from None
+        recorder: AccessRecorder | None = None
+        if config.record.enabled:
+            recorder = AccessRecorder(
+                _under(root, config.record.dir),
+                RecordSettings(period_seconds=config.record.period_seconds),
+                tool=f"stargz-store {version()}",
+            )
+            log.info(
+                "recording_enabled",
+                dir=str(recorder.directory),
+                period_seconds=config.record.period_seconds,
+            )
+        profiles: ProfileSource | None = None
+        if fc.prefetch_profile:
+            from layerstore.estargz.profile import MAX_PROFILE_BYTES, PROFILE_MEDIA_TYPE
+            from layerstore.registry.referrers import ArtifactSource
+
+            profiles = ArtifactSource(client, PROFILE_MEDIA_TYPE, MAX_PROFILE_BYTES)
         # [fetch] keys -> mechanisms (docs/CONCURRENCY.md): read_ahead_bytes = read-ahead (and
         # read-behind, continuation), prefetch_landmark = landmark prefetch, background_fetch,
         # background_bandwidth_share and background_concurrency = background fill.
@@ -506,11 +533,15 @@ def build_wiring(config: Config, root: Path) -> Wiring:
             ),
             resolutions=resolutions,
             spool=spool,
+            recorder=recorder,
+            profiles=profiles,
         )
         checked: LayerProvider = manager  # the real manager meets the adapter's protocol
         wiring.provider = checked
         wiring.manager, wiring.cache = manager, cache
         wiring.closers.append(manager.close)
+        if recorder is not None:
+            wiring.closers.append(recorder.close)  # runs first: writes what was recorded
         wiring.sweep = manager.sweep
         wiring.sweep_interval = min(SWEEP_INTERVAL, config.cache.layer_idle_seconds / 2)
         wiring.subscribe_credentials = credentials.on_credentials_added
@@ -762,6 +793,10 @@ def main(argv: Sequence[str], prog: str = "stargz-store") -> int:
     except ConfigError as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.record:
+        config = config.model_copy(
+            update={"record": config.record.model_copy(update={"enabled": True})}
+        )
     try:
         configure_logging(args.log_level or config.log.level, config.log.format)
     except ValueError as exc:

@@ -101,7 +101,9 @@ def test_help_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_registered_command_loads() -> None:
-    assert list(cli.COMMANDS) == ["serve", "convert", "status", "cache", "help"]
+    assert list(cli.COMMANDS) == [
+        "serve", "convert", "status", "cache", "optimize", "profiles", "help"
+    ]  # fmt: skip
     for command in cli.COMMANDS.values():
         assert callable(command.load()), command.name
 
@@ -118,7 +120,8 @@ def test_every_registered_command_loads() -> None:
         (["--root", "ROOT", "serv"], "'serv' is not a command or an existing directory; did you "
          "mean 'serve'?"),
         (["frobnicate"], "'frobnicate' is not a command or an existing directory (commands: "
-         "serve, convert, status, cache, help; to mount on a new directory write a path, "
+         "serve, convert, status, cache, optimize, profiles, help; to mount on a new directory "
+         "write a path, "
          "e.g. ./frobnicate"),
         (["--root", "ROOT", "convert"], "commands come first: stargz-store convert"),
     ],

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from layerstore.estargz.reader import EStargzReader
-from layerstore.image.convert import OCIDestination, OCISource, convert_image
+from layerstore.image.convert import ConvertOptions, OCIDestination, OCISource, convert_image
 from layerstore.image.ocilayout import REF_NAME_ANNOTATION, OCILayout, parse_oci_reference
 from layerstore.source import FileSource
 from stargz_store.convert_cmd import main
@@ -226,6 +226,37 @@ def test_already_estargz_layers_are_kept_and_reconvert_is_idempotent(
     assert rc == 0, err
     a, b, c = (resolve(tmp_path / x, "t")["digest"] for x in "abc")
     assert a == b == c  # re-converting our own output reproduces it byte for byte
+
+
+def test_layer_priorities_reorder_one_layer_even_when_it_is_estargz(tmp_path: Path) -> None:
+    """``ConvertOptions.layer_priorities`` (what ``optimize`` uses): per source layer, the
+    files to put first; that layer is rewritten even though it is eStargz already, the others
+    are copied as they are."""
+    from layerstore.estargz.constants import PREFETCH_LANDMARK
+
+    std_image(tmp_path / "src")
+    src = OCILayout.open(tmp_path / "src")
+    mid = OCILayout.create(tmp_path / "mid")
+    convert_image(OCISource(src, "v1"), OCIDestination(mid, "t"))
+    before = load(tmp_path / "mid", resolve(tmp_path / "mid", "t")["digest"])
+    second = before["layers"][1]["digest"]
+    res = convert_image(
+        OCISource(mid, "t"),
+        OCIDestination(OCILayout.create(tmp_path / "out"), "t"),
+        ConvertOptions(layer_priorities={second: ["app/main.py", "nope"]}),
+    )
+    assert [(r.action, r.prioritized, r.missed_prioritized) for r in res.layers] == [
+        ("kept", 0, ()),
+        ("converted", 2, ("nope",)),
+    ]
+    after = load(tmp_path / "out", resolve(tmp_path / "out", "t")["digest"])
+    assert after["layers"][0] == before["layers"][0]
+    assert after["layers"][1]["digest"] != second
+    check_image(tmp_path / "out", after, [LAYER1, LAYER2])
+    blob = (tmp_path / "out" / "blobs" / "sha256" / after["layers"][1]["digest"][7:]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tf:
+        names = [m.name for m in tf]
+    assert names[:3] == ["app/main.py", PREFETCH_LANDMARK, "app/data.bin"]
 
 
 def test_index_all_platforms_and_one_platform(

@@ -279,6 +279,24 @@ def test_prioritized_from_seekable_file(tmp_path: Path) -> None:
     assert out.getvalue() == convert(tar, prioritized_files=["var/x"])[0]
 
 
+def test_reconverting_an_estargz_blob_with_a_member_over_a_read_piece() -> None:
+    """An eStargz blob as input (``optimize`` reorders the layers of an image already
+    converted): a member that inflates to more than the reader's 1 MiB piece ends inside the
+    input that the output limit left unconsumed. The reader once looped forever there."""
+    # Compressible: the whole member and the ones after it arrive in one read of the input,
+    # and it inflates to 1.5 MiB (one member: the chunk size is 4 MiB).
+    big = b"".join(b"%08d" % i for i in range(196608))
+    tar = make_tar(
+        [("bin", None, {}), ("bin/big", big, {}), ("etc", None, {}), ("etc/a", b"a\n", {})]
+    )
+    blob, _ = convert(tar)
+    again, res = convert(blob, prioritized_files=["etc/a", "bin/big"])
+    names = tar_names(again)
+    assert names[:5] == ["etc", "etc/a", "bin", "bin/big", PREFETCH_LANDMARK]
+    assert files_from_toc(again)["bin/big"] == big
+    assert res.missed_prioritized == ()
+
+
 def test_small_file_packing() -> None:
     files = [(f"d/f{i}", (b"line %d\n" % i) * (i + 1), {}) for i in range(200)]
     tar = make_tar([("d", None, {}), *files, ("big", os.urandom(200_000), {})])

@@ -385,6 +385,16 @@ class TOCIndex:
             ino = nxt
         return ino
 
+    def path(self, ino: int) -> str | None:
+        """The TOC name of the entry behind *ino* (for a hardlinked inode, the entry that
+        holds its data; no leading ``/``), or None for the root, implied directories and
+        whiteouts. Used to name files in workload profiles."""
+        kind = self._check(ino)
+        r = self._rec[ino]
+        if r < 0 or kind == _WHITEOUT:
+            return None
+        return self._record_name(r) or None
+
     def is_dir(self, ino: int) -> bool:
         return self._check(ino) == _DIR
 

@@ -230,7 +230,10 @@ class _Gunzip:
         """Up to *n* decompressed bytes (b"" at the end). Inflating in large pieces keeps the
         cost of zlib's unconsumed-tail copies linear."""
         while not self._eof:
-            if self._d.unconsumed_tail:
+            # eof first: when a member ends inside the input that an output limit left in
+            # unconsumed_tail, zlib reports those bytes as unused_data too, and feeding the
+            # tail to the finished object again would loop forever.
+            if self._d.unconsumed_tail and not self._d.eof:
                 out = self._d.decompress(self._d.unconsumed_tail, n)
             else:
                 if self._d.eof:

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -315,6 +316,10 @@ class ConvertOptions:
     writer: WriterOptions = field(default_factory=WriterOptions)
     platform: str | None = None  # os/arch[/variant]: only that platform of an index
     keep_estargz: bool = True  # layers with a TOC digest annotation are copied as they are
+    layer_priorities: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Source layer digest -> the files to put first in that layer (``stargz-store optimize``:
+    what a workload read, per layer). Replaces ``writer.prioritized_files`` for that layer, and
+    the layer is converted even when it is eStargz already (its entries are reordered)."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,8 @@ class LayerReport:
     toc_digest: str | None = None
     diff_id: str | None = None
     seconds: float = 0.0
+    prioritized: int = 0  # files asked to go first
+    missed_prioritized: tuple[str, ...] = ()  # of those, the ones the layer does not have
 
 
 @dataclass
@@ -603,6 +610,7 @@ class _Converter:
             return self._keep(layer, platform, i, digest, size, "foreign")
         if (
             self.opts.keep_estargz
+            and digest not in self.opts.layer_priorities
             and isinstance(annotations, dict)
             and TOC_DIGEST_ANNOTATION in annotations
             and lmt in (mf.OCI_LAYER_GZIP, mf.DOCKER_LAYER_GZIP)
@@ -667,9 +675,17 @@ class _Converter:
             toc_digest=ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None,
             diff_id=diff_id,
             seconds=seconds,
+            prioritized=len(self._writer_options(digest).prioritized_files) if res else 0,
+            missed_prioritized=res.missed_prioritized if res else (),
         )
         self.reports.append(rep)
         self.progress.layer_done(rep)
+
+    def _writer_options(self, digest: str) -> WriterOptions:
+        files = self.opts.layer_priorities.get(digest)
+        if files is None:
+            return self.opts.writer
+        return dataclasses.replace(self.opts.writer, prioritized_files=tuple(files))
 
     def _copy_blob(self, digest: str, size: int) -> None:
         f, tmp = self.dst.staging_file()
@@ -696,7 +712,7 @@ class _Converter:
                 res = write_estargz(
                     reader,  # type: ignore[arg-type]
                     f,
-                    self.opts.writer,
+                    self._writer_options(digest),
                     self.progress.layer_progress,
                 )
                 f.flush()

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import structlog
@@ -318,6 +318,32 @@ class RegistryClient:
 
         result: ResolvedImage = self._each_source(r, action)
         return result
+
+    def get_referrers(
+        self, ref: RefLike, digest: str, artifact_type: str | None = None
+    ) -> bytes | None:
+        """The OCI 1.1 referrers index of manifest *digest* in *ref*'s repository (raw JSON,
+        filtered by *artifact_type* where the registry filters), or None when the registry
+        has no referrers API: the spec forbids a 404 from a registry that has it, and
+        registries without it (distribution 2.x) answer 404 to the unknown route."""
+        _validate_digest(digest)
+        r = _as_reference(ref).with_digest(digest)
+        path = f"referrers/{digest}"
+        if artifact_type:
+            path += "?artifactType=" + quote(artifact_type, safe="")
+
+        def action(ep: Endpoint) -> bytes | None:
+            resp, _, _ = self.get_following(ep, path, {"Accept": _manifest.OCI_INDEX})
+            try:
+                if resp.status_code == 404:
+                    return None
+                raise_for_status(resp, ep, f"referrers of {digest}")
+                return read_capped(resp, self.settings.max_manifest_size, ep, "referrers index")
+            finally:
+                resp.close()
+
+        found: bytes | None = self._each_source(r, action)
+        return found
 
     # --- blobs ----------------------------------------------------------------------------------
     def _fetch_blob(self, ep: Endpoint, digest: str, max_size: int, *, what: str = "blob") -> bytes:

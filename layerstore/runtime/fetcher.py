@@ -303,8 +303,10 @@ class ChunkFetcher:
     def get_chunk(self, chunk: ChunkLike) -> bytes:
         return self.get_chunks([chunk])[0]
 
-    def get_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes]:
+    def get_chunks(self, chunks: Sequence[ChunkLike], *, speculate: bool = True) -> list[bytes]:
         """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
+        ``speculate=False`` fetches exactly these chunks (no read-ahead, read-behind or
+        continuation): for callers that know what will be read (the profile prefetch).
 
         Holds every chunk whole, large ones too (read back from the cache): for callers that
         need whole files of modest size (the dependency prefetch). ``Layer.read`` uses
@@ -312,7 +314,7 @@ class ChunkFetcher:
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
         out: list[bytes] = []
-        for c, data in zip(chunks, self.fetch_chunks(chunks)):
+        for c, data in zip(chunks, self.fetch_chunks(chunks, speculate=speculate)):
             if data is None:
                 data = self._cache.get(c.digest)
                 if data is None:  # not cacheable (or evicted meanwhile): decode it here
@@ -320,7 +322,9 @@ class ChunkFetcher:
             out.append(data)
         return out
 
-    def fetch_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes | None]:
+    def fetch_chunks(
+        self, chunks: Sequence[ChunkLike], *, speculate: bool = True
+    ) -> list[bytes | None]:
         """The verified decompressed bytes of each chunk decoded in memory; None for each
         chunk that is :meth:`streamed`: it is in the cache now (read slices with
         ``ChunkCache.read``), or, when the cache cannot hold it, nowhere (:meth:`read_slice`).
@@ -342,7 +346,9 @@ class ChunkFetcher:
                     raise bad.with_traceback(None)
         if missing:
             t0 = time.monotonic()
-            futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
+            futures = self._claim_and_fetch(
+                [chunks[i] for i in missing], foreground=True, speculate=speculate
+            )
             for i, fut in zip(missing, futures):
                 results[i] = fut.result()
             self._log.debug(

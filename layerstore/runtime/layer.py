@@ -60,7 +60,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import structlog
 
@@ -86,6 +86,14 @@ GZIP_COMPRESSION = 2  # containers/storage pkg/archive Gzip
 SCHEME_COMPRESSED = "compressed"
 SCHEME_TOC = "toc"
 MiB = 1024 * 1024
+
+
+class ReadObserver(Protocol):
+    """Told of every file read a layer serves (the recorder of workload profiles,
+    :class:`~layerstore.runtime.recorder.AccessRecorder`). Called on the FUSE event loop for
+    reads served from memory: memory and leaf locks only."""
+
+    def note(self, layer: Layer, ino: int, offset: int, length: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,8 @@ class Layer:
         self._spool: _Spooled | None = None
         self._spool_flight: SingleFlight[int, None] = SingleFlight()
         self.last_used = time.monotonic()
+        self.observer: ReadObserver | None = None
+        """Set by the manager while recording is on; None costs the read path one test."""
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
 
     @property
@@ -464,6 +474,9 @@ class Layer:
             raise FormatError(
                 f"inode {ino}: chunks cover {len(out)} of {end - offset} bytes at {offset}"
             )
+        observer = self.observer
+        if observer is not None:
+            observer.note(self, ino, offset, len(out))
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._verify_ahead(chunks, i, ahead)
@@ -520,6 +533,9 @@ class Layer:
         if len(out) != end - offset:
             return None
         self.last_used = time.monotonic()
+        observer = self.observer
+        if observer is not None:
+            observer.note(self, ino, offset, len(out))
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._verify_ahead(chunks, i, ahead)

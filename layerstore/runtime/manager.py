@@ -42,7 +42,9 @@ Concurrent ``get`` calls of the same (ref, key) share one resolution; failures a
 ``negative_ttl`` seconds and then forgotten. ``use``/``release`` count users per (ref, key); the
 first ``use`` starts the layer's landmark prefetch (and its background fill when enabled) and
 hands the layer to the dependency prefetch (:mod:`layerstore.runtime.prefetch`: the image's
-entrypoint and its shared libraries). Layers without users that nobody holds (the FUSE adapter
+entrypoint and its shared libraries), to the profile prefetch (the files of a workload profile
+attached to the image) and, while recording, to the recorder of workload profiles
+(:mod:`layerstore.runtime.recorder`). Layers without users that nobody holds (the FUSE adapter
 holds every layer it has inodes or open files of: :meth:`Layer.hold`) and that have been idle
 for ``idle_drop_seconds`` are dropped from memory by :meth:`sweep` (their chunks stay in the
 disk cache); a held layer is never closed, so a lookup or ``use`` finds the same object.
@@ -93,7 +95,14 @@ from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.runtime.meter import FetchMeter
-from layerstore.runtime.prefetch import DependencyPrefetcher, DependencyPrefetchSettings
+from layerstore.runtime.prefetch import (
+    DependencyPrefetcher,
+    DependencyPrefetchSettings,
+    ProfilePrefetcher,
+    ProfilePrefetchSettings,
+    ProfileSource,
+)
+from layerstore.runtime.recorder import AccessRecorder
 from layerstore.runtime.resolutions import ResolutionStore
 from layerstore.runtime.snapshot import ImageSnapshot, KeyUse, LayerSnapshot, ManagerSnapshot
 from layerstore.source import RangeSource
@@ -205,6 +214,9 @@ class ManagerSettings:
     )
     """The image's entrypoint and its ELF loader and libraries, fetched on a layer's first use
     (see :mod:`layerstore.runtime.prefetch`)."""
+    profile_prefetch: ProfilePrefetchSettings = field(default_factory=ProfilePrefetchSettings)
+    """The files of an attached workload profile, fetched on an image's first use (when the
+    manager is given a profile source)."""
     platform: str | None = None
     """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
@@ -229,6 +241,8 @@ class LayerManager:
         resolutions: ResolutionStore | None = None,
         open_toc: OpenTOC | None = None,
         spool: BlobSpool | None = None,
+        recorder: AccessRecorder | None = None,
+        profiles: ProfileSource | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
@@ -261,6 +275,10 @@ class LayerManager:
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self.meter = FetchMeter()  # fetch totals per mechanism, across layers (status, metrics)
         self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
+        self.recorder = recorder
+        """Records workload profiles while set (``[record]``): every layer put to use reports
+        its reads to it."""
+        self.profiles = ProfilePrefetcher(self, profiles, self.settings.profile_prefetch)
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -533,8 +551,12 @@ class LayerManager:
             entry.users += 1
             users = entry.users
         log.info("layer_use", ref=ref, key=key, digest=layer.compressed_digest, users=users)
+        if self.recorder is not None:
+            layer.observer = self.recorder
+            self.recorder.layer_used(ref, layer, self.resolution(ref))
         layer.start()
         self._dependencies.layer_used(ref, layer)
+        self.profiles.layer_used(ref, layer)
         return users
 
     def release(self, ref: str, key: str) -> int:

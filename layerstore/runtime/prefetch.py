@@ -25,23 +25,38 @@ have their own names (see ``docs/CONCURRENCY.md``): *landmark prefetch* (the pri
 region, :meth:`~layerstore.runtime.fetcher.ChunkFetcher.landmark_prefetch`), *read-ahead* /
 *read-behind* / *continuation* (neighbours of a miss, in the fetcher), *sequential read-ahead*
 (:class:`~layerstore.runtime.layer.Layer`) and the *background fill* (the whole blob).
+
+Profile prefetch (:class:`ProfilePrefetcher`), the second policy here: on the first use of an
+image, its attached workload profile (an OCI artifact whose ``subject`` is the image's
+manifest, see :mod:`layerstore.registry.referrers` and :mod:`layerstore.estargz.profile`) is
+looked up once (the answer, found or not, is remembered per manifest digest), and each layer's
+recorded files are fetched in the order the workload first read them, a few batches in
+parallel, while the container starts. The profile is only a hint: paths the layer does not have
+(or that are not regular files) are skipped, and every byte is fetched and verified through the
+layer's fetcher against the TOC like any read. A profile that cannot be fetched, fails its
+digest or does not parse is logged and ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from layerstore.common.redact import describe_error
+from layerstore.errors import LayerStoreError
+from layerstore.estargz.profile import LayerProfile, Profile, ProfileError, parse_profile
 from layerstore.estargz.toc import Chunk, TOCIndex
 from layerstore.registry.client import ResolvedImage
+from layerstore.registry.reference import Reference
 from layerstore.runtime.elfdeps import elf_dependencies
 from layerstore.runtime.layer import Layer
 
@@ -295,3 +310,230 @@ class DependencyPrefetcher:
                 bytes=fetched,
                 seconds=round(time.monotonic() - t0, 3),
             )
+
+
+# --- profile prefetch ---------------------------------------------------------------------------
+
+
+class ProfileSource(Protocol):
+    """Where attached workload profiles come from
+    (:class:`layerstore.registry.referrers.ArtifactSource` in the daemon)."""
+
+    def find(self, reference: Reference, manifest_digest: str) -> bytes | None:
+        """The newest profile document attached to manifest *manifest_digest* of
+        *reference*'s repository, verified against its digest; None when there is none.
+        Raises :class:`~layerstore.errors.LayerStoreError` when one is there but broken."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProfilePrefetchSettings:
+    enabled: bool = True
+    """Look for an attached profile on an image's first use (config key ``[fetch]
+    prefetch_profile``)."""
+    parallel: int = 4
+    """Batches fetched at once, across all layers (each one coalesced request, taken from the
+    foreground request budget, ``[fetch] concurrency``, whose rest stays free for the
+    container's own reads)."""
+    first_batch_bytes: int = 256 * 1024
+    """Compressed bytes of the first batch; each later batch doubles, up to
+    ``max_batch_bytes``: the first files are needed first, so they travel in small requests
+    that arrive early, the rest in fewer, larger ones."""
+    max_batch_bytes: int = 4 * MiB
+    max_layer_bytes: int = 1024 * MiB
+    """Compressed bytes fetched per layer at most (the rest stays lazy)."""
+    not_found_ttl: float = 600.0
+    """Seconds an image without a profile (or with a broken one) is not asked about again."""
+
+
+class _Lookup:
+    __slots__ = ("done", "expires", "profile")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.profile: Profile | None = None
+        self.expires = float("inf")
+
+
+class ProfilePrefetcher:
+    """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
+
+    def __init__(
+        self,
+        images: ImageLayers,
+        source: ProfileSource | None,
+        settings: ProfilePrefetchSettings | None = None,
+    ) -> None:
+        self._images = images
+        self._source = source
+        self.settings = settings or ProfilePrefetchSettings()
+        # Guards _lookups and _started; never held while calling the source, the manager or
+        # a fetcher (a leaf).
+        self._lock = threading.Lock()
+        self._lookups: dict[str, _Lookup] = {}  # manifest digest -> lookup
+        self._started: set[str] = set()  # layer digests whose profile prefetch started
+        # Batches in flight across layers (a budget, held across one batch's fetch).
+        self._slots = threading.BoundedSemaphore(max(1, self.settings.parallel))
+
+    @property
+    def enabled(self) -> bool:
+        return self._source is not None and self.settings.enabled
+
+    def layer_used(self, ref: str, layer: Layer) -> None:
+        """A user of *layer* (of image *ref*) arrived: look the image's profile up (once),
+        or, when it is known, start this layer's part. Never blocks on the network."""
+        if not self.enabled:
+            return
+        image = self._images.resolution(ref)
+        if image is None:
+            return
+        key = image.manifest_digest
+        start = False
+        with self._lock:
+            lookup = self._lookups.get(key)
+            if lookup is None or (lookup.done and lookup.expires < time.monotonic()):
+                lookup = self._lookups[key] = _Lookup()
+                start = True
+            profile = lookup.profile
+        if start:
+            threading.Thread(
+                target=self._lookup,
+                args=(ref, image, lookup),
+                name="stargz-profile-prefetch",
+                daemon=True,
+            ).start()
+        elif profile is not None:
+            self._start_layer(layer, profile)
+
+    def _lookup(self, ref: str, image: ResolvedImage, lookup: _Lookup) -> None:
+        assert self._source is not None
+        t0 = time.monotonic()
+        profile: Profile | None = None
+        try:
+            raw = self._source.find(image.reference, image.manifest_digest)
+            if raw is None:
+                log.info("profile_not_found", ref=ref, manifest=image.manifest_digest)
+            else:
+                profile = parse_profile(raw)
+        except ProfileError as e:
+            log.warning("profile_ignored", ref=ref, reason=describe_error(e))
+        except LayerStoreError as e:
+            log.warning("profile_ignored", ref=ref, reason=describe_error(e))
+        except Exception as e:  # best effort: the container reads what it needs itself
+            log.warning("profile_lookup_crashed", ref=ref, error=describe_error(e))
+        with self._lock:
+            lookup.profile = profile
+            lookup.done = True
+            if profile is None:
+                lookup.expires = time.monotonic() + self.settings.not_found_ttl
+        if profile is None:
+            return
+        log.info(
+            "profile_found",
+            ref=ref,
+            manifest=image.manifest_digest,
+            layers=len(profile.layers),
+            files=profile.files,
+            created=profile.created,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        for layer in dict.fromkeys(self._images.layers_in_use(ref)):
+            self._start_layer(layer, profile)
+
+    def _start_layer(self, layer: Layer, profile: Profile) -> None:
+        section = profile.layer(layer.toc_digest)
+        if section is None or not section.entries:
+            return
+        with self._lock:
+            if layer.compressed_digest in self._started:
+                return
+            self._started.add(layer.compressed_digest)
+        threading.Thread(
+            target=self._fetch_quietly,
+            args=(layer, section),
+            name="stargz-profile-prefetch",
+            daemon=True,
+        ).start()
+
+    def _fetch_quietly(self, layer: Layer, section: LayerProfile) -> None:
+        try:
+            self.fetch_layer(layer, section)
+        except Exception as e:  # best effort: the container reads what it needs itself
+            log.warning(
+                "profile_prefetch_failed", digest=layer.compressed_digest, error=describe_error(e)
+            )
+
+    def plan(self, layer: Layer, section: LayerProfile) -> tuple[list[list[Chunk]], int, int]:
+        """The batches of chunks to fetch for *section* (access order, chunks already cached
+        left out), the files taken and the paths skipped (not in this layer's TOC, or not
+        regular files)."""
+        st = self.settings
+        index = layer.index
+        seen: set[tuple[int, int]] = set()
+        batches: list[list[Chunk]] = []
+        cur: list[Chunk] = []
+        cur_bytes = total = files = skipped = 0
+        limit = max(1, st.first_batch_bytes)
+        for entry in section.entries:
+            ino = index.find(entry.path)
+            if ino is None or not stat.S_ISREG(index.getattr(ino).mode):
+                skipped += 1
+                continue
+            chunks = index.chunks(ino)
+            n = _compressed_bytes(chunks)
+            if total + n > st.max_layer_bytes:
+                break
+            files += 1
+            for c in chunks:
+                k = (c.offset, c.chunk_offset)
+                if k in seen or c.digest in layer.cache:
+                    continue
+                seen.add(k)
+                cur.append(c)
+                cur_bytes += c.compressed_end - c.offset
+                total += c.compressed_end - c.offset
+                if cur_bytes >= limit:
+                    batches.append(cur)
+                    cur, cur_bytes = [], 0
+                    limit = min(limit * 2, max(limit, st.max_batch_bytes))
+        if cur:
+            batches.append(cur)
+        return batches, files, skipped
+
+    def _fetch_batch(self, layer: Layer, batch: list[Chunk]) -> None:
+        with self._slots:
+            layer.fetcher.get_chunks(batch, speculate=False)
+
+    def fetch_layer(self, layer: Layer, section: LayerProfile) -> int:
+        """Fetch the files of *section* in *layer*; returns the compressed bytes asked for."""
+        t0 = time.monotonic()
+        batches, files, skipped = self.plan(layer, section)
+        size = sum(c.compressed_end - c.offset for b in batches for c in b)
+        failed = 0
+        if batches:
+            with ThreadPoolExecutor(
+                max(1, self.settings.parallel), thread_name_prefix="stargz-profile-prefetch"
+            ) as pool:
+                get = functools.partial(self._fetch_batch, layer)
+                for fut in [pool.submit(get, b) for b in batches]:
+                    try:
+                        fut.result()
+                    except Exception as e:  # readers see (and retry) errors themselves
+                        failed += 1
+                        log.warning(
+                            "profile_prefetch_failed",
+                            digest=layer.compressed_digest,
+                            error=describe_error(e),
+                        )
+        log.info(
+            "profile_prefetched",
+            digest=layer.compressed_digest,
+            toc_digest=layer.toc_digest,
+            files=files,
+            skipped=skipped,
+            batches=len(batches),
+            failed_batches=failed,
+            bytes=size,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return size
