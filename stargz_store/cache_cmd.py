@@ -31,8 +31,7 @@ from stargz_store.cmdline import (
     EXIT_USAGE,
     SIZE_HELP,
     ArgParser,
-    HelpShown,
-    UsageError,
+    parse_command_line,
     parse_size_or_zero,
 )
 from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, ConfigError, load_config
@@ -103,14 +102,9 @@ def build_parser() -> ArgParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(argv))
-    except UsageError as exc:
-        print(f"{PROG}: {exc} (see {PROG} --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except HelpShown:
-        return EXIT_OK
+    args = parse_command_line(build_parser(), argv, PROG)
+    if isinstance(args, int):
+        return args
     if args.action is None:
         print(f"{PROG}: say prune or clear (see {PROG} --help)", file=sys.stderr)
         return EXIT_USAGE

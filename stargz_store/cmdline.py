@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +53,21 @@ class ArgParser(argparse.ArgumentParser):
         if status:
             raise UsageError(message or "invalid arguments")
         raise HelpShown()
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str], prog: str
+) -> argparse.Namespace | int:
+    """*argv* parsed by *parser* (an :class:`ArgParser`), or the exit status to return at once:
+    ``EXIT_OK`` after ``--help``, ``EXIT_USAGE`` after a usage error, told in one line on
+    stderr that points at ``PROG --help``."""
+    try:
+        return parser.parse_args(list(argv))
+    except UsageError as exc:
+        print(f"{prog}: {exc} (see {prog} --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except HelpShown:
+        return EXIT_OK
 
 
 def parse_size(text: str) -> int:

@@ -31,16 +31,12 @@ import contextlib
 import errno
 import json
 import os
-import selectors
 import socket
-import stat
-import struct
-import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+from layerstore.common.unixsock import MessageTooLarge, UnixSocketServer, peer_uid, read_to_end
 from stargz_store.log import get_logger
 
 log = get_logger(__name__)
@@ -52,7 +48,6 @@ MAX_REQUEST = 64 * 1024
 MAX_RESPONSE = 64 * 1024 * 1024
 CONNECTION_TIMEOUT = 10.0
 MAX_CONNECTIONS = 4
-PROBE_TIMEOUT = 2.0
 
 Handler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 """A request (already checked for its version) -> the result; raise :class:`RequestError`."""
@@ -74,74 +69,6 @@ def socket_path(root: str | os.PathLike[str]) -> Path:
     return Path(root) / SOCKET_NAME
 
 
-def peer_uid(conn: socket.socket) -> int | None:
-    """The uid of the process at the other end of a Unix socket (Linux), else None."""
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if so_peercred is None:  # pragma: no cover - not Linux
-        return None
-    raw = conn.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    return int(uid)
-
-
-def socket_is_live(path: str | os.PathLike[str], timeout: float = PROBE_TIMEOUT) -> bool:
-    """Does a process listen on ``path``? Only a refused connection or a missing file means no:
-    an unclear answer (timeout, full backlog) is taken as live, never to unlink a live socket."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout)
-    try:
-        probe.connect(os.fspath(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
-    finally:
-        probe.close()
-    return True
-
-
-def bind_private_unix(path: Path, backlog: int = 16) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 from the start (bound in a private
-    temporary directory beside it, then renamed into place). A stale socket at ``path`` is
-    replaced; a live one, or anything that is not a socket, is refused (ControlError)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ControlError(f"cannot use {path}: {e.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{path} exists and is not a socket")
-        if socket_is_live(path):
-            raise ControlError(f"{path} is in use (a process answers on it)")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    # sun_path holds 107 bytes; the temporary name below is at most 10 bytes longer.
-    if len(os.fsencode(str(path.parent))) + 18 > 107 or len(os.fsencode(str(path))) > 107:
-        raise ControlError(f"socket path too long for a Unix socket: {path}")
-    try:
-        private = tempfile.mkdtemp(prefix=".s", dir=path.parent)  # mode 0700
-    except OSError as e:
-        raise ControlError(f"cannot create a socket under {path.parent}: {e.strerror}") from None
-    tmp = os.path.join(private, "s")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(tmp)
-        os.chmod(tmp, 0o600)
-        listener.listen(backlog)
-        os.rename(tmp, path)
-    except OSError as e:
-        listener.close()
-        raise ControlError(f"cannot listen on {path}: {e.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        with contextlib.suppress(OSError):
-            os.rmdir(private)
-    return listener
-
-
 def _send(conn: socket.socket, doc: Mapping[str, Any]) -> None:
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps(doc, separators=(",", ":")).encode("utf-8") + b"\n")
@@ -151,7 +78,7 @@ def _error(message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "ok": False, "error": message}
 
 
-class ControlServer:
+class ControlServer(UnixSocketServer):
     """Serves :data:`Handler` requests on ``path`` until :meth:`stop`."""
 
     def __init__(
@@ -162,86 +89,21 @@ class ControlServer:
         timeout: float = CONNECTION_TIMEOUT,
         allowed_uids: set[int] | None = None,
     ) -> None:
-        self._path = Path(path)
+        super().__init__(
+            path,
+            accept_thread="stargz-control",
+            connection_thread="stargz-control-conn",
+            max_connections=MAX_CONNECTIONS,
+            listening_event="control_socket_listening",
+            failure_event="control_connection_failed",
+            error=ControlError,
+        )
         self._handler = handler
         self._timeout = timeout
         self._allowed = allowed_uids if allowed_uids is not None else {0, os.getuid()}
-        self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._inode: int | None = None
 
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def start(self) -> None:
-        """Bind and start accepting; raises ControlError."""
-        if self._listener is not None:
-            raise ControlError("control server already started")
-        self._listener = bind_private_unix(self._path)
-        self._inode = os.lstat(self._path).st_ino
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name="stargz-control", daemon=True)
-        self._thread.start()
-        log.info("control_socket_listening", socket=str(self._path))
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        for s in (self._listener, self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._listener = self._wake_r = self._wake_w = None
-        with contextlib.suppress(OSError):  # only if it is still ours
-            if self._inode is not None and os.lstat(self._path).st_ino == self._inode:
-                os.unlink(self._path)
-        self._inode = None
-
-    def _serve(self) -> None:
-        assert self._listener is not None and self._wake_r is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        try:
-            while not self._stop.is_set():
-                for key, _ in sel.select():
-                    if key.fileobj is self._wake_r or self._stop.is_set():
-                        return
-                    try:
-                        conn, _addr = self._listener.accept()
-                    except OSError:
-                        continue
-                    if not self._slots.acquire(blocking=False):
-                        _send(conn, _error("busy: too many control connections"))
-                        conn.close()
-                        continue
-                    threading.Thread(
-                        target=self._serve_one,
-                        args=(conn,),
-                        name="stargz-control-conn",
-                        daemon=True,
-                    ).start()
-        finally:
-            sel.close()
-
-    def _serve_one(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                self.handle_connection(conn)
-        except Exception as e:  # one connection never ends the server
-            log.error("control_connection_failed", error=repr(e), exc_info=True)
-        finally:
-            self._slots.release()
+    def reply_busy(self, conn: socket.socket) -> None:
+        _send(conn, _error("busy: too many control connections"))
 
     def handle_connection(self, conn: socket.socket) -> None:
         """Serve one accepted connection (public for tests)."""
@@ -280,21 +142,14 @@ class ControlServer:
 
     @staticmethod
     def _receive(conn: socket.socket) -> dict[str, Any]:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except socket.timeout:
-                raise RequestError("timed out reading the request") from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > MAX_REQUEST:
-                raise RequestError(f"request larger than {MAX_REQUEST} bytes")
-            chunks.append(chunk)
         try:
-            doc = json.loads(b"".join(chunks))
+            body = read_to_end(conn, MAX_REQUEST)
+        except socket.timeout:
+            raise RequestError("timed out reading the request") from None
+        except MessageTooLarge:
+            raise RequestError(f"request larger than {MAX_REQUEST} bytes") from None
+        try:
+            doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise RequestError("request is not valid JSON") from None
         if not isinstance(doc, dict):
@@ -337,7 +192,11 @@ def request(
         try:
             sock.sendall(body)
             sock.shutdown(socket.SHUT_WR)
-            answer = _read_all(sock)
+            answer = read_to_end(sock, MAX_RESPONSE)
+        except MessageTooLarge:
+            raise ControlError(
+                f"the daemon's answer is larger than {MAX_RESPONSE} bytes"
+            ) from None
         except socket.timeout:
             raise ControlError(f"the daemon did not answer within {timeout:g} s") from None
         except OSError as e:
@@ -360,15 +219,3 @@ def request(
         raise ControlError("the daemon's answer has no result")
     return result
 
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > MAX_RESPONSE:
-            raise ControlError(f"the daemon's answer is larger than {MAX_RESPONSE} bytes")
-        chunks.append(chunk)

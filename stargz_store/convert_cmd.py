@@ -49,7 +49,9 @@ from layerstore.image.convert import (
     convert_image,
 )
 from layerstore.image.ocilayout import OCILayout, parse_oci_reference
+from stargz_store.cmdline import EXIT_FAILURE as EXIT_FAILED
 from stargz_store.cmdline import (
+    EXIT_USAGE,
     SIZE_HELP,
     ArgParser,
     HelpShown,
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
     from layerstore.registry.client import PullSource, RegistryClient
     from layerstore.registry.registries_conf import RegistriesConf
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 PROG = "stargz-store convert"
 _TLS_FLAGS = ("--src-tls-verify", "--dest-tls-verify")
 _BOOL_WORDS = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})

@@ -44,7 +44,14 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Callable, cast
 
 from stargz_store import notify
-from stargz_store.cmdline import ArgParser, HelpShown, UsageError, version
+from stargz_store.cmdline import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArgParser,
+    parse_command_line,
+    version,
+)
 from stargz_store.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, Config, ConfigError, load_config
 from stargz_store.log import LEVELS, configure_logging, get_logger
 
@@ -59,7 +66,6 @@ SWEEP_INTERVAL = 60.0
 STARTUP_CHECK_SECONDS = 30.0
 PROBE_SECONDS = 5.0
 LOCK_NAME = "lock"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class DaemonError(Exception):
@@ -781,13 +787,9 @@ def serve_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str], prog: str = "stargz-store") -> int:
-    try:
-        args = build_parser(prog).parse_args(list(argv))
-    except UsageError as exc:
-        print(f"{prog}: {exc} (see {prog} --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except HelpShown:
-        return EXIT_OK
+    args = parse_command_line(build_parser(prog), argv, prog)
+    if isinstance(args, int):
+        return args
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -17,7 +17,7 @@ The tree::
     /<base64(ref)>/<key>/               key = compressed blob digest or TOC digest
     /<base64(ref)>/<key>/diff/          the layer's overlay view (the provider's TOCIndex)
     /<base64(ref)>/<key>/info           JSON for the key's scheme
-    /<base64(ref)>/<key>/blob           the registry blob, read lazily
+    /<base64(ref)>/<key>/blob           the registry blob, from a verified whole copy
     create(<key>/use)                   -> provider.use(ref, key); answers ENOENT
     rmdir(<base64(ref)>/<key>)          -> provider.release(ref, key); answers ENOENT
 
@@ -151,7 +151,7 @@ def mount_options(settings: FuseSettings) -> set[str]:
     Containers are unaffected: overlayfs applies the flags of its own mount (which podman and
     CRI-O make without them), not those of its lower layers; tried with podman 4.3.1, a
     ``--user 65534`` container still gets euid 0 from a setuid-root binary of the image and can
-    use its device nodes (``docs/trust-local.md``). The mount is not ``ro``: the kernel would
+    use its device nodes (``docs/ARCHITECTURE.md``). The mount is not ``ro``: the kernel would
     then refuse create(use) and rmdir(key) before asking us.
     """
     opts = {

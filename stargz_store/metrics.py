@@ -61,8 +61,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from layerstore.common.unixsock import UnixSocketError, bind_private_unix
 from stargz_store.config import parse_metrics_listen
-from stargz_store.control import ControlError, bind_private_unix
 from stargz_store.log import get_logger
 from stargz_store.status import StatusSource
 
@@ -285,7 +285,7 @@ class MetricsServer:
                 host, port = self._address
                 cls = _TCP6Server if ":" in host else _TCPServer
                 server = cls((host, port), _QuietHandler)
-        except ControlError as e:
+        except UnixSocketError as e:
             raise MetricsError(f"[metrics] listen = {self._listen!r}: {e}") from None
         except OSError as e:
             raise MetricsError(f"[metrics] listen = {self._listen!r}: {e.strerror or e}") from None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stargz_store.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ArgParser, HelpShown, UsageError
+from stargz_store.cmdline import EXIT_FAILURE, EXIT_OK, ArgParser, parse_command_line
 from stargz_store.config import DEFAULT_ROOT
 
 PROG = "stargz-store status"
@@ -60,13 +60,9 @@ def build_parser() -> ArgParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args = build_parser().parse_args(list(argv))
-    except UsageError as exc:
-        print(f"{PROG}: {exc} (see {PROG} --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except HelpShown:
-        return EXIT_OK
+    args = parse_command_line(build_parser(), argv, PROG)
+    if isinstance(args, int):
+        return args
     from stargz_store.control import ControlError, request
 
     try:

@@ -2,8 +2,10 @@
 docker-registry, podman with private configuration, and the store daemon as a child process.
 
 Shared by the demo (``testbed.demo``), the end-to-end tests (``tests/image_util.py``,
-``tests/podman_util.py``, ``tests/test_store_integration.py``) and the benchmarks; the product
-never imports ``tests/``. Servers listen on loopback addresses only.
+``tests/podman_util.py``, ``tests/test_store_integration.py``) and the benchmarks. Not installed
+(neither the wheel nor the RPM has it): it may import the product packages, and no product
+module imports it, ``tests`` or ``benchmarks`` (``tests/test_layering.py``). Servers listen on
+loopback addresses only.
 """
 
 from __future__ import annotations

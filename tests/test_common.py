@@ -1,8 +1,11 @@
-"""layerstore.common: atomic writes, single-flight, negative cache, redaction, RFC 3339."""
+"""layerstore.common: atomic writes, single-flight, negative cache, redaction, RFC 3339,
+private Unix sockets."""
 
 from __future__ import annotations
 
 import os
+import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,14 @@ from layerstore.common.negcache import NegativeCache
 from layerstore.common.redact import describe_error, redact, redact_url
 from layerstore.common.singleflight import SingleFlight
 from layerstore.common.timefmt import parse_rfc3339, parse_rfc3339_ns
+from layerstore.common.unixsock import (
+    MessageTooLarge,
+    UnixSocketError,
+    UnixSocketServer,
+    bind_private_unix,
+    read_to_end,
+    socket_is_live,
+)
 
 
 def test_write_atomic_replaces_and_sets_mode(tmp_path: Path) -> None:
@@ -136,3 +147,97 @@ def test_rfc3339() -> None:
     for bad in ("2020-13-01T00:00:00Z", "2020-01-01T25:00:00Z", "2020-01-01T00:00:00", "x"):
         with pytest.raises(ValueError):
             parse_rfc3339_ns(bad)
+
+
+def test_private_socket_is_0600_and_never_takes_over_a_live_one(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    first = bind_private_unix(path)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert os.listdir(tmp_path) == ["s.sock"]  # the private directory is gone
+        assert socket_is_live(path)
+        with pytest.raises(UnixSocketError, match=r"in use .*: hint"):
+            bind_private_unix(path, in_use_hint=": hint")
+    finally:
+        first.close()
+    assert not socket_is_live(path)  # still there, nothing answers: stale
+    bind_private_unix(path).close()  # a stale one is replaced
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(UnixSocketError, match="not a socket"):
+        bind_private_unix(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_read_to_end_stops_at_the_limit() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"x" * 10)
+        b.shutdown(socket.SHUT_WR)
+        assert read_to_end(a, 10) == b"x" * 10
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"x" * 11)
+        b.shutdown(socket.SHUT_WR)
+        with pytest.raises(MessageTooLarge):
+            read_to_end(a, 10)
+
+
+class _Echo(UnixSocketServer):
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        super().__init__(
+            path,
+            accept_thread="test-accept",
+            connection_thread="test-conn",
+            max_connections=1,
+            listening_event="test_listening",
+            failure_event="test_failed",
+            error=RuntimeError,
+        )
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def handle_connection(self, conn: socket.socket) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        conn.sendall(read_to_end(conn, 100))
+
+    def reply_busy(self, conn: socket.socket) -> None:
+        conn.sendall(b"busy")
+
+
+def _ask(path: Path, body: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(path))
+        c.sendall(body)
+        c.shutdown(socket.SHUT_WR)
+        return read_to_end(c, 100)
+
+
+def test_unix_socket_server_bounds_connections_and_removes_its_socket(tmp_path: Path) -> None:
+    path = tmp_path / "e.sock"
+    gate = threading.Event()
+    with _Echo(path, gate) as server:
+        with pytest.raises(RuntimeError, match="already serving"):
+            server.start()
+        held = threading.Thread(target=_ask, args=(path, b"first"))
+        held.start()
+        assert server.entered.wait(10)  # the one slot is taken
+        with socket.socket(socket.AF_UNIX) as c:  # answered at once, before any request
+            c.settimeout(10)
+            c.connect(str(path))
+            assert read_to_end(c, 100) == b"busy"
+        gate.set()
+        held.join(10)
+        # The slot comes back once the first handler has returned (just after its answer).
+        answer: bytes | None = None
+        for _ in range(200):
+            try:
+                answer = _ask(path, b"third")
+            except OSError:  # "busy" and closed before our request was read
+                answer = None
+            if answer == b"third":
+                break
+            time.sleep(0.05)
+        assert answer == b"third"
+    assert not path.exists()

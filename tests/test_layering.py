@@ -119,7 +119,8 @@ def test_product_modules_follow_the_import_rules() -> None:
 
 
 def test_subpackages_say_what_they_own() -> None:
-    for pkg in ("layerstore", "layerstore/estargz", "layerstore/image", "layerstore/common"):
+    subpackages = ("common", "estargz", "registry", "runtime", "image")
+    for pkg in ("layerstore", "auth", "stargz_store", *(f"layerstore/{s}" for s in subpackages)):
         doc = ast.get_docstring(ast.parse((REPO / pkg / "__init__.py").read_text()))
         assert doc and "import" in doc, f"{pkg}/__init__.py has no docstring with its rules"
 

@@ -199,7 +199,7 @@ def test_same_layer_under_two_refs_is_shared(
 ) -> None:
     """Shared when two manifests of one repository make the same claims; another repository
     (or other claims) gets its own object, which finds the TOC in the TOC cache and the
-    chunks in the chunk cache (docs/trust-identity.md)."""
+    chunks in the chunk cache (docs/ARCHITECTURE.md, "Layer identity and the whole-blob check")."""
     chunked = blobs["ref-chunked-64k"]
     client.add("registry.example/app:v2", [(desc(chunked, size_ann=False), chunked.diff_id)])
     mgr = LayerManager(client, cache, quiet())

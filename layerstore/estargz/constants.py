@@ -26,6 +26,10 @@ view hides them (as regular files at the root)."""
 ESTARGZ_FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 
+MAX_TOC_JSON_SIZE = 150 << 20
+"""The largest TOC JSON readers accept (containers/storage refuses more): our reader's default
+cap, and the writer refuses to write a larger one."""
+
 # --- annotations on the layer descriptor --------------------------------------------------------
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 """sha256 of the uncompressed TOC JSON; podman >= 5.1 asks for layers by this digest."""

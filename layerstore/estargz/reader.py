@@ -29,7 +29,12 @@ from layerstore.errors import (
     NotEStargzError,
     TOCDigestMismatchError,
 )
-from layerstore.estargz.constants import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, TOC_TAR_NAME
+from layerstore.estargz.constants import (
+    ESTARGZ_FOOTER_SIZE,
+    LEGACY_FOOTER_SIZE,
+    MAX_TOC_JSON_SIZE,
+    TOC_TAR_NAME,
+)
 from layerstore.estargz.footer import parse_footer
 from layerstore.estargz.tarfmt import (
     header_checksum_ok,
@@ -40,7 +45,7 @@ from layerstore.estargz.tarfmt import (
 from layerstore.estargz.toc import DEFAULT_MAX_ENTRIES, Chunk, TOCIndex
 from layerstore.source import RangeSource
 
-DEFAULT_MAX_TOC_SIZE = 150 * 2**20
+DEFAULT_MAX_TOC_SIZE = MAX_TOC_JSON_SIZE
 """Cap on the TOC JSON (containers/storage uses the same 150 MiB)."""
 
 TOC_TAR_OVERHEAD = 64 * 1024

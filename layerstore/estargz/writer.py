@@ -43,6 +43,7 @@ from layerstore.digest import sha256_digest
 from layerstore.errors import FormatError, LayerStoreError, LimitExceededError
 from layerstore.estargz.constants import (
     LANDMARK_CONTENT,
+    MAX_TOC_JSON_SIZE,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     RESERVED_ROOT_NAMES,
@@ -70,7 +71,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 4 << 20
-MAX_TOC_SIZE = 150 << 20  # containers/storage's limit, and our reader's
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -869,9 +869,10 @@ def _write(
         b.cut()
         b.drain()
         toc_json = _finish_toc(w.records, b.seg_offsets)
-        if len(toc_json) > MAX_TOC_SIZE:
+        if len(toc_json) > MAX_TOC_JSON_SIZE:
             raise LimitExceededError(
-                f"the TOC would be {len(toc_json)} bytes; readers refuse more than {MAX_TOC_SIZE}"
+                f"the TOC would be {len(toc_json)} bytes; "
+                f"readers refuse more than {MAX_TOC_JSON_SIZE}"
             )
         toc_digest = sha256_digest(toc_json)
         tail = (

@@ -401,16 +401,6 @@ class _VerifyingReader:
 # --- conversion --------------------------------------------------------------------------------
 
 
-def _load(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ManifestError(f"{what} is not a JSON object")
-    return obj
-
-
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -457,7 +447,7 @@ class _Converter:
 
     def run(self) -> ConvertResult:
         body, hint = self.src.get_root()
-        root = _load(body, f"manifest of {self.src.describe()}")
+        root = mf.load_json_object(body, f"manifest of {self.src.describe()}")
         if root.get("schemaVersion") != 2:
             raise ManifestError(
                 f"{self.src.describe()}: unsupported schemaVersion {root.get('schemaVersion')!r}"
@@ -533,7 +523,7 @@ class _Converter:
         for d in selected:
             digest = validate(str(d.get("digest", "")))
             body = self.src.get_manifest(digest, mf.MAX_MANIFEST_SIZE)
-            m = _load(body, f"manifest {digest}")
+            m = mf.load_json_object(body, f"manifest {digest}")
             mmt = _media_type(m, d.get("mediaType"))
             if mmt not in mf.MANIFEST_MEDIA_TYPES:
                 raise ManifestError(f"manifest {digest}: unsupported media type {mmt} in index")
@@ -557,7 +547,9 @@ class _Converter:
         if not isinstance(cdesc, dict):
             raise ManifestError("manifest has no config descriptor")
         digest = validate(str(cdesc.get("digest", "")))
-        return _load(self.src.get_blob(digest, mf.MAX_CONFIG_SIZE), f"config {digest}")
+        return mf.load_json_object(
+            self.src.get_blob(digest, mf.MAX_CONFIG_SIZE), f"config {digest}"
+        )
 
     def _manifest(self, manifest: dict[str, Any], mt: str, platform: str) -> bytes:
         new = copy.deepcopy(manifest)

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from layerstore.common.atomicfile import TMP_PREFIX, TMP_SUFFIX, fsync_dir, write_atomic
 from layerstore.digest import hex_part, is_valid, sha256_digest, validate
 from layerstore.errors import DigestError, LayerStoreError, ManifestError, VerificationError
+from layerstore.registry.manifest import OCI_INDEX
 
 __all__ = [
     "REF_NAME_ANNOTATION",
@@ -31,7 +32,6 @@ __all__ = [
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 LAYOUT_VERSION = "1.0.0"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MAX_INDEX_SIZE = 4 << 20
 _COPY_PIECE = 1 << 20
 

@@ -8,6 +8,7 @@ redirects), :mod:`.auth` (challenges, tokens, credentials), :mod:`.client` (the 
 API) and :mod:`.blobsource` (lazy ranged reads of a blob).
 
 May import: ``layerstore.errors``, ``layerstore.digest``, ``layerstore.source``,
-``layerstore.common``, ``layerstore.estargz.constants`` and the ``auth`` package; never
-``layerstore.runtime``, ``layerstore.image`` or ``stargz_store``.
+``layerstore.common``, ``layerstore.estargz.constants`` (nothing else of ``estargz``) and the
+``auth`` package; never ``layerstore.runtime``, ``layerstore.image`` or ``stargz_store``, nor
+``pyfuse3`` or ``trio``.
 """

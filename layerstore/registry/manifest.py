@@ -186,8 +186,10 @@ class ImageConfig:
 Manifest = Union[ImageManifest, ImageIndex]
 
 
-def _load_json(body: bytes, what: str, limit: int) -> dict[str, Any]:
-    if len(body) > limit:
+def load_json_object(body: bytes, what: str, limit: int | None = None) -> dict[str, Any]:
+    """*body* as a JSON object, or ManifestError naming *what* (over *limit* bytes, not JSON,
+    not an object). The image converter reads manifests and configs with it too."""
+    if limit is not None and len(body) > limit:
         raise ManifestError(f"{what} is {len(body)} bytes, over the {limit} byte limit")
     try:
         obj = json.loads(body)
@@ -253,7 +255,7 @@ def parse_manifest(
 ) -> Manifest:
     """Parse an image manifest or an index. *content_type* (the HTTP header) is used when the
     body has no ``mediaType``; a body ``mediaType`` that contradicts it is refused."""
-    obj = _load_json(body, "manifest", limit)
+    obj = load_json_object(body, "manifest", limit)
     if obj.get("schemaVersion") != 2:
         raise ManifestError(
             f"unsupported manifest schemaVersion {obj.get('schemaVersion')!r} (need 2)"
@@ -298,7 +300,7 @@ def parse_manifest(
 
 
 def parse_image_config(body: bytes, *, limit: int = MAX_CONFIG_SIZE) -> ImageConfig:
-    obj = _load_json(body, "image config", limit)
+    obj = load_json_object(body, "image config", limit)
     rootfs = obj.get("rootfs")
     if not isinstance(rootfs, dict):
         raise ManifestError("image config has no rootfs")

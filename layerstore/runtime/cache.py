@@ -35,7 +35,7 @@ Rules:
   altered after it was verified) removes the entry, logs ``chunk_cache_entry_altered`` (an
   error) and answers a miss, so the caller fetches the chunk again; the altered bytes are never
   returned. Slices served from memory (pending writes, the hot LRU) need no check. See
-  ``docs/trust-cache.md``.
+  ``docs/ARCHITECTURE.md``, "Cached chunks".
 * ``store_stream`` writes a large chunk piece by piece as it is decoded (temp file + rename, tags
   computed on the way): the fetcher never holds a whole large chunk in memory. The daemon-wide
   :class:`~layerstore.runtime.membudget.MemoryBudget` (``memory_budget``) bounds the bytes held

@@ -17,7 +17,7 @@ checked; no byte is served before both match (a tampered blob answers its first 
 error). Concurrent readers share that one fetch; the file goes when it has been idle for
 ``blob_spool_idle_seconds`` or the layer closes.
 
-Identity and verification (``docs/trust-identity.md``): a layer object is what one manifest
+Identity and verification (``docs/ARCHITECTURE.md``): a layer object is what one manifest
 claims for one blob in one repository (``identity``, built by the manager). Its TOC is verified
 before it exists; its blob digest and DiffID are verified when the whole blob has been seen, by
 the streaming background fill or by the blob spool (:mod:`layerstore.runtime.blobcheck`). A

@@ -22,7 +22,7 @@ Resolving a layer:
 5. a :class:`Layer` (index + fetcher + cache) is built once per *identity* and shared by every
    reference and key whose own manifest makes the same claims (see below).
 
-Identity (``docs/trust-identity.md``). A compressed digest in a manifest is a claim the store
+Identity (``docs/ARCHITECTURE.md``). A compressed digest in a manifest is a claim the store
 cannot check until it has the whole blob, so it is never enough to share a layer: an image on
 any registry could name another image's blob digest with its own TOC. A layer object is shared
 by :func:`layer_identity`: the TOC digest of the requesting manifest's annotation (verified
