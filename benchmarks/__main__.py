@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["runs"].append(res)
                     if res.get("error") is None:
                         log(
-                            f"run {r + 1}/{args.runs} {n:<6} {m:<16} pull {res['pull_s']:6.2f} s"
+                            f"run {r + 1}/{args.runs} {n:<6} {m:<18} pull {res['pull_s']:6.2f} s"
                             f"  run {res['run_s']:6.2f} s  total {res['total_s']:6.2f} s  "
                             f"{res['bytes_down'] / 1e6:7.1f} MB down"
                             + (f"  [{res['warning']}]" if res.get("warning") else "")
