@@ -40,7 +40,7 @@ _VARIANT_LABELS = {
     "esgz-opt": "eStargz, optimized",
     "esgz-go": "Go-written eStargz",
     "esgz-go-opt": "Go-written eStargz, optimized",
-    "esgz-optimize": "eStargz by `optimize`",
+    "esgz-optimize": "eStargz by optimize",
     "esgz-attached": "eStargz + attached profile",
 }
 _STORE_LABELS = {"full": "full pull", "lazy": "lazy, ours", "go": "Go store"}
