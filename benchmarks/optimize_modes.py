@@ -1,9 +1,12 @@
-"""The two cold-start modes that come from ``stargz-store optimize`` (issue 11):
+"""The two image variants that come from ``stargz-store optimize`` (issue 11; their modes and
+labels are in ``report``):
 
-* ``lazy-esgz-optimize``: the image rewritten by ``stargz-store optimize oci:GZIP oci:DST``
-  (the workload recorded by the store itself, each layer's recorded files first, then the
-  landmark), pushed as ``bench/<image>:esgz-optimize-<digest>``;
-* ``lazy-esgz-attached``: the plain eStargz image, unchanged, pushed to a repository of its own
+* ``esgz-optimize`` (modes ``lazy-esgz-optimize``, ``go-esgz-optimize``): the image rewritten
+  by ``stargz-store optimize oci:GZIP oci:DST`` (the workload recorded by the store itself,
+  each layer's recorded files first, then the landmark), pushed as
+  ``bench/<image>:esgz-optimize-<digest>``;
+* ``esgz-attached`` (mode ``lazy-esgz-attached``; the Go store does not follow profiles): the
+  plain eStargz image, unchanged, pushed to a repository of its own
   (``bench/<image>-attached``, so the ``lazy-esgz`` mode's repository has no profile) with a
   profile attached by ``stargz-store optimize --attach`` (referrers tag scheme on the
   benchmark's docker-registry); the daemon finds it on first use and fetches its files.
@@ -30,12 +33,6 @@ from benchmarks.env import EnvError, Registry, skopeo_push
 from benchmarks.images import BuiltImage, image_dir, read_oci_image
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("lazy-esgz-optimize", "lazy-esgz-attached")
-VARIANT_OF_MODE = {"lazy-esgz-optimize": "esgz-optimize", "lazy-esgz-attached": "esgz-attached"}
-LABELS = {
-    "lazy-esgz-optimize": "lazy (optimized by `optimize`)",
-    "lazy-esgz-attached": "lazy (eStargz + attached profile)",
-}
 # Sources that change what is recorded or written, besides the converter's.
 _SOURCES = (
     "layerstore/runtime/recorder.py",

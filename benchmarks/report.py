@@ -13,7 +13,10 @@ SCHEMA = 1
 # A mode is "<store>-<variant>": the store serving the layers (full = none: podman pulls them;
 # lazy = ours; go = the Go reference store, go-stargz-store) and the image variant in the
 # registry (gzip; esgz / esgz-opt written by our converter, without / with the workload's
-# prioritized files; esgz-go / esgz-go-opt written by the Go library's writer).
+# prioritized files; esgz-go / esgz-go-opt written by the Go library's writer; esgz-optimize
+# written by `stargz-store optimize` from the store's own record of the workload; esgz-attached:
+# the esgz image unchanged, in a repository of its own, with a profile attached by
+# `stargz-store optimize --attach`, which only our store follows: no Go mode of it).
 MODES = (
     "full-gzip",
     "lazy-esgz",
@@ -22,18 +25,23 @@ MODES = (
     "go-esgz-opt",
     "lazy-esgz-go",
     "go-esgz-go",
+    "lazy-esgz-optimize",
+    "go-esgz-optimize",
+    "lazy-esgz-attached",
     "lazy-esgz-go-opt",
     "go-esgz-go-opt",
 )
-DEFAULT_MODES = MODES[:7]
+DEFAULT_MODES = MODES[:10]
 STORES = {"full": None, "lazy": "ours", "go": "go"}
-VARIANTS = ("gzip", "esgz", "esgz-opt", "esgz-go", "esgz-go-opt")
+VARIANTS = ("gzip", "esgz", "esgz-opt", "esgz-go", "esgz-go-opt", "esgz-optimize", "esgz-attached")
 _VARIANT_LABELS = {
     "gzip": "gzip",
     "esgz": "eStargz",
     "esgz-opt": "eStargz, optimized",
     "esgz-go": "Go-written eStargz",
     "esgz-go-opt": "Go-written eStargz, optimized",
+    "esgz-optimize": "eStargz by optimize",
+    "esgz-attached": "eStargz + attached profile",
 }
 _STORE_LABELS = {"full": "full pull", "lazy": "lazy, ours", "go": "Go store"}
 MODE_LABELS = {
@@ -62,9 +70,11 @@ def mode_parts(mode: str) -> tuple[str | None, str]:
 
 
 def go_counterpart(mode: str) -> str | None:
-    """The Go store's mode on the same image variant as our lazy *mode* (None otherwise)."""
+    """The Go store's mode on the same image variant as our lazy *mode* (None otherwise, and
+    for a variant the Go store has no mode of, like esgz-attached)."""
     store, variant = mode.split("-", 1)
-    return f"go-{variant}" if store == "lazy" else None
+    go_mode = f"go-{variant}"
+    return go_mode if store == "lazy" and go_mode in MODES else None
 
 
 def _rate(params: dict[str, Any]) -> str:
@@ -112,6 +122,11 @@ def compute_ratios(coldstart: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
             out["lazy-esgz-opt/total_s_vs_lazy-esgz"] = _ratio(
                 opt.get("total_s"), plain.get("total_s")
             )
+        optimized, attached = modes.get("lazy-esgz-optimize"), modes.get("lazy-esgz-attached")
+        if optimized and attached:
+            out["lazy-esgz-attached/total_s_vs_lazy-esgz-optimize"] = _ratio(
+                attached.get("total_s"), optimized.get("total_s")
+            )
         for mode in MODES:
             go_mode = go_counterpart(mode)
             ours, go = modes.get(mode), modes.get(go_mode or "")
@@ -134,11 +149,38 @@ def fs_ratios(ours: dict[str, Any] | None, go: dict[str, Any] | None) -> dict[st
     return {f"{k}_ours_vs_go": _ratio(ours.get(k), go.get(k)) for k in _FS_RATIO_KEYS}
 
 
+def compute_floors(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per image, the floor of a lazy cold start: the bytes the workload opens at the link's
+    effective rate, plus the full pull's create+run (the container's own start, its files on
+    local disk); and every mode's median total against it. No floor without the full pull's
+    run, the link check or the recorded opened bytes."""
+    link = results.get("link") or {}
+    mbit = link.get("effective_mbit")
+    floors: dict[str, dict[str, float | None]] = {}
+    for image, info in (results.get("images") or {}).items():
+        opened = (info or {}).get("opened_bytes")
+        entries = {
+            e["mode"]: e.get("median") or {}
+            for e in results.get("coldstart", [])
+            if e["image"] == image
+        }
+        run = (entries.get("full-gzip") or {}).get("run_s")
+        if not opened or not mbit or run is None:
+            continue
+        floor = opened * 8 / (float(mbit) * 1e6) + float(run)
+        out: dict[str, float | None] = {"floor_s": floor}
+        for mode, med in entries.items():
+            out[f"{mode}/total_s_vs_floor"] = _ratio(med.get("total_s"), floor)
+        floors[image] = out
+    return floors
+
+
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
-    """Fill in medians and ratios (idempotent)."""
+    """Fill in medians, ratios and floors (idempotent)."""
     for entry in results.get("coldstart", []):
         entry["median"] = summarize_mode(entry.get("runs", []))
     results["ratios"] = compute_ratios(results.get("coldstart", []))
+    results["floors"] = compute_floors(results)
     if results.get("fs_go"):
         results["ratios"]["fs"] = fs_ratios(results.get("fs"), results.get("fs_go"))
     results.setdefault("schema", SCHEMA)
@@ -253,7 +295,7 @@ def summary_text(results: dict[str, Any]) -> str:
             f"(nominal {_rate(results.get('params', {}))})"
         )
     lines.append(
-        "image   mode               pull s   run s   total s   MB down   RSS MB   vs full   vs Go"
+        "image   mode                 pull s   run s   total s   MB down   RSS MB   vs full   vs Go"
     )
     for e in results.get("coldstart", []):
         m = e.get("median") or {}
@@ -263,12 +305,36 @@ def summary_text(results: dict[str, Any]) -> str:
         vs_go = ratios.get(f"{e['mode']}/total_s_vs_{go_mode}") if go_mode else None
         err = f"  ERROR: {e['error']}" if e.get("error") else ""
         lines.append(
-            f"{e['image']:<7} {e['mode']:<16} {_fmt(m.get('pull_s')):>8} {_fmt(m.get('run_s')):>7}"
+            f"{e['image']:<7} {e['mode']:<18} {_fmt(m.get('pull_s')):>8} {_fmt(m.get('run_s')):>7}"
             f" {_fmt(m.get('total_s')):>9} {_fmt(m.get('bytes_down'), '', 1e6, 1):>9}"
             f" {_fmt(m.get('daemon_peak_rss_bytes'), '', 1e6, 0):>8}"
             f" {_fmt(ratio, 'x'):>9} {_fmt(vs_go, 'x'):>7}{err}"
         )
     lines.append("(vs Go: our store's median total over the Go store's, same image variant)")
+    attached = {
+        image: r.get("lazy-esgz-attached/total_s_vs_lazy-esgz-optimize")
+        for image, r in (results.get("ratios") or {}).items()
+        if image != "fs"
+    }
+    for image, ratio in attached.items():
+        if ratio is not None:
+            lines.append(
+                f"attached profile vs optimized image ({image}): {ratio:.2f}x "
+                "(lazy-esgz-attached total over lazy-esgz-optimize)"
+            )
+    floors = results.get("floors") or {}
+    if floors:
+        lines.append("")
+    for image, f in floors.items():
+        vs = ", ".join(
+            f"{k.split('/')[0]} {v:.2f}x"
+            for k, v in f.items()
+            if k.endswith("_vs_floor") and v is not None
+        )
+        lines.append(
+            f"floor {image}: {_fmt(f.get('floor_s'))} s (opened bytes at the effective rate + "
+            f"the full pull's create+run); total vs floor: {vs or '-'}"
+        )
     for key, who in (("fs", "ours"), ("fs_go", "Go store")):
         fs = results.get(key)
         if not fs:

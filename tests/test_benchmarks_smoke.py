@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +231,72 @@ def test_modes_name_a_store_and_a_variant() -> None:
     assert report.mode_parts("go-esgz") == ("go", "esgz")
     assert report.go_counterpart("lazy-esgz-opt") == "go-esgz-opt"
     assert report.go_counterpart("go-esgz") is None
+    assert report.mode_parts("lazy-esgz-attached") == ("ours", "esgz-attached")
+    assert report.go_counterpart("lazy-esgz-optimize") == "go-esgz-optimize"
+    assert report.go_counterpart("lazy-esgz-attached") is None  # the Go store has no profiles
     with pytest.raises(ValueError):
         report.mode_parts("go-gzip")
     assert set(report.DEFAULT_MODES) <= set(report.MODES)
     for mode in report.MODES:
         assert report.mode_parts(mode)[1] in report.VARIANTS
         assert mode in report.MODE_LABELS
+
+
+def test_optimize_modes_ratios_and_floors() -> None:
+    """The two modes of ``stargz-store optimize`` and the floor: opened bytes at the link's
+    effective rate plus the full pull's create+run."""
+    results = _synthetic()
+    results["link"] = {"effective_mbit": 100.0, "first_byte_s": 0.04}
+    results["images"]["python"]["opened_bytes"] = 10_000_000  # 0.8 s at 100 Mbit/s
+    results["coldstart"] += [
+        {"image": "python", "mode": "lazy-esgz-optimize", "runs": [
+            {"pull_s": 0.5, "run_s": 1.5, "total_s": 2.0, "bytes_down": 9e6}], "error": None},
+        {"image": "python", "mode": "lazy-esgz-attached", "runs": [
+            {"pull_s": 0.5, "run_s": 1.7, "total_s": 2.2, "bytes_down": 9e6}], "error": None},
+        {"image": "python", "mode": "go-esgz-optimize", "runs": [
+            {"pull_s": 0.5, "run_s": 3.5, "total_s": 4.0, "bytes_down": 9e6}], "error": None},
+    ]  # fmt: skip
+    assert {"lazy-esgz-optimize", "lazy-esgz-attached"} <= set(report.DEFAULT_MODES)
+    data = report.finalize(results)
+    ratios = data["ratios"]["python"]
+    assert ratios["lazy-esgz-attached/total_s_vs_lazy-esgz-optimize"] == pytest.approx(1.1)
+    assert ratios["lazy-esgz-optimize/total_s_vs_full"] == pytest.approx(2.0 / 11.0)
+    assert ratios["lazy-esgz-optimize/total_s_vs_go-esgz-optimize"] == pytest.approx(0.5)
+    assert not any(k.startswith("lazy-esgz-attached/") and "_vs_go" in k for k in ratios)
+    floor = data["floors"]["python"]
+    assert floor["floor_s"] == pytest.approx(0.8 + 1.0)
+    assert floor["lazy-esgz-attached/total_s_vs_floor"] == pytest.approx(2.2 / 1.8)
+    assert floor["full-gzip/total_s_vs_floor"] == pytest.approx(11.0 / 1.8)
+    assert "large" not in data["floors"]  # no opened bytes known
+    text = report.summary_text(data)
+    assert "floor python: 1.80 s" in text and "lazy-esgz-attached 1.22x" in text
+    assert "attached profile vs optimized image (python): 1.10x" in text
+    attached_line = next(line for line in text.splitlines() if "lazy-esgz-attached " in line)
+    assert attached_line.split()[-1] == "-"  # no Go counterpart
+
+
+def test_converter_cache_key_covers_the_converters_modules() -> None:
+    """Every project module ``stargz-store convert`` loads is hashed into the key of the
+    converted images in the benchmark cache (else a converter change reuses stale images),
+    except the ones that cannot change the bytes written (command line, logging, errors)."""
+    from benchmarks.__main__ import _CONVERTER_SOURCES, REPO
+
+    code = (
+        "import sys, stargz_store.convert_cmd, layerstore.image.convert\n"
+        "print('\\n'.join(getattr(m, '__file__', None) or '' for m in list(sys.modules.values())))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set()
+    for f in out.splitlines():
+        rel = Path(f).relative_to(REPO) if f.startswith(str(REPO) + os.sep) else None
+        if (
+            rel
+            and rel.parts[0] in ("layerstore", "stargz_store", "auth")
+            and rel.name != "__init__.py"
+        ):
+            loaded.add(str(rel))
+    assert "layerstore/estargz/writer.py" in loaded
+    unkeyed = {"stargz_store/cmdline.py", "stargz_store/log.py", "layerstore/errors.py"}
+    assert loaded - unkeyed <= set(_CONVERTER_SOURCES)
