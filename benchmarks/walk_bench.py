@@ -13,6 +13,8 @@ and landmark prefetch off, so the figures are the lookup/readdir path only). Mea
   layer; then, dentries and inodes dropped, plain ``find DIR``; then again with the kernel's
   caches warm. entries/s counts the entries below ``diff/``;
 - ``read``: ``--sample`` files picked at random read whole (cold: fetched from the registry);
+- the daemon's CPU time (utime + stime) during the resolve and each walk (``daemon_cpu_s``):
+  repeatable on a loaded machine where wall times are not;
 - the daemon's ``VmHWM`` (peak RSS) and ``VmRSS`` at start, with the layer resolved, after the
   walks and after the reads.
 
@@ -28,6 +30,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +117,16 @@ def memory(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads) in seconds, from /proc/PID/stat.
+
+    CPU time, unlike wall time, is not inflated by other processes on a loaded machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_kernel_caches(what: str) -> None:
     """ "1" page cache, "2" dentries and inodes, "3" both (the FUSE daemon is asked again)."""
     os.sync()
@@ -176,20 +189,34 @@ def config_text(host: str, workdir: Path, read_ahead: int | None) -> str:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tar, counts, files = build_tar(args.entries)
-    layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
-    layout = work / "layout"
-    write_image(layout, "src", [layer], image_config([layer.diff_id]))
+    # With --keep, a later run with the same --entries reuses the layer already converted
+    # into the kept registry (building and converting it takes minutes on a loaded machine).
+    built = work / f"built-{args.entries}.json"
+    reuse = args.keep is not None and built.exists()
+    if reuse:
+        tar = (work / "layer.tar").read_bytes()
+        saved = json.loads(built.read_text())
+        counts, files = saved["counts"], saved["files"]
+    else:
+        tar, counts, files = build_tar(args.entries)
+        layer = BuiltLayer(gzip_bytes(tar), sha256_digest(tar))
+        layout = work / "layout"
+        write_image(layout, "src", [layer], image_config([layer.diff_id]))
     build_s = time.perf_counter() - t0
     with LoopbackRegistry(work / "registry") as registry:
         t0 = time.perf_counter()
-        convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/walk:v1",
-                "--dest-tls-verify=false")  # fmt: skip
+        if not reuse:
+            convert(f"oci:{layout}:src", f"docker://{registry.host}/bench/walk:v1",
+                    "--dest-tls-verify=false")  # fmt: skip
+            if args.keep is not None:
+                (work / "layer.tar").write_bytes(tar)
+                built.write_text(json.dumps({"counts": counts, "files": files}))
         convert_s = time.perf_counter() - t0
         client = RegistryHTTP(registry.host)
         manifest = json.loads(client.manifest("bench/walk", "v1")[0])
         desc = manifest["layers"][0]
         ref = f"{registry.host}/bench/walk:v1"
+        shutil.rmtree(work / "daemon", ignore_errors=True)  # no TOC cache from a kept run
         daemon = StoreDaemon(
             work / "daemon", config_text=config_text(registry.host, work, args.read_ahead_bytes)
         )
@@ -201,14 +228,19 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             prof.start("resolve-walk")
             b64 = base64.b64encode(ref.encode()).decode()
             diff = daemon.mountpoint / b64 / desc["digest"] / "diff"
+            c0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             os.stat(diff)
             resolve_s = time.perf_counter() - t0
+            resolve_cpu = cpu_seconds(pid) - c0
             mem["resolved"] = memory(pid)
-            walks = [timed_find(diff, "-printf", "%y %s\n")]
-            drop_kernel_caches("2")
-            walks.append(timed_find(diff))
-            walks.append(timed_find(diff))
+            walks = []
+            for i, find_args in enumerate((("-printf", "%y %s\n"), (), ())):
+                if i == 1:
+                    drop_kernel_caches("2")
+                c0 = cpu_seconds(pid)
+                walks.append(timed_find(diff, *find_args))
+                walks[-1]["daemon_cpu_s"] = round(cpu_seconds(pid) - c0, 3)
             walks[0]["kernel_caches"] = "cold (fresh layer)"
             walks[1]["kernel_caches"] = "cold (dentries and inodes dropped)"
             walks[2]["kernel_caches"] = "warm"
@@ -251,6 +283,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         },
         "read_ahead_bytes": args.read_ahead_bytes,  # None: the daemon's default (512 KiB)
         "resolve_s": round(resolve_s, 3),
+        "resolve_daemon_cpu_s": round(resolve_cpu, 3),
         "walk": walks,
         "read": {
             "files": len(sample),
@@ -286,7 +319,12 @@ def main() -> None:
         type=int,
         help="the daemon's [fetch] read_ahead_bytes (default: the daemon's default)",
     )
-    ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        help="work directory to keep (default: a temporary one); a later run with the same "
+        "DIR and --entries reuses its converted layer",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("walk_bench needs root (FUSE allow_other, drop_caches)")
