@@ -155,6 +155,10 @@ class _ChunkList(Sequence[Chunk]):
     def __repr__(self) -> str:
         return f"<{self._n} chunks>"
 
+    def offsets(self) -> array[int]:
+        """The ``offset`` of each chunk, as a new array (without building the chunks)."""
+        return self._index._c_offset[self._lo : self._lo + self._n]
+
 
 _EMPTY_CHUNKS: tuple[Chunk, ...] = ()
 
