@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from array import array
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional, cast
+from typing import TYPE_CHECKING, Literal, Optional, cast
 
 import msgspec
 
@@ -61,7 +61,9 @@ class _Entry(msgspec.Struct, rename="camel", gc=False):
     then decides), except for ``offset`` where the reference treats ``null`` as absent too."""
 
     name: str
-    type: str
+    # the known types only (anything else is refused by the reference too); msgspec hands out
+    # one shared string per literal
+    type: Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
     size: int = 0
     modtime: str = ""
     link_name: str = ""
@@ -294,10 +296,12 @@ def _run(b: _Builder, entries: Sequence[_Entry]) -> None:
             dgb = digest_bytes(dg, "digest", {})
             r_fdigest[r] = fd_cache.setdefault(dgb, dgb)
         if e.xattrs is not None:
-            b._xattrs(r, e.xattrs, {})
+            b._xattrs(r, {_own(k): v for k, v in e.xattrs.items()}, {})
 
         # the root's own entry: n == "" gives ("", "", "") and dirmap[""] is the root
         ppath, _, base = n.rpartition("/")
+        if base is name:  # kept by the index: not the decoder's string (see _own)
+            base = n = _own(name)
         parent = dirmap.get(ppath)
         if parent is None:
             parent = b._mkdirs(ppath)
@@ -330,7 +334,7 @@ def _run(b: _Builder, entries: Sequence[_Entry]) -> None:
                     raise _GiveUp
         elif code != _DIR and code != _FIFO:
             if code in (_SYMLINK, _HARDLINK):
-                ln = e.link_name
+                ln = _own(e.link_name)
                 if "\x00" in ln or not _utf8_ok(ln):
                     raise _GiveUp
                 if code == _HARDLINK:
@@ -368,6 +372,8 @@ def _run(b: _Builder, entries: Sequence[_Entry]) -> None:
         n_kind.append(code)
         n_rec.append(r)
         if code == _DIR:
+            if n is name:
+                n = _own(name)
             children.append({})
             n_path.append(n)
             dirmap[n] = node
@@ -397,8 +403,12 @@ def _columns(b: _Builder, records: list[_Entry], chunks: list[_Entry]) -> None:
     parsed = {s: parse_rfc3339_ns(s) if s else 0 for s in set(modtimes)}  # ValueError: give up
     b.r_mtime.extend(array("q", [parsed[s] for s in modtimes]))
     strings = b.strings
-    b.r_uname.extend([strings.setdefault(s, s) for s in [e.user_name for e in records]])
-    b.r_gname.extend([strings.setdefault(s, s) for s in [e.group_name for e in records]])
+    for s in {e.user_name for e in records} | {e.group_name for e in records}:
+        if s not in strings:
+            s = _own(s)
+            strings[s] = s
+    b.r_uname.extend([strings[e.user_name] for e in records])
+    b.r_gname.extend([strings[e.group_name] for e in records])
     lo = b.r_chunk_lo
     b.r_chunk_hi.extend(lo[1:])
     if records:
@@ -418,6 +428,16 @@ def _columns(b: _Builder, records: list[_Entry], chunks: list[_Entry]) -> None:
     b.c_start.extend(array("q", [e.chunk_offset for e in chunks]))
     b.c_open.extend(bytes([cs == 0 for cs in raw_sizes]))
     b.c_digest += _chunk_digests([e.chunk_digest for e in chunks])
+
+
+def _own(s: str) -> str:
+    """A copy of *s* (for one or no character, *s* or the shared singleton).
+
+    Strings the index keeps must not be the decoder's: those are spread over the memory of
+    the decoded entries, and one kept string keeps its whole pymalloc arena (256 KiB) from
+    going back to the system when the entries are freed (measured: +48 MB of RSS for a
+    56,810-entry TOC with its link names kept as decoded)."""
+    return s[:-1] + s[-1:] if len(s) > 1 else s
 
 
 def _chunk_digests(digests: list[str]) -> bytes:
