@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerstore.errors import LayerStoreError
@@ -23,6 +23,13 @@ TOC_OFFSET = 1_000_000
 
 def dg(s: str) -> str:
     return "sha256:" + hashlib.sha256(s.encode()).hexdigest()
+
+
+@pytest.fixture(autouse=True, params=[4096, 3], ids=["batch4096", "batch3"])
+def batch_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The fast path decodes entries in batches: also with batches smaller than the TOCs."""
+    monkeypatch.setattr(tocfast, "_BATCH", request.param)
+    return int(request.param)
 
 
 def state(idx: TOCIndex) -> dict[str, Any]:
@@ -106,7 +113,12 @@ def test_fast_and_reference_agree_on_ordinary_tocs() -> None:
     assert same(b'{"version":1,"entries":[]}')[0] == "ok"
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the same batch size
+)
 @given(st.lists(_random_entry(), max_size=10))
 def test_random_tocs_same_result(entries: list[dict[str, Any]]) -> None:
     same(doc_of(entries), toc_offset=1000)
@@ -138,7 +150,12 @@ def _mutated_toc(draw: st.DrawFn) -> list[dict[str, Any]]:
     return entries
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the same batch size
+)
 @given(_mutated_toc())
 def test_odd_field_values_same_result(entries: list[dict[str, Any]]) -> None:
     same(doc_of(entries))
@@ -196,3 +213,13 @@ def test_memoryview_and_bytearray_inputs(reference_forbidden: None) -> None:
     a = TOCIndex.from_json(memoryview(b"xx" + doc)[2:], toc_offset=TOC_OFFSET)
     b = TOCIndex.from_json(bytearray(doc), toc_offset=TOC_OFFSET)
     assert state(a) == state(b)
+
+
+def test_large_synthetic_toc_same_index(batch_size: int) -> None:
+    """Thousands of entries (directories, chunked files, symlinks, hardlinks) in several
+    batches: the fast path builds exactly the reference's index."""
+    from benchmarks.toc_index_bench import synthetic_toc
+
+    doc, toc_offset = synthetic_toc(9000 if batch_size > 3 else 300)
+    kind, _ = same(doc, toc_offset=toc_offset)
+    assert kind == "ok"
