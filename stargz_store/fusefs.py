@@ -45,6 +45,7 @@ import functools
 import inspect
 import os
 import stat
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
@@ -229,6 +230,8 @@ def _guarded(fn: F) -> F:
 
 # --- the inode table ----------------------------------------------------------------------------
 
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 _FILE_MODE = stat.S_IFREG | 0o444
 NEGATIVE_CACHE_MAX = 4096
 
@@ -262,6 +265,11 @@ class _Block:
     digest: str
     layer: LayerLike | None = None
     lookups: int = 0
+    # Local inode -> its attributes, built once from the (immutable) index and handed out as
+    # is by lookup, getattr and readdirplus, which pyfuse3 copies into the reply: nothing may
+    # change a cached object. About 0.25 KiB per inode the kernel has seen; dropped with the
+    # layer when the kernel forgets every inode of the block.
+    attrs: dict[int, pyfuse3.EntryAttributes] = field(default_factory=dict)
 
 
 @dataclass
@@ -407,6 +415,21 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             raise _fuse_error(errno.ENOENT)
         return block.layer, ino - block.base
 
+    def _content_block(self, ino: int) -> tuple[_Block, LayerLike, int]:
+        block = self._find_block(ino)
+        if block is None or block.layer is None:
+            raise _fuse_error(errno.ENOENT)
+        return block, block.layer, ino - block.base
+
+    def _node_attr(self, block: _Block, layer: LayerLike, local: int) -> pyfuse3.EntryAttributes:
+        """The (cached, never to be modified) attributes of a layer node."""
+        a = block.attrs.get(local)
+        if a is None:
+            a = block.attrs[local] = self._content_attr(
+                block.base + local, layer.index.getattr(local)
+            )
+        return a
+
     def _block_for(self, layer: LayerLike) -> _Block:
         key = _layer_key(layer)
         size = layer.index.num_inodes + 1
@@ -419,6 +442,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if block.layer is not layer:
             _hold(layer)
             old, block.layer = block.layer, layer
+            block.attrs = {}
             _unhold(old)
         return block
 
@@ -447,31 +471,30 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
         return a
 
-    def _content_attr(
-        self, ino: int, e: EntryAttrLike, a: pyfuse3.EntryAttributes | None = None
-    ) -> pyfuse3.EntryAttributes:
-        """Attributes of a layer node. With *a* (from :meth:`_content_attr_template`), only
-        the per-entry fields are set in it: readdirplus reuses one object for every entry
-        (``readdir_reply`` copies it)."""
-        if a is None:
-            a = self._content_attr_template()
-        a.st_ino = ino
-        a.st_mode = e.mode
-        a.st_nlink = e.nlink
-        a.st_uid = e.uid
-        a.st_gid = e.gid
-        a.st_rdev = e.rdev
-        a.st_size = e.size
-        a.st_blocks = (e.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
-        return a
-
-    def _content_attr_template(self) -> pyfuse3.EntryAttributes:
+    def _content_attr(self, ino: int, e: EntryAttrLike) -> pyfuse3.EntryAttributes:
+        """Attributes of a layer node, as a new object (callers cache it: see _node_attr)."""
+        # A new object is zeroed (uid, gid, rdev, size, blocks, times; generation): only
+        # what differs is set, as each setter costs (tests check the zeroing).
         a = pyfuse3.EntryAttributes()
-        a.generation = 0
         a.entry_timeout = self._settings.entry_timeout
         a.attr_timeout = self._settings.attr_timeout
         a.st_blksize = 4096
+        a.st_ino = ino
+        a.st_mode = e.mode
+        a.st_nlink = e.nlink
+        if e.uid:
+            a.st_uid = e.uid
+        if e.gid:
+            a.st_gid = e.gid
+        if e.rdev:
+            a.st_rdev = e.rdev
+        size = e.size
+        if size:
+            a.st_size = size
+            a.st_blocks = (size + 511) // 512
+        mtime_ns = e.mtime_ns
+        if mtime_ns:
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         return a
 
     def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -487,8 +510,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             if ino == kd.ino + 1:
                 return self._attr(ino, _FILE_MODE, 1, len(kd.info), self._settings.attr_timeout)
             return self._attr(ino, _FILE_MODE, 1, kd.blob_size, self._settings.attr_timeout)
-        layer, local = self._content(ino)
-        return self._content_attr(ino, layer.index.getattr(local))
+        block, layer, local = self._content_block(ino)
+        return self._node_attr(block, layer, local)
 
     def _count_lookup(self, ino: int) -> None:
         if ino == pyfuse3.ROOT_INODE:
@@ -592,12 +615,11 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             if parent != kd.ino:
                 raise _fuse_error(errno.ENOTDIR)
             return self._key_child(kd, name)
-        layer, local = self._content(parent)
+        block, layer, local = self._content_block(parent)
         child = layer.index.lookup(local, name)
         if child is None:
             raise _Absent(self._settings.entry_timeout)  # layer content never changes
-        block = self._block_for(layer)
-        return self._content_attr(block.base + child, layer.index.getattr(child))
+        return self._node_attr(block, layer, child)
 
     def _ref_dir(self, name: str) -> _RefDir:
         rd = self._ref_dirs.get(name)
@@ -709,9 +731,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         if layer is None:
             raise _fuse_error(errno.ENOENT)
         if name == "diff":
-            block = self._block_for(layer)
-            idx = layer.index
-            return self._content_attr(block.base + idx.root_ino, idx.getattr(idx.root_ino))
+            return self._node_attr(self._block_for(layer), layer, layer.index.root_ino)
         if name == "info":
             return self._attr(kd.ino + 1, _FILE_MODE, 1, len(kd.info), self._settings.attr_timeout)
         if name == "blob":
@@ -742,6 +762,7 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
                     block.lookups = max(0, block.lookups - n)
                     if block.lookups == 0:
                         old, block.layer = block.layer, None
+                        block.attrs = {}
                         _unhold(old)
         except Exception as exc:  # forget must never raise
             log.error("fuse_forget_failed", error=repr(exc), exc_info=True)
@@ -764,7 +785,12 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
     @_guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._check_caller(inode, ctx)  # readdir gets no context: opendir decides
-        attr = self._attr_of(inode)
+        # Once per directory a walk lists: answered from the attribute cache.
+        block = self._find_block(inode)
+        if block is not None and block.layer is not None:
+            attr = self._node_attr(block, block.layer, inode - block.base)
+        else:
+            attr = self._attr_of(inode)
         if not stat.S_ISDIR(attr.st_mode):
             raise _fuse_error(errno.ENOTDIR)
         return inode
@@ -782,22 +808,27 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             entries = [(os.fsencode(n), self._key_child(kd, n)) for n in ("blob", "diff", "info")]
             self._reply_entries(token, entries, start_id)
             return
-        layer, local = self._content(ino)
-        block = self._block_for(layer)
-        idx = layer.index
-        children = idx.readdir(local)
-        base = block.base
-        getattr_ = idx.getattr
-        fill = self._content_attr
+        block, layer, local = self._content_block(ino)
+        children = layer.index.readdir(local)
+        end = len(children)
+        if start_id >= end:  # the call that finds the end of every directory
+            return
+        attrs = block.attrs
+        node_attr = self._node_attr
         reply = pyfuse3.readdir_reply
-        fsencode = os.fsencode
-        attr = self._content_attr_template()  # one object, refilled per entry
-        for i in range(start_id, len(children)):
-            name, child = children[i]
-            fill(base + child, getattr_(child), attr)
-            if not reply(token, fsencode(name), attr, i + 1):
-                return
-            block.lookups += 1
+        i = start_id
+        try:
+            while i < end:
+                name, child = children[i]
+                a = attrs.get(child)
+                if a is None:
+                    a = node_attr(block, layer, child)
+                # os.fsencode, without its Python-level checks (names are str)
+                if not reply(token, name.encode(_FS_ENCODING, _FS_ERRORS), a, i + 1):
+                    break
+                i += 1
+        finally:
+            block.lookups += i - start_id  # one per entry the kernel took
 
     def _reply_entries(
         self,

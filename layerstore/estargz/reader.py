@@ -380,17 +380,19 @@ class EStargzReader:
                 f"TOC member is {len(toc_member_bytes)} bytes, expected {length} "
                 f"(blob {size}, TOC offset {toc_offset}, footer {footer_size})"
             )
-        # peak memory ~ compressed member + inflated member + the JSON as str
-        plain = _inflate_toc_member(toc_member_bytes, max_toc_size)
-        start, end = _toc_json_span(plain, max_toc_size)
-        with memoryview(plain) as whole, whole[start:end] as toc_json:
-            toc_digest = sha256_digest(toc_json)
-            if expected_toc_digest is not None and toc_digest != expected_toc_digest:
-                raise TOCDigestMismatchError(
-                    f"TOC digest {toc_digest} != expected {expected_toc_digest}"
-                )
-            index = TOCIndex.from_json(toc_json, toc_offset=toc_offset, max_entries=max_entries)
-        del plain
+        # peak memory ~ compressed member + inflated member + the decoded entries
+        toc_json = _inflate_toc_member(toc_member_bytes, max_toc_size)
+        start, end = _toc_json_span(toc_json, max_toc_size)
+        # the JSON alone, in place: a bytearray drops its head without copying
+        del toc_json[end:]
+        del toc_json[:start]
+        toc_digest = sha256_digest(toc_json)
+        if expected_toc_digest is not None and toc_digest != expected_toc_digest:
+            raise TOCDigestMismatchError(
+                f"TOC digest {toc_digest} != expected {expected_toc_digest}"
+            )
+        index = TOCIndex.from_json(toc_json, toc_offset=toc_offset, max_entries=max_entries)
+        del toc_json
         return cls(
             source,
             index,

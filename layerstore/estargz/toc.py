@@ -116,6 +116,11 @@ class TOCEntry(NamedTuple):
     chunk_digest: str = ""
 
 
+_new_attr = tuple.__new__
+_S_IFCHR = stat.S_IFCHR
+_S_IFDIR = stat.S_IFDIR
+
+
 def _hex(d: bytes) -> str:
     return "sha256:" + d.hex()
 
@@ -156,6 +161,10 @@ class _ChunkList(Sequence[Chunk]):
 
     def __repr__(self) -> str:
         return f"<{self._n} chunks>"
+
+    def offsets(self) -> array[int]:
+        """The ``offset`` of each chunk, as a new array (without building the chunks)."""
+        return self._index._c_offset[self._lo : self._lo + self._n]
 
 
 _EMPTY_CHUNKS: tuple[Chunk, ...] = ()
@@ -302,14 +311,16 @@ class TOCIndex:
         return items
 
     def getattr(self, ino: int) -> EntryAttr:
-        kind = self._check(ino)
+        # hot (every entry a walk meets): the tuple is built without EntryAttr's Python __new__
+        if not 0 < ino < len(self._kind):
+            raise KeyError(f"no inode {ino}")
+        kind = self._kind[ino]
         r = self._rec[ino]
         nlink = self._nlink[ino]
         if kind == _WHITEOUT:
-            return EntryAttr(ino, stat.S_IFCHR, nlink, 0, 0, 0, 0, self._r_mtime[r])
+            return _new_attr(EntryAttr, (ino, _S_IFCHR, nlink, 0, 0, 0, 0, self._r_mtime[r]))
         if r < 0:  # implied directory
-            return EntryAttr(ino, stat.S_IFDIR | 0o755, nlink, 0, 0, 0, 0, 0)
-        mode = _IFMT[kind] | self._r_mode[r]
+            return _new_attr(EntryAttr, (ino, _S_IFDIR | 0o755, nlink, 0, 0, 0, 0, 0))
         if kind == _REG:
             size = self._r_size[r]
         elif kind == _SYMLINK:
@@ -320,8 +331,18 @@ class TOCIndex:
         if kind in (_CHAR, _BLOCK):
             major, minor = self._r_dev.get(r, (0, 0))
             rdev = _makedev(major, minor)
-        return EntryAttr(
-            ino, mode, nlink, self._r_uid[r], self._r_gid[r], size, rdev, self._r_mtime[r]
+        return _new_attr(
+            EntryAttr,
+            (
+                ino,
+                _IFMT[kind] | self._r_mode[r],
+                nlink,
+                self._r_uid[r],
+                self._r_gid[r],
+                size,
+                rdev,
+                self._r_mtime[r],
+            ),
         )
 
     def readlink(self, ino: int) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import re
 from array import array
@@ -36,7 +37,7 @@ from typing import Any
 
 from layerstore.common.timefmt import parse_rfc3339_ns
 from layerstore.digest import SHA256_DIGEST
-from layerstore.errors import LimitExceededError, TOCError
+from layerstore.errors import LayerStoreError, LimitExceededError, TOCError
 from layerstore.estargz.constants import (
     NO_PREFETCH_LANDMARK,
     OPAQUE_WHITEOUT,
@@ -835,6 +836,22 @@ def build_index(
 
     Raises :class:`TOCError` (or :class:`LimitExceededError`) on any invalid input.
     """
+    b = _Builder(toc_offset, max_entries)
+    if _fast is not None and not isinstance(toc_json, str):
+        # msgspec's path first; anything it does not take is decided by the scan below
+        data = toc_json if isinstance(toc_json, (bytes, bytearray)) else bytes(toc_json)
+        if _is_utf8(data):
+            entries = _fast.decode_entries(data, max_entries)
+            del data
+            if entries is not None and _fast.run_entries(b, entries):
+                del entries
+                try:
+                    return b.finish(into)
+                except (LayerStoreError, TypeError, OverflowError, ValueError):
+                    pass
+            b = _Builder(toc_offset, max_entries)
+        else:
+            del data
     if isinstance(toc_json, (bytes, bytearray, memoryview)):
         try:
             text = str(toc_json, "utf-8")  # no intermediate copy of a memoryview
@@ -842,13 +859,27 @@ def build_index(
             raise TOCError(f"TOC is not UTF-8: {exc}") from None
     else:
         text = toc_json
-    b = _Builder(toc_offset, max_entries)
     try:
         b.run(_iter_toc_entries(text, max_entries))
     except RecursionError:
         raise TOCError("TOC JSON is nested too deeply") from None
     del text
     return b.finish(into)
+
+
+def _is_utf8(data: bytes | bytearray) -> bool:
+    """Whether *data* is valid UTF-8, decoded in pieces (no str of the whole TOC)."""
+    if data.isascii():
+        return True
+    dec = codecs.getincrementaldecoder("utf-8")()
+    piece = 1 << 20
+    try:
+        for i in range(0, len(data), piece):
+            dec.decode(data[i : i + piece])
+        dec.decode(b"", True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def parse_toc(
@@ -858,3 +889,9 @@ def parse_toc(
     return build_index(
         TOCIndex.__new__(TOCIndex), toc_json, toc_offset=toc_offset, max_entries=max_entries
     )
+
+
+try:  # msgspec is a dependency; without it every TOC takes the scan above
+    from layerstore.estargz import tocfast as _fast
+except ImportError:  # pragma: no cover
+    _fast = None  # type: ignore[assignment]

@@ -47,6 +47,7 @@ so a later read tries again.
 from __future__ import annotations
 
 import bisect
+import operator
 import threading
 import time
 from array import array
@@ -261,8 +262,10 @@ class ChunkFetcher:
         self._budget = cache.memory_budget
         # The chunks in blob order. The index's own (lazy, compact) sequence is kept as is when
         # it is already ordered, as eStargz writers produce it; otherwise a sorted copy.
-        offsets = array("q", (c.offset for c in chunks))
-        if any(offsets[i] > offsets[i + 1] for i in range(len(offsets) - 1)):
+        # (a TOCIndex's chunk view gives its offsets without building every chunk)
+        offsets_of = getattr(chunks, "offsets", None)
+        offsets = offsets_of() if offsets_of is not None else array("q", (c.offset for c in chunks))
+        if not all(map(operator.le, offsets, offsets[1:])):
             chunks = sorted(chunks, key=lambda c: (c.offset, c.chunk_offset))
             offsets = array("q", (c.offset for c in chunks))
         self._chunks: Sequence[ChunkLike] = chunks

@@ -461,7 +461,9 @@ class LayerManager:
         fetcher = ChunkFetcher(
             source,
             self.cache,
-            list(index.all_chunks()),  # a list: the fetcher walks it on every miss
+            # the index's compact view: a Chunk is built when the fetcher looks at it (a few per
+            # miss), not 50,000 of them up front (time and ~10 MB per large layer)
+            index.all_chunks(),
             _DECODE,
             self.settings.fetcher,
             fill_slots=self._fill_slots,
