@@ -119,6 +119,13 @@ def memory(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_kernel_caches(what: str) -> None:
     """ "1" page cache, "2" dentries and inodes, "3" both (the FUSE daemon is asked again)."""
     os.sync()
@@ -227,6 +234,7 @@ def measure(
         sample = random.Random(2).sample(files, min(args.sample, len(files)))
         drop_kernel_caches("3")
         prof.start("read")
+        cpu0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         nbytes = 0
         got = hashlib.sha256()
@@ -235,6 +243,7 @@ def measure(
             nbytes += len(data)
             got.update(data)
         read_s = time.perf_counter() - t0
+        read_cpu = cpu_seconds(pid) - cpu0
         prof.stop()
         mem["after_read"] = memory(pid)
     finally:
@@ -257,6 +266,7 @@ def measure(
             "bytes": nbytes,
             "seconds": round(read_s, 3),
             "files_per_s": round(len(sample) / read_s),
+            "daemon_cpu_ms_per_file": round(read_cpu * 1000 / len(sample), 2),
             "verified": True,
         },
         "daemon_memory_mb": mem,
@@ -321,6 +331,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 round(a["seconds"] / b["seconds"], 3) for a, b in zip(ours["walk"], go["walk"])
             ],
             "read_files_per_s": round(ours["read"]["files_per_s"] / go["read"]["files_per_s"], 3),
+            "read_cpu_ms_per_file": round(
+                ours["read"]["daemon_cpu_ms_per_file"] / go["read"]["daemon_cpu_ms_per_file"], 3
+            ),
             "peak_rss": round(ours["peak_rss_mb"] / go["peak_rss_mb"], 3),
         }
     return out
