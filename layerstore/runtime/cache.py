@@ -348,6 +348,13 @@ class ChunkCache:
         return digest in self
 
     @property
+    def holds_pending(self) -> bool:
+        """Whether some chunks are in memory waiting for their pack (read without the lock: a
+        hint that may be a moment stale, for the event loop to skip :meth:`peek` when nothing
+        can be there)."""
+        return self._pending_bytes > 0
+
+    @property
     def total_bytes(self) -> int:
         with self._lock:
             return self._total

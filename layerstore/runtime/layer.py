@@ -498,7 +498,13 @@ class Layer:
         has not written yet); None otherwise (then call :meth:`read` in a thread). Never
         blocks on I/O: meant for the event loop. A read within one chunk is a read-only view
         of the cached bytes (no copy)."""
-        if not self._started or self._bad is not None or offset < 0 or size < 0:
+        if (
+            not self._started
+            or self._bad is not None
+            or offset < 0
+            or size < 0
+            or not self.cache.holds_pending  # nothing in memory: skip the index lookups
+        ):
             return None
         fsize = int(self.index.getattr(ino).size)
         end = min(fsize, offset + size)
