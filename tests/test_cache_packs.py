@@ -329,3 +329,28 @@ def test_read_index_rejects_what_does_not_add_up(tmp_path: Path) -> None:
             read_index(p, keys)
     with pytest.raises(packfile.PackError):
         read_index(good, PackKeys.derive(b"K" * 32))
+
+
+def test_read_nowait_answers_from_the_page_cache_only(tmp_path: Path) -> None:
+    data = os.urandom(4 * BLOCK)
+    c = ChunkCache(tmp_path, 1 << 30)
+    c.put(dg(data), data)
+    c.close()
+    c = ChunkCache(tmp_path, 1 << 30)
+    assert c.read_nowait(dg(data), 0, 10) is None  # its pack is not open yet
+    assert c.read(dg(data), 0, 10) == data[:10]  # opens it (a thread would)
+    got = c.read_nowait(dg(data), BLOCK - 5, BLOCK)
+    assert got is not None and bytes(got) == data[BLOCK - 5 : 2 * BLOCK - 5]
+    assert c.read_nowait(dg(data), len(data), 10) is None  # at the end: the thread path
+    path, at, _size = place(c, data)
+    with open(path, "rb") as f:  # out of the page cache: no waiting for the disk here
+        os.sync()  # (dirty pages, or pages under writeback, are not dropped)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert c.read_nowait(dg(data), 2 * BLOCK, 100) is None
+    assert c.read(dg(data), 2 * BLOCK, 100) == data[2 * BLOCK : 2 * BLOCK + 100]
+    flip(path, at + 3 * BLOCK + 1)  # altered: never served, left to the thread path to report
+    assert c.read_nowait(dg(data), 3 * BLOCK, 10) is None and dg(data) in c
+    with capture_logs() as logs:
+        assert c.read(dg(data), 3 * BLOCK, 10) is None
+    assert "chunk_cache_entry_altered" in [e["event"] for e in logs]
+    c.close()

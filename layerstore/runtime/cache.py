@@ -88,6 +88,7 @@ _OLD_PREFIX = ".old-"  # a legacy directory being removed in the background
 _TOUCH_INTERVAL = 60.0
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 DEFAULT_PACK_BYTES = 16 * 1024 * 1024
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14 (buffered reads: 5.9 and later)
 DAEMON_KEY_NAME = "cache.key"
 """The daemon keeps the cache's key in its ``--root`` under this name (outside the cache
 directory: a process given only the cache directory cannot read it)."""
@@ -348,13 +349,6 @@ class ChunkCache:
         return digest in self
 
     @property
-    def holds_pending(self) -> bool:
-        """Whether some chunks are in memory waiting for their pack (read without the lock: a
-        hint that may be a moment stale, for the event loop to skip :meth:`peek` when nothing
-        can be there)."""
-        return self._pending_bytes > 0
-
-    @property
     def total_bytes(self) -> int:
         with self._lock:
             return self._total
@@ -413,6 +407,51 @@ class ChunkCache:
                 return None
             self._hits += 1
         return memoryview(data)[offset : offset + length]
+
+    def read_nowait(self, digest: str, offset: int, length: int) -> memoryview | None:
+        """Like :meth:`read`, but only what needs no waiting for the disk: a chunk not written
+        yet (from memory), or one whose blocks are in the kernel's page cache, read through a
+        pack descriptor already open with ``preadv2(RWF_NOWAIT)`` and checked against its tags.
+        None otherwise (not cached, not in the page cache, at or past the end, a tag that does
+        not match: :meth:`read` in a thread then answers, and reports). Meant for the event loop:
+        a cached read served here costs no thread hop (two thread wake-ups per FUSE request,
+        each several milliseconds on a loaded machine)."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        if not digest.startswith("sha256:"):
+            return None
+        hexd = digest[7:]
+        with self._lock:
+            data = self._pending.get(hexd)
+            if data is not None:
+                self._hits += 1
+                return memoryview(data)[offset : offset + length]
+            entry = self._entries.get(hexd)
+            if entry is None or not _RWF_NOWAIT or offset >= entry.size or length == 0:
+                return None
+            handle = self._fds.get(entry.pack.name)
+            if handle is None:  # opening a file may wait for the disk
+                return None
+            handle.refs += 1
+        length = min(length, entry.size - offset)
+        first = offset // BLOCK
+        start = first * BLOCK
+        want = min(entry.size, -(-(offset + length) // BLOCK) * BLOCK) - start
+        buf = bytearray(want)
+        try:
+            got = os.preadv(handle.fd, [buf], entry.offset + start, _RWF_NOWAIT)
+        except OSError:  # EAGAIN: not (all) in the page cache
+            got = -1
+        finally:
+            self._release_fd(handle)
+        if got != want or self._tagger.check(entry.tags, first, buf) >= 0:
+            return None
+        with self._lock:
+            if self._entries.get(hexd) is entry:
+                self._hits += 1
+                if self._packs.get(entry.pack.name) is entry.pack:
+                    self._packs.move_to_end(entry.pack.name)
+        return memoryview(buf)[offset - start : offset - start + length]
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of the entry (short at its end), or None on a miss

@@ -494,17 +494,11 @@ class Layer:
         self.cache.advise([c.digest for c in chunks[i : i + ahead + 2]])
 
     def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
-        """:meth:`read` when every byte is already verified and in memory (chunks the cache
-        has not written yet); None otherwise (then call :meth:`read` in a thread). Never
-        blocks on I/O: meant for the event loop. A read within one chunk is a read-only view
-        of the cached bytes (no copy)."""
-        if (
-            not self._started
-            or self._bad is not None
-            or offset < 0
-            or size < 0
-            or not self.cache.holds_pending  # nothing in memory: skip the index lookups
-        ):
+        """:meth:`read` when every byte can be answered without waiting for the disk or the
+        network (``ChunkCache.read_nowait``: chunks not written yet, or blocks of packs in the
+        kernel's page cache, tag-checked); None otherwise (then call :meth:`read` in a
+        thread). Meant for the event loop. A read within one chunk is a view (no copy)."""
+        if not self._started or self._bad is not None or offset < 0 or size < 0:
             return None
         fsize = int(self.index.getattr(ino).size)
         end = min(fsize, offset + size)
@@ -518,7 +512,7 @@ class Layer:
         while i < len(chunks) and chunks[i].chunk_offset < end:
             c = chunks[i]
             lo, hi = self._span(c, offset, end, fsize)
-            piece = self.cache.peek(c.digest, lo, hi - lo)
+            piece = self.cache.read_nowait(c.digest, lo, hi - lo)
             if piece is None or len(piece) != hi - lo:
                 return None
             pieces.append(piece)
