@@ -677,7 +677,7 @@ class ChunkCache:
             self._pending_bytes += size
             self._queue.append(hexd)
             over = self._pending_bytes > self._max_pending
-            start = not over and self._writers < self._writer_threads
+            start = self._writers < self._writer_threads
             if start:
                 self._writers += 1
                 if self._executor is None:
@@ -685,15 +685,14 @@ class ChunkCache:
                         self._writer_threads, thread_name_prefix="chunk-cache-writer"
                     )
                 executor = self._executor
-        if over:
-            # The writers are behind: write a batch here (this caller's chunk, with others).
-            self._write_batch()
-            return
         if start:
             try:
                 executor.submit(self._writer_loop)
             except RuntimeError:  # shut down: write here
                 self._writer_loop()
+        if over:
+            # The writers are behind: write a batch here (this caller's chunk, with others).
+            self._write_batch()
 
     def _take_batch(self) -> list[tuple[str, bytes]]:
         """Under the lock: pending chunks from the queue, up to ``max_pack_bytes`` (at least
