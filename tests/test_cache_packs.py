@@ -354,3 +354,30 @@ def test_read_nowait_answers_from_the_page_cache_only(tmp_path: Path) -> None:
         assert c.read(dg(data), 3 * BLOCK, 10) is None
     assert "chunk_cache_entry_altered" in [e["event"] for e in logs]
     c.close()
+
+
+def test_advise_soon_reads_ahead_once_per_chunk_off_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = [os.urandom(3000) for _ in range(3)]
+    c = ChunkCache(tmp_path, 1 << 30)
+    for b in blobs:
+        c.put(dg(b), b)
+    calls: list[tuple[str, int, int]] = []
+    done = threading.Event()
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((threading.current_thread().name, offset, length))
+        real(fd, offset, length, advice)
+        if len(calls) == 2:
+            done.set()
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    digests = [dg(b) for b in blobs[:2]] + [dg(b"not cached")]
+    assert c.advise_soon(digests) == 2
+    assert done.wait(10)
+    assert all(name.startswith("chunk-cache-advise") for name, _, _ in calls)
+    assert sorted((o, n) for _, o, n in calls) == [(0, 3000), (0, 3000)]
+    assert c.advise_soon(digests) == 0 and c.advise([dg(blobs[2])]) == 1  # once per chunk
+    c.close()

@@ -179,6 +179,7 @@ class ChunkCache:
         self._writer_threads = max(1, writer_threads)
         self._writers = 0  # writer loops running (or submitted)
         self._executor: ThreadPoolExecutor | None = None
+        self._advisor: ThreadPoolExecutor | None = None  # advise_soon
         self.max_pack_bytes = max(1, max_pack_bytes)
         # Bytes held in memory by fetches, daemon-wide (the fetchers of every layer take
         # their grants from this one).
@@ -473,9 +474,29 @@ class ChunkCache:
         """Ask the kernel to read ahead the cached chunks among *digests* (a sequential reader
         wants them next), once per chunk: the preads that follow find them in the page cache.
         May block briefly on I/O: not for the event loop. Returns how many were advised."""
-        fadvise = getattr(os, "posix_fadvise", None)
-        if fadvise is None:
+        todo = self._to_advise(digests)
+        self._advise_entries(todo)
+        return len(todo)
+
+    def advise_soon(self, digests: list[str]) -> int:
+        """:meth:`advise` on a helper thread: for the event loop (nothing is done, nor
+        submitted, for chunks advised before). Returns how many were queued."""
+        todo = self._to_advise(digests)
+        if not todo:
             return 0
+        with self._lock:
+            if self._advisor is None:
+                self._advisor = ThreadPoolExecutor(1, thread_name_prefix="chunk-cache-advise")
+            advisor = self._advisor
+        try:
+            advisor.submit(self._advise_entries, todo)
+        except RuntimeError:  # shut down
+            return 0
+        return len(todo)
+
+    def _to_advise(self, digests: list[str]) -> list[_Entry]:
+        if getattr(os, "posix_fadvise", None) is None:
+            return []
         todo: list[_Entry] = []
         with self._lock:
             for digest in digests:
@@ -483,6 +504,10 @@ class ChunkCache:
                 if entry is not None and not entry.advised:
                     entry.advised = True
                     todo.append(entry)
+        return todo
+
+    def _advise_entries(self, todo: list[_Entry]) -> None:
+        fadvise = os.posix_fadvise
         for entry in todo:
             handle = self._acquire_fd(entry.pack.name)
             if handle is None:
@@ -493,7 +518,6 @@ class ChunkCache:
                 pass
             finally:
                 self._release_fd(handle)
-        return len(todo)
 
     def _pread_checked(self, hexd: str, entry: _Entry, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of *entry*, read from its pack together with the rest
@@ -871,8 +895,11 @@ class ChunkCache:
         self.flush()
         with self._lock:
             executor, self._executor = self._executor, None
+            advisor, self._advisor = self._advisor, None
         if executor is not None:
             executor.shutdown(wait=True)
+        if advisor is not None:
+            advisor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for name in list(self._fds):
                 self._forget_fd_locked(name)

@@ -521,6 +521,10 @@ class Layer:
         if len(out) != end - offset:
             return None
         self.last_used = time.monotonic()
+        ahead = self.settings.sequential_readahead_chunks
+        if ahead > 0 and i < len(chunks):
+            # A sequential reader served here never takes the thread path that advises.
+            self.cache.advise_soon([c.digest for c in chunks[i : i + ahead + 2]])
         return out
 
     @staticmethod
