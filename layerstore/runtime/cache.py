@@ -22,8 +22,8 @@ Rules:
   a temporary file and renamed into place whole (:func:`layerstore.common.atomicfile.
   atomic_output`, not fsynced: a lost pack is fetched again, a torn one is never used), so a
   reader never sees a partial pack. Until its pack is in place a chunk is served from memory
-  (``get``, ``read``, ``peek``, ``in``); pending bytes are bounded (``max_pending_bytes``):
-  beyond it the caller writes a batch itself.
+  (``get``, ``read``, ``read_nowait``, ``peek``, ``in``); pending bytes are bounded
+  (``max_pending_bytes``): beyond it the caller writes a batch itself.
 * **Every read from disk is checked.** Each chunk has keyed tags of its 64 KiB blocks
   (:mod:`layerstore.runtime.blocktags`), computed from its verified bytes when written and
   stored in its pack under the index MAC. Every pread hashes the blocks it covers and
@@ -46,8 +46,10 @@ Rules:
   once.
 * ``read(digest, offset, length)`` preads a slice (and the rest of the blocks it touches)
   through a small LRU of open pack descriptors, so a 128 KiB FUSE read does not read a whole
-  4 MiB chunk. ``advise(digests)`` asks the kernel to read ahead the chunks a sequential
-  reader wants next.
+  4 MiB chunk. ``read_nowait`` does the same for the event loop when no disk wait is needed
+  (pending bytes, or blocks in the page cache: ``preadv2(RWF_NOWAIT)``). ``advise(digests)``
+  (``advise_soon`` from the loop) asks the kernel to read ahead the chunks a sequential reader
+  wants next.
 * The daemon-wide :class:`~layerstore.runtime.membudget.MemoryBudget` (``memory_budget``)
   bounds the bytes held by the fetches of every layer.
 """
