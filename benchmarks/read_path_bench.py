@@ -122,11 +122,12 @@ def daemon_stats(log_path: Path) -> dict[str, Any]:
     return stats
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (all its threads) so far."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` (all its threads) so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def reopen(diff: Path, names: list[str], rounds: int) -> dict[str, Any]:
@@ -163,13 +164,15 @@ def _rounds_ours(
             os.stat(diff)
             r: dict[str, Any] = {}
             prof.start("cached-read")
-            cpu0 = cpu_seconds(pid)
+            user0, sys0 = cpu_times(pid)
             r["cached"] = read_all(diff, digests)
-            cpu = cpu_seconds(pid) - cpu0
+            user1, sys1 = cpu_times(pid)
             prof.stop()
+            mib = r["cached"]["bytes"] / MiB
             r["cached"]["daemon_cpu_ms_per_mib"] = round(
-                cpu * 1000 / (r["cached"]["bytes"] / MiB), 3
+                (user1 - user0 + sys1 - sys0) * 1000 / mib, 3
             )
+            r["cached"]["daemon_sys_ms_per_mib"] = round((sys1 - sys0) * 1000 / mib, 3)
             prof.start("hot-read")
             r["hot"] = read_all(diff, digests)
             r["reopen"] = reopen(diff, list(digests), args.reopen_rounds)
@@ -203,7 +206,14 @@ def _rounds_go(
         for _ in range(args.rounds):
             drop_kernel_caches("3")
             os.stat(diff)
+            user0, sys0 = cpu_times(pid)
             r: dict[str, Any] = {"cached": read_all(diff, digests)}
+            user1, sys1 = cpu_times(pid)
+            mib = r["cached"]["bytes"] / MiB
+            r["cached"]["daemon_cpu_ms_per_mib"] = round(
+                (user1 - user0 + sys1 - sys0) * 1000 / mib, 3
+            )
+            r["cached"]["daemon_sys_ms_per_mib"] = round((sys1 - sys0) * 1000 / mib, 3)
             r["hot"] = read_all(diff, digests)
             r["reopen"] = reopen(diff, list(digests), args.reopen_rounds)
             r["daemon_memory_mb"] = memory(pid)
@@ -272,6 +282,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "cold_mb_s": round(ours["cold"]["mb_s"] / go["cold"]["mb_s"], 3),
             "cached_mb_s": round(ours["cached_mb_s_median"] / go["cached_mb_s_median"], 3),
             "hot_mb_s": round(ours["hot_mb_s_median"] / go["hot_mb_s_median"], 3),
+            "cached_cpu_ms_per_mib": round(
+                ours["cached_cpu_ms_per_mib_median"] / go["cached_cpu_ms_per_mib_median"], 3
+            ),
             "reopen_us": round(ours["reopen_us_median"] / go["reopen_us_median"], 3),
             "peak_rss": round(ours["peak_rss_mb"] / go["peak_rss_mb"], 3),
         }

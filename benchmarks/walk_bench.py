@@ -244,6 +244,7 @@ def measure(
         sample = random.Random(2).sample(files, min(args.sample, len(files)))
         drop_kernel_caches("3")
         prof.start("read")
+        cpu0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         nbytes = 0
         got = hashlib.sha256()
@@ -252,6 +253,7 @@ def measure(
             nbytes += len(data)
             got.update(data)
         read_s = time.perf_counter() - t0
+        read_cpu = cpu_seconds(pid) - cpu0
         prof.stop()
         mem["after_read"] = memory(pid)
     finally:
@@ -275,6 +277,7 @@ def measure(
             "bytes": nbytes,
             "seconds": round(read_s, 3),
             "files_per_s": round(len(sample) / read_s),
+            "daemon_cpu_ms_per_file": round(read_cpu * 1000 / len(sample), 2),
             "verified": True,
         },
         "daemon_memory_mb": mem,
@@ -339,6 +342,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 round(a["seconds"] / b["seconds"], 3) for a, b in zip(ours["walk"], go["walk"])
             ],
             "read_files_per_s": round(ours["read"]["files_per_s"] / go["read"]["files_per_s"], 3),
+            "read_cpu_ms_per_file": round(
+                ours["read"]["daemon_cpu_ms_per_file"] / go["read"]["daemon_cpu_ms_per_file"], 3
+            ),
             "peak_rss": round(ours["peak_rss_mb"] / go["peak_rss_mb"], 3),
         }
     return out

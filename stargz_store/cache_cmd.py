@@ -149,21 +149,26 @@ def _direct(
     import dataclasses
 
     from layerstore.errors import LayerStoreError
-    from layerstore.runtime.cache import ChunkCache
+    from layerstore.runtime.cache import DAEMON_KEY_NAME, ChunkCache
     from stargz_store.log import configure_logging
 
     config = load_config(config_path)
     cache_dir = Path(config.cache.dir)
     if not cache_dir.is_absolute():
         cache_dir = root / cache_dir
-    if not (cache_dir / "chunks").is_dir():
+    if not (cache_dir / "packs").is_dir() and not (cache_dir / "chunks").is_dir():
         return {"entries": 0, "bytes": 0, "tocs": 0, "cache_bytes": 0, "missing": str(cache_dir)}
     target = config.cache.max_size_bytes if max_bytes is None else max_bytes
     configure_logging("warning", "auto")  # the cache's own info lines are the daemon's
     with _root_lock(root):
         try:
             # No limit while opening: what goes is decided below, not by the open.
-            cache = ChunkCache(cache_dir, 1 << 62)
+            cache = ChunkCache(
+                cache_dir,
+                1 << 62,
+                key_path=root / DAEMON_KEY_NAME,
+                persistent=config.cache.keep_across_restarts,
+            )
         except (OSError, LayerStoreError, ValueError) as exc:
             raise CacheCommandError(f"cannot open the cache in {cache_dir}: {exc}") from None
         try:

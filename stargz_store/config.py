@@ -106,6 +106,11 @@ class CacheSettings(_Section):
 
     max_size_bytes: int = Field(default=10 * GiB, ge=1)
     dir: str = "cache"
+    keep_across_restarts: bool = True
+    """Keep the verified chunks across restarts: their block tags and pack indexes are keyed
+    with a key in ``<root>/cache.key`` (root-only), so a restarted daemon trusts them without
+    re-hashing. False: the key lives in memory only and the cache is emptied at every start
+    (``docs/ARCHITECTURE.md``, "Cached chunks")."""
     layer_idle_seconds: float = Field(default=600.0, gt=0)
     """A resolved layer without users that the mount no longer holds is dropped from memory
     after this long idle (``ManagerSettings.idle_drop_seconds``); the idle sweep runs every

@@ -437,7 +437,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.registry.reference import parse_reference
     from layerstore.registry.registries_conf import RegistriesConf, WatchedRegistriesConf
     from layerstore.runtime.blobspool import BlobSpool
-    from layerstore.runtime.cache import ChunkCache
+    from layerstore.runtime.cache import DAEMON_KEY_NAME, ChunkCache
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
     from layerstore.runtime.manager import LayerManager, ManagerSettings
@@ -480,6 +480,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 cache_dir,
                 config.cache.max_size_bytes,
                 memory_budget=MemoryBudget(fc.max_inflight_decoded_bytes),
+                key_path=root / DAEMON_KEY_NAME,
+                persistent=config.cache.keep_across_restarts,
             )
         except (OSError, LayerStoreError, ValueError) as exc:
             raise DaemonError(f"cannot open the cache in {cache_dir}: {exc}") from None

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from layerstore.errors import CacheError, VerificationError
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.packfile import PackKeys, read_index
 
 
 def dg(data: bytes) -> str:
@@ -19,8 +19,24 @@ def dg(data: bytes) -> str:
 
 
 def entry_path(root: Path, data: bytes) -> Path:
+    """The pack file that holds *data* (found through the packs' authenticated indexes)."""
+    return locate(root, data)[0]
+
+
+def locate(root: Path, data: bytes) -> tuple[Path, int, int]:
     h = hashlib.sha256(data).hexdigest()
-    return root / "chunks" / h[:2] / h
+    keys = PackKeys.derive((root / "key").read_bytes())
+    for p in (root / "packs").iterdir():
+        if p.name.startswith(".tmp-"):
+            continue
+        for e in read_index(p, keys).entries:
+            if e.hexd == h:
+                return p, e.offset, e.size
+    raise AssertionError(f"{h} is in no pack")
+
+
+def pack_files(root: Path) -> list[Path]:
+    return [p for p in (root / "packs").iterdir() if not p.name.startswith(".tmp-")]
 
 
 def test_put_get_roundtrip_and_miss(tmp_path: Path) -> None:
@@ -41,7 +57,7 @@ def test_put_refuses_wrong_digest(tmp_path: Path) -> None:
     with pytest.raises(VerificationError):
         c.put(dg(b"a"), b"b")
     assert c.get(dg(b"a")) is None
-    assert not any((tmp_path / "chunks").rglob("*"))
+    assert not any((tmp_path / "packs").iterdir())
 
 
 def test_invalid_key(tmp_path: Path) -> None:
@@ -76,7 +92,7 @@ def test_corrupt_entry_detected_after_restart(tmp_path: Path, damage: str) -> No
         del raw[100:]
     p.write_bytes(bytes(raw))
     c = ChunkCache(tmp_path, 1 << 20)
-    # The fast path verifies on first use too.
+    # A flipped byte is caught by its block's tag; a truncated pack does not open.
     assert c.read(dg(data), 0, 10) is None
     assert not p.exists()
     assert dg(data) not in c
@@ -104,21 +120,27 @@ def test_lru_eviction_keeps_size_under_limit(tmp_path: Path) -> None:
     assert dg(blobs[0]) in c  # recently used survives
     assert dg(blobs[-1]) in c  # newest survives
     assert dg(blobs[1]) not in c  # the least recently used went first
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "chunks").rglob("*") if p.is_file())
-    assert on_disk == c.total_bytes <= 10_000
+    # one pack per put(); the chunk bytes in them are what is counted
+    packs = pack_files(tmp_path)
+    assert len(packs) == len(c) and sum(locate(tmp_path, b)[2] for b in blobs if dg(b) in c) == (
+        c.total_bytes
+    )
+    assert c.total_bytes <= 10_000
 
 
 def test_rebuild_orders_by_mtime_and_evicts_on_smaller_limit(tmp_path: Path) -> None:
     c = ChunkCache(tmp_path, 1 << 20)
     blobs = [os.urandom(1000) for _ in range(5)]
+    paths = []
     for i, b in enumerate(blobs):
         c.put(dg(b), b)
-        os.utime(entry_path(tmp_path, b), (1_000_000 + i, 1_000_000 + i))
+        paths.append(entry_path(tmp_path, b))
+        os.utime(paths[-1], (1_000_000 + i, 1_000_000 + i))
     c.close()
     c2 = ChunkCache(tmp_path, 2500)
     assert c2.total_bytes <= 2500
     assert dg(blobs[4]) in c2 and dg(blobs[3]) in c2
-    assert dg(blobs[0]) not in c2 and not entry_path(tmp_path, blobs[0]).exists()
+    assert dg(blobs[0]) not in c2 and not paths[0].exists()
 
 
 def test_too_large_entry_not_cached(tmp_path: Path) -> None:
@@ -129,21 +151,27 @@ def test_too_large_entry_not_cached(tmp_path: Path) -> None:
 
 
 def test_atomic_writes_no_partial_files(tmp_path: Path) -> None:
-    """Concurrent readers never see a partial entry; stale temp files vanish on open."""
+    """Concurrent readers never see a partial pack; stale temp files vanish on open."""
     c = ChunkCache(tmp_path, 1 << 30)
     blobs = [os.urandom(256 * 1024) for _ in range(16)]
     stop = threading.Event()
     bad: list[str] = []
+    keys = PackKeys.derive((tmp_path / "key").read_bytes())
 
     def watcher() -> None:
         while not stop.is_set():
-            for p in (tmp_path / "chunks").rglob("*"):
-                if p.is_file() and not p.name.startswith(".tmp-"):
-                    try:
-                        raw = p.read_bytes()
-                    except FileNotFoundError:
-                        continue
-                    if hashlib.sha256(raw).hexdigest() != p.name:
+            for p in pack_files(tmp_path):
+                try:
+                    index = read_index(p, keys)
+                    raw = p.read_bytes()
+                except FileNotFoundError:
+                    continue
+                except Exception as e:  # a pack visible under its name must be whole
+                    bad.append(f"{p.name}: {e}")
+                    continue
+                for e in index.entries:
+                    got = raw[e.offset : e.offset + e.size]
+                    if hashlib.sha256(got).hexdigest() != e.hexd:
                         bad.append(p.name)
 
     t = threading.Thread(target=watcher)
@@ -164,9 +192,9 @@ def test_atomic_writes_no_partial_files(tmp_path: Path) -> None:
     assert all(c.get(dg(b)) == b for b in blobs)
     # A crash mid-write leaves a temp file: it is never served and is removed on open.
     shard = entry_path(tmp_path, blobs[0]).parent
-    (shard / ".tmp-crashed").write_bytes(b"partial")
+    (shard / ".tmp-crashed.partial").write_bytes(b"partial")
     c2 = ChunkCache(tmp_path, 1 << 30)
-    assert not (shard / ".tmp-crashed").exists()
+    assert not (shard / ".tmp-crashed.partial").exists()
     assert len(c2) == 16
 
 
@@ -236,72 +264,32 @@ def test_zero_size_cache_stores_nothing(tmp_path: Path) -> None:
         ChunkCache(tmp_path, -1)
 
 
-def _restarted(tmp_path: Path, chunks: list[bytes], **kw: int) -> ChunkCache:
-    c1 = ChunkCache(tmp_path, 1 << 30)
-    for data in chunks:
-        c1.put(dg(data), data)
-    c1.close()
-    return ChunkCache(tmp_path, 1 << 30, **kw)
-
-
-def test_first_use_keeps_verified_bytes_in_memory(tmp_path: Path) -> None:
+def test_restart_serves_from_disk_without_memory_copies(tmp_path: Path) -> None:
+    """After a restart, entries are read from their packs (tags checked), never held whole in
+    memory; a pending write is served from memory until its pack is in place."""
     data = os.urandom(300_000)
-    c = _restarted(tmp_path, [data])
-    assert c.peek(dg(data), 0, 10) is None  # not verified in this process yet: no memory copy
+    c1 = ChunkCache(tmp_path, 1 << 30)
+    c1.put(dg(data), data)
+    c1.close()
+    c = ChunkCache(tmp_path, 1 << 30)
+    assert c.peek(dg(data), 0, 10) is None
     assert c.read(dg(data), 1000, 5000) == data[1000:6000]
-    # The whole entry was read and verified once; further slices come from memory.
-    entry_path(tmp_path, data).unlink()
-    view = c.peek(dg(data), 250_000, 100_000)
-    assert view is not None and view.readonly and bytes(view) == data[250_000:]
-    assert c.read(dg(data), 7, 3) == data[7:10]
+    assert c.peek(dg(data), 0, 10) is None
     assert c.get(dg(data)) == data
-
-
-def test_first_use_of_a_corrupt_entry_is_a_miss_without_memory_copy(tmp_path: Path) -> None:
-    data = os.urandom(20_000)
-    c = _restarted(tmp_path, [data])
-    p = entry_path(tmp_path, data)
-    raw = p.read_bytes()
-    p.write_bytes(bytes([raw[0] ^ 1]) + raw[1:])  # (b"x" + ... failed when data began with x)
-    assert c.read(dg(data), 0, 100) is None
-    assert c.peek(dg(data), 0, 100) is None
-    assert dg(data) not in c and not p.exists()
-
-
-def test_hot_bytes_are_bounded(tmp_path: Path) -> None:
-    chunks = [os.urandom(100_000) for _ in range(5)]
-    c = _restarted(tmp_path, chunks, max_hot_bytes=250_000)
-    for data in chunks:
-        assert c.read(dg(data), 0, 10) == data[:10]
-    in_memory = [data for data in chunks if c.peek(dg(data), 0, 1) is not None]
-    assert in_memory == chunks[-2:]
-    # Evicted from memory, still verified: served from the file.
-    assert c.read(dg(chunks[0]), 5, 10) == chunks[0][5:15]
-
-
-def test_verify_ahead_in_the_background(tmp_path: Path) -> None:
-    good = [os.urandom(50_000) for _ in range(3)]
-    bad = os.urandom(50_000)
-    c = _restarted(tmp_path, [*good, bad])
-    p = entry_path(tmp_path, bad)
-    p.write_bytes(p.read_bytes()[:-1] + b"\0")
-    assert c.verify_ahead([dg(d) for d in [*good, bad]] + [dg(b"absent")]) == 4
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (
-        p.exists() or any(c.peek(dg(d), 0, 1) is None for d in good)
-    ):
-        time.sleep(0.01)
-    for d in good:
-        view = c.peek(dg(d), 0, 50_000)
-        assert view is not None and bytes(view) == d
-    assert not p.exists() and dg(bad) not in c
-    assert c.verify_ahead([dg(d) for d in good]) == 0  # already verified
+    other = os.urandom(1000)
+    c.put_async(dg(other), other, verified=True)
+    assert c.read(dg(other), 10, 10) == other[10:20]
+    assert c.flush(10)
+    assert c.peek(dg(other), 0, 1) is None and c.read(dg(other), 10, 10) == other[10:20]
     c.close()
 
 
 def test_concurrent_first_reads_of_one_entry(tmp_path: Path) -> None:
     data = os.urandom(1 << 20)
-    c = _restarted(tmp_path, [data])
+    c1 = ChunkCache(tmp_path, 1 << 30)
+    c1.put(dg(data), data)
+    c1.close()
+    c = ChunkCache(tmp_path, 1 << 30)
     results: list[bytes | None] = []
     lock = threading.Lock()
 

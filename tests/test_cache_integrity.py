@@ -25,6 +25,7 @@ import pytest
 
 from testbed import BuiltLayer, RegistryHTTP, image_config, write_image
 from tests.image_util import convert
+from tests.pack_util import locate
 from tests.test_store_integration import (  # the module's registry and daemon helpers
     CHUNK,
     Registry,
@@ -51,9 +52,12 @@ def live_reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     r.stop()
 
 
-def _chunk_file(d: Any, digest: str) -> Path:
-    hexd = digest.split(":", 1)[1]
-    return Path(d.root) / "cache" / "chunks" / hexd[:2] / hexd
+def _chunk_place(d: Any, digest: str) -> tuple[Path, int, int] | None:
+    """``(pack, offset, size)`` of a chunk in the daemon's cache (None: not written yet)."""
+    root = Path(d.root)
+    if not (root / "cache.key").exists():
+        return None
+    return locate(root / "cache", root / "cache.key", digest)
 
 
 def _wait_for(pred: Any, what: str, limit: float = 30.0) -> None:
@@ -78,20 +82,26 @@ def test_altered_cache_files_are_never_served(live_reg: Registry, tmp_path: Path
         diff = keydir(d, img, img.digest) / "diff"
         # Read once: every chunk fetched, verified and written to the cache.
         assert timed(lambda: (diff / "data/big.bin").read_bytes()) == content
-        files = [_chunk_file(d, c.digest) for c in victims]
-        _wait_for(lambda: all(f.exists() for f in files), "the cache files")
-        time.sleep(0.3)  # the writer pool drops its in-memory copies once the files are in place
+        _wait_for(
+            lambda: all(_chunk_place(d, c.digest) is not None for c in victims), "the packs"
+        )
+        time.sleep(0.3)  # the writer pool drops its in-memory copies once the packs are indexed
         altered: dict[int, bytes] = {}
-        for n, (c, f) in enumerate(zip(victims, files)):
-            good = f.read_bytes()
+        for n, c in enumerate(victims):
+            place = _chunk_place(d, c.digest)
+            assert place is not None
+            f, at, size = place
+            raw = f.read_bytes()
+            good = raw[at : at + size]
             assert good == content[c.chunk_offset : c.chunk_offset + CHUNK]
             bad = bytes(b ^ 0x5A for b in good)  # same size, different bytes
             if n % 2 == 0:
                 with open(f, "r+b") as out:  # in place: the daemon's open descriptor sees it
+                    out.seek(at)
                     out.write(bad)
             else:
                 tmp = f.with_name(f.name + ".x")  # a new file under the same name
-                tmp.write_bytes(bad)
+                tmp.write_bytes(raw[:at] + bad + raw[at + size :])
                 os.replace(tmp, f)
             altered[c.chunk_offset] = bad
         drop_page_cache()

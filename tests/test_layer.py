@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import struct
 import tarfile
 import threading
@@ -487,11 +488,23 @@ def test_sequential_readahead_in_large_files(go_reference: Path, cache: ChunkCac
     assert len(src.calls) == n
 
 
+class _GatedCache(ChunkCache):
+    """A cache whose pack writer waits for ``gate``: pending chunks stay in memory."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def _write_pack(self, batch: list[tuple[str, bytes]]) -> bool:
+        self.gate.wait(30)
+        return super()._write_pack(batch)
+
+
 def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Path) -> None:
     blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
     src = CountingSource(BytesSource(blob))
     settings = LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=0)
-    cache = ChunkCache(tmp_path / "c", 1 << 30)
+    cache = _GatedCache(tmp_path / "c", 1 << 30)
     layer, idx = make_layer(
         go_reference, "ref-chunked-64k", cache, blob=blob, source=src, settings=settings
     )
@@ -500,27 +513,39 @@ def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Pat
     assert layer.read_nowait(ino, 0, 100) is None  # nothing fetched yet: never fetches
     assert src.calls == []
     assert layer.read(ino, 0, 300_000) == data
+    # Verified chunks not written yet are served from memory, across chunks too.
+    got = layer.read_nowait(ino, 60_000, 10_000)
+    assert got is not None and bytes(got) == data[60_000:70_000]
+    assert layer.read_nowait(ino, 300_000, 10) is None  # at EOF: the thread path answers
+    cache.gate.set()
     cache.flush()
     cache.close()
-    # Restart: entries on disk are not in memory until verified by a read in a thread.
+    # Restart: a pack is opened by a read in a thread; then reads of its blocks that are in
+    # the page cache are answered without waiting (checked against the tags all the same).
     cache2 = ChunkCache(tmp_path / "c", 1 << 30)
     layer2, _ = make_layer(
         go_reference, "ref-chunked-64k", cache2, blob=blob, source=src, settings=settings
     )
     layer2.start()
-    assert layer2.read_nowait(ino, 0, 100) is None
-    assert layer2.read(ino, 65_536, 10) == data[65_536:65_546]  # verifies chunk 1 whole
+    assert layer2.read_nowait(ino, 0, 100) is None  # no pack open yet
+    assert layer2.read(ino, 65_536, 10) == data[65_536:65_546]
     got = layer2.read_nowait(ino, 70_000, 50_000)
     assert got is not None and bytes(got) == data[70_000:120_000]
-    assert layer2.read_nowait(ino, 60_000, 10_000) is None  # chunk 0 not verified yet
-    assert layer2.read(ino, 0, 10) == data[:10]
-    got = layer2.read_nowait(ino, 60_000, 10_000)  # across chunks 0 and 1
-    assert got is not None and bytes(got) == data[60_000:70_000]
-    assert layer2.read_nowait(ino, 300_000, 10) is None  # at EOF: the thread path answers
-    assert len(src.calls) == 1
+    loc = cache2.locate(idx.chunks(ino)[1].digest)
+    assert loc is not None
+    with open(loc[0], "r+b") as f:  # altered: the loop path says None, the thread path reports
+        f.seek(loc[1] + 10)
+        byte = f.read(1)
+        f.seek(loc[1] + 10)
+        f.write(bytes([byte[0] ^ 1]))
+    assert layer2.read_nowait(ino, 65_536, 100) is None
+    assert layer2.read(ino, 65_536, 100) == data[65_536:65_636]  # fetched again
+    assert len(src.calls) == 2
 
 
-def test_sequential_reads_verify_cached_chunks_ahead(go_reference: Path, tmp_path: Path) -> None:
+def test_sequential_reads_advise_cached_chunks_ahead(
+    go_reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
     src = CountingSource(BytesSource(blob))
     settings = LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=2)
@@ -537,10 +562,25 @@ def test_sequential_reads_verify_cached_chunks_ahead(go_reference: Path, tmp_pat
     layer2, _ = make_layer(
         go_reference, "ref-chunked-64k", cache2, blob=blob, source=src, settings=settings
     )
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    chunks = idx.chunks(ino)
     assert layer2.read(ino, 0, 10) == data[:10]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and layer2.read_nowait(ino, 0, 300_000) is None:
-        time.sleep(0.01)
-    got = layer2.read_nowait(ino, 0, 300_000)  # chunks 1.. verified in the background
-    assert got is not None and bytes(got) == data
+    # the next chunks of the file (2 + 2), each once, at their place in their packs
+    want = []
+    for c in chunks[1:5]:
+        loc = cache2.locate(c.digest)
+        assert loc is not None
+        want.append((loc[1], loc[2]))
+    assert advised == want
+    assert layer2.read(ino, 10, 10) == data[10:20]
+    assert len(advised) == 4
+    assert layer2.read(ino, 0, 300_000) == data
     assert len(src.calls) == 1

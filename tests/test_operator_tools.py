@@ -34,6 +34,7 @@ from testbed import StoreDaemon, mounts_below, remove_tree
 from tests import fuse_util as fu
 from tests import secret_guard
 from tests.estargz_util import build_blob
+from tests.pack_util import cached_bytes, pack_files
 from tests.registry_fixtures import (  # noqa: F401 - fixtures
     PushedImage,
     RegistryHandle,
@@ -209,7 +210,7 @@ def drop_page_cache() -> None:
 
 
 def chunk_files(root: Path) -> list[Path]:
-    return [p for p in (root / "cache" / "chunks").rglob("*") if p.is_file()]
+    return pack_files(root / "cache")
 
 
 def layer_of(doc: dict[str, Any], digest: str) -> dict[str, Any]:
@@ -425,7 +426,7 @@ def test_cache_prune_and_clear_while_the_daemon_serves(
             after["cache"]["removed_by_operator"]
             == before["cache"]["entries"] - after["cache"]["entries"]
         )
-        assert sum(p.stat().st_size for p in chunk_files(d.root)) == after["cache"]["bytes"]
+        assert cached_bytes(d.root / "cache") == after["cache"]["bytes"]
 
         drop_page_cache()
         assert timed(big.read_bytes) == want  # refetched what was pruned
@@ -466,15 +467,17 @@ def test_cache_prune_and_clear_without_a_daemon(
         assert timed((keyd / "diff" / "data" / "big").read_bytes) == image.files[0]["data/big"]
         root = d.root
     assert not (root / "control.sock").exists()
-    total = sum(p.stat().st_size for p in chunk_files(root))
+    total = cached_bytes(root / "cache")
     assert total >= 256 * 1024
+    packs = len(chunk_files(root))
 
     config = tmp_path / "s" / "config.toml"
     r = cli("cache", "prune", "--max-size", "100K", "--root", str(root), "--config", str(config))
     assert r.returncode == 0, r.stderr
     assert "directly (no daemon running)" in r.stdout
-    left = sum(p.stat().st_size for p in chunk_files(root))
-    assert 0 < left <= 100 * 1024
+    left = cached_bytes(root / "cache")
+    assert left <= 100 * 1024  # whole packs go, oldest first (this layer's may all go)
+    assert len(chunk_files(root)) < packs
 
     # a daemon that holds the root's lock but does not answer: nothing is touched
     lock = root / "lock"
@@ -489,7 +492,7 @@ def test_cache_prune_and_clear_without_a_daemon(
         f"stargz-store cache clear: a stargz-store daemon (pid 4242) holds {lock} but does "
         f"not answer on {root}/control.sock; nothing was changed"
     ]
-    assert sum(p.stat().st_size for p in chunk_files(root)) == left
+    assert cached_bytes(root / "cache") == left
 
     r = cli("cache", "clear", "--root", str(root), "--config", str(config))
     assert r.returncode == 0, r.stderr

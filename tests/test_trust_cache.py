@@ -151,8 +151,10 @@ def test_block_tags_are_keyed_and_incremental() -> None:
 
 
 def _entry_path(c: ChunkCache, data: bytes) -> Path:
-    hexd = dg(data)[7:]
-    return c.root / "chunks" / hexd[:2] / hexd
+    """The pack file that holds *data*."""
+    loc = c.locate(dg(data))
+    assert loc is not None
+    return loc[0]
 
 
 def _alter(path: Path, at: int) -> None:
@@ -163,6 +165,14 @@ def _alter(path: Path, at: int) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+def _alter_chunk(c: ChunkCache, digest: str, at: int) -> Path:
+    """Flip byte *at* of the chunk's bytes in its pack; returns the pack's path."""
+    loc = c.locate(digest)
+    assert loc is not None
+    _alter(loc[0], loc[1] + at)
+    return loc[0]
+
+
 def test_altered_after_put_is_caught_on_read_and_get(tmp_path: Path) -> None:
     c = ChunkCache(tmp_path, 1 << 30)
     data = os.urandom(5 * BLOCK + 10)
@@ -170,70 +180,44 @@ def test_altered_after_put_is_caught_on_read_and_get(tmp_path: Path) -> None:
     # unaligned slices across blocks and at the end come back right
     for off, n in ((0, 10), (BLOCK - 5, 20), (BLOCK, 2 * BLOCK), (5 * BLOCK, 100), (7, 10**9)):
         assert c.read(dg(data), off, n) == data[off : off + n]
-    _alter(_entry_path(c, data), 3 * BLOCK + 1)
+    path = _alter_chunk(c, dg(data), 3 * BLOCK + 1)
     assert c.read(dg(data), 0, BLOCK) == data[:BLOCK]  # other blocks are still served
     with capture_logs() as logs:
         assert c.read(dg(data), 3 * BLOCK, 10) is None
     assert dg(data) not in c
-    assert not _entry_path(c, data).exists()
+    assert not path.exists()  # its pack held nothing else
     (ev,) = [e for e in logs if e["event"] == "chunk_cache_entry_altered"]
     assert ev["log_level"] == "error" and ev["block"] == 3 and ev["digest"] == dg(data)
     assert c.stats()["altered"] == 1
     # get() (the whole entry) checks every block too
     assert c.put(dg(data), data, verified=True)
-    _alter(_entry_path(c, data), len(data) - 1)
+    _alter_chunk(c, dg(data), len(data) - 1)
     assert c.get(dg(data)) is None
     assert dg(data) not in c
     c.close()
 
 
-def test_altered_after_first_use_verification_is_caught(tmp_path: Path) -> None:
+def test_altered_while_no_daemon_ran_is_caught_after_restart(tmp_path: Path) -> None:
     small = os.urandom(3 * BLOCK)
     large = os.urandom(4 * BLOCK + 99)
     c = ChunkCache(tmp_path, 1 << 30)
     for d in (small, large):
         c.put(dg(d), d, verified=True)
     c.close()
-    # restarted: entries found on disk; the large one is above max_hot_entry_bytes
-    c = ChunkCache(tmp_path, 1 << 30, max_hot_bytes=1 << 20, max_hot_entry_bytes=4 * BLOCK)
-    assert c.read(dg(small), 10, 10) == small[10:20]  # first use: verified, kept hot
-    assert c.read(dg(large), 10, 10) == large[10:20]  # first use: verified in pieces
-    assert c.peek(dg(large), 0, 1) is None  # never held whole
-    _alter(_entry_path(c, large), 2 * BLOCK)
-    assert c.read(dg(large), 0, BLOCK) == large[:BLOCK]
-    assert c.read(dg(large), 2 * BLOCK, 1) is None
-    assert dg(large) not in c
-    # the small one is served from the verified bytes in memory: no disk read, no check needed
-    _alter(_entry_path(c, small), 0)
-    assert c.read(dg(small), 0, 4) == small[:4]
-    c.close()
-    # first use after a restart: the sha256 catches a file altered while no daemon ran
+    _alter_chunk(c, dg(large), 2 * BLOCK)  # offline: the daemon is down
+    _alter_chunk(c, dg(small), 0)
+    # restarted: the packs' indexes authenticate, their tags are trusted, no chunk re-hashed
     c = ChunkCache(tmp_path, 1 << 30)
-    assert c.read(dg(small), 0, 4) is None
-    assert dg(small) not in c
-    c.close()
-
-
-def test_entry_read_again_after_leaving_memory_gets_tags(tmp_path: Path) -> None:
-    a, b = os.urandom(2 * BLOCK), os.urandom(2 * BLOCK)
-    c = ChunkCache(tmp_path, 1 << 30)
-    for d in (a, b):
-        c.put(dg(d), d, verified=True)
-    c.close()
-    c = ChunkCache(tmp_path, 1 << 30, max_hot_bytes=2 * BLOCK)
-    entry = c._entries[dg(a)[7:]]
-    assert c.read(dg(a), 0, 10) == a[:10]  # first use: verified, kept in memory, no tags yet
-    assert entry.tags is None
-    assert c.read(dg(b), 0, 10) == b[:10]  # pushes a out of memory
-    assert c.peek(dg(a), 0, 1) is None
-    assert c.read(dg(a), 5, 10) == a[5:15]  # read again: verified again, with tags this time
-    assert entry.tags is not None
-    assert c.read(dg(b), 0, 10) == b[:10]
-    assert c.peek(dg(a), 0, 1) is None
-    _alter(_entry_path(c, a), BLOCK + 1)
+    assert dg(small) in c and dg(large) in c
+    assert c.read(dg(large), 10, 10) == large[10:20]  # block 0 is intact
+    assert c.peek(dg(large), 0, 1) is None  # never held in memory
     with capture_logs() as logs:
-        assert c.read(dg(a), BLOCK, 10) is None
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["chunk_cache_entry_altered"]
+        assert c.read(dg(large), 2 * BLOCK, 1) is None
+        assert c.read(dg(small), 5, 4) is None
+    assert dg(large) not in c and dg(small) not in c
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "chunk_cache_entry_altered"
+    ] * 2
     c.close()
 
 
@@ -260,7 +244,7 @@ def test_store_stream_writes_in_pieces_and_checks_reads(tmp_path: Path) -> None:
     assert c.store_stream(dg(data), len(data), fill)
     assert c.read(dg(data), MiB, 10) == data[MiB : MiB + 10]
     assert c.peek(dg(data), 0, 1) is None
-    _alter(_entry_path(c, data), MiB + 3)
+    _alter_chunk(c, dg(data), MiB + 3)
     assert c.read(dg(data), MiB, 10) is None
     c.close()
 
@@ -281,8 +265,7 @@ def test_store_stream_failures_leave_nothing(tmp_path: Path) -> None:
     assert not c.store_stream(dg(data), 11 * MiB, lambda write: called.append(1))
     assert not called
     assert dg(data) not in c and c.total_bytes == 0 and c._reserved == 0
-    leftovers = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
-    assert leftovers == []
+    assert list((tmp_path / "packs").iterdir()) == []
     c.close()
 
 
@@ -491,12 +474,11 @@ def test_layer_reads_streamed_chunk_from_the_checked_cache_file(tmp_path: Path) 
     (chunk,) = layer.index.chunks(ino)
     assert chunk.digest in cache and cache.peek(chunk.digest, 0, 1) is None
     assert layer.read(ino, 0, 10) == data[:10]
-    path = tmp_path / "chunks" / chunk.digest[7:9] / chunk.digest[7:]
-    _alter(path, 3 * MiB + 1)
+    _alter_chunk(cache, chunk.digest, 3 * MiB + 1)
     with capture_logs() as logs:
         assert layer.read(ino, 3 * MiB, 8) == b"the-tail"  # fetched again, not the altered byte
     assert "chunk_cache_entry_altered" in [e["event"] for e in logs]
-    _alter(path, 3 * MiB + 1)
+    _alter_chunk(cache, chunk.digest, 3 * MiB + 1)
     src.down = True  # altered again, and the registry is gone: an error, not the bytes
     with pytest.raises(RegistryUnavailableError):
         layer.read(ino, 3 * MiB, 8)

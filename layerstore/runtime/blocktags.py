@@ -1,13 +1,14 @@
 """Keyed per-block tags: a cheap check that bytes read back from the chunk cache are the bytes
 that were verified in this process.
 
-A chunk's sha256 is checked when it is fetched (``decode_chunk``) and when an entry found on disk
-is first used; after that the cache serves slices with ``pread``, and hashing the whole chunk for
-every 128 KiB read would cost far more than the read. Instead, when the verified bytes are at
-hand, the cache computes one tag per ``BLOCK`` bytes with a keyed hash and keeps the tags in
-memory with the entry; every pread hashes the blocks it covers and compares. The key is random
-per process and never leaves memory, so whoever can write the cache directory cannot compute
-the tag of bytes of their choosing (nor see any tag to learn from): altered bytes are caught with
+A chunk's sha256 is checked when it is fetched (``decode_chunk``); after that the cache serves
+slices with ``pread``, and hashing the whole chunk for every 128 KiB read would cost far more
+than the read. Instead, when the verified bytes are at hand, the cache computes one tag per
+``BLOCK`` bytes with a keyed hash, stores the tags with the chunk in its pack (under the index
+MAC, :mod:`layerstore.runtime.packfile`) and keeps them in memory with the entry; every pread
+hashes the blocks it covers and compares. The key is the cache's (a root-only file, see
+``docs/ARCHITECTURE.md``, "Cached chunks"), so whoever can write the cache directory but not
+read the key cannot compute the tag of bytes of their choosing: altered bytes are caught with
 probability ``1 - 2**-128`` per block.
 
 The hash is BLAKE3 in keyed mode (the ``blake3`` package) when it can be imported, else keyed

@@ -4,9 +4,10 @@
 ``chunkDigest`` matched (from the cache's pread fast path, each block checked against the tag
 recorded when it was verified, or fetched and verified by the
 :class:`~layerstore.runtime.fetcher.ChunkFetcher`). Slices of large chunks (``streamed``) are
-always read from the cache file, never from a whole chunk in memory. Every read asks the cache
-to *verify ahead* the file's next chunks already on disk, and a read that ends in the second
-half of a chunk starts the *sequential read-ahead* of the file's next chunks (``fetch_async``).
+always read from the cache file, never from a whole chunk in memory. Every read asks the kernel
+to read ahead the file's next chunks already in the cache (``ChunkCache.advise``), and a read
+that ends in the second half of a chunk starts the *sequential read-ahead* of the file's next
+chunks (``fetch_async``).
 ``start()`` (first use) runs the *landmark prefetch* and then, when enabled, the *background
 fill*.
 
@@ -479,7 +480,7 @@ class Layer:
             observer.note(self, ino, offset, len(out))
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
-            self._verify_ahead(chunks, i, ahead)
+            self._advise(chunks, i, ahead)
             last = needed[-1]
             lo, hi = self._span(last, last.chunk_offset, fsize, fsize)
             if end - last.chunk_offset > (hi - lo) // 2:
@@ -500,16 +501,16 @@ class Layer:
                 self.fetcher.fetch_chunks([c])
         return self.fetcher.read_slice(c, lo, hi)
 
-    def _verify_ahead(self, chunks: Sequence[ChunkLike], i: int, ahead: int) -> None:
-        """Chunks a sequential reader wants next that are on disk but not yet verified in
-        this process: verify them in the background (the cache keeps the bytes)."""
-        self.cache.verify_ahead([c.digest for c in chunks[i : i + ahead + 2]])
+    def _advise(self, chunks: Sequence[ChunkLike], i: int, ahead: int) -> None:
+        """Chunks a sequential reader wants next that are in the cache: the kernel reads them
+        ahead into its page cache (the checked preads that follow do not wait for the disk)."""
+        self.cache.advise([c.digest for c in chunks[i : i + ahead + 2]])
 
     def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
-        """:meth:`read` when every byte is already verified and in memory (pending cache
-        writes, hot cache bytes); None otherwise (then call :meth:`read` in a thread). Never
-        blocks on I/O: meant for the event loop. A read within one chunk is a read-only view
-        of the cached bytes (no copy)."""
+        """:meth:`read` when every byte can be answered without waiting for the disk or the
+        network (``ChunkCache.read_nowait``: chunks not written yet, or blocks of packs in the
+        kernel's page cache, tag-checked); None otherwise (then call :meth:`read` in a
+        thread). Meant for the event loop. A read within one chunk is a view (no copy)."""
         if not self._started or self._bad is not None or offset < 0 or size < 0:
             return None
         fsize = int(self.index.getattr(ino).size)
@@ -524,7 +525,7 @@ class Layer:
         while i < len(chunks) and chunks[i].chunk_offset < end:
             c = chunks[i]
             lo, hi = self._span(c, offset, end, fsize)
-            piece = self.cache.peek(c.digest, lo, hi - lo)
+            piece = self.cache.read_nowait(c.digest, lo, hi - lo)
             if piece is None or len(piece) != hi - lo:
                 return None
             pieces.append(piece)
@@ -538,7 +539,8 @@ class Layer:
             observer.note(self, ino, offset, len(out))
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
-            self._verify_ahead(chunks, i, ahead)
+            # A sequential reader served here never takes the thread path that advises.
+            self.cache.advise_soon([c.digest for c in chunks[i : i + ahead + 2]])
         return out
 
     @staticmethod
