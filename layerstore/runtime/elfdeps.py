@@ -12,6 +12,7 @@ ask again.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,10 +107,8 @@ def elf_dependencies(data: bytes) -> tuple[str | None, list[str]]:
 def elf_info(pieces: Mapping[int, bytes]) -> ElfDeps:
     """What the ELF file whose bytes at some offsets are *pieces* needs (see :class:`ElfDeps`)."""
     out = ElfDeps()
-    try:
+    with contextlib.suppress(Exception):  # defensive: malformed input never escapes
         _parse(_View(pieces), out)
-    except Exception:  # defensive: malformed input never escapes
-        pass
     return out
 
 

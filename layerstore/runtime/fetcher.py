@@ -256,8 +256,14 @@ class ChunkFetcher:
     def get_chunk(self, chunk: ChunkLike) -> bytes:
         return self.get_chunks([chunk])[0]
 
-    def get_chunks(self, chunks: Sequence[ChunkLike]) -> list[bytes]:
+    def get_chunks(
+        self, chunks: Sequence[ChunkLike], *, speculate: bool = True, reason: str = "read"
+    ) -> list[bytes]:
         """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
+
+        *speculate*: a miss also fetches neighbours (read-ahead, read-behind, continuation);
+        the dependency fetch, which knows what it wants, turns that off. *reason* is logged
+        with the wait (``chunks_missed``): ``"read"`` for a reader, else the mechanism.
 
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
@@ -276,11 +282,14 @@ class ChunkFetcher:
                     raise bad.with_traceback(None)
         if missing:
             t0 = time.monotonic()
-            futures = self._claim_and_fetch([chunks[i] for i in missing], foreground=True)
+            futures = self._claim_and_fetch(
+                [chunks[i] for i in missing], foreground=True, speculate=speculate
+            )
             for i, fut in zip(missing, futures):
                 results[i] = fut.result()
             self._log.debug(
                 "chunks_missed",
+                reason=reason,
                 chunks=len(missing),
                 offset=chunks[missing[0]].offset,
                 seconds=round(time.monotonic() - t0, 4),

@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -151,6 +151,9 @@ class Layer:
         self._blob_verified = False
         self.last_used = time.monotonic()
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
+        self.on_read: Callable[[Layer, int], None] | None = None
+        """Called (must not block) after a read from offset 0 of a file: the manager hands it
+        to the dependency fetch (:mod:`layerstore.runtime.depfetch`)."""
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> bool:
@@ -285,15 +288,25 @@ class Layer:
             else:
                 pieces.append(piece)
         if misses:
+            t0 = time.monotonic()
             datas = self.fetcher.get_chunks([needed[n] for n in misses])
             for n, data in zip(misses, datas):
                 lo, hi = self._span(needed[n], offset, end, fsize)
                 pieces[n] = data[lo:hi]
+            self._log.debug(
+                "read_waited",
+                path=self.index.path_of(ino),
+                offset=offset,
+                chunks=len(misses),
+                seconds=round(time.monotonic() - t0, 4),
+            )
         out = b"".join(p for p in pieces if p is not None)
         if len(out) != end - offset:
             raise FormatError(
                 f"inode {ino}: chunks cover {len(out)} of {end - offset} bytes at {offset}"
             )
+        if offset == 0 and self.on_read is not None:
+            self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._verify_ahead(chunks, i, ahead)
@@ -336,6 +349,8 @@ class Layer:
         if len(out) != end - offset:
             return None
         self.last_used = time.monotonic()
+        if offset == 0 and self.on_read is not None:
+            self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._verify_ahead(chunks, i, ahead)

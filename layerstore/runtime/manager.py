@@ -68,6 +68,7 @@ from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference, parse_reference
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.depfetch import DependencyFetcher, DependencyFetchSettings
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.runtime.prefetch import DependencyPrefetcher, DependencyPrefetchSettings
@@ -155,6 +156,12 @@ class ManagerSettings:
     )
     """The image's entrypoint and its ELF loader and libraries, fetched on a layer's first use
     (see :mod:`layerstore.runtime.prefetch`)."""
+    dependency_fetch: DependencyFetchSettings = field(default_factory=DependencyFetchSettings)
+    """What a file being read will make the container read next (its shared libraries, the
+    modules it imports), fetched when it is read (see :mod:`layerstore.runtime.depfetch`)."""
+    resolve_siblings: bool = True
+    """On the first lookup of a layer of an image, build the image's other eStargz layers too
+    (in the background): podman asks for them one at a time, each a TOC fetch and parse."""
     platform: str | None = None
     """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
@@ -203,6 +210,8 @@ class LayerManager:
         )
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
+        self._depfetch = DependencyFetcher(self, self.settings.dependency_fetch)
+        self._siblings_started: set[str] = set()  # manifest digests whose layers were started
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -259,6 +268,8 @@ class LayerManager:
                 f"image {ref}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config"
             )
         diff_id = diff_ids[index]
+        if self.settings.resolve_siblings:
+            self._start_siblings(ref, reference, image, desc.digest)
         layer = self._sf_layer.do(
             desc.digest, lambda: self._layer(reference, image, desc, toc_digest, diff_id)
         )
@@ -306,6 +317,74 @@ class LayerManager:
             return image
 
         return self._sf_resolve.do(ref, do)
+
+    def _start_siblings(
+        self, ref: str, reference: Reference, image: ResolvedImage, asked: str
+    ) -> None:
+        """Build the image's other eStargz layers in the background (once per manifest), so
+        that podman's next lookups find them built: each is a TOC fetch (a round trip) and a
+        parse, which then overlap with this one and with podman's own work in between."""
+        key = image.manifest_digest or ref
+        with self._lock:
+            if key in self._siblings_started:
+                return
+            if len(self._siblings_started) > 4096:
+                self._siblings_started.clear()
+            self._siblings_started.add(key)
+            have = set(self._by_digest)
+        layers = tuple(image.manifest.layers)
+        diff_ids = tuple(image.config.diff_ids)
+        if len(diff_ids) != len(layers):
+            return
+        for desc, diff_id in zip(layers, diff_ids):
+            toc_digest = desc.annotations.get(TOC_DIGEST_ANNOTATION)
+            if desc.digest == asked or desc.digest in have or not toc_digest:
+                continue
+            if not _digest.is_valid(toc_digest) or "gzip" not in desc.media_type:
+                continue
+
+            threading.Thread(
+                target=self._build_sibling,
+                args=(reference, image, desc, toc_digest, diff_id),
+                name="stargz-sibling-layer",
+                daemon=True,
+            ).start()
+
+    def _build_sibling(
+        self,
+        reference: Reference,
+        image: ResolvedImage,
+        desc: Descriptor,
+        toc_digest: str,
+        diff_id: str,
+    ) -> None:
+        try:
+            self._sf_layer.do(
+                desc.digest, lambda: self._layer(reference, image, desc, toc_digest, diff_id)
+            )
+        except Exception as e:  # the lookup of that layer will say so itself
+            log.info("sibling_layer_failed", digest=desc.digest, error=describe_error(e))
+
+    def stacks_of(self, layer: Layer) -> list[Sequence[Layer]]:
+        """The layer stacks (top first, the layers built so far) of the images known to
+        contain *layer*, those in use first (for the dependency fetch)."""
+        digest = layer.compressed_digest
+        with self._lock:
+            in_use = {r for (r, _), e in self._by_ref_key.items() if e.users > 0}
+            images = [(r, img) for r, (_, img) in self._resolved.items()]
+            built = dict(self._by_digest)
+        out: list[tuple[bool, tuple[str, ...], list[Layer]]] = []
+        for ref, img in images:
+            digests = [d.digest for d in img.manifest.layers]
+            if digest not in digests:
+                continue
+            stack = [built[d] for d in reversed(digests) if d in built]
+            key = tuple(x.compressed_digest for x in stack)
+            if any(k == key for _, k, _ in out):
+                continue
+            out.append((ref in in_use, key, stack))
+        out.sort(key=lambda x: not x[0])
+        return [stack for _, _, stack in out]
 
     def resolution(self, ref: str) -> ResolvedImage | None:
         """The last resolution of *ref* in memory, expired or not (for the dependency
@@ -389,6 +468,7 @@ class LayerManager:
             uncompressed_size=uncompressed,
             settings=self.settings.layer,
         )
+        layer.on_read = self._depfetch.file_read
         with self._lock:
             self._by_digest[desc.digest] = layer
         release_free_memory()
@@ -484,6 +564,7 @@ class LayerManager:
             }
         for layer in dropped:
             layer.close()
+            self._depfetch.forget(layer.compressed_digest)
             log.info("layer_dropped", digest=layer.compressed_digest)
         return len(dropped)
 
@@ -492,6 +573,7 @@ class LayerManager:
             return list(self._by_digest.values())
 
     def close(self) -> None:
+        self._depfetch.close()
         with self._lock:
             layers = list(self._by_digest.values())
         for layer in layers:

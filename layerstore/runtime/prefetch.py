@@ -194,7 +194,7 @@ class DependencyPrefetcher:
         def run() -> None:
             t0 = time.monotonic()
             try:
-                data = layer.fetcher.get_chunks(chunks)
+                data = layer.fetcher.get_chunks(chunks, reason="entrypoint")
             except Exception as e:  # readers see errors themselves
                 log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
                 return
@@ -279,7 +279,7 @@ class DependencyPrefetcher:
                 todo.append(cs)
             if not todo:
                 break
-            got = layer.fetcher.get_chunks([c for cs in todo for c in cs])
+            got = layer.fetcher.get_chunks([c for cs in todo for c in cs], reason="libraries")
             names = []
             i = 0
             for cs in todo:

@@ -77,7 +77,14 @@ _SOURCE = re.compile(
     r"|(?P<comment>\#[^\n]*)"
     # statements: at a line start (group ind), or after ';' or ':' on a line (no indentation)
     r"|(?:(?:^(?P<ind>[ \t]*))|(?<=[;:])[ \t]*)(?:"
-    r"(?P<from>from" + _WS + r"(?P<fmod>\.*" + _WS + r"[\w.]*)" + _WS + r"import\b" + _WS
+    r"(?P<from>from"
+    + _WS
+    + r"(?P<fmod>\.*"
+    + _WS
+    + r"[\w.]*)"
+    + _WS
+    + r"import\b"
+    + _WS
     + r"(?P<fnames>\([^)]*\)|[^\n;#\\]*(?:\\.[^\n;#\\]*)*))"
     r"|(?P<import>import\b" + _WS + r"(?P<imods>[^\n;#\\]*(?:\\.[^\n;#\\]*)*))"
     r"|(?P<def>(?:async[ \t]+)?def\b)"
@@ -381,6 +388,18 @@ def _scan_pyc(data: bytes) -> list[Import] | None:
     return out[:MAX_IMPORTS]
 
 
+def _import_of(name: object, level: object, fromlist: object) -> Import | None:
+    """The import ``LOAD_CONST level; LOAD_CONST fromlist; IMPORT_NAME name`` does."""
+    if not isinstance(name, str) or not isinstance(level, int) or isinstance(level, bool):
+        return None
+    if not 0 <= level < 64 or not ((name == "" and level > 0) or _dotted_ok(name)):
+        return None
+    items: tuple[str, ...] = ()
+    if isinstance(fromlist, tuple):
+        items = tuple(n for n in fromlist if isinstance(n, str) and (n == "*" or _dotted_ok(n)))
+    return Import(name, level, items)
+
+
 def _decode_imports(top: _Code, version: _Version, out: list[Import]) -> None:
     """Append the ``IMPORT_NAME`` instructions of *top* (not of code nested in it) to *out*."""
     if not isinstance(top.code, bytes):
@@ -398,23 +417,13 @@ def _decode_imports(top: _Code, version: _Version, out: list[Import]) -> None:
             continue
         ext = 0
         if op == version.load_const:
-            recent = (recent + [consts[arg] if arg < len(consts) else marker])[-2:]
+            recent = [*recent, consts[arg] if arg < len(consts) else marker][-2:]
             continue
-        if op == version.import_name and arg < len(names):
-            name = names[arg]
-            if len(recent) == 2 and isinstance(name, str):
-                level, fromlist = recent
-                if isinstance(level, int) and not isinstance(level, bool) and 0 <= level < 64:
-                    if (name == "" and level > 0) or _dotted_ok(name):
-                        items: tuple[str, ...] = ()
-                        if isinstance(fromlist, tuple):
-                            items = tuple(
-                                n
-                                for n in fromlist
-                                if isinstance(n, str) and (n == "*" or _dotted_ok(n))
-                            )
-                        out.append(Import(name, level, items))
-                        if len(out) >= MAX_IMPORTS:
-                            return
+        if op == version.import_name and arg < len(names) and len(recent) == 2:
+            found = _import_of(names[arg], recent[0], recent[1])
+            if found is not None:
+                out.append(found)
+                if len(out) >= MAX_IMPORTS:
+                    return
         if op != 0:  # CACHE entries (3.11+) do not break a LOAD_CONST sequence
             recent = []

@@ -1,0 +1,612 @@
+"""Read-triggered dependency prefetch: when a container reads a shared object or a Python
+module, fetch what it will read next, in a few parallel requests.
+
+Why: a cold container start is a chain of reads, each of which names the next: the loader maps
+the libraries in ``DT_NEEDED`` one after the other, then each of theirs; Python imports a module,
+runs it, and it imports the next. On a cold layer each link of the chain is a round trip. The
+bytes already read name the next links, so fetching them at once turns a chain of N serial
+misses into about one round trip per *level* of the dependency graph, run ahead of the reader.
+
+What, for every regular file read from offset 0 (:meth:`DependencyFetcher.file_read`, called by
+:class:`~layerstore.runtime.layer.Layer`), once per file:
+
+* an ELF file (by its magic): its ``PT_INTERP`` and ``DT_NEEDED`` libraries, looked up like the
+  loader does (``DT_RPATH`` when there is no ``DT_RUNPATH``, then ``DT_RUNPATH``, ``$ORIGIN``
+  expanded, then the usual library directories); a large file whose dynamic segment is not in
+  its first chunk gets those chunks fetched, then is scanned again;
+* a ``.py`` or ``.pyc`` file: its module-level imports (:mod:`layerstore.runtime.pyimports`),
+  resolved like Python's path finder in the image's ``sys.path``-like directories (the standard
+  library and site/dist-packages directories present in the image, plus the root of every
+  package read), relative imports in the file's package; each package's ``__init__`` on the
+  way, the ``__pycache__`` bytecode of the interpreter's cache tag when there is one (else the
+  source), extension modules (``.so``).
+
+Files found are fetched in groups of at most ``group_bytes`` (the blob-adjacent files of one
+layer share a request), up to ``concurrency`` requests at once, without the fetcher's read-ahead;
+each group is scanned in turn as soon as it arrives, recursively, within per-image budgets
+(``max_files``, ``max_bytes``). Lookups see the merged view of the image's layers
+(:class:`~layerstore.runtime.stackview.StackView`), so a module in one layer importing one in
+another is followed.
+
+Best effort throughout: nothing here raises to a reader, errors are logged, a reader that needs
+a chunk being prefetched waits for that fetch instead of starting another (the fetcher's
+single flight), and the prefetch holds back the background fill like any foreground fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import stat
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import structlog
+
+from layerstore.common.redact import describe_error
+from layerstore.estargz.toc import Chunk
+from layerstore.runtime.elfdeps import elf_info
+from layerstore.runtime.layer import Layer
+from layerstore.runtime.pyimports import MAX_PYC_BYTES, MAX_SOURCE_BYTES, scan_pyc, scan_source
+from layerstore.runtime.stackview import Found, StackView
+
+log = structlog.get_logger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+LIBRARY_DIRS = (
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "usr/lib64",
+    "lib",
+    "usr/lib",
+    "usr/local/lib",
+)
+"""Where the loader looks for a library when the object names no path (``ld.so.cache`` on
+Debian, Fedora and Alpine covers these)."""
+
+PYTHON_PREFIXES = ("usr/local/lib", "usr/lib", "opt/conda/lib", "usr/lib64", "usr/local/lib64")
+FROZEN_311 = frozenset(
+    (
+        "_collections_abc",
+        "_sitebuiltins",
+        "abc",
+        "codecs",
+        "genericpath",
+        "importlib.machinery",
+        "importlib.util",
+        "io",
+        "ntpath",
+        "os",
+        "os.path",
+        "posixpath",
+        "runpy",
+        "site",
+        "stat",
+        "zipimport",
+    )
+)
+"""Standard-library modules CPython 3.11 and later run from frozen copies at start-up: the
+files are not read."""
+
+_PY_DIR = re.compile(r"python3\.(\d+)\Z")
+_TAG = re.compile(r"\.(cpython-3\d+)\.pyc\Z")
+
+
+@dataclass(frozen=True)
+class DependencyFetchSettings:
+    enabled: bool = True
+    max_files: int = 8192
+    """Files fetched per image (layer stack), all triggers together."""
+    max_bytes: int = 512 * MiB
+    """Compressed bytes fetched per image."""
+    file_bytes: int = 8 * MiB
+    """Files up to this many compressed bytes are fetched whole; a larger shared object gets
+    the chunks the loader reads first (headers, dynamic segment)."""
+    group_bytes: int = 512 * KiB
+    """Compressed bytes of one request: a reader waiting for one file of a group waits for the
+    whole group, so groups stay about one bandwidth-delay product."""
+    concurrency: int = 4
+    """Requests (and scans) in flight at once; the fetcher's foreground limit is shared with
+    readers, so this stays below it."""
+
+
+class Stacks(Protocol):
+    """What the dependency fetch needs of the manager."""
+
+    def stacks_of(self, layer: Layer) -> list[Sequence[Layer]]:
+        """The layer stacks (top first) of the images that contain *layer*."""
+        ...
+
+
+def _layer(f: Found) -> Layer:
+    return cast(Layer, f.layer)
+
+
+def _size(chunks: Sequence[Chunk]) -> int:
+    return sum(c.compressed_end - c.offset for c in chunks)
+
+
+class _Target:
+    """A file to fetch (some or all of its chunks) and then scan."""
+
+    __slots__ = ("chunks", "found", "rescan")
+
+    def __init__(self, found: Found, chunks: Sequence[Chunk], rescan: bool = False) -> None:
+        self.found = found
+        self.chunks = chunks
+        self.rescan = rescan
+
+
+class _Image:
+    """State of one layer stack (an image in use)."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.view = StackView(layers)  # type: ignore[arg-type]
+        self.lock = threading.Lock()
+        self.seen: set[tuple[str, int]] = set()  # (digest, ino) scanned or queued
+        self.files = 0
+        self.bytes = 0
+        self.tags: list[str] = []  # Python cache tags ("cpython-311"), learned first
+        self.learned: list[str] = []  # import roots learned from files read
+        self._roots: list[str] | None = None
+        self._ext: dict[str, dict[str, Found]] = {}
+
+    def extensions(self, d: str, entries: dict[str, Found]) -> dict[str, Found]:
+        """Extension modules of directory *d* by module name (``m.cpython-311-x86_64-linux-gnu.so``,
+        ``m.abi3.so``, ``m.so``)."""
+        with self.lock:
+            hit = self._ext.get(d)
+        if hit is not None:
+            return hit
+        out: dict[str, Found] = {}
+        for n, fnd in entries.items():
+            if n.endswith(".so") and stat.S_ISREG(fnd.mode):
+                mod, _, rest = n[:-3].partition(".")
+                if "." not in rest and mod not in out:
+                    out[mod] = fnd
+        with self.lock:
+            if len(self._ext) < 4096:
+                self._ext[d] = out
+        return out
+
+    def roots(self) -> list[str]:
+        """``sys.path``-like directories: standard library, lib-dynload, then site and dist
+        packages of every Python found in the image, then roots learned from reads."""
+        if self._roots is None:
+            stdlib: list[str] = []
+            dyn: list[str] = []
+            site: list[str] = []
+            tags: list[str] = []
+            for prefix in PYTHON_PREFIXES:
+                real = self.view.realdir(prefix)
+                if real is None:
+                    continue
+                for name in sorted(self.view.listdir(real)):
+                    m = _PY_DIR.match(name)
+                    if not m:
+                        continue
+                    base = self.view.realdir(f"{real}/{name}")
+                    if base is None:
+                        continue
+                    tags.append(f"cpython-3{m.group(1)}")
+                    stdlib.append(base)
+                    for sub, dest in (
+                        ("lib-dynload", dyn),
+                        ("site-packages", site),
+                        ("dist-packages", site),
+                    ):
+                        d = self.view.realdir(f"{base}/{sub}")
+                        if d is not None:
+                            dest.append(d)
+            debian = self.view.realdir("usr/lib/python3/dist-packages")
+            if debian is not None:
+                site.append(debian)
+            with self.lock:
+                for t in tags:
+                    if t not in self.tags:
+                        self.tags.append(t)
+            self._roots = list(dict.fromkeys(stdlib + dyn + site))
+        with self.lock:
+            return self._roots + [r for r in self.learned if r not in self._roots]
+
+
+class DependencyFetcher:
+    """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
+
+    def __init__(self, stacks: Stacks, settings: DependencyFetchSettings | None = None) -> None:
+        self._stacks = stacks
+        self.settings = settings or DependencyFetchSettings()
+        self._lock = threading.Lock()  # guards the fields below; a leaf
+        self._triggered: set[tuple[str, int]] = set()
+        self._images: dict[tuple[str, ...], _Image] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self.stats = {"triggers": 0, "scanned": 0, "files": 0, "bytes": 0, "requests": 0}
+
+    # --- entry points -----------------------------------------------------------------------
+    def file_read(self, layer: Layer, ino: int) -> None:
+        """A reader read file *ino* of *layer* from its start. Never blocks: the work is queued
+        for the prefetch threads (once per file)."""
+        if not self.settings.enabled:
+            return
+        key = (layer.compressed_digest, ino)
+        with self._lock:
+            if key in self._triggered or self._closed:
+                return
+            if len(self._triggered) > 1_000_000:
+                self._triggered.clear()
+            self._triggered.add(key)
+            self.stats["triggers"] += 1
+        self._submit(self._on_read, layer, ino)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self, digest: str) -> None:
+        """Drop the state of the images that contain the layer *digest* (it was dropped)."""
+        with self._lock:
+            self._images = {k: v for k, v in self._images.items() if digest not in k}
+            self._triggered = {k for k in self._triggered if k[0] != digest}
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max(1, self.settings.concurrency), thread_name_prefix="stargz-dependency-fetch"
+                )
+            pool = self._pool
+        with contextlib.suppress(RuntimeError):  # shutting down
+            pool.submit(self._quietly, fn, *args)
+
+    @staticmethod
+    def _quietly(fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except Exception as e:  # best effort: readers fetch what they need themselves
+            log.warning("dependency_fetch_failed", error=describe_error(e))
+
+    def _image(self, layers: Sequence[Layer]) -> _Image:
+        key = tuple(la.compressed_digest for la in layers)
+        with self._lock:
+            img = self._images.get(key)
+            if img is None:
+                img = self._images[key] = _Image(layers)
+            return img
+
+    def _on_read(self, layer: Layer, ino: int) -> None:
+        path = layer.index.path_of(ino)
+        if path is None:
+            return
+        stacks = self._stacks.stacks_of(layer) or [[layer]]
+        for layers in stacks[:4]:
+            img = self._image(layers)
+            with img.lock:
+                if (layer.compressed_digest, ino) in img.seen:
+                    continue  # queued or scanned already (the prefetch got there first)
+                img.seen.add((layer.compressed_digest, ino))
+            mode = layer.index.getattr(ino).mode
+            found = Found(layer, ino, path, mode)  # type: ignore[arg-type]
+            log.debug("dependency_trigger", digest=layer.compressed_digest, path=path)
+            self._scan_and_fetch(img, [_Target(found, layer.index.chunks(ino))], trigger=path)
+
+    # --- scanning ---------------------------------------------------------------------------
+    def _scan_and_fetch(self, img: _Image, targets: list[_Target], trigger: str) -> None:
+        """Scan *targets* (their chunks are cached or in flight), then queue the fetch of what
+        they need that is not seen yet."""
+        todo: list[_Target] = []
+        for t in targets:
+            try:
+                todo.extend(self._deps(img, t))
+            except Exception as e:  # an odd file: skip it
+                log.debug("dependency_scan_failed", path=t.found.path, error=describe_error(e))
+        if todo:
+            self._fetch(img, todo, trigger)
+
+    def _deps(self, img: _Image, t: _Target) -> list[_Target]:
+        f = t.found
+        layer = _layer(f)
+        path = f.path
+        chunks = t.chunks
+        if not chunks:
+            return []
+        with self._lock:
+            self.stats["scanned"] += 1
+        if path.endswith(".py") or path.endswith(".pyc"):
+            limit = MAX_SOURCE_BYTES if path.endswith(".py") else MAX_PYC_BYTES
+            if layer.index.getattr(f.ino).size > limit:
+                return []
+            data = b"".join(layer.fetcher.get_chunks(chunks, speculate=False, reason="prefetch"))
+            imports = scan_source(data) if path.endswith(".py") else scan_pyc(data)
+            m = _TAG.search(path)
+            if m:
+                with img.lock:
+                    if m.group(1) not in img.tags:
+                        img.tags.insert(0, m.group(1))
+            return self._python_targets(img, path, imports or [])
+        # ELF: the first chunk, and any chunks fetched for it since
+        have = [c for c in chunks if c.chunk_offset == 0 or t.rescan]
+        if not have:
+            return []
+        datas = layer.fetcher.get_chunks(have, speculate=False, reason="prefetch")
+        if not datas or datas[0][:4] != b"\x7fELF":
+            return []
+        info = elf_info({c.chunk_offset: d for c, d in zip(have, datas)})
+        if info.wants and not t.rescan:
+            more = [
+                c
+                for c in chunks
+                if any(
+                    c.chunk_offset < off + n and off < c.chunk_offset + max(c.chunk_size, 1)
+                    for off, n in info.wants
+                )
+            ]
+            if more:
+                with img.lock:
+                    img.seen.discard((layer.compressed_digest, f.ino))  # let it be queued
+                # the first chunk and the wanted ones, scanned again once fetched
+                return [_Target(f, [c for c in chunks if c.chunk_offset == 0] + more, True)]
+        return self._elf_targets(img, f, info.interp, info.needed, info.runpath or info.rpath)
+
+    def _elf_targets(
+        self,
+        img: _Image,
+        f: Found,
+        interp: str | None,
+        needed: list[str],
+        search: list[str],
+    ) -> list[_Target]:
+        origin = posixpath.dirname(f.path)
+        dirs: list[str] = []
+        for d in search:
+            d = d.replace("${ORIGIN}", "$ORIGIN")
+            if "$" in d.replace("$ORIGIN", ""):
+                continue  # $LIB, $PLATFORM: not expanded
+            d = d.replace("$ORIGIN", "/" + origin)
+            if d.startswith("/"):
+                dirs.append(posixpath.normpath(d).lstrip("/"))
+        dirs.extend(LIBRARY_DIRS)
+        out: list[_Target] = []
+        names = ([interp] if interp else []) + needed
+        for name in names:
+            if not name or "\0" in name:
+                continue
+            found: Found | None = None
+            if "/" in name:
+                if name.startswith("/"):
+                    found = img.view.file(name)
+            else:
+                for d in dirs:
+                    found = img.view.file(f"{d}/{name}")
+                    if found is not None:
+                        break
+            if found is not None:
+                out.extend(self._target(found, elf=True))
+        return out
+
+    def _target(self, found: Found, elf: bool) -> list[_Target]:
+        chunks = found.layer.index.chunks(found.ino)
+        if not chunks:
+            return []
+        if _size(chunks) > self.settings.file_bytes:
+            if not elf:
+                return []
+            chunks = [c for c in chunks if c.chunk_offset == 0]
+        return [_Target(found, chunks)]
+
+    # --- Python modules ---------------------------------------------------------------------
+    def _python_targets(self, img: _Image, path: str, imports: list) -> list[_Target]:  # type: ignore[type-arg]
+        d = posixpath.dirname(path)
+        if posixpath.basename(d) == "__pycache__":
+            d = posixpath.dirname(d)
+        # the package this file belongs to (relative imports start there)
+        package = d
+        roots = img.roots()
+        root = self._learn_root(img, d)
+        if root is not None and root not in roots:
+            roots = [*roots, root]
+        with img.lock:
+            tags = list(img.tags)
+        frozen = any(int(t[9:]) >= 11 for t in tags if t[9:].isdigit())
+        stdlib = set(roots[:1]) if roots else set()
+        files: list[Found] = []
+        for imp in imports:
+            if imp.level:
+                start = package
+                for _ in range(imp.level - 1):
+                    start = posixpath.dirname(start)
+                bases = [start]
+                name = imp.module
+            else:
+                bases = roots
+                name = imp.module
+            pkg_dir: str | None = None
+            if name:
+                got, pkg_dir = self._module_files(
+                    img, name, bases, tags, stdlib if frozen else None
+                )
+                files.extend(got)
+            else:
+                pkg_dir = bases[0] if bases else None
+            if pkg_dir is not None:
+                for n in imp.names:
+                    if n == "*":
+                        continue
+                    got, _ = self._module_files(img, n, [pkg_dir], tags, None)
+                    files.extend(got)
+        out: list[_Target] = []
+        for fnd in dict.fromkeys(files):
+            out.extend(self._target(fnd, elf=fnd.path.endswith(".so")))
+        return out
+
+    def _learn_root(self, img: _Image, d: str) -> str | None:
+        """The import root of a module in directory *d*: the parent of its top-most package."""
+        cur = d
+        for _ in range(32):
+            if self._init_file(img, cur, []) is None:
+                break
+            cur = posixpath.dirname(cur)
+        real = img.view.realdir(cur) if cur else ""
+        if real is not None:
+            with img.lock:
+                if real not in img.learned:
+                    img.learned.append(real)
+        return real
+
+    def _init_file(self, img: _Image, d: str, tags: list[str]) -> Found | None:
+        entries = img.view.listdir(d)
+        return self._module_file(img, d, entries, "__init__", tags, allow_ext=False)
+
+    def _module_file(
+        self,
+        img: _Image,
+        d: str,
+        entries: dict[str, Found],
+        name: str,
+        tags: list[str],
+        allow_ext: bool = True,
+    ) -> Found | None:
+        """The file Python reads for module *name* in directory *d* (extension, else
+        bytecode in ``__pycache__`` for the source, else the source, else bytecode)."""
+        if allow_ext:
+            ext = img.extensions(d, entries).get(name)
+            if ext is not None:
+                return ext
+        src = entries.get(name + ".py")
+        if src is not None:
+            cache = entries.get("__pycache__")
+            if cache is not None and stat.S_ISDIR(cache.mode):
+                pyc_entries = img.view.listdir(cache.path)
+                for tag in tags or self._tags_in(pyc_entries, name):
+                    pyc = pyc_entries.get(f"{name}.{tag}.pyc")
+                    if pyc is not None and stat.S_ISREG(pyc.mode):
+                        return pyc
+            return src if stat.S_ISREG(src.mode) else None
+        pyc = entries.get(name + ".pyc")
+        if pyc is not None and stat.S_ISREG(pyc.mode):
+            return pyc
+        return None
+
+    @staticmethod
+    def _tags_in(entries: dict[str, Found], name: str) -> list[str]:
+        out = []
+        for n in entries:
+            if n.startswith(name + ".") and n.endswith(".pyc") and ".opt-" not in n:
+                out.append(n[len(name) + 1 : -4])
+        return out
+
+    def _module_files(
+        self,
+        img: _Image,
+        dotted: str,
+        bases: list[str],
+        tags: list[str],
+        frozen_in: set[str] | None,
+    ) -> tuple[list[Found], str | None]:
+        """The files Python reads to import *dotted* from the first of *bases* that has its
+        top-level name (each package's ``__init__``, then the module), and the directory of
+        the last package (for ``from dotted import name``)."""
+        parts = dotted.split(".")
+        for base in bases:
+            files: list[Found] = []
+            d = base
+            pkg_dir: str | None = None
+            for i, part in enumerate(parts):
+                entries = img.view.listdir(d)
+                sub = entries.get(part)
+                if sub is not None and stat.S_ISLNK(sub.mode):
+                    real = img.view.realdir(sub.path)
+                    sub = None if real is None else sub._replace(path=real, mode=stat.S_IFDIR)
+                if sub is not None and stat.S_ISDIR(sub.mode):
+                    init = self._init_file(img, sub.path, tags)
+                    if init is not None or self._module_file(img, d, entries, part, tags) is None:
+                        if init is not None:
+                            files.append(init)
+                        d = sub.path
+                        pkg_dir = d
+                        continue
+                mod = self._module_file(img, d, entries, part, tags)
+                if mod is not None and not (
+                    frozen_in and base in frozen_in and ".".join(parts[: i + 1]) in FROZEN_311
+                ):
+                    files.append(mod)
+                pkg_dir = None
+                break
+            else:
+                return files, pkg_dir
+            if files:
+                return files, pkg_dir
+        return [], None
+
+    # --- fetching ---------------------------------------------------------------------------
+    def _fetch(self, img: _Image, targets: list[_Target], trigger: str) -> None:
+        """Queue the fetch of the targets not seen yet, in groups, within the image's budget."""
+        st = self.settings
+        fresh: list[_Target] = []
+        with img.lock:
+            for t in targets:
+                key = (t.found.layer.compressed_digest, t.found.ino)
+                if key in img.seen:
+                    continue
+                n = _size(t.chunks)
+                if img.files >= st.max_files or img.bytes + n > st.max_bytes:
+                    continue
+                img.seen.add(key)
+                img.files += 1
+                img.bytes += n
+                fresh.append(t)
+        if not fresh:
+            return
+        # per layer, in blob order, cut into groups of about group_bytes
+        by_layer: dict[str, list[_Target]] = {}
+        for t in fresh:
+            by_layer.setdefault(t.found.layer.compressed_digest, []).append(t)
+        for group in by_layer.values():
+            group.sort(key=lambda t: t.chunks[0].offset)
+            cur: list[_Target] = []
+            size = 0
+            for t in group:
+                n = _size(t.chunks)
+                if cur and size + n > st.group_bytes:
+                    self._submit(self._fetch_group, img, cur, trigger)
+                    cur, size = [], 0
+                cur.append(t)
+                size += n
+            if cur:
+                self._submit(self._fetch_group, img, cur, trigger)
+
+    def _fetch_group(self, img: _Image, group: list[_Target], trigger: str) -> None:
+        layer = _layer(group[0].found)
+        chunks = [c for t in group for c in t.chunks]
+        t0 = time.monotonic()
+        layer.fetcher.get_chunks(chunks, speculate=False, reason="prefetch")
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats["files"] += len(group)
+            self.stats["bytes"] += _size(chunks)
+        log.debug(
+            "dependency_fetched",
+            digest=layer.compressed_digest,
+            trigger=trigger,
+            files=len(group),
+            bytes=_size(chunks),
+            first=group[0].found.path,
+            seconds=round(time.monotonic() - t0, 4),
+        )
+        self._scan_and_fetch(img, group, trigger)
