@@ -29,13 +29,13 @@ from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.depfetch import DependencyFetchSettings
 from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import (
     LayerManager,
     ManagerSettings,
 )
-from layerstore.runtime.depfetch import DependencyFetchSettings
 from layerstore.runtime.prefetch import (
     DependencyPrefetchSettings,
     entrypoint_candidates,

@@ -128,6 +128,47 @@ class Stacks(Protocol):
         ...
 
 
+_PY_EXE = re.compile(r"python(3\.\d+)\Z")
+_LIBPYTHON = re.compile(r"libpython(3\.\d+)")
+
+
+def _python_version(path: str, needed: Sequence[str]) -> str | None:
+    """``"3.11"`` when the ELF file at *path* is a CPython interpreter (by its name, or the
+    ``libpython`` it links), else None."""
+    m = _PY_EXE.search(posixpath.basename(path))
+    if m:
+        return m.group(1)
+    for n in needed:
+        m = _LIBPYTHON.match(n)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _source_of(img: _Image, pyc_path: str) -> Found | None:
+    """The source ``d/m.py`` of ``d/__pycache__/m.<tag>.pyc``, if present."""
+    d, base = posixpath.split(pyc_path)
+    if posixpath.basename(d) != "__pycache__":
+        return None
+    src = img.view.listdir(posixpath.dirname(d)).get(base.split(".", 1)[0] + ".py")
+    return src if src is not None and stat.S_ISREG(src.mode) else None
+
+
+def _reads_source(pyc: bytes, src: Found) -> bool:
+    """Whether CPython reads the source *src* when it imports the bytecode *pyc*: a
+    timestamp-based file whose recorded source mtime or size differs, or a hash-based file
+    that is checked against its source."""
+    if len(pyc) < 16:
+        return True
+    flags = int.from_bytes(pyc[4:8], "little")
+    if flags & 1:  # hash-based: read when checked
+        return bool(flags & 2)
+    attr = src.layer.index.getattr(src.ino)
+    mtime = int.from_bytes(pyc[8:12], "little")
+    size = int.from_bytes(pyc[12:16], "little")
+    return mtime != (attr.mtime_ns // 1_000_000_000) & 0xFFFFFFFF or size != attr.size & 0xFFFFFFFF
+
+
 def _layer(f: Found) -> Layer:
     return cast(Layer, f.layer)
 
@@ -160,6 +201,10 @@ class _Image:
         self.learned: list[str] = []  # import roots learned from files read
         self._roots: list[str] | None = None
         self._ext: dict[str, dict[str, Found]] = {}
+        # Whether Python will read the source next to the bytecode (the bytecode's recorded
+        # source mtime or size differs from the source's: images built with normalized
+        # mtimes): None until a bytecode file next to its source was scanned.
+        self.stale_pyc: bool | None = None
 
     def extensions(self, d: str, entries: dict[str, Found]) -> dict[str, Found]:
         """Extension modules of directory *d* by module name (``m.cpython-311-x86_64-linux-gnu.so``,
@@ -249,6 +294,24 @@ class DependencyFetcher:
             self.stats["triggers"] += 1
         self._submit(self._on_read, layer, ino)
 
+    def expect(self, layer: Layer, ino: int) -> None:
+        """File *ino* of *layer* is about to be run (the image's entrypoint, being fetched):
+        queue what its name alone says it will read (a Python interpreter's start-up
+        modules), in parallel with its own fetch. Never blocks."""
+        if self.settings.enabled:
+            self._submit(self._on_expect, layer, ino)
+
+    def _on_expect(self, layer: Layer, ino: int) -> None:
+        path = layer.index.path_of(ino)
+        version = None if path is None else _python_version(path, [])
+        if version is None:
+            return
+        for layers in (self._stacks.stacks_of(layer) or [[layer]])[:4]:
+            img = self._image(layers)
+            targets = self._python_startup(img, version)
+            if targets:
+                self._fetch(img, targets, trigger=str(path))
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -334,12 +397,21 @@ class DependencyFetcher:
                 return []
             data = b"".join(layer.fetcher.get_chunks(chunks, speculate=False, reason="prefetch"))
             imports = scan_source(data) if path.endswith(".py") else scan_pyc(data)
+            extra: list[_Target] = []
             m = _TAG.search(path)
             if m:
                 with img.lock:
                     if m.group(1) not in img.tags:
                         img.tags.insert(0, m.group(1))
-            return self._python_targets(img, path, imports or [])
+                src = _source_of(img, path)
+                if src is not None:
+                    stale = _reads_source(data, src)
+                    with img.lock:
+                        if img.stale_pyc is None or stale:
+                            img.stale_pyc = stale
+                    if stale:
+                        extra = self._target(img, src, elf=False)
+            return extra + self._python_targets(img, path, imports or [])
         # ELF: the first chunk, and any chunks fetched for it since
         have = [c for c in chunks if c.chunk_offset == 0 or t.rescan]
         if not have:
@@ -362,7 +434,44 @@ class DependencyFetcher:
                     img.seen.discard((layer.compressed_digest, f.ino))  # let it be queued
                 # the first chunk and the wanted ones, scanned again once fetched
                 return [_Target(f, [c for c in chunks if c.chunk_offset == 0] + more, True)]
-        return self._elf_targets(img, f, info.interp, info.needed, info.runpath or info.rpath)
+        out = self._elf_targets(img, f, info.interp, info.needed, info.runpath or info.rpath)
+        version = _python_version(f.path, info.needed)
+        if version is not None:
+            out.extend(self._python_startup(img, version))
+        return out
+
+    def _python_startup(self, img: _Image, version: str) -> list[_Target]:
+        """What a CPython interpreter reads before running anything: the ``encodings``
+        package for its file-system and standard-stream encodings (UTF-8), the ``.pth`` files
+        of its site directories, ``sitecustomize``; before 3.11 also the modules ``site``
+        imports (3.11 runs those from frozen copies)."""
+        roots = img.roots()
+        mine = [r for r in roots if posixpath.basename(r) == f"python{version}"] or [
+            r for r in roots if _PY_DIR.match(posixpath.basename(r))
+        ]
+        site = [r for r in roots if posixpath.basename(r) in ("site-packages", "dist-packages")]
+        with img.lock:
+            tags = list(img.tags)
+        tag = "cpython-" + version.replace(".", "")
+        if tag in tags:
+            tags.remove(tag)
+        tags.insert(0, tag)
+        names = ["encodings", "encodings.aliases", "encodings.utf_8", "sitecustomize"]
+        minor = int(version.split(".", 1)[1]) if version.split(".", 1)[1].isdigit() else 0
+        if minor < 11:
+            names += sorted(n for n in FROZEN_311 if "." not in n)
+        files: list[Found] = []
+        for name in names:
+            got, _ = self._module_files(img, name, mine + site, tags, None)
+            files.extend(got)
+        for d in site:
+            for n, fnd in sorted(img.view.listdir(d).items()):
+                if n.endswith(".pth") and stat.S_ISREG(fnd.mode):
+                    files.append(fnd)
+        out: list[_Target] = []
+        for fnd in dict.fromkeys(files):
+            out.extend(self._target(img, fnd, elf=False))
+        return out
 
     def _elf_targets(
         self,
@@ -397,10 +506,12 @@ class DependencyFetcher:
                     if found is not None:
                         break
             if found is not None:
-                out.extend(self._target(found, elf=True))
+                out.extend(self._target(img, found, elf=True))
         return out
 
-    def _target(self, found: Found, elf: bool) -> list[_Target]:
+    def _target(self, img: _Image, found: Found, elf: bool) -> list[_Target]:
+        """*found* to fetch (whole, or its first chunk when large and ELF); with a bytecode
+        file, its source too when this image's bytecode was seen to be stale."""
         chunks = found.layer.index.chunks(found.ino)
         if not chunks:
             return []
@@ -408,7 +519,12 @@ class DependencyFetcher:
             if not elf:
                 return []
             chunks = [c for c in chunks if c.chunk_offset == 0]
-        return [_Target(found, chunks)]
+        out = [_Target(found, chunks)]
+        if img.stale_pyc and found.path.endswith(".pyc"):
+            src = _source_of(img, found.path)
+            if src is not None:
+                out.extend(self._target(img, src, elf=False))
+        return out
 
     # --- Python modules ---------------------------------------------------------------------
     def _python_targets(self, img: _Image, path: str, imports: list) -> list[_Target]:  # type: ignore[type-arg]
@@ -452,7 +568,7 @@ class DependencyFetcher:
                     files.extend(got)
         out: list[_Target] = []
         for fnd in dict.fromkeys(files):
-            out.extend(self._target(fnd, elf=fnd.path.endswith(".so")))
+            out.extend(self._target(img, fnd, elf=fnd.path.endswith(".so")))
         return out
 
     def _learn_root(self, img: _Image, d: str) -> str | None:

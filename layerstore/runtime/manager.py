@@ -209,8 +209,12 @@ class LayerManager:
             max(1, self.settings.fetcher.max_concurrent_requests)
         )
         self._activity = Activity()  # foreground work of every layer holds back every fill
-        self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
         self._depfetch = DependencyFetcher(self, self.settings.dependency_fetch)
+        self._dependencies = DependencyPrefetcher(
+            self,
+            self.settings.dependency_prefetch,
+            self._depfetch if self.settings.dependency_fetch.enabled else None,
+        )
         self._siblings_started: set[str] = set()  # manifest digests whose layers were started
         self.tail_requests = 0
         self._last_sweep = time.monotonic()

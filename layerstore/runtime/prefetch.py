@@ -64,6 +64,11 @@ LIBRARY_DIRS = (
 )
 
 
+START_FILES = ("/etc/passwd", "/etc/group")
+"""Read by podman while it creates any container (user and group lookup in the image), before
+the entrypoint runs."""
+
+
 def entrypoint_candidates(config_raw: Mapping[str, Any] | None) -> list[str]:
     """Absolute paths the image's default command may run (``Entrypoint[0]``, else
     ``Cmd[0]``, looked up in its ``PATH``); empty when the config names none."""
@@ -144,12 +149,30 @@ class ImageLayers(Protocol):
         ...
 
 
+class Handoff(Protocol):
+    """The read-triggered dependency fetch (:mod:`layerstore.runtime.depfetch`)."""
+
+    def file_read(self, layer: Layer, ino: int) -> None: ...
+
+    def expect(self, layer: Layer, ino: int) -> None: ...
+
+
 class DependencyPrefetcher:
     """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
 
-    def __init__(self, images: ImageLayers, settings: DependencyPrefetchSettings) -> None:
+    def __init__(
+        self,
+        images: ImageLayers,
+        settings: DependencyPrefetchSettings,
+        handoff: Handoff | None = None,
+    ) -> None:
         self._images = images
         self.settings = settings
+        # Given the entrypoint once fetched: the read-triggered dependency fetch
+        # (layerstore.runtime.depfetch), which then follows its libraries (and, for an
+        # interpreter, what it reads at start) itself. Without it, the libraries are followed
+        # here (_after_entrypoint).
+        self._handoff = handoff
         # Guards the four maps below; never held while calling the manager or a fetcher.
         self._lock = threading.Lock()
         self._considered: set[str] = set()  # layer digests whose entrypoint was considered
@@ -177,6 +200,7 @@ class DependencyPrefetcher:
         try:
             if image is None or layer.index.prefetch_landmark_offset:
                 return
+            self._start_files(layer)
             for path in entrypoint_candidates(image.config.raw):
                 ino = resolve_regular_file(layer.index, path)
                 if ino is not None:
@@ -190,6 +214,9 @@ class DependencyPrefetcher:
         size = _compressed_bytes(chunks)
         if not chunks or size > limit:
             return
+
+        if self._handoff is not None:
+            self._handoff.expect(layer, ino)
 
         def run() -> None:
             t0 = time.monotonic()
@@ -207,11 +234,27 @@ class DependencyPrefetcher:
                 seconds=round(time.monotonic() - t0, 3),
             )
             try:
-                self._after_entrypoint(ref, layer, ino, data)
+                if self._handoff is not None:
+                    self._handoff.file_read(layer, ino)
+                else:
+                    self._after_entrypoint(ref, layer, ino, data)
             except Exception as e:  # best effort: readers fetch what they need themselves
                 log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
 
         threading.Thread(target=run, name="stargz-dependency-prefetch", daemon=True).start()
+
+    def _start_files(self, layer: Layer) -> None:
+        """Fetch :data:`START_FILES` this layer has, in a request of their own (they are read
+        while the container is created, before its entrypoint runs)."""
+        chunks: list[Chunk] = []
+        for path in START_FILES:
+            ino = resolve_regular_file(layer.index, path)
+            if ino is not None:
+                cs = layer.index.chunks(ino)
+                if _compressed_bytes(cs) <= 1 * MiB:
+                    chunks.extend(cs)
+        if chunks:
+            layer.fetcher.fetch_async(chunks)
 
     def _after_entrypoint(self, ref: str, layer: Layer, ino: int, data: Sequence[bytes]) -> None:
         """Fetch the loader and the shared libraries the ELF file *ino* (whose verified chunks
