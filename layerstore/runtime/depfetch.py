@@ -423,8 +423,9 @@ class DependencyFetcher:
         if info.wants and not t.rescan:
             more = [
                 c
-                for c in chunks
-                if any(
+                for c in layer.index.chunks(f.ino)
+                if c.chunk_offset > 0
+                and any(
                     c.chunk_offset < off + n and off < c.chunk_offset + max(c.chunk_size, 1)
                     for off, n in info.wants
                 )

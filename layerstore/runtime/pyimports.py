@@ -157,7 +157,7 @@ def _scan_source(data: bytes | str) -> list[Import]:
             module = raw.lstrip(".")
             level = len(raw) - len(module)
             names = tuple(n for n in _names(m.group("fnames")) if n == "*" or _dotted_ok(n))
-            if (module and not _dotted_ok(module)) or (not module and not level):
+            if (module and not _dotted_ok(module)) or (not module and not level) or level > 63:
                 continue
             out.append(Import(module, level, names))
         elif m.group("import") is not None:
