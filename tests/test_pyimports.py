@@ -195,7 +195,7 @@ def test_bytecode_layout_of_3_8_to_3_10() -> None:
         pyc = struct.pack("<H", magic) + b"\r\n" + b"\0" * 12 + body
         assert scan_pyc(pyc) == [Import("", 1, ("a",)), Import("b.c", 0, ())]
     # EXTENDED_ARG: name index 256
-    many = tuple(f"n{i}" for i in range(256)) + ("big.name",)
+    many = (*(f"n{i}" for i in range(256)), "big.name")
     code = bytes([100, 2, 100, 3, 144, 1, 108, 0, 83, 0])
     pyc = struct.pack("<H", 3413) + b"\r\n" + b"\0" * 12 + _code_38(code, consts, many)
     assert scan_pyc(pyc) == [Import("big.name", 0, ())]
