@@ -690,6 +690,8 @@ class DependencyFetcher:
                 fresh.append(t)
         if not fresh:
             return
+        for t in fresh:
+            log.debug("dependency_queued", path=t.found.path, trigger=trigger)
         # per layer, in blob order, cut into groups of about group_bytes
         by_layer: dict[str, list[_Target]] = {}
         for t in fresh:
