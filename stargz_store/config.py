@@ -104,7 +104,9 @@ class FetchSettings(_Section):
     so existing files still load (``docs/CONCURRENCY.md``): ``read_ahead_bytes`` is the
     fetcher's read-ahead budget (0 also turns read-behind and continuation off);
     ``prefetch_landmark`` switches the *landmark prefetch*; ``background_fetch``,
-    ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*.
+    ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*;
+    ``dependency_fetch`` the read-triggered *dependency fetch*; ``resolve_all_layers`` builds
+    an image's other layers on the first lookup of one.
     """
 
     concurrency: int = Field(default=8, ge=1)
@@ -113,6 +115,8 @@ class FetchSettings(_Section):
     background_bandwidth_share: float = Field(default=0.5, gt=0, le=1)
     prefetch_landmark: bool = True
     background_concurrency: int = Field(default=2, ge=1)
+    dependency_fetch: bool = True
+    resolve_all_layers: bool = True
 
 
 class FuseSettings(_Section):
