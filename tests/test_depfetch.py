@@ -15,6 +15,7 @@ import struct
 import tarfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Union
 
@@ -391,4 +392,55 @@ def test_sibling_layers_are_built_on_the_first_lookup(cache: ChunkCache) -> None
     for b in blobs[1:]:
         mgr.get("reg.example/sib:1", b.digest)
     assert mgr.tail_requests == 3
+    mgr.close()
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["python3", "-c", "import json; from pkg import mod"],
+        ["python3", "-u", "-m", "pkg.mod"],
+        ["/usr/bin/python3", "app/run.py"],
+    ],
+)
+def test_the_image_command_says_what_python_will_import(cache: ChunkCache, cmd: list[str]) -> None:
+    """With the entrypoint prefetch on (at first use, before any read): a Python interpreter
+    as the entrypoint brings its start-up modules and what its command line imports first."""
+    client = FakeClient({})
+    files: dict[str, Entry] = {
+        "usr/bin/python3": "python3.11",
+        "usr/bin/python3.11": make_elf(None, [], pad=100),
+        f"{STD}/encodings/__init__.py": b"from . import aliases\n" + PAD,
+        f"{STD}/encodings/aliases.py": b"A = 1\n" + PAD,
+        f"{STD}/encodings/utf_8.py": b"U = 1\n" + PAD,
+        f"{STD}/json/__init__.py": b"J = 1\n" + PAD,
+        "usr/local/lib/python3.11/dist-packages/pkg/__init__.py": b"P = 1\n" + PAD,
+        "usr/local/lib/python3.11/dist-packages/pkg/mod.py": b"import pkg.dep\n" + PAD,
+        "usr/local/lib/python3.11/dist-packages/pkg/dep.py": b"D = 1\n" + PAD,
+        "usr/local/lib/python3.11/dist-packages/pkg/other.py": b"O = 1\n" + PAD,
+        "usr/local/lib/python3.11/dist-packages/x.pth": b"# a path file\n",
+        "app/run.py": b"import pkg.mod\n" + PAD,
+    }
+    blob = layer_blob(client, files)
+    ref = "reg.example/cmd:1"
+    client.add(ref, [(desc(blob), blob.diff_id)], {"Cmd": cmd, "WorkingDir": "/"})
+    s = settings()
+    mgr = LayerManager(client, cache, replace(s, dependency_prefetch=DependencyPrefetchSettings()))
+    layer = mgr.get(ref, blob.digest)
+    mgr.use(ref, blob.digest)
+    site = "usr/local/lib/python3.11/dist-packages"
+    wait_for(lambda: cached(cache, [layer], f"{site}/pkg/dep.py"), "pkg.dep")
+    settle(mgr)
+    for path in (
+        f"{STD}/encodings/__init__.py",
+        f"{STD}/encodings/aliases.py",
+        f"{STD}/encodings/utf_8.py",
+        f"{site}/x.pth",
+        f"{site}/pkg/__init__.py",
+        f"{site}/pkg/mod.py",
+    ):
+        assert cached(cache, [layer], path), path
+    assert cached(cache, [layer], f"{STD}/json/__init__.py") == ("json" in cmd[-1])
+    assert cached(cache, [layer], "app/run.py") == cmd[-1].endswith(".py")
+    assert not cached(cache, [layer], f"{site}/pkg/other.py")
     mgr.close()

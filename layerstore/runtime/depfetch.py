@@ -294,14 +294,15 @@ class DependencyFetcher:
             self.stats["triggers"] += 1
         self._submit(self._on_read, layer, ino)
 
-    def expect(self, layer: Layer, ino: int) -> None:
-        """File *ino* of *layer* is about to be run (the image's entrypoint, being fetched):
-        queue what its name alone says it will read (a Python interpreter's start-up
-        modules), in parallel with its own fetch. Never blocks."""
+    def expect(self, layer: Layer, ino: int, args: Sequence[str] = (), workdir: str = "/") -> None:
+        """File *ino* of *layer* is about to be run with arguments *args* in *workdir* (the
+        image's entrypoint and default command, being fetched): queue what that alone says
+        it will read, in parallel with its own fetch. For a Python interpreter: its start-up
+        modules, and the script, ``-m`` module or ``-c`` code's imports. Never blocks."""
         if self.settings.enabled:
-            self._submit(self._on_expect, layer, ino)
+            self._submit(self._on_expect, layer, ino, list(args), workdir)
 
-    def _on_expect(self, layer: Layer, ino: int) -> None:
+    def _on_expect(self, layer: Layer, ino: int, args: list[str], workdir: str) -> None:
         path = layer.index.path_of(ino)
         version = None if path is None else _python_version(path, [])
         if version is None:
@@ -309,8 +310,58 @@ class DependencyFetcher:
         for layers in (self._stacks.stacks_of(layer) or [[layer]])[:4]:
             img = self._image(layers)
             targets = self._python_startup(img, version)
+            targets += self._python_command(img, args, workdir)
             if targets:
                 self._fetch(img, targets, trigger=str(path))
+
+    def _python_command(self, img: _Image, args: list[str], workdir: str) -> list[_Target]:
+        """What ``python ARGS`` run in *workdir* imports first: the script, the ``-m`` module
+        (and its ``__main__`` when it is a package) or the ``-c`` code's imports."""
+        cwd = img.view.realdir(workdir)
+        roots = img.roots()
+        with img.lock:
+            tags = list(img.tags)
+        i = 0
+        files: list[Found] = []
+        while i < len(args):
+            a = args[i]
+            if a in ("-W", "-X", "--check-hash-based-pycs"):
+                i += 2
+                continue
+            if a.startswith("-c") or a.startswith("-m"):
+                arg = a[2:] or (args[i + 1] if i + 1 < len(args) else "")
+                bases = ([cwd] if cwd is not None else []) + roots
+                if a.startswith("-c"):
+                    names = [
+                        name
+                        for imp in scan_source(arg)
+                        if not imp.level
+                        for name in [imp.module, *(f"{imp.module}.{n}" for n in imp.names)]
+                    ]
+                else:
+                    names = [arg, arg + ".__main__"]
+                for name in names:
+                    if name:
+                        got, _ = self._module_files(img, name, bases, tags, None)
+                        files.extend(got)
+                break
+            if a == "-" or a == "--" or not a:
+                break
+            if a.startswith("-"):
+                i += 1
+                continue
+            script = img.view.file(posixpath.join(workdir, a))
+            if script is not None:
+                files.append(script)
+                real = posixpath.dirname(script.path)
+                with img.lock:
+                    if real not in img.learned:
+                        img.learned.append(real)
+            break
+        out: list[_Target] = []
+        for fnd in dict.fromkeys(files):
+            out.extend(self._target(img, fnd, elf=fnd.path.endswith(".so")))
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -90,6 +90,20 @@ def entrypoint_candidates(config_raw: Mapping[str, Any] | None) -> list[str]:
     return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
 
 
+def command_line(config_raw: Mapping[str, Any] | None) -> tuple[list[str], str]:
+    """The image's default command line (``Entrypoint`` + ``Cmd``, or ``Cmd``) and working
+    directory; ``([], "/")`` when the config has none or an odd one."""
+    cfg = config_raw.get("config") if isinstance(config_raw, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        return [], "/"
+    entry, cmd = cfg.get("Entrypoint") or [], cfg.get("Cmd") or []
+    argv = [*entry, *cmd] if isinstance(entry, list) and isinstance(cmd, list) else []
+    workdir = cfg.get("WorkingDir") or "/"
+    if not all(isinstance(a, str) for a in argv) or not isinstance(workdir, str):
+        return [], "/"
+    return argv, workdir
+
+
 def resolve_regular_file(index: TOCIndex, path: str, hops: int = 8) -> int | None:
     """The inode of the regular file *path* names in this layer's view, following symlinks
     (of the last component) inside the layer; None when it is not there."""
@@ -154,7 +168,7 @@ class Handoff(Protocol):
 
     def file_read(self, layer: Layer, ino: int) -> None: ...
 
-    def expect(self, layer: Layer, ino: int) -> None: ...
+    def expect(self, layer: Layer, ino: int, args: list[str], workdir: str) -> None: ...
 
 
 class DependencyPrefetcher:
@@ -216,7 +230,8 @@ class DependencyPrefetcher:
             return
 
         if self._handoff is not None:
-            self._handoff.expect(layer, ino)
+            argv, workdir = command_line(image.config.raw)
+            self._handoff.expect(layer, ino, argv[1:], workdir)
 
         def run() -> None:
             t0 = time.monotonic()
