@@ -98,6 +98,10 @@ FROZEN_311 = frozenset(
 """Standard-library modules CPython 3.11 and later run from frozen copies at start-up: the
 files are not read."""
 
+LAYERS_WAIT = 30.0
+"""Seconds a scan waits for the image's other layers being built (their TOCs), so that names
+in lower or upper layers are found."""
+
 _PY_DIR = re.compile(r"python3\.(\d+)\Z")
 _TAG = re.compile(r"\.(cpython-3\d+)\.pyc\Z")
 
@@ -123,8 +127,9 @@ class DependencyFetchSettings:
 class Stacks(Protocol):
     """What the dependency fetch needs of the manager."""
 
-    def stacks_of(self, layer: Layer) -> list[Sequence[Layer]]:
-        """The layer stacks (top first) of the images that contain *layer*."""
+    def stacks_of(self, layer: Layer, wait: float = 0.0) -> list[Sequence[Layer]]:
+        """The layer stacks (top first) of the images that contain *layer*, after waiting up
+        to *wait* seconds for the image's layers being built."""
         ...
 
 
@@ -180,12 +185,15 @@ def _size(chunks: Sequence[Chunk]) -> int:
 class _Target:
     """A file to fetch (some or all of its chunks) and then scan."""
 
-    __slots__ = ("chunks", "found", "rescan")
+    __slots__ = ("chunks", "found", "read", "rescan")
 
-    def __init__(self, found: Found, chunks: Sequence[Chunk], rescan: bool = False) -> None:
+    def __init__(
+        self, found: Found, chunks: Sequence[Chunk], rescan: bool = False, read: bool = False
+    ) -> None:
         self.found = found
-        self.chunks = chunks
-        self.rescan = rescan
+        self.chunks = chunks  # fetched for it (all of the file when a reader read it)
+        self.rescan = rescan  # the second scan of an ELF file: its names are complete now
+        self.read = read  # a reader read it (of an ELF file, only the first chunk is scanned)
 
 
 class _Image:
@@ -307,7 +315,8 @@ class DependencyFetcher:
         version = None if path is None else _python_version(path, [])
         if version is None:
             return
-        for layers in (self._stacks.stacks_of(layer) or [[layer]])[:4]:
+        stacks = self._stacks.stacks_of(layer, wait=LAYERS_WAIT) or [[layer]]
+        for layers in stacks[:4]:
             img = self._image(layers)
             targets = self._python_startup(img, version)
             targets += self._python_command(img, args, workdir)
@@ -408,7 +417,7 @@ class DependencyFetcher:
         path = layer.index.path_of(ino)
         if path is None:
             return
-        stacks = self._stacks.stacks_of(layer) or [[layer]]
+        stacks = self._stacks.stacks_of(layer, wait=LAYERS_WAIT) or [[layer]]
         for layers in stacks[:4]:
             img = self._image(layers)
             with img.lock:
@@ -418,7 +427,8 @@ class DependencyFetcher:
             mode = layer.index.getattr(ino).mode
             found = Found(layer, ino, path, mode)  # type: ignore[arg-type]
             log.debug("dependency_trigger", digest=layer.compressed_digest, path=path)
-            self._scan_and_fetch(img, [_Target(found, layer.index.chunks(ino))], trigger=path)
+            target = _Target(found, layer.index.chunks(ino), read=True)
+            self._scan_and_fetch(img, [target], trigger=path)
 
     # --- scanning ---------------------------------------------------------------------------
     def _scan_and_fetch(self, img: _Image, targets: list[_Target], trigger: str) -> None:
@@ -463,34 +473,40 @@ class DependencyFetcher:
                     if stale:
                         extra = self._target(img, src, elf=False)
             return extra + self._python_targets(img, path, imports or [])
-        # ELF: the first chunk, and any chunks fetched for it since
-        have = [c for c in chunks if c.chunk_offset == 0 or t.rescan]
-        if not have:
+        # ELF: the chunks this target fetched (the first one when a reader read it)
+        have = [c for c in chunks if c.chunk_offset == 0] if t.read else list(chunks)
+        if not have or have[0].chunk_offset != 0:
             return []
         datas = layer.fetcher.get_chunks(have, speculate=False, reason="prefetch")
         if not datas or datas[0][:4] != b"\x7fELF":
             return []
         info = elf_info({c.chunk_offset: d for c, d in zip(have, datas)})
-        if info.wants and not t.rescan:
+        later: list[_Target] = []
+        if not t.rescan:
+            # what the loader reads next (dynamic segment, writable segments) and what the
+            # names are in, when not fetched yet: fetched, then scanned again
+            ranges = info.wants + info.writable
+            got = {c.chunk_offset for c in have}
             more = [
                 c
                 for c in layer.index.chunks(f.ino)
-                if c.chunk_offset > 0
+                if c.chunk_offset not in got
                 and any(
                     c.chunk_offset < off + n and off < c.chunk_offset + max(c.chunk_size, 1)
-                    for off, n in info.wants
+                    for off, n in ranges
                 )
             ]
             if more:
                 with img.lock:
                     img.seen.discard((layer.compressed_digest, f.ino))  # let it be queued
-                # the first chunk and the wanted ones, scanned again once fetched
-                return [_Target(f, [c for c in chunks if c.chunk_offset == 0] + more, True)]
+                later = [_Target(f, [*have, *more], rescan=True)]
+                if info.wants:
+                    return later
         out = self._elf_targets(img, f, info.interp, info.needed, info.runpath or info.rpath)
         version = _python_version(f.path, info.needed)
         if version is not None:
             out.extend(self._python_startup(img, version))
-        return out
+        return later + out
 
     def _python_startup(self, img: _Image, version: str) -> list[_Target]:
         """What a CPython interpreter reads before running anything: the ``encodings``
@@ -567,10 +583,15 @@ class DependencyFetcher:
         chunks = found.layer.index.chunks(found.ino)
         if not chunks:
             return []
-        if _size(chunks) > self.settings.file_bytes:
+        if elf and len(chunks) > 2:
+            # the loader reads the headers, then the dynamic and writable segments (at the
+            # end, mostly): the first and last chunks now, the rest of what it needs after
+            # the scan; text pages come as the program runs
+            chunks = [chunks[0], chunks[-1]]
+        elif _size(chunks) > self.settings.file_bytes:
             if not elf:
                 return []
-            chunks = [c for c in chunks if c.chunk_offset == 0]
+            chunks = [chunks[0]]
         out = [_Target(found, chunks)]
         if img.stale_pyc and found.path.endswith(".pyc"):
             src = _source_of(img, found.path)
@@ -592,7 +613,7 @@ class DependencyFetcher:
         with img.lock:
             tags = list(img.tags)
         frozen = any(int(t[9:]) >= 11 for t in tags if t[9:].isdigit())
-        stdlib = set(roots[:1]) if roots else set()
+        stdlib = {r for r in roots if _PY_DIR.match(posixpath.basename(r))}
         files: list[Found] = []
         for imp in imports:
             if imp.level:

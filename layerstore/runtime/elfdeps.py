@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 PT_LOAD = 1
 PT_DYNAMIC = 2
 PT_INTERP = 3
+PF_W = 2
 DT_NULL = 0
 DT_NEEDED = 1
 DT_STRTAB = 5
@@ -40,6 +41,10 @@ class ElfDeps:
     """``DT_RUNPATH`` entries (``$ORIGIN`` not expanded)."""
     rpath: list[str] = field(default_factory=list)
     """``DT_RPATH`` entries (used only when there is no ``DT_RUNPATH``)."""
+    writable: list[tuple[int, int]] = field(default_factory=list)
+    """File ranges ``(offset, length)`` of the writable ``PT_LOAD`` segments and of
+    ``PT_DYNAMIC``: what the loader touches first after the headers (relocations write the
+    GOT and data), usually at the end of the file."""
     wants: list[tuple[int, int]] = field(default_factory=list)
     """File ranges ``(offset, length)`` missing from the pieces given that hold the dynamic
     segment or its strings; empty when the answer is complete (or the file is no ELF)."""
@@ -145,11 +150,13 @@ def _parse(v: _View, out: ElfDeps) -> None:
     for i in range(phnum):
         f = struct.unpack_from(ph_fmt, phdrs, i * phentsize)
         if cls == 2:
-            p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = f[:6]
+            p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz = f[:6]
         else:
-            p_type, p_offset, p_vaddr, _paddr, p_filesz = f[:5]
+            p_type, p_offset, p_vaddr, _paddr, p_filesz, _memsz, p_flags = f[:7]
         if p_type == PT_LOAD:
             loads.append((p_vaddr, p_offset, p_filesz))
+            if p_flags & PF_W and p_filesz > 0:
+                out.writable.append((p_offset, p_filesz))
         elif p_type == PT_INTERP and out.interp is None and 0 < p_filesz <= _MAX_NAME:
             raw = v.get(p_offset, p_filesz)
             if raw is not None:
@@ -159,6 +166,8 @@ def _parse(v: _View, out: ElfDeps) -> None:
                     out.interp = None
         elif p_type == PT_DYNAMIC and dynamic is None:
             dynamic = (p_offset, p_filesz)
+            if p_filesz > 0:
+                out.writable.append((p_offset, p_filesz))
     if dynamic is None:
         return
     d_off, d_size = dynamic

@@ -216,6 +216,7 @@ class LayerManager:
             self._depfetch if self.settings.dependency_fetch.enabled else None,
         )
         self._siblings_started: set[str] = set()  # manifest digests whose layers were started
+        self._siblings_pending: dict[str, int] = {}  # manifest digest -> builds in flight
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -347,15 +348,18 @@ class LayerManager:
             if not _digest.is_valid(toc_digest) or "gzip" not in desc.media_type:
                 continue
 
+            with self._lock:
+                self._siblings_pending[key] = self._siblings_pending.get(key, 0) + 1
             threading.Thread(
                 target=self._build_sibling,
-                args=(reference, image, desc, toc_digest, diff_id),
+                args=(key, reference, image, desc, toc_digest, diff_id),
                 name="stargz-sibling-layer",
                 daemon=True,
             ).start()
 
     def _build_sibling(
         self,
+        key: str,
         reference: Reference,
         image: ResolvedImage,
         desc: Descriptor,
@@ -368,11 +372,31 @@ class LayerManager:
             )
         except Exception as e:  # the lookup of that layer will say so itself
             log.info("sibling_layer_failed", digest=desc.digest, error=describe_error(e))
+        finally:
+            with self._lock:
+                left = self._siblings_pending.get(key, 1) - 1
+                if left > 0:
+                    self._siblings_pending[key] = left
+                else:
+                    self._siblings_pending.pop(key, None)
 
-    def stacks_of(self, layer: Layer) -> list[Sequence[Layer]]:
+    def stacks_of(self, layer: Layer, wait: float = 0.0) -> list[Sequence[Layer]]:
         """The layer stacks (top first, the layers built so far) of the images known to
-        contain *layer*, those in use first (for the dependency fetch)."""
+        contain *layer*, those in use first (for the dependency fetch). With *wait*, first
+        wait up to that many seconds for the builds of those images' other layers started on
+        their first lookup."""
         digest = layer.compressed_digest
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                pending = any(
+                    self._siblings_pending.get(img.manifest_digest or r)
+                    for r, (_, img) in self._resolved.items()
+                    if any(d.digest == digest for d in img.manifest.layers)
+                )
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
         with self._lock:
             in_use = {r for (r, _), e in self._by_ref_key.items() if e.users > 0}
             images = [(r, img) for r, (_, img) in self._resolved.items()]
