@@ -52,7 +52,13 @@ from layerstore.common.redact import describe_error
 from layerstore.estargz.toc import Chunk
 from layerstore.runtime.elfdeps import elf_info
 from layerstore.runtime.layer import Layer
-from layerstore.runtime.pyimports import MAX_PYC_BYTES, MAX_SOURCE_BYTES, scan_pyc, scan_source
+from layerstore.runtime.pyimports import (
+    MAX_PYC_BYTES,
+    MAX_SOURCE_BYTES,
+    dotted_names_in_binary,
+    scan_pyc,
+    scan_source,
+)
 from layerstore.runtime.stackview import Found, StackView
 
 log = structlog.get_logger(__name__)
@@ -103,6 +109,7 @@ LAYERS_WAIT = 30.0
 in lower or upper layers are found."""
 
 _PY_DIR = re.compile(r"python3\.(\d+)\Z")
+_EXT_MODULE = re.compile(r"\.(cpython-[^/]*|abi3)\.so\Z")
 _TAG = re.compile(r"\.(cpython-3\d+)\.pyc\Z")
 
 
@@ -213,6 +220,7 @@ class _Image:
         # source mtime or size differs from the source's: images built with normalized
         # mtimes): None until a bytecode file next to its source was scanned.
         self.stale_pyc: bool | None = None
+        self._tops: tuple[tuple[str, ...], frozenset[str]] | None = None
 
     def extensions(self, d: str, entries: dict[str, Found]) -> dict[str, Found]:
         """Extension modules of directory *d* by module name (``m.cpython-311-x86_64-linux-gnu.so``,
@@ -231,6 +239,21 @@ class _Image:
             if len(self._ext) < 4096:
                 self._ext[d] = out
         return out
+
+    def top_names(self, roots: list[str]) -> frozenset[str]:
+        """Top-level module and package names found in *roots*."""
+        key = tuple(roots)
+        with self.lock:
+            if self._tops is not None and self._tops[0] == key:
+                return self._tops[1]
+        names: set[str] = set()
+        for r in roots:
+            for n in self.view.listdir(r):
+                names.add(n.split(".", 1)[0])
+        tops = frozenset(names)
+        with self.lock:
+            self._tops = (key, tops)
+        return tops
 
     def roots(self) -> list[str]:
         """``sys.path``-like directories: standard library, lib-dynload, then site and dist
@@ -503,10 +526,35 @@ class DependencyFetcher:
                 if info.wants:
                     return later
         out = self._elf_targets(img, f, info.interp, info.needed, info.runpath or info.rpath)
+        if _EXT_MODULE.search(f.path):
+            out.extend(self._extension_imports(img, datas))
         version = _python_version(f.path, info.needed)
         if version is not None:
             out.extend(self._python_startup(img, version))
         return later + out
+
+    def _extension_imports(self, img: _Image, datas: Sequence[bytes]) -> list[_Target]:
+        """Modules a Python extension module imports by name from C (Cython's ``cimport``
+        chains, ``PyImport_ImportModule``): the dotted names among its strings that name a
+        module of the image."""
+        roots = img.roots()
+        tops = img.top_names(roots)
+        with img.lock:
+            tags = list(img.tags)
+        stdlib = {r for r in roots if _PY_DIR.match(posixpath.basename(r))}
+        files: list[Found] = []
+        names: dict[str, None] = {}
+        for data in datas:
+            for name in dotted_names_in_binary(data):
+                if name.split(".", 1)[0] in tops:
+                    names[name] = None
+        for name in names:
+            got, _ = self._module_files(img, name, roots, tags, stdlib)
+            files.extend(got)
+        out: list[_Target] = []
+        for fnd in dict.fromkeys(files):
+            out.extend(self._target(img, fnd, elf=fnd.path.endswith(".so")))
+        return out
 
     def _python_startup(self, img: _Image, version: str) -> list[_Target]:
         """What a CPython interpreter reads before running anything: the ``encodings``
