@@ -607,6 +607,10 @@ class DependencyFetcher:
             if d.startswith("/"):
                 dirs.append(posixpath.normpath(d).lstrip("/"))
         dirs.extend(LIBRARY_DIRS)
+        # Not the loader's rule, but where it finds them in practice: a library without a
+        # search path of its own next to the ones that need it (auditwheel's ".libs"
+        # directories), found through the DT_RPATH of the object that loaded it.
+        dirs.append(origin)
         out: list[_Target] = []
         names = ([interp] if interp else []) + needed
         for name in names:
