@@ -124,6 +124,12 @@ class FetcherSettings:
     and on a thin link every background byte delays those reads)."""
     background_share: float = 0.5
     """Fraction of wall time the background fill may spend fetching (it sleeps the rest)."""
+    background_busy_share: float = 0.1
+    """... at most this fraction while foreground fetching happened in the last
+    ``background_calm_seconds``: a container start that computes between its reads (Python
+    compiling modules) leaves idle gaps the fill would otherwise fill, and each of its misses
+    then shares the link with the fill."""
+    background_calm_seconds: float = 10.0
     failed_chunk_ttl: float = 5.0
     """Seconds a chunk that failed verification is answered with its error without refetching
     (a corrupt blob must not turn every read into a download); then it is tried again."""
@@ -720,7 +726,11 @@ class ChunkFetcher:
                         batch, foreground=False, gap=step, max_bytes=step, speculate=False
                     )
                     spent = time.monotonic() - t_req
-                share = min(max(self.settings.background_share, 0.01), 1.0)
+                share = self.settings.background_share
+                if time.monotonic() - self._activity.last < self.settings.background_calm_seconds:
+                    # a container is starting: its next miss may come any moment
+                    share = min(share, self.settings.background_busy_share)
+                share = min(max(share, 0.01), 1.0)
                 if share < 1.0:
                     self._closed.wait(min(spent * (1.0 - share) / share, 5.0))
                 for f in futures:
