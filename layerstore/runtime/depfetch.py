@@ -506,9 +506,9 @@ class DependencyFetcher:
         info = elf_info({c.chunk_offset: d for c, d in zip(have, datas)})
         later: list[_Target] = []
         if not t.rescan:
-            # what the loader reads next (dynamic segment, writable segments) and what the
-            # names are in, when not fetched yet: fetched, then scanned again
-            ranges = info.wants + info.writable
+            # what the loader reads next (dynamic and writable segments, init code) and what
+            # the names are in, when not fetched yet: fetched, then scanned again
+            ranges = info.wants + info.early
             got = {c.chunk_offset for c in have}
             more = [
                 c
@@ -635,10 +635,10 @@ class DependencyFetcher:
         chunks = found.layer.index.chunks(found.ino)
         if not chunks:
             return []
-        if elf and len(chunks) > 2:
+        if elf and len(chunks) > 3:
             # the loader reads the headers, then the dynamic and writable segments (at the
-            # end, mostly): the first and last chunks now, the rest of what it needs after
-            # the scan; text pages come as the program runs
+            # end, mostly) and runs the init code: the first and last chunks now, the rest
+            # of that after the scan; other text pages come as the program runs
             chunks = [chunks[0], chunks[-1]]
         elif _size(chunks) > self.settings.file_bytes:
             if not elf:

@@ -25,6 +25,7 @@ DT_NULL = 0
 DT_NEEDED = 1
 DT_STRTAB = 5
 DT_STRSZ = 10
+DT_INIT = 12
 DT_RPATH = 15
 DT_RUNPATH = 29
 
@@ -41,10 +42,10 @@ class ElfDeps:
     """``DT_RUNPATH`` entries (``$ORIGIN`` not expanded)."""
     rpath: list[str] = field(default_factory=list)
     """``DT_RPATH`` entries (used only when there is no ``DT_RUNPATH``)."""
-    writable: list[tuple[int, int]] = field(default_factory=list)
-    """File ranges ``(offset, length)`` of the writable ``PT_LOAD`` segments and of
-    ``PT_DYNAMIC``: what the loader touches first after the headers (relocations write the
-    GOT and data), usually at the end of the file."""
+    early: list[tuple[int, int]] = field(default_factory=list)
+    """File ranges ``(offset, length)`` the loader touches right after the headers: the
+    writable ``PT_LOAD`` segments (relocations write the GOT and data), ``PT_DYNAMIC``, and
+    the first page of the ``DT_INIT`` function (run when the object is loaded)."""
     wants: list[tuple[int, int]] = field(default_factory=list)
     """File ranges ``(offset, length)`` missing from the pieces given that hold the dynamic
     segment or its strings; empty when the answer is complete (or the file is no ELF)."""
@@ -156,7 +157,7 @@ def _parse(v: _View, out: ElfDeps) -> None:
         if p_type == PT_LOAD:
             loads.append((p_vaddr, p_offset, p_filesz))
             if p_flags & PF_W and p_filesz > 0:
-                out.writable.append((p_offset, p_filesz))
+                out.early.append((p_offset, p_filesz))
         elif p_type == PT_INTERP and out.interp is None and 0 < p_filesz <= _MAX_NAME:
             raw = v.get(p_offset, p_filesz)
             if raw is not None:
@@ -167,7 +168,7 @@ def _parse(v: _View, out: ElfDeps) -> None:
         elif p_type == PT_DYNAMIC and dynamic is None:
             dynamic = (p_offset, p_filesz)
             if p_filesz > 0:
-                out.writable.append((p_offset, p_filesz))
+                out.early.append((p_offset, p_filesz))
     if dynamic is None:
         return
     d_off, d_size = dynamic
@@ -182,6 +183,7 @@ def _parse(v: _View, out: ElfDeps) -> None:
     runpath: list[int] = []
     rpath: list[int] = []
     strtab: int | None = None
+    init: int | None = None
     strsz = 0
     pos = 0
     while pos + entsize <= len(dyn):
@@ -199,6 +201,13 @@ def _parse(v: _View, out: ElfDeps) -> None:
             runpath.append(val)
         elif tag == DT_RPATH:
             rpath.append(val)
+        elif tag == DT_INIT:
+            init = val
+    if init is not None:
+        for vaddr, offset, filesz in loads:
+            if vaddr <= init < vaddr + filesz:
+                out.early.append((offset + (init - vaddr), 4096))
+                break
     if strtab is None or not (needed_offs or runpath or rpath):
         return
     str_off: int | None = None
