@@ -35,7 +35,6 @@ single flight), and the prefetch holds back the background fill like any foregro
 
 from __future__ import annotations
 
-import contextlib
 import posixpath
 import re
 import stat
@@ -104,6 +103,9 @@ FROZEN_311 = frozenset(
 """Standard-library modules CPython 3.11 and later run from frozen copies at start-up: the
 files are not read."""
 
+MAX_PENDING = 4096
+"""Reads of new files are not scanned while this many prefetch tasks wait (a reader sweeping
+through a whole layer must not queue work without bound)."""
 LAYERS_WAIT = 30.0
 """Seconds a scan waits for the image's other layers being built (their TOCs), so that names
 in lower or upper layers are found."""
@@ -155,6 +157,21 @@ def _python_version(path: str, needed: Sequence[str]) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def _may_name_others(layer: Layer, ino: int) -> bool:
+    """Whether file *ino* can be one this module reads names from: Python source or bytecode,
+    a shared object (by name), or an executable file (an ELF program). In-memory checks only:
+    any other file read costs the dependency fetch nothing."""
+    try:
+        mode = layer.index.getattr(ino).mode
+        path = layer.index.path_of(ino) or ""
+    except (KeyError, ValueError):
+        return False
+    if not stat.S_ISREG(mode):
+        return False
+    base = posixpath.basename(path)
+    return base.endswith((".py", ".pyc", ".so")) or ".so." in base or bool(mode & 0o111)
 
 
 def _source_of(img: _Image, pyc_path: str) -> Found | None:
@@ -306,6 +323,7 @@ class DependencyFetcher:
         self._triggered: set[tuple[str, int]] = set()
         self._images: dict[tuple[str, ...], _Image] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0  # tasks submitted and not finished
         self._closed = False
         self.stats = {"triggers": 0, "scanned": 0, "files": 0, "bytes": 0, "requests": 0}
 
@@ -317,11 +335,14 @@ class DependencyFetcher:
             return
         key = (layer.compressed_digest, ino)
         with self._lock:
-            if key in self._triggered or self._closed:
+            if key in self._triggered or self._closed or self._pending > MAX_PENDING:
                 return
             if len(self._triggered) > 1_000_000:
                 self._triggered.clear()
             self._triggered.add(key)
+        if not _may_name_others(layer, ino):
+            return
+        with self._lock:
             self.stats["triggers"] += 1
         self._submit(self._on_read, layer, ino)
 
@@ -418,15 +439,21 @@ class DependencyFetcher:
                     max(1, self.settings.concurrency), thread_name_prefix="stargz-dependency-fetch"
                 )
             pool = self._pool
-        with contextlib.suppress(RuntimeError):  # shutting down
+            self._pending += 1
+        try:
             pool.submit(self._quietly, fn, *args)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self._pending -= 1
 
-    @staticmethod
-    def _quietly(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _quietly(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         try:
             fn(*args)
         except Exception as e:  # best effort: readers fetch what they need themselves
             log.warning("dependency_fetch_failed", error=describe_error(e))
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def _image(self, layers: Sequence[Layer]) -> _Image:
         key = tuple(la.compressed_digest for la in layers)
