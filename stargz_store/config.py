@@ -124,7 +124,9 @@ class FetchSettings(_Section):
     so existing files still load (``docs/CONCURRENCY.md``): ``read_ahead_bytes`` is the
     fetcher's read-ahead budget (0 also turns read-behind and continuation off);
     ``prefetch_landmark`` switches the *landmark prefetch*; ``background_fetch``,
-    ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*.
+    ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*;
+    ``dependency_fetch`` the read-triggered *dependency fetch*; ``resolve_all_layers`` builds
+    an image's other layers on the first lookup of one.
     """
 
     concurrency: int = Field(default=16, ge=1)
@@ -134,12 +136,14 @@ class FetchSettings(_Section):
     prefetch_landmark: bool = True
     background_concurrency: int = Field(default=2, ge=1)
     max_inflight_decoded_bytes: int = Field(default=256 * MiB, ge=1 * MiB)
-    """Daemon-wide bound on the bytes chunk fetches and first-use checks of cached chunks hold
-    in memory (compressed ranges and chunks decoded in memory); readers wait for room. A larger
-    chunk is decoded in pieces and goes alone."""
+    """Daemon-wide bound on the bytes chunk fetches hold in memory (compressed ranges and
+    chunks decoded in memory); readers wait for room. A larger chunk is decoded in pieces and
+    goes alone."""
     prefetch_profile: bool = True
     """The *profile prefetch*: on an image's first use, look for a workload profile attached
     to it (``stargz-store optimize --attach``) and fetch the files it lists."""
+    dependency_fetch: bool = True
+    resolve_all_layers: bool = True
 
 
 class FuseSettings(_Section):

@@ -438,6 +438,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.registry.registries_conf import RegistriesConf, WatchedRegistriesConf
     from layerstore.runtime.blobspool import BlobSpool
     from layerstore.runtime.cache import DAEMON_KEY_NAME, ChunkCache
+    from layerstore.runtime.depfetch import DependencyFetchSettings
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
     from layerstore.runtime.manager import LayerManager, ManagerSettings
@@ -517,7 +518,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
             profiles = ArtifactSource(client, PROFILE_MEDIA_TYPE, MAX_PROFILE_BYTES)
         # [fetch] keys -> mechanisms (docs/CONCURRENCY.md): read_ahead_bytes = read-ahead (and
         # read-behind, continuation), prefetch_landmark = landmark prefetch, background_fetch,
-        # background_bandwidth_share and background_concurrency = background fill.
+        # background_bandwidth_share and background_concurrency = background fill,
+        # dependency_fetch = dependency fetch, resolve_all_layers = sibling layers built.
         manager = LayerManager(
             client,
             cache,
@@ -538,6 +540,8 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 layer=LayerSettings(
                     landmark_prefetch=fc.prefetch_landmark, background_fill=fc.background_fetch
                 ),
+                dependency_fetch=DependencyFetchSettings(enabled=fc.dependency_fetch),
+                resolve_siblings=fc.resolve_all_layers,
             ),
             resolutions=resolutions,
             spool=spool,

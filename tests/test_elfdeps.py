@@ -109,3 +109,67 @@ def test_real_dynamic_executable(path: str) -> None:
     assert "libc.so.6" in needed
     # the headers alone (the dynamic section lies further on): no exception, no names
     assert elf_dependencies(data[:4096])[1] in ([], needed)
+
+
+def make_elf_paths(
+    needed: list[str], *, runpath: str | None = None, rpath: str | None = None, gap: int = 0
+) -> bytes:
+    """A 64-bit ELF whose string table comes first and whose dynamic segment lies *gap* bytes
+    further (as in a large library, where it is near the end), with DT_RUNPATH / DT_RPATH."""
+    base = 0x400000
+    phoff, phentsize, phnum = 64, 56, 2
+    str_off = phoff + phnum * phentsize
+    strtab = b"\0"
+    offs = {}
+    for n in [*needed, *(x for x in (runpath, rpath) if x)]:
+        offs[n] = len(strtab)
+        strtab += n.encode() + b"\0"
+    dyn_off = str_off + len(strtab) + gap
+    dyn = b"".join(struct.pack("<qQ", 1, offs[n]) for n in needed)
+    if runpath:
+        dyn += struct.pack("<qQ", 29, offs[runpath])
+    if rpath:
+        dyn += struct.pack("<qQ", 15, offs[rpath])
+    dyn += struct.pack("<qQ", 5, base + str_off) + struct.pack("<qQ", 10, len(strtab))
+    dyn += struct.pack("<qQ", 0, 0)
+    total = dyn_off + len(dyn)
+    eh = b"\x7fELF\x02\x01\x01" + b"\0" * 9
+    eh += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, phoff, 0, 0, 64, phentsize, phnum, 64, 0, 0)
+
+    def ph(t: int, off: int, size: int) -> bytes:
+        return struct.pack("<IIQQQQQQ", t, 4, off, base + off, base + off, size, size, 8)
+
+    out = eh + ph(1, 0, total) + ph(2, dyn_off, len(dyn)) + strtab + b"\0" * gap + dyn
+    assert len(out) == total
+    return out
+
+
+def test_runpath_and_rpath() -> None:
+    from layerstore.runtime.elfdeps import elf_info
+
+    d = elf_info({0: make_elf_paths(["liba.so"], runpath="$ORIGIN/../libs:/opt/x")})
+    assert d.is_elf and d.needed == ["liba.so"] and not d.wants
+    assert d.runpath == ["$ORIGIN/../libs", "/opt/x"] and d.rpath == []
+    d = elf_info({0: make_elf_paths(["liba.so"], rpath="/old")})
+    assert d.rpath == ["/old"] and d.runpath == []
+
+
+def test_dynamic_segment_beyond_the_pieces_given() -> None:
+    from layerstore.runtime.elfdeps import elf_info
+
+    data = make_elf_paths(["libfar.so", "libc.so.6"], runpath="$ORIGIN", gap=100_000)
+    head = data[:8192]
+    d = elf_info({0: head})
+    assert d.is_elf and d.needed == [] and len(d.wants) == 1
+    off, n = d.wants[0]
+    assert off == len(data) - n  # the dynamic segment, at the end
+    # the missing piece given at its offset (as a later chunk would be): complete answer
+    chunk = 16384
+    pieces = {0: data[:chunk], (off // chunk) * chunk: data[(off // chunk) * chunk :]}
+    d = elf_info(pieces)
+    assert d.needed == ["libfar.so", "libc.so.6"] and d.runpath == ["$ORIGIN"] and not d.wants
+    # pieces that do not join (a hole in the middle) never read across the hole
+    assert elf_info({0: data[:100], 200: data[200:]}).needed == []
+    # not ELF: nothing wanted
+    assert elf_info({0: b"#!/bin/sh\n" * 100}) == elf_info({})
+    assert not elf_info({0: b"#!/bin/sh\n"}).is_elf

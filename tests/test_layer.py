@@ -61,6 +61,9 @@ class TinyIndex:
     def getattr(self, ino: int) -> _Attr:
         return _Attr(self.sizes[ino])
 
+    def path_of(self, ino: int) -> str | None:
+        return next((p for p, i in self.files.items() if i == ino), None)
+
     @property
     def prefetch_landmark_offset(self) -> int | None:
         return self.landmark

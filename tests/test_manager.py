@@ -30,6 +30,7 @@ from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.depfetch import DependencyFetchSettings
 from layerstore.runtime.fetcher import FetcherSettings
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import (
@@ -144,7 +145,13 @@ def client(blobs: dict[str, Blob], plain: Blob) -> FakeClient:
 
 
 def quiet(**kw: Any) -> ManagerSettings:
-    base = ManagerSettings(layer=LayerSettings(landmark_prefetch=False))
+    """No fetch nobody asked for: no landmark prefetch, no building of the image's other
+    layers, no dependency fetch on reads (tests of those turn them on)."""
+    base = ManagerSettings(
+        layer=LayerSettings(landmark_prefetch=False),
+        resolve_siblings=False,
+        dependency_fetch=DependencyFetchSettings(enabled=False),
+    )
     return replace(base, **kw)
 
 
@@ -395,7 +402,9 @@ def test_use_release_prefetch_and_sweep(
     client: FakeClient, cache: ChunkCache, blobs: dict[str, Blob]
 ) -> None:
     prio = blobs["ref-prioritized"]
-    settings = ManagerSettings(layer=LayerSettings(landmark_prefetch=True), idle_drop_seconds=0)
+    settings = ManagerSettings(
+        layer=LayerSettings(landmark_prefetch=True), idle_drop_seconds=0, resolve_siblings=False
+    )
     mgr = LayerManager(client, cache, settings)
     layer = mgr.get(REF_B, prio.toc_digest)
     src = client.sources[prio.digest]

@@ -62,9 +62,7 @@ def atomic_output(
         fsync_dir(target.parent)
 
 
-def write_atomic(
-    path: PathLike, data: bytes, *, durable: bool, mode: int | None = None
-) -> None:
+def write_atomic(path: PathLike, data: bytes, *, durable: bool, mode: int | None = None) -> None:
     """Write *data* to *path* atomically (see :func:`atomic_output`)."""
     with atomic_output(path, durable=durable, mode=mode) as f:
         f.write(data)

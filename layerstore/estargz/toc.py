@@ -419,6 +419,14 @@ class TOCIndex:
     def is_dir(self, ino: int) -> bool:
         return self._check(ino) == _DIR
 
+    def path_of(self, ino: int) -> str | None:
+        """The TOC path (``"a/b/c"``) of an inode's entry (a hardlinked file: its first name);
+        None for the root, implied directories and unknown inodes."""
+        if not 0 < ino < len(self._kind):
+            return None
+        r = self._rec[ino]
+        return None if r < 0 else self._record_name(r)
+
     @property
     def total_file_bytes(self) -> int:
         """Sum of the sizes of the regular-file inodes (each hardlinked inode once)."""

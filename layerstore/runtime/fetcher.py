@@ -24,8 +24,8 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   below); ``readahead_bytes = 0`` turns all three off.
 * **Landmark prefetch**: ``landmark_prefetch(end)`` fetches ``[0, end)`` (the image's
   prioritized files, before ``.prefetch.landmark``) in one request.
-* **Background fill** (optional): a thread fetches the rest of the blob in 2 MiB ranges once
-  foreground requests have been idle for ``background_idle_seconds`` (0.5 s, also counted from
+* **Background fill** (optional): a thread fetches the rest of the blob in 512 KiB ranges once
+  foreground requests have been idle for ``background_idle_seconds`` (1 s, also counted from
   its start): on a thin link, every background byte fetched while a container starts delays
   its reads. A shared semaphore bounds it across layers. Given a *tap*, it fetches every byte
   of the blob in order instead (cached chunks and the bytes between payloads too) and feeds
@@ -146,15 +146,23 @@ class FetcherSettings:
     """Fetch the whole layer in the background after first use (the layer starts it when this
     or ``LayerSettings.background_fill`` is set; the config key is ``[fetch]
     background_fetch``)."""
-    background_range_bytes: int = 2 * MiB
+    background_range_bytes: int = 512 * KiB
     """Span of one background request. Small enough that a reader that needs a chunk of a
-    request in flight does not wait long for it (nor the link stay busy long)."""
-    background_idle_seconds: float = 0.5
-    """The background fill waits until foreground requests have been idle this long (also
-    after it is started: a container that just started reads in bursts a few tens of ms
-    apart, and on a thin link every background byte delays those reads)."""
+    request in flight does not wait long for it, nor a foreground miss behind it (512 KiB is
+    ~30 ms at 150 Mbit/s; 2 MiB made a container start measurably slower)."""
+    background_idle_seconds: float = 1.0
+    """The background fill waits until foreground requests (reads that missed, the dependency
+    fetch, the landmark prefetch) have been idle this long (also after it is started: a
+    container that just started reads in bursts, with gaps of its own CPU work between them,
+    and on a thin link every background byte delays those reads)."""
     background_share: float = 0.5
     """Fraction of wall time the background fill may spend fetching (it sleeps the rest)."""
+    background_busy_share: float = 0.1
+    """... at most this fraction while foreground fetching happened in the last
+    ``background_calm_seconds``: a container start that computes between its reads (Python
+    compiling modules) leaves idle gaps the fill would otherwise fill, and each of its misses
+    then shares the link with the fill."""
+    background_calm_seconds: float = 10.0
     failed_chunk_ttl: float = 5.0
     """Seconds a chunk that failed verification is answered with its error without refetching
     (a corrupt blob must not turn every read into a download); then it is tried again."""
@@ -306,10 +314,14 @@ class ChunkFetcher:
     def get_chunk(self, chunk: ChunkLike) -> bytes:
         return self.get_chunks([chunk])[0]
 
-    def get_chunks(self, chunks: Sequence[ChunkLike], *, speculate: bool = True) -> list[bytes]:
+    def get_chunks(
+        self, chunks: Sequence[ChunkLike], *, speculate: bool = True, reason: str = "read"
+    ) -> list[bytes]:
         """The verified decompressed bytes of each chunk (cache, in-flight fetch, or fetched now).
         ``speculate=False`` fetches exactly these chunks (no read-ahead, read-behind or
-        continuation): for callers that know what will be read (the profile prefetch).
+        continuation): for callers that know what will be read (the profile prefetch, the
+        dependency fetch). *reason* is logged with the wait (``chunks_missed``): ``"read"``
+        for a reader, else the mechanism.
 
         Holds every chunk whole, large ones too (read back from the cache): for callers that
         need whole files of modest size (the dependency prefetch). ``Layer.read`` uses
@@ -317,7 +329,7 @@ class ChunkFetcher:
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
         out: list[bytes] = []
-        for c, data in zip(chunks, self.fetch_chunks(chunks, speculate=speculate)):
+        for c, data in zip(chunks, self.fetch_chunks(chunks, speculate=speculate, reason=reason)):
             if data is None:
                 data = self._cache.get(c.digest)
                 if data is None:  # not cacheable (or evicted meanwhile): decode it here
@@ -326,11 +338,13 @@ class ChunkFetcher:
         return out
 
     def fetch_chunks(
-        self, chunks: Sequence[ChunkLike], *, speculate: bool = True
+        self, chunks: Sequence[ChunkLike], *, speculate: bool = True, reason: str = "read"
     ) -> list[bytes | None]:
         """The verified decompressed bytes of each chunk decoded in memory; None for each
         chunk that is :meth:`streamed`: it is in the cache now (read slices with
         ``ChunkCache.read``), or, when the cache cannot hold it, nowhere (:meth:`read_slice`).
+
+        *speculate*, *reason*: as for :meth:`get_chunks`.
 
         Raises the first chunk's error (:class:`VerificationError`, :class:`RegistryError`).
         """
@@ -356,6 +370,7 @@ class ChunkFetcher:
                 results[i] = fut.result()
             self._log.debug(
                 "chunks_missed",
+                reason=reason,
                 chunks=len(missing),
                 offset=chunks[missing[0]].offset,
                 seconds=round(time.monotonic() - t0, 4),
@@ -944,7 +959,11 @@ class ChunkFetcher:
         )
 
     def _pace(self, spent: float) -> None:
-        share = min(max(self.settings.background_share, 0.01), 1.0)
+        share = self.settings.background_share
+        if time.monotonic() - self._activity.last < self.settings.background_calm_seconds:
+            # a container is starting: its next miss may come any moment
+            share = min(share, self.settings.background_busy_share)
+        share = min(max(share, 0.01), 1.0)
         if share < 1.0:
             self._closed.wait(min(spent * (1.0 - share) / share, 5.0))
 

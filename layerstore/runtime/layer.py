@@ -200,6 +200,9 @@ class Layer:
         self.observer: ReadObserver | None = None
         """Set by the manager while recording is on; None costs the read path one test."""
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
+        self.on_read: Callable[[Layer, int], None] | None = None
+        """Called (must not block) after a read from offset 0 of a file: the manager hands it
+        to the dependency fetch (:mod:`layerstore.runtime.depfetch`)."""
 
     @property
     def registry_host(self) -> str:
@@ -464,12 +467,20 @@ class Layer:
             else:
                 pieces.append(piece)
         if misses:
+            t0 = time.monotonic()
             datas = self.fetcher.fetch_chunks([needed[n] for n in misses])
             for n, data in zip(misses, datas):
                 if data is None:  # cannot happen for a chunk that is not streamed
                     raise FormatError(f"inode {ino}: chunk at {needed[n].offset} has no bytes")
                 lo, hi = self._span(needed[n], offset, end, fsize)
                 pieces[n] = data[lo:hi]
+            self._log.debug(
+                "read_waited",
+                path=self.index.path_of(ino),
+                offset=offset,
+                chunks=len(misses),
+                seconds=round(time.monotonic() - t0, 4),
+            )
         out = b"".join(p for p in pieces if p is not None)
         if len(out) != end - offset:
             raise FormatError(
@@ -478,6 +489,8 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
+        if offset == 0 and self.on_read is not None:
+            self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._advise(chunks, i, ahead)
@@ -537,6 +550,8 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
+        if offset == 0 and self.on_read is not None:
+            self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             # A sequential reader served here never takes the thread path that advises.

@@ -92,6 +92,7 @@ from layerstore.registry.manifest import Descriptor
 from layerstore.registry.reference import Reference, in_repository, parse_reference
 from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
+from layerstore.runtime.depfetch import DependencyFetcher, DependencyFetchSettings
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
 from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.runtime.meter import FetchMeter
@@ -130,6 +131,31 @@ def layer_identity(
         "insecure" if image.source.insecure else "",
     )
     return "layer-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _identity_of(image: ResolvedImage, desc: Descriptor, toc_digest: str, diff_id: str) -> str:
+    uncompressed = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
+    return layer_identity(image, desc, toc_digest, diff_id, uncompressed)
+
+
+def _image_layers(image: ResolvedImage) -> list[tuple[Descriptor, str, str | None]]:
+    """Each layer of *image* (bottom first) with its DiffID and its identity, or None when the
+    store could not serve it (not eStargz, a bad annotation, DiffIDs not matching layers)."""
+    layers = tuple(image.manifest.layers)
+    diff_ids = tuple(image.config.diff_ids)
+    if len(diff_ids) != len(layers):
+        return [(d, "", None) for d in layers]
+    out: list[tuple[Descriptor, str, str | None]] = []
+    for desc, diff_id in zip(layers, diff_ids):
+        toc_digest = desc.annotations.get(TOC_DIGEST_ANNOTATION) or ""
+        ok = _digest.is_valid(toc_digest) and "gzip" in desc.media_type
+        identity = _identity_of(image, desc, toc_digest, diff_id) if ok else None
+        out.append((desc, diff_id, identity))
+    return out
+
+
+def _identities(image: ResolvedImage) -> list[str | None]:
+    return [identity for _, _, identity in _image_layers(image)]
 
 
 class ClientLike(Protocol):
@@ -217,6 +243,12 @@ class ManagerSettings:
     profile_prefetch: ProfilePrefetchSettings = field(default_factory=ProfilePrefetchSettings)
     """The files of an attached workload profile, fetched on an image's first use (when the
     manager is given a profile source)."""
+    dependency_fetch: DependencyFetchSettings = field(default_factory=DependencyFetchSettings)
+    """What a file being read will make the container read next (its shared libraries, the
+    modules it imports), fetched when it is read (see :mod:`layerstore.runtime.depfetch`)."""
+    resolve_siblings: bool = True
+    """On the first lookup of a layer of an image, build the image's other eStargz layers too
+    (in the background): podman asks for them one at a time, each a TOC fetch and parse."""
     platform: str | None = None
     """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
@@ -274,11 +306,18 @@ class LayerManager:
         self._request_slots = Bulkhead(total, share_limit(total, self.settings.host_share))
         self._activity = Activity()  # foreground work of every layer holds back every fill
         self.meter = FetchMeter()  # fetch totals per mechanism, across layers (status, metrics)
-        self._dependencies = DependencyPrefetcher(self, self.settings.dependency_prefetch)
         self.recorder = recorder
         """Records workload profiles while set (``[record]``): every layer put to use reports
         its reads to it."""
         self.profiles = ProfilePrefetcher(self, profiles, self.settings.profile_prefetch)
+        self._depfetch = DependencyFetcher(self, self.settings.dependency_fetch)
+        self._dependencies = DependencyPrefetcher(
+            self,
+            self.settings.dependency_prefetch,
+            self._depfetch if self.settings.dependency_fetch.enabled else None,
+        )
+        self._siblings_started: set[str] = set()  # manifest digests whose layers were started
+        self._siblings_pending: dict[str, int] = {}  # manifest digest -> builds in flight
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -353,9 +392,9 @@ class LayerManager:
                 f"image {ref}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config"
             )
         diff_id = diff_ids[index]
-        identity = layer_identity(
-            image, desc, toc_digest, diff_id, desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
-        )
+        identity = _identity_of(image, desc, toc_digest, diff_id)
+        if self.settings.resolve_siblings:
+            self._start_siblings(ref, reference, image, identity)
         layer = self._sf_layer.do(
             identity, lambda: self._layer(reference, image, desc, toc_digest, diff_id, identity)
         )
@@ -408,6 +447,94 @@ class LayerManager:
             return image
 
         return self._sf_resolve.do(ref, do)
+
+    def _start_siblings(
+        self, ref: str, reference: Reference, image: ResolvedImage, asked: str
+    ) -> None:
+        """Build the image's other eStargz layers in the background (once per manifest), so
+        that podman's next lookups find them built: each is a TOC fetch (a round trip) and a
+        parse, which then overlap with this one and with podman's own work in between."""
+        key = image.manifest_digest or ref
+        with self._lock:
+            if key in self._siblings_started:
+                return
+            if len(self._siblings_started) > 4096:
+                self._siblings_started.clear()
+            self._siblings_started.add(key)
+            have = set(self._by_identity)
+        for desc, diff_id, identity in _image_layers(image):
+            if identity is None or identity == asked or identity in have:
+                continue
+            toc_digest = desc.annotations[TOC_DIGEST_ANNOTATION]
+
+            with self._lock:
+                self._siblings_pending[key] = self._siblings_pending.get(key, 0) + 1
+            threading.Thread(
+                target=self._build_sibling,
+                args=(key, reference, image, desc, toc_digest, diff_id, identity),
+                name="stargz-sibling-layer",
+                daemon=True,
+            ).start()
+
+    def _build_sibling(
+        self,
+        key: str,
+        reference: Reference,
+        image: ResolvedImage,
+        desc: Descriptor,
+        toc_digest: str,
+        diff_id: str,
+        identity: str,
+    ) -> None:
+        try:
+            self._sf_layer.do(
+                identity,
+                lambda: self._layer(reference, image, desc, toc_digest, diff_id, identity),
+            )
+        except Exception as e:  # the lookup of that layer will say so itself
+            log.info("sibling_layer_failed", digest=desc.digest, error=describe_error(e))
+        finally:
+            with self._lock:
+                left = self._siblings_pending.get(key, 1) - 1
+                if left > 0:
+                    self._siblings_pending[key] = left
+                else:
+                    self._siblings_pending.pop(key, None)
+
+    def stacks_of(self, layer: Layer, wait: float = 0.0) -> list[Sequence[Layer]]:
+        """The layer stacks (top first, the layers built so far) of the images known to
+        contain *layer*, those in use first (for the dependency fetch). With *wait*, first
+        wait up to that many seconds for the builds of those images' other layers started on
+        their first lookup."""
+        identity = layer.identity
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                images = [(r, img) for r, (_, img) in self._resolved.items()]
+                pending = any(
+                    self._siblings_pending.get(img.manifest_digest or r)
+                    for r, img in images
+                    if identity in _identities(img)
+                )
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        with self._lock:
+            in_use = {r for (r, _), e in self._by_ref_key.items() if e.users > 0}
+            images = [(r, img) for r, (_, img) in self._resolved.items()]
+            built = dict(self._by_identity)
+        out: list[tuple[bool, tuple[str, ...], list[Layer]]] = []
+        for ref, img in images:
+            ids = _identities(img)
+            if identity not in ids:
+                continue
+            stack = [built[i] for i in reversed(ids) if i is not None and i in built]
+            key = tuple(x.identity for x in stack)
+            if any(k == key for _, k, _ in out):
+                continue
+            out.append((ref in in_use, key, stack))
+        out.sort(key=lambda x: not x[0])
+        return [stack for _, _, stack in out]
 
     def resolution(self, ref: str) -> ResolvedImage | None:
         """The last resolution of *ref* in memory, expired or not (for the dependency
@@ -499,6 +626,7 @@ class LayerManager:
             toc_member_digest=_digest.sha256_digest(member),
         )
         layer.on_bad = self._layer_bad
+        layer.on_read = self._depfetch.file_read
         with self._lock:
             self._by_identity[identity] = layer
         release_free_memory()
@@ -635,6 +763,7 @@ class LayerManager:
                 layer.drop_spool(idle_before=layer.spool_idle_cutoff(now))
         for layer in dropped:
             layer.close()
+            self._depfetch.forget(layer.identity)
             log.info("layer_dropped", digest=layer.compressed_digest, identity=layer.identity)
         if dropped or kept_held:
             log.debug("layers_swept", dropped=len(dropped), kept_held=kept_held)
@@ -645,6 +774,7 @@ class LayerManager:
             return list(self._by_identity.values())
 
     def close(self) -> None:
+        self._depfetch.close()
         with self._lock:
             layers = list(self._by_identity.values())
         for layer in layers:

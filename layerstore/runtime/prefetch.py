@@ -79,6 +79,11 @@ LIBRARY_DIRS = (
 )
 
 
+START_FILES = ("/etc/passwd", "/etc/group")
+"""Read by podman while it creates any container (user and group lookup in the image), before
+the entrypoint runs."""
+
+
 def entrypoint_candidates(config_raw: Mapping[str, Any] | None) -> list[str]:
     """Absolute paths the image's default command may run (``Entrypoint[0]``, else
     ``Cmd[0]``, looked up in its ``PATH``); empty when the config names none."""
@@ -98,6 +103,20 @@ def entrypoint_candidates(config_raw: Mapping[str, Any] | None) -> list[str]:
             if isinstance(item, str) and item.startswith("PATH="):
                 path = item[5:]
     return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
+
+
+def command_line(config_raw: Mapping[str, Any] | None) -> tuple[list[str], str]:
+    """The image's default command line (``Entrypoint`` + ``Cmd``, or ``Cmd``) and working
+    directory; ``([], "/")`` when the config has none or an odd one."""
+    cfg = config_raw.get("config") if isinstance(config_raw, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        return [], "/"
+    entry, cmd = cfg.get("Entrypoint") or [], cfg.get("Cmd") or []
+    argv = [*entry, *cmd] if isinstance(entry, list) and isinstance(cmd, list) else []
+    workdir = cfg.get("WorkingDir") or "/"
+    if not all(isinstance(a, str) for a in argv) or not isinstance(workdir, str):
+        return [], "/"
+    return argv, workdir
 
 
 def resolve_regular_file(index: TOCIndex, path: str, hops: int = 8) -> int | None:
@@ -159,12 +178,30 @@ class ImageLayers(Protocol):
         ...
 
 
+class Handoff(Protocol):
+    """The read-triggered dependency fetch (:mod:`layerstore.runtime.depfetch`)."""
+
+    def file_read(self, layer: Layer, ino: int) -> None: ...
+
+    def expect(self, layer: Layer, ino: int, args: list[str], workdir: str) -> None: ...
+
+
 class DependencyPrefetcher:
     """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
 
-    def __init__(self, images: ImageLayers, settings: DependencyPrefetchSettings) -> None:
+    def __init__(
+        self,
+        images: ImageLayers,
+        settings: DependencyPrefetchSettings,
+        handoff: Handoff | None = None,
+    ) -> None:
         self._images = images
         self.settings = settings
+        # Given the entrypoint once fetched: the read-triggered dependency fetch
+        # (layerstore.runtime.depfetch), which then follows its libraries (and, for an
+        # interpreter, what it reads at start) itself. Without it, the libraries are followed
+        # here (_after_entrypoint).
+        self._handoff = handoff
         # Guards the four maps below; never held while calling the manager or a fetcher.
         self._lock = threading.Lock()
         self._considered: set[str] = set()  # layer digests whose entrypoint was considered
@@ -192,6 +229,7 @@ class DependencyPrefetcher:
         try:
             if image is None or layer.index.prefetch_landmark_offset:
                 return
+            self._start_files(layer)
             for path in entrypoint_candidates(image.config.raw):
                 ino = resolve_regular_file(layer.index, path)
                 if ino is not None:
@@ -206,10 +244,14 @@ class DependencyPrefetcher:
         if not chunks or size > limit:
             return
 
+        if self._handoff is not None:
+            argv, workdir = command_line(image.config.raw)
+            self._handoff.expect(layer, ino, argv[1:], workdir)
+
         def run() -> None:
             t0 = time.monotonic()
             try:
-                data = layer.fetcher.get_chunks(chunks)
+                data = layer.fetcher.get_chunks(chunks, reason="entrypoint")
             except Exception as e:  # readers see errors themselves
                 log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
                 return
@@ -222,11 +264,27 @@ class DependencyPrefetcher:
                 seconds=round(time.monotonic() - t0, 3),
             )
             try:
-                self._after_entrypoint(ref, layer, ino, data)
+                if self._handoff is not None:
+                    self._handoff.file_read(layer, ino)
+                else:
+                    self._after_entrypoint(ref, layer, ino, data)
             except Exception as e:  # best effort: readers fetch what they need themselves
                 log.warning("dependency_prefetch_failed", path=path, error=describe_error(e))
 
         threading.Thread(target=run, name="stargz-dependency-prefetch", daemon=True).start()
+
+    def _start_files(self, layer: Layer) -> None:
+        """Fetch :data:`START_FILES` this layer has, in a request of their own (they are read
+        while the container is created, before its entrypoint runs)."""
+        chunks: list[Chunk] = []
+        for path in START_FILES:
+            ino = resolve_regular_file(layer.index, path)
+            if ino is not None:
+                cs = layer.index.chunks(ino)
+                if _compressed_bytes(cs) <= 1 * MiB:
+                    chunks.extend(cs)
+        if chunks:
+            layer.fetcher.fetch_async(chunks)
 
     def _after_entrypoint(self, ref: str, layer: Layer, ino: int, data: Sequence[bytes]) -> None:
         """Fetch the loader and the shared libraries the ELF file *ino* (whose verified chunks
@@ -294,7 +352,7 @@ class DependencyPrefetcher:
                 todo.append(cs)
             if not todo:
                 break
-            got = layer.fetcher.get_chunks([c for cs in todo for c in cs])
+            got = layer.fetcher.get_chunks([c for cs in todo for c in cs], reason="libraries")
             names = []
             i = 0
             for cs in todo:
