@@ -49,7 +49,7 @@ import structlog
 
 from layerstore.common.redact import describe_error
 from layerstore.estargz.toc import Chunk
-from layerstore.runtime.elfdeps import elf_info
+from layerstore.runtime.elfdeps import LIBRARY_DIRS, elf_info
 from layerstore.runtime.layer import Layer
 from layerstore.runtime.pyimports import (
     MAX_PYC_BYTES,
@@ -65,19 +65,6 @@ log = structlog.get_logger(__name__)
 KiB = 1024
 MiB = 1024 * KiB
 
-LIBRARY_DIRS = (
-    "lib/x86_64-linux-gnu",
-    "usr/lib/x86_64-linux-gnu",
-    "lib/aarch64-linux-gnu",
-    "usr/lib/aarch64-linux-gnu",
-    "lib64",
-    "usr/lib64",
-    "lib",
-    "usr/lib",
-    "usr/local/lib",
-)
-"""Where the loader looks for a library when the object names no path (``ld.so.cache`` on
-Debian, Fedora and Alpine covers these)."""
 
 PYTHON_PREFIXES = ("usr/local/lib", "usr/lib", "opt/conda/lib", "usr/lib64", "usr/local/lib64")
 FROZEN_311 = frozenset(

@@ -17,6 +17,21 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+LIBRARY_DIRS = (
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "usr/lib64",
+    "lib",
+    "usr/lib",
+    "usr/local/lib",
+)
+"""Where the loader looks for a library when the object names no path (``ld.so.cache`` on
+Debian, Fedora and Alpine covers these)."""
+
+
 PT_LOAD = 1
 PT_DYNAMIC = 2
 PT_INTERP = 3

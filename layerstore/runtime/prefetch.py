@@ -57,7 +57,7 @@ from layerstore.estargz.profile import LayerProfile, Profile, ProfileError, pars
 from layerstore.estargz.toc import Chunk, TOCIndex
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.reference import Reference
-from layerstore.runtime.elfdeps import elf_dependencies
+from layerstore.runtime.elfdeps import LIBRARY_DIRS, elf_dependencies
 from layerstore.runtime.layer import Layer
 
 log = structlog.get_logger(__name__)
@@ -65,18 +65,6 @@ log = structlog.get_logger(__name__)
 MiB = 1024 * 1024
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-LIBRARY_DIRS = (
-    "lib/x86_64-linux-gnu",
-    "usr/lib/x86_64-linux-gnu",
-    "lib/aarch64-linux-gnu",
-    "usr/lib/aarch64-linux-gnu",
-    "lib64",
-    "usr/lib64",
-    "lib",
-    "usr/lib",
-    "usr/local/lib",
-)
 
 
 START_FILES = ("/etc/passwd", "/etc/group")
