@@ -34,7 +34,8 @@ Families (all ``stargz_store_*``; counters restart at 0 with the daemon):
 ==========================================  =======  ===========================================
 
 ``mechanism`` is one of ``foreground``, ``read_ahead``, ``landmark_prefetch``,
-``dependency_prefetch``, ``background_fill`` (``docs/CONCURRENCY.md``).
+``dependency_prefetch``, ``dependency_fetch``, ``profile_prefetch``, ``background_fill``
+(``docs/CONCURRENCY.md``).
 
 The HTTP server is wsgiref serving prometheus_client's WSGI app, on one thread
 (``stargz-metrics-http``; a scrape takes milliseconds, and a client that stalls is cut off

@@ -9,6 +9,7 @@ prints one line and exits with status 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ MECHANISM_NAMES = {
     "read_ahead": "read-ahead",
     "landmark_prefetch": "landmark prefetch",
     "dependency_prefetch": "dependency prefetch",
+    "dependency_fetch": "dependency fetch",
+    "profile_prefetch": "profile prefetch",
     "background_fill": "background fill",
 }
 
@@ -70,11 +73,16 @@ def main(argv: Sequence[str]) -> int:
     except ControlError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(render(doc))
+    try:
+        if args.json:
+            json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render(doc))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `status --json | head`: the reader has what it wanted
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

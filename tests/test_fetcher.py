@@ -421,6 +421,26 @@ def test_streaming_fill_feeds_every_byte_in_order(cache: ChunkCache) -> None:
     assert f.stats.background_chunks == 28  # the two cached ones are not delivered again
 
 
+def test_streaming_fill_counted_as_background_fill(cache: ChunkCache) -> None:
+    """The operator's totals (status, metrics) count the streaming fill's ranges under its own
+    mechanism, not as nothing or as foreground."""
+    from layerstore.runtime.meter import BACKGROUND_FILL, FOREGROUND, FetchMeter
+
+    payloads = [os.urandom(10_000) for _ in range(12)]
+    blob, chunks = build_blob(payloads)
+    settings = small_settings(
+        background_range_bytes=50_000, background_idle_seconds=0.0, background_share=1.0
+    )
+    meter = FetchMeter()
+    f = ChunkFetcher(BytesSource(blob), cache, chunks, fake_decode, settings, meter=meter)
+    assert f.start_background_fill(RecordingTap())
+    f.join_background_fill(10)
+    totals = meter.snapshot().by_mechanism
+    assert totals[BACKGROUND_FILL].bytes == len(blob)
+    assert totals[BACKGROUND_FILL].requests >= 3
+    assert totals[FOREGROUND].bytes == 0
+
+
 def test_streaming_fill_that_cannot_finish_says_so(cache: ChunkCache) -> None:
     payloads = [os.urandom(10_000) for _ in range(10)]
     blob, chunks = build_blob(payloads)

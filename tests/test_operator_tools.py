@@ -76,7 +76,8 @@ CACHE_KEYS = {
     "removed_by_operator", "toc_entries", "toc_bytes",
 }  # fmt: skip
 MECHANISMS = {
-    "foreground", "read_ahead", "landmark_prefetch", "dependency_prefetch", "background_fill",
+    "foreground", "read_ahead", "landmark_prefetch", "dependency_prefetch", "dependency_fetch",
+    "profile_prefetch", "background_fill",
 }  # fmt: skip
 
 

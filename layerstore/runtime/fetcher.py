@@ -1084,11 +1084,16 @@ class ChunkFetcher:
                 self._inflight[k] = fut
                 owned.append((c, fut))
         try:
+            t0 = time.monotonic()
             try:
                 (body,) = self._source.read_ranges([(start, end - start)])
             except LayerStoreError:
+                if self._meter is not None:
+                    self._meter.failed()
                 raise
             except Exception as e:
+                if self._meter is not None:
+                    self._meter.failed()
                 raise RegistryError(f"background fill range failed: {describe_error(e)}") from None
             if len(body) != end - start:
                 raise RangeError(f"range of {end - start} bytes answered with {len(body)}")
@@ -1096,6 +1101,8 @@ class ChunkFetcher:
                 self.stats.requests += 1
                 self.stats.ranges += 1
                 self.stats.bytes_fetched += len(body)
+            if self._meter is not None:
+                self._meter.observe(len(body), len(owned), time.monotonic() - t0)
             for c, _ in owned:
                 self._deliver(c, body[c.offset - start : c.compressed_end - start], background=True)
             return body

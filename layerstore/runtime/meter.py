@@ -26,9 +26,19 @@ FOREGROUND = "foreground"
 READ_AHEAD = "read_ahead"
 LANDMARK_PREFETCH = "landmark_prefetch"
 DEPENDENCY_PREFETCH = "dependency_prefetch"
+DEPENDENCY_FETCH = "dependency_fetch"
+PROFILE_PREFETCH = "profile_prefetch"
 BACKGROUND_FILL = "background_fill"
 
-MECHANISMS = (FOREGROUND, READ_AHEAD, LANDMARK_PREFETCH, DEPENDENCY_PREFETCH, BACKGROUND_FILL)
+MECHANISMS = (
+    FOREGROUND,
+    READ_AHEAD,
+    LANDMARK_PREFETCH,
+    DEPENDENCY_PREFETCH,
+    DEPENDENCY_FETCH,
+    PROFILE_PREFETCH,
+    BACKGROUND_FILL,
+)
 """Every label value, in the order the status table shows them."""
 
 # Thread-name prefix -> mechanism. ``stargz-readahead`` is the fetcher's pool behind
@@ -37,6 +47,8 @@ _BY_THREAD = (
     ("stargz-background-fill", BACKGROUND_FILL),
     ("stargz-landmark-prefetch", LANDMARK_PREFETCH),
     ("stargz-dependency-prefetch", DEPENDENCY_PREFETCH),
+    ("stargz-dependency-fetch", DEPENDENCY_FETCH),
+    ("stargz-profile-prefetch", PROFILE_PREFETCH),
     ("stargz-readahead", READ_AHEAD),
 )
 
