@@ -227,12 +227,12 @@ def test_recording_through_layer_reads(
     layer.read(_ino(layer, "etc/c"), 5, 10)  # overlapping: 15 distinct bytes
     layer.read(tool, 100_000, 50_000)  # a chunk in the middle first
     layer.read(_ino(layer, "bin/hard"), 0, 10_000)  # the same inode as bin/tool
-    # A read answered on the event loop from memory (pending cache writes, hot bytes) is
+    # A read answered on the event loop (pending cache writes, packs in the page cache) is
     # recorded too; the cache's memory is faked here, what it holds depends on timing.
-    real_peek = layer.cache.peek
-    layer.cache.peek = lambda d, o, n: memoryview(b"b" * 50)[o : o + n]  # type: ignore[method-assign]
+    real_nowait = layer.cache.read_nowait
+    layer.cache.read_nowait = lambda d, o, n: memoryview(b"b" * 50)[o : o + n]  # type: ignore[method-assign]
     assert layer.read_nowait(_ino(layer, "etc/b"), 0, 4096) == b"b" * 50
-    layer.cache.peek = real_peek  # type: ignore[method-assign]
+    layer.cache.read_nowait = real_nowait  # type: ignore[method-assign]
     layer.read(_ino(layer, "etc/a"), 0, 4096)
     assert rec.written == []
     paths = rec.close()
