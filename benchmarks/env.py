@@ -362,10 +362,27 @@ class StoreDaemon:
                 raise EnvError(f"store daemon exited with {self.proc.returncode}: {tail}")
             if os.path.ismount(self.mount):
                 self.startup_s = time.monotonic() - t0
+                self._profile(log_path)
                 return
             time.sleep(0.02)
         self.stop()
         raise EnvError(f"store daemon did not mount {self.mount} within {timeout:.0f} s")
+
+    def _profile(self, log_path: Path) -> None:
+        """With ``BENCH_STORE_PY_SPY=DIR``, py-spy samples the daemon (all threads, idle ones
+        too, 100 Hz) until it exits, as collapsed stacks next to its log name in DIR."""
+        out_dir = os.environ.get("BENCH_STORE_PY_SPY")
+        if not out_dir or self.proc is None:
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out = Path(out_dir) / f"{log_path.stem}.collapsed"
+        subprocess.Popen(
+            [str(spy), "record", "--pid", str(self.proc.pid), "--rate", "100", "--idle",
+             "--threads", "--format", "raw", "--output", str(out), "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     @property
     def pid(self) -> int:

@@ -142,7 +142,8 @@ class FetchSettings(_Section):
     prefetch_profile: bool = True
     """The *profile prefetch*: on an image's first use, look for a workload profile attached
     to it (``stargz-store optimize --attach``) and fetch the files it lists."""
-    dependency_fetch: bool = True
+    dependency_fetch: bool = False
+    """Off by default: measured a net loss on 2 cores (``./run bench``, see the README)."""
     resolve_all_layers: bool = True
 
 

@@ -78,7 +78,8 @@ def test_reading_a_module_fetches_the_sibling_it_imports(tmp_path: Path) -> None
         )
         manifest = json.loads(RegistryHTTP(reg.host).manifest("dep/py", "v1")[0])
         (desc,) = manifest["layers"]
-        with daemon(tmp_path / "d", reg) as d:  # read-ahead off, no landmark, no fill
+        # read-ahead off, no landmark, no fill; the dependency fetch on (off by default)
+        with daemon(tmp_path / "d", reg, fetch_extra="dependency_fetch = true") as d:
             diff = d.mountpoint / fu.b64(ref) / desc["digest"] / "diff"
             assert (
                 timed(lambda: (diff / "app/pkg/main.py").read_bytes()) == FILES["app/pkg/main.py"]

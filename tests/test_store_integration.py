@@ -480,11 +480,15 @@ def config_toml(reg: Registry, tmp: Path, read_ahead: int, **fuse: float) -> str
 
 @contextlib.contextmanager
 def daemon(
-    workdir: Path, reg: Registry, *, read_ahead: int = 0, **fuse: float
+    workdir: Path, reg: Registry, *, read_ahead: int = 0, fetch_extra: str = "", **fuse: float
 ) -> Iterator[StoreDaemon]:
     """The daemon with short registry timeouts; ``read_ahead`` 0 (unless given) so that a read
-    fetches only the chunks it needs, and what is cached is exactly what the test read."""
-    d = StoreDaemon(workdir, config_text=config_toml(reg, workdir, read_ahead, **fuse))
+    fetches only the chunks it needs, and what is cached is exactly what the test read.
+    *fetch_extra*: more lines for the ``[fetch]`` section."""
+    text = config_toml(reg, workdir, read_ahead, **fuse)
+    if fetch_extra:
+        text = text.replace("[fetch]\n", f"[fetch]\n{fetch_extra}\n", 1)
+    d = StoreDaemon(workdir, config_text=text)
     d.start(60)
     try:
         yield d

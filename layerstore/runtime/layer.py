@@ -201,8 +201,9 @@ class Layer:
         """Set by the manager while recording is on; None costs the read path one test."""
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
         self.on_read: Callable[[Layer, int], None] | None = None
-        """Called (must not block) after a read from offset 0 of a file: the manager hands it
-        to the dependency fetch (:mod:`layerstore.runtime.depfetch`)."""
+        """Called (must not block) after a read from offset 0 of a file that waited for the
+        network: the manager hands it to the dependency fetch
+        (:mod:`layerstore.runtime.depfetch`)."""
 
     @property
     def registry_host(self) -> str:
@@ -489,7 +490,10 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
-        if offset == 0 and self.on_read is not None:
+        if offset == 0 and misses and self.on_read is not None:
+            # Only a read that waited: what the cache already held was fetched by a mechanism
+            # that knew what comes next (a prefetch, or the dependency fetch itself), and
+            # scanning it again costs the reader CPU on a start-up that is CPU-bound.
             self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
@@ -550,8 +554,6 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
-        if offset == 0 and self.on_read is not None:
-            self.on_read(self, ino)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             # A sequential reader served here never takes the thread path that advises.
