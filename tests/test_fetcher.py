@@ -366,6 +366,26 @@ def test_landmark_prefetch_one_request(cache: ChunkCache) -> None:
     assert len(src.calls) == 1
 
 
+def test_landmark_prefetch_in_parallel_ranges(cache: ChunkCache) -> None:
+    """A large prioritized region goes in ranges of about ``landmark_range_bytes``, several
+    at a time, covering the region once: early files do not wait for the whole region, and
+    at most a few ranges are held in memory."""
+    payloads = [os.urandom(10_000) for _ in range(40)]
+    blob, chunks = build_blob(payloads, prefix=b"tar headers")
+    src = CountingSource(BytesSource(blob), delay=0.05)
+    settings = small_settings(landmark_range_bytes=50_000, landmark_parallel=3)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    landmark = chunks[30].offset
+    assert f.landmark_prefetch(landmark) == 30
+    assert all(len(call) == 1 for call in src.calls)
+    ranges = sorted(r for call in src.calls for r in call)
+    assert len(ranges) >= 6 and all(length <= 50_000 for _, length in ranges)
+    assert sum(length for _, length in ranges) == chunks[29].compressed_end - chunks[0].offset
+    assert src.max_active == 3
+    assert all(c.digest in cache for c in chunks[:30])
+    assert all(c.digest not in cache for c in chunks[30:])
+
+
 def test_background_fill_fetches_everything_in_large_ranges(cache: ChunkCache) -> None:
     payloads = [os.urandom(10_000) for _ in range(50)]
     blob, chunks = build_blob(payloads)

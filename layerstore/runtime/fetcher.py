@@ -23,7 +23,8 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   Read-ahead, read-behind and continuation are the *speculative* fetches (``speculate``
   below); ``readahead_bytes = 0`` turns all three off.
 * **Landmark prefetch**: ``landmark_prefetch(end)`` fetches ``[0, end)`` (the image's
-  prioritized files, before ``.prefetch.landmark``) in one request.
+  prioritized files, before ``.prefetch.landmark``) in 2 MiB ranges, four at a time, in blob
+  order (one request for the whole region made a container's first read wait for all of it).
 * **Background fill** (optional): a thread fetches the rest of the blob in 512 KiB ranges once
   foreground requests have been idle for ``background_idle_seconds`` (1 s, also counted from
   its start): on a thin link, every background byte fetched while a container starts delays
@@ -146,6 +147,12 @@ class FetcherSettings:
     """Fetch the whole layer in the background after first use (the layer starts it when this
     or ``LayerSettings.background_fill`` is set; the config key is ``[fetch]
     background_fetch``)."""
+    landmark_range_bytes: int = 2 * MiB
+    """The landmark prefetch fetches its region in ranges of about this many compressed bytes,
+    ``landmark_parallel`` at a time, in blob order: a container's first reads (the first
+    prioritized files) wait for the first ranges, not for the whole region, and no more than
+    those ranges are held in memory at once."""
+    landmark_parallel: int = 4
     background_range_bytes: int = 512 * KiB
     """Span of one background request. Small enough that a reader that needs a chunk of a
     request in flight does not wait long for it, nor a foreground miss behind it (512 KiB is
@@ -473,12 +480,32 @@ class ChunkFetcher:
         if not wanted:
             return 0
         t0 = time.monotonic()
+        step = max(1, self.settings.landmark_range_bytes)
+        groups: list[list[ChunkLike]] = []
+        for c in wanted:
+            if groups and c.compressed_end - groups[-1][0].offset <= step:
+                groups[-1].append(c)
+            else:
+                groups.append([c])
+
+        def fetch(group: list[ChunkLike]) -> list[Future[bytes | None]]:
+            return self._claim_and_fetch(
+                group, foreground=False, gap=1 << 62, max_bytes=1 << 62, speculate=False
+            )
+
         # Background fills (of every layer) hold back while a landmark prefetch runs.
         self._activity.enter()
         try:
-            futures = self._claim_and_fetch(
-                wanted, foreground=False, gap=1 << 62, max_bytes=1 << 62, speculate=False
-            )
+            workers = max(1, min(self.settings.landmark_parallel, len(groups)))
+            if workers == 1:
+                futures = [f for g in groups for f in fetch(g)]
+            else:
+                # Named like the caller's thread: the meter counts these requests as the
+                # landmark prefetch's.
+                with ThreadPoolExecutor(
+                    workers, thread_name_prefix=threading.current_thread().name
+                ) as pool:
+                    futures = [f for fs in pool.map(fetch, groups) for f in fs]
             failed = sum(1 for f in futures if f.exception() is not None)
         finally:
             self._activity.leave()
