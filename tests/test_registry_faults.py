@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator
 
@@ -212,6 +213,34 @@ def test_multirange_fallback_remembered_per_host(fault: FaultServer, mode: str) 
     multi = [r for r in blob_gets(fault) if "," in (r.header("Range") or "")]
     assert len(multi) == 1, "the host is remembered as single-range only"
     assert c.transport.host_state(fault.netloc).multirange is False
+
+
+def test_single_range_registry_gets_the_ranges_in_parallel(fault: FaultServer) -> None:
+    """Where each range needs a request of its own, they go a few at a time (each costs a
+    round trip), and every byte still comes back in place."""
+    lock = threading.Lock()
+    active = [0, 0]  # now, most
+
+    def slow(req: Request, data: bytes) -> Reply:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        try:
+            time.sleep(0.2)
+            return range_reply(data, req.header("Range"), multi="refuse")
+        finally:
+            with lock:
+                active[0] -= 1
+
+    reg = FakeRegistry(fault, multi="refuse", blob_reply=slow)
+    ref, digest = setup_image(reg)
+    c = make_client(fault)
+    src = c.blob_source(c.resolve(ref), digest, len(BLOB))
+    ranges = [(10, 5), (1000, 100), (20000, 7), (40000, 50), (60000, 7)]
+    assert src.read_ranges(ranges) == [BLOB[o : o + n] for o, n in ranges]  # learns: refused
+    active[1] = 0
+    assert src.read_ranges(ranges) == [BLOB[o : o + n] for o, n in ranges]
+    assert active[1] > 1
 
 
 @pytest.mark.parametrize("mode", ["multipart", "coalesce"])

@@ -19,6 +19,7 @@ import email.message
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import requests
@@ -26,12 +27,16 @@ import structlog
 
 from layerstore.common.redact import redact_url
 from layerstore.errors import FormatError, RangeError
+from layerstore.registry import deadline as _deadline
 from layerstore.registry.transport import Endpoint, drain, raise_for_status, stream
 
 if TYPE_CHECKING:
     from layerstore.registry.client import RegistryClient
 
 log = structlog.get_logger(__name__)
+
+PARALLEL_SPANS = 4
+"""Requests in flight for one ``read_ranges`` call when each range needs its own request."""
 
 _MULTIPART_OVERHEAD_PER_PART = 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -139,8 +144,7 @@ class BlobSource:
         with st.lock:
             multi = st.multirange
         if len(spans) <= 1 or multi is False:
-            for off, ln in spans:
-                fetched[off] = self.read_at(off, ln)
+            fetched.update(self._read_each(spans))
         else:
             for i in range(0, len(spans), limit):
                 batch = spans[i : i + limit]
@@ -149,11 +153,29 @@ class BlobSource:
                     continue
                 got = self._read_multi(batch)
                 if got is None:
-                    for off, ln in spans[i:]:
-                        fetched[off] = self.read_at(off, ln)
+                    fetched.update(self._read_each(spans[i:]))
                     break
                 fetched.update(got)
         return fetched
+
+    def _read_each(self, spans: list[tuple[int, int]]) -> dict[int, bytes]:
+        """Each span in a request of its own (the registry answers no multi-range request):
+        several at a time, as each costs a round trip, within the caller's deadline."""
+        if len(spans) <= 1:
+            return {off: self.read_at(off, ln) for off, ln in spans}
+        outer = _deadline.current()
+
+        def one(span: tuple[int, int]) -> tuple[int, bytes]:
+            off, ln = span
+            if outer is None:
+                return off, self.read_at(off, ln)
+            with _deadline.budget(outer.remaining()):
+                return off, self.read_at(off, ln)
+
+        workers = min(PARALLEL_SPANS, len(spans))
+        name = threading.current_thread().name
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-span") as pool:
+            return dict(pool.map(one, spans))
 
     def _read_multi(self, spans: list[tuple[int, int]]) -> dict[int, bytes] | None:
         """One multi-range request; None when the registry refused or ignored it."""
