@@ -4,8 +4,8 @@
 Protocol (version 1), one request per connection, JSON over a Unix stream socket:
 
 * the client sends one JSON object, ``{"v": 1, "op": "status"}`` (or ``"cache_prune"`` with
-  ``"max_bytes"``: an integer or null; or ``"cache_clear"``), at most ``MAX_REQUEST`` bytes, and
-  shuts down its write side;
+  ``"max_bytes"``: an integer or null; or ``"cache_clear"``; or ``"record_stop"``), at most
+  ``MAX_REQUEST`` bytes, and shuts down its write side;
 * the server answers one JSON object and closes: ``{"v": 1, "ok": true, "result": {...}}`` or
   ``{"v": 1, "ok": false, "error": "one line"}``.
 

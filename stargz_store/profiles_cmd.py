@@ -1,5 +1,8 @@
-"""``stargz-store profiles [--root DIR] [--config FILE] [--json] [PROFILE]``: the workload
-profiles the store recorded (``[record]``, ``serve --record``).
+"""``stargz-store profiles [--root DIR] [--config FILE] [--json] [--stop] [PROFILE]``: the
+workload profiles the store recorded (``[record]``, ``serve --record``).
+
+``--stop`` asks the running daemon (``<root>/control.sock``) to end its recording sessions now
+and write their profiles, instead of waiting for ``[record] period_seconds``.
 
 Without PROFILE: one line per profile under ``<root>/<[record] dir>``, oldest first (file
 name, creation time, image, layers, files, bytes read). With PROFILE (a file name from that
@@ -58,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "when present)",
     )
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="tell the running daemon to end its recordings now and write their profiles "
+        "(instead of waiting for the recording period)",
+    )
     return p
 
 
@@ -105,6 +114,8 @@ def main(argv: Sequence[str], stdout: TextIO | None = None, stderr: TextIO | Non
         return EXIT_USAGE
     d = Path(config.record.dir)
     directory = d if d.is_absolute() else args.root / d
+    if args.stop:
+        return _stop(args.root, out, err)
     if args.profile:
         return _show(args, directory, out, err)
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
@@ -165,3 +176,20 @@ def _show(args: argparse.Namespace, directory: Path, out: TextIO, err: TextIO) -
         for entry in lp.entries:
             print(f"  {entry.first_access_ms:>7} ms {entry.bytes:>12} B  {entry.path}", file=out)
     return EXIT_OK
+
+
+def _stop(root: Path, out: TextIO, err: TextIO) -> int:
+    from stargz_store.control import ControlError, request
+
+    try:
+        result = request(root, "record_stop")
+    except ControlError as e:
+        print(f"{PROG}: {e}", file=err)
+        return EXIT_FAILURE
+    written = result.get("written", [])
+    if not written:
+        print("recording stopped; no session had read anything, no profile written", file=out)
+    for path in written:
+        print(f"wrote {path}", file=out)
+    return EXIT_OK
+

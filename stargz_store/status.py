@@ -126,6 +126,8 @@ class StatusSource:
             return self.cache_prune(max_bytes)
         if op == "cache_clear":
             return self.cache_clear()
+        if op == "record_stop":
+            return self.record_stop()
         raise RequestError(f"unknown operation {str(op)[:40]!r}")
 
     def cache_prune(self, max_bytes: int | None) -> dict[str, Any]:
@@ -133,6 +135,13 @@ class StatusSource:
         target = cache.max_bytes if max_bytes is None else max_bytes
         done = cache.prune(target)
         return {"target_bytes": target, **dataclasses.asdict(done), **self._cache_sizes()}
+
+    def record_stop(self) -> dict[str, Any]:
+        """End every recording session now and write its profile (``profiles --stop``)."""
+        recorder = getattr(self.manager, "recorder", None) if self.manager is not None else None
+        if recorder is None:
+            raise RequestError("this daemon is not recording ([record] enabled, serve --record)")
+        return {"written": [str(p) for p in recorder.finish_all()]}
 
     def cache_clear(self) -> dict[str, Any]:
         done = self._need_cache().clear()

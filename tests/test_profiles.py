@@ -295,6 +295,30 @@ def test_a_layer_of_two_images_is_recorded_for_both_and_unread_images_write_noth
     assert all(parse_profile(p.read_bytes()).layers[0].paths == ["etc/b"] for p in rec.written)
 
 
+def test_operator_stops_recording_through_the_control_operation(
+    client: FakeClient, cache: ChunkCache, tmp_path: Path
+) -> None:
+    """``stargz-store profiles --stop`` (control op ``record_stop``): the sessions end now and
+    their profiles are written, long before the period; a daemon not recording says so."""
+    from stargz_store.control import RequestError
+    from stargz_store.status import StatusSource
+
+    blob = make_layer(client, REF, FILES)
+    rec = AccessRecorder(tmp_path / "p", RecordSettings(period_seconds=3600))
+    mgr = LayerManager(client, cache, quiet(), recorder=rec)
+    mgr.use(REF, blob.digest)
+    layer = mgr.get(REF, blob.digest)
+    layer.read(_ino(layer, "etc/c"), 0, 10)
+    src = StatusSource(root=str(tmp_path), manager=mgr, cache=cache)
+    result = src.handle({"v": 1, "op": "record_stop"})
+    (written,) = result["written"]
+    assert parse_profile(Path(written).read_bytes()).layers[0].paths == ["etc/c"]
+    assert src.handle({"v": 1, "op": "record_stop"}) == {"written": []}
+    idle = StatusSource(root=str(tmp_path), manager=LayerManager(client, cache, quiet()))
+    with pytest.raises(RequestError, match="not recording"):
+        idle.handle({"v": 1, "op": "record_stop"})
+
+
 def test_recording_is_off_by_default(client: FakeClient, cache: ChunkCache) -> None:
     blob = make_layer(client, REF, FILES)
     mgr = LayerManager(client, cache, quiet())
