@@ -529,7 +529,8 @@ class Progress:
         elif report.action == "reused":
             msg = f"{label or 'layer'}: shared with an earlier manifest, converted once"
         else:
-            msg = f"{label}: kept as is ({report.action})"
+            why = {"kept": "already eStargz", "foreign": "not a layer to convert"}
+            msg = f"{label}: kept as is ({why.get(report.action, report.action)})"
         if self.tty:
             self.out.write("\r\x1b[K")
         print(msg, file=self.out, flush=True)

@@ -447,7 +447,7 @@ def _record(
     )
     out.heading(
         f"running it once against a private store that records reads for {args.period:g} s "
-        "after the first"
+        "after the first read"
     )
     with LayoutRegistry(layout_dir, REPOSITORY) as reg:
         ref = reg.reference(TAG)
