@@ -32,7 +32,7 @@ import requests
 import structlog
 
 from layerstore import digest as _digest
-from layerstore.common.redact import redact_url
+from layerstore.common.redact import describe_error, redact_url
 from layerstore.errors import (
     DigestError,
     ImageReferenceError,
@@ -263,9 +263,18 @@ class RegistryClient:
         return result
 
     def resolve(
-        self, ref: RefLike, platform: str | _manifest.Platform | None = None
+        self,
+        ref: RefLike,
+        platform: str | _manifest.Platform | None = None,
+        *,
+        on_manifest: Callable[[PullSource, _manifest.ImageManifest], None] | None = None,
     ) -> ResolvedImage:
-        """Manifest (through an index for *platform*) and verified config of *ref*."""
+        """Manifest (through an index for *platform*) and verified config of *ref*.
+
+        *on_manifest* is called with the image manifest (its digest verified where the
+        reference or the index names one) and the source it came from, before the config is
+        fetched: the caller can start work that needs only the manifest (the layer manager
+        fetches TOCs meanwhile). What it raises is logged, not raised."""
         r = _as_reference(ref)
         wanted = platform if platform is not None else self.settings.platform
 
@@ -284,6 +293,11 @@ class RegistryClient:
                     raise ManifestError(f"index entry {desc.digest} in {r} is itself an index")
             manifest = chosen.manifest
             assert isinstance(manifest, _manifest.ImageManifest)
+            if on_manifest is not None:
+                try:
+                    on_manifest(ep.source, manifest)
+                except Exception as e:  # a hint for the caller only
+                    log.warning("on_manifest_failed", reference=str(r), error=describe_error(e))
             cap = min(self.settings.max_config_size, manifest.config.size)
             if manifest.config.size > self.settings.max_config_size:
                 raise ManifestError(
@@ -378,6 +392,14 @@ class RegistryClient:
 
         data: bytes = self._each_source(r.with_digest(r.digest or digest), action, nbytes=max_size)
         return data
+
+    def blob_source_at(self, source: PullSource, digest: str, size: int) -> BlobSource:
+        """A :class:`BlobSource` over blob *digest* of *size* bytes at *source* (the source a
+        manifest came from, as :meth:`resolve` hands it to ``on_manifest``)."""
+        _validate_digest(digest)
+        if size < 0:
+            raise ValueError("blob size must not be negative")
+        return BlobSource(self, self._endpoint(source), digest, size)
 
     def blob_source(self, ref: RefLike | ResolvedImage, digest: str, size: int) -> BlobSource:
         """A lazy :class:`~layerstore.source.RangeSource` over one blob.

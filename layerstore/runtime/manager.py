@@ -60,6 +60,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, cast
@@ -84,12 +85,14 @@ from layerstore.errors import (
     TOCDigestMismatchError,
     VerificationError,
 )
+from layerstore.estargz import tocbuild as _tocbuild
 from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.registry.client import ResolvedImage
-from layerstore.registry.manifest import Descriptor
+from layerstore.registry.manifest import Descriptor, ImageManifest
 from layerstore.registry.reference import Reference, in_repository, parse_reference
+from layerstore.registry.transport import PullSource
 from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.depfetch import DependencyFetcher, DependencyFetchSettings
@@ -109,6 +112,10 @@ from layerstore.runtime.snapshot import ImageSnapshot, KeyUse, LayerSnapshot, Ma
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
+
+# The TOC index builder (and msgspec) is imported with the daemon, not on the first lookup:
+# about 50 ms on a pull's critical path (measured in a cold start's import log).
+_TOC_BUILDER = _tocbuild.build_index
 
 MAX_TOC_BYTES = DEFAULT_MAX_TOC_SIZE
 NEGATIVE_CACHE_MAX = 4096
@@ -166,6 +173,39 @@ class ClientLike(Protocol):
     def blob_source(self, ref: ResolvedImage, digest: str, size: int) -> RangeSource:
         """*ref* is the ResolvedImage (so no extra HEAD request is needed)."""
         ...
+
+
+class EarlyClientLike(ClientLike, Protocol):
+    """A client that can say when a manifest has arrived (``RegistryClient`` does): the
+    manager then fetches TOCs while the config is fetched."""
+
+    def resolve(  # type: ignore[override]
+        self,
+        ref: Reference,
+        platform: str | None = None,
+        *,
+        on_manifest: Callable[[PullSource, ImageManifest], None] | None = None,
+    ) -> ResolvedImage: ...
+
+    def blob_source_at(self, source: PullSource, digest: str, size: int) -> RangeSource: ...
+
+
+@dataclass(frozen=True)
+class _LoadedTOC:
+    """A layer's TOC, its digest checked against the manifest's annotation."""
+
+    source: RangeSource
+    reader: EStargzReader
+    member: bytes
+    toc_offset: int
+    footer_size: int
+    from_cache: bool
+
+
+EARLY_TOC_MAX = 16
+"""TOCs loaded ahead of their layer at once (an image's layers, a few images at a time)."""
+EARLY_TOC_TTL = 120.0
+"""Seconds a TOC loaded ahead waits for its layer to be built before it is dropped."""
 
 
 OpenTOC = Callable[[RangeSource, bytes, int, int, str], EStargzReader]
@@ -249,6 +289,11 @@ class ManagerSettings:
     resolve_siblings: bool = True
     """On the first lookup of a layer of an image, build the image's other eStargz layers too
     (in the background): podman asks for them one at a time, each a TOC fetch and parse."""
+    early_toc: bool = True
+    """Fetch and check the TOCs of an image's eStargz layers (the asked one, and the others
+    with ``resolve_siblings``) as soon as its manifest has arrived, while its config is
+    fetched: the config's round trip then overlaps the TOC's (see :meth:`LayerManager.
+    _start_early_tocs`)."""
     platform: str | None = None
     """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
@@ -318,6 +363,8 @@ class LayerManager:
         )
         self._siblings_started: set[str] = set()  # manifest digests whose layers were started
         self._siblings_pending: dict[str, int] = {}  # manifest digest -> builds in flight
+        # (source location, blob digest, size, TOC digest) -> (started, the TOC loaded early)
+        self._early: dict[tuple[str, str, int, str], tuple[float, Future[_LoadedTOC]]] = {}
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -369,7 +416,7 @@ class LayerManager:
         if not _digest.is_valid(key):
             raise LayerNotFoundError(f"{key!r} is not a layer digest")
         reference = parse_reference(ref)
-        image = self._resolve(ref, reference)
+        image = self._resolve(ref, reference, key)
         layers = tuple(image.manifest.layers)
         diff_ids = tuple(image.config.diff_ids)
         index = -1
@@ -411,7 +458,7 @@ class LayerManager:
                 self._by_ref_key[(ref, key)] = _Entry(layer)
         return layer
 
-    def _resolve(self, ref: str, reference: Reference) -> ResolvedImage:
+    def _resolve(self, ref: str, reference: Reference, key: str) -> ResolvedImage:
         now = time.monotonic()
         with self._lock:
             hit = self._resolved.get(ref)
@@ -421,7 +468,14 @@ class LayerManager:
         def do() -> ResolvedImage:
             ttl = self.settings.resolve_ttl
             try:
-                image = self.client.resolve(reference, self.settings.platform)
+                if self.settings.early_toc and hasattr(self.client, "blob_source_at"):
+                    image = cast(EarlyClientLike, self.client).resolve(
+                        reference,
+                        self.settings.platform,
+                        on_manifest=functools.partial(self._start_early_tocs, reference, key),
+                    )
+                else:
+                    image = self.client.resolve(reference, self.settings.platform)
             except RegistryError as e:
                 if not _registry_unreachable(e) or self.resolutions is None:
                     raise
@@ -447,6 +501,116 @@ class LayerManager:
             return image
 
         return self._sf_resolve.do(ref, do)
+
+    def _start_early_tocs(
+        self, reference: Reference, key: str, source: PullSource, manifest: ImageManifest
+    ) -> None:
+        """Called by the registry client when *reference*'s manifest has arrived, before its
+        config: load the TOC of layer *key* (and, with ``resolve_siblings``, of the image's
+        other eStargz layers) in the background, each its own thread. :meth:`_layer` takes
+        the result when it builds that layer from a manifest making the same claims (source,
+        blob digest and size, TOC digest); the TOC's digest is checked against the annotation
+        as always, and nothing is shared before the layer's identity is known. Layers already
+        built or being loaded are skipped; unclaimed results are dropped after
+        ``EARLY_TOC_TTL`` seconds."""
+        client = cast(EarlyClientLike, self.client)
+        wanted: list[tuple[Descriptor, str]] = []
+        for desc in manifest.layers:
+            toc_digest = desc.annotations.get(TOC_DIGEST_ANNOTATION)
+            if (
+                not toc_digest
+                or not _digest.is_valid(toc_digest)
+                or not _digest.is_valid(desc.digest)
+                or "gzip" not in desc.media_type
+                or desc.size < 0
+            ):
+                continue
+            if key in (desc.digest, toc_digest):
+                wanted.insert(0, (desc, toc_digest))
+            elif self.settings.resolve_siblings:
+                wanted.append((desc, toc_digest))
+        now = time.monotonic()
+        started: list[tuple[Descriptor, str, Future[_LoadedTOC]]] = []
+        with self._lock:
+            for k, (t, old) in list(self._early.items()):
+                if now - t > EARLY_TOC_TTL and old.done():
+                    del self._early[k]
+            built = {(x.compressed_digest, x.toc_digest) for x in self._by_identity.values()}
+            for desc, toc_digest in wanted:
+                ek = (source.location, desc.digest, int(desc.size), toc_digest)
+                if ek in self._early or (desc.digest, toc_digest) in built:
+                    continue
+                if len(self._early) >= EARLY_TOC_MAX:
+                    break
+                fut: Future[_LoadedTOC] = Future()
+                self._early[ek] = (now, fut)
+                started.append((desc, toc_digest, fut))
+        for desc, toc_digest, fut in started:
+            try:
+                blob = client.blob_source_at(source, desc.digest, int(desc.size))
+            except Exception as e:
+                fut.set_exception(e)
+                continue
+            threading.Thread(
+                target=self._early_toc,
+                args=(reference, blob, desc, toc_digest, fut),
+                name="stargz-early-toc",
+                daemon=True,
+            ).start()
+
+    def _early_toc(
+        self,
+        reference: Reference,
+        source: RangeSource,
+        desc: Descriptor,
+        toc_digest: str,
+        fut: Future[_LoadedTOC],
+    ) -> None:
+        bound = log.bind(ref=str(reference), digest=desc.digest, toc_digest=toc_digest)
+        try:
+            fut.set_result(self._load_toc(bound, source, desc, toc_digest))
+        except BaseException as e:  # the layer's build sees it and loads the TOC itself
+            fut.set_exception(e)
+
+    def _take_early(
+        self, image: ResolvedImage, desc: Descriptor, toc_digest: str
+    ) -> _LoadedTOC | None:
+        """The TOC loaded ahead for this layer of *image*, if any (waiting for it to arrive);
+        None when there is none or loading it failed."""
+        ek = (image.source.location, desc.digest, int(desc.size), toc_digest)
+        with self._lock:
+            hit = self._early.pop(ek, None)
+        if hit is None:
+            return None
+        try:
+            return hit[1].result()
+        except Exception as e:
+            log.debug("early_toc_failed", digest=desc.digest, error=describe_error(e))
+            return None
+
+    def _load_toc(
+        self, bound: structlog.BoundLogger, source: RangeSource, desc: Descriptor, toc_digest: str
+    ) -> _LoadedTOC:
+        """The TOC of blob *desc* from the TOC cache or the blob's tail, checked against
+        *toc_digest*; a fetched TOC is put into the TOC cache."""
+        blob_size = int(desc.size)
+        toc_name = f"{_digest.hex_part(desc.digest)}-{_digest.hex_part(toc_digest)}"
+        stored = self.cache.get_toc(toc_name)
+        if stored is not None:
+            try:
+                header, member = stored.split(b"\n", 1)
+                meta = json.loads(header)
+                toc_offset, footer_size = int(meta["toc_offset"]), int(meta["footer_size"])
+                reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
+                return _LoadedTOC(source, reader, member, toc_offset, footer_size, True)
+            except (ValueError, KeyError, TypeError, LayerStoreError) as e:
+                bound.warning("toc_cache_entry_discarded", error=describe_error(e))
+                self.cache.remove_toc(toc_name)
+        member, toc_offset, footer_size = self._fetch_toc_member(source, blob_size)
+        reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
+        header = json.dumps({"toc_offset": toc_offset, "footer_size": footer_size}).encode()
+        self.cache.put_toc(toc_name, header + b"\n" + member)
+        return _LoadedTOC(source, reader, member, toc_offset, footer_size, False)
 
     def _start_siblings(
         self, ref: str, reference: Reference, image: ResolvedImage, asked: str
@@ -560,26 +724,18 @@ class LayerManager:
         bound = log.bind(ref=str(reference), digest=desc.digest, toc_digest=toc_digest)
         t0 = time.monotonic()
         blob_size = int(desc.size)
-        source = self.client.blob_source(image, desc.digest, blob_size)
-        toc_name = f"{_digest.hex_part(desc.digest)}-{_digest.hex_part(toc_digest)}"
-        reader, toc_offset, footer_size, from_cache = None, 0, 0, False
-        stored = self.cache.get_toc(toc_name)
-        if stored is not None:
-            try:
-                header, member = stored.split(b"\n", 1)
-                meta = json.loads(header)
-                toc_offset, footer_size = int(meta["toc_offset"]), int(meta["footer_size"])
-                reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
-                from_cache = True
-            except (ValueError, KeyError, TypeError, LayerStoreError) as e:
-                bound.warning("toc_cache_entry_discarded", error=describe_error(e))
-                self.cache.remove_toc(toc_name)
-                reader = None
-        if reader is None:
-            member, toc_offset, footer_size = self._fetch_toc_member(source, blob_size)
-            reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
-            header = json.dumps({"toc_offset": toc_offset, "footer_size": footer_size}).encode()
-            self.cache.put_toc(toc_name, header + b"\n" + member)
+        loaded = self._take_early(image, desc, toc_digest)
+        early = loaded is not None
+        if loaded is None:
+            source = self.client.blob_source(image, desc.digest, blob_size)
+            loaded = self._load_toc(bound, source, desc, toc_digest)
+        source, reader, member = loaded.source, loaded.reader, loaded.member
+        toc_offset, footer_size, from_cache = (
+            loaded.toc_offset,
+            loaded.footer_size,
+            loaded.from_cache,
+        )
+        del loaded
         if reader.toc_digest != toc_digest:
             raise TOCDigestMismatchError(
                 f"layer {desc.digest}: TOC digest {reader.toc_digest} is not {toc_digest}"
@@ -635,6 +791,7 @@ class LayerManager:
             identity=identity,
             source=image.source.location,
             toc_from_cache=from_cache,
+            toc_early=early,
             chunks=len(fetcher.chunks),
             seconds=round(time.monotonic() - t0, 3),
         )
