@@ -187,7 +187,7 @@ def config_text(host: str, workdir: Path, read_ahead: int | None) -> str:
         f'insecure_registries = ["{host}"]\n'
         "[auth]\nextra_auth_files = []\n"
         f"[fetch]\nbackground_fetch = false\nprefetch_landmark = false\n{fetch}"
-        '[log]\nlevel = "info"\nformat = "json"\n'
+        f'[log]\nlevel = "{os.environ.get("BENCH_STORE_LOG_LEVEL", "info")}"\nformat = "json"\n'
     )
 
 
@@ -276,8 +276,8 @@ def measure(
             "files": len(sample),
             "bytes": nbytes,
             "seconds": round(read_s, 3),
-            "files_per_s": round(len(sample) / read_s),
-            "daemon_cpu_ms_per_file": round(read_cpu * 1000 / len(sample), 2),
+            "files_per_s": round(len(sample) / read_s) if sample else None,
+            "daemon_cpu_ms_per_file": (round(read_cpu * 1000 / len(sample), 2) if sample else None),
             "verified": True,
         },
         "daemon_memory_mb": mem,
@@ -341,12 +341,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "walk_s": [
                 round(a["seconds"] / b["seconds"], 3) for a, b in zip(ours["walk"], go["walk"])
             ],
-            "read_files_per_s": round(ours["read"]["files_per_s"] / go["read"]["files_per_s"], 3),
-            "read_cpu_ms_per_file": round(
-                ours["read"]["daemon_cpu_ms_per_file"] / go["read"]["daemon_cpu_ms_per_file"], 3
-            ),
             "peak_rss": round(ours["peak_rss_mb"] / go["peak_rss_mb"], 3),
         }
+        if ours["read"]["files"] and go["read"]["files"]:
+            out["ours_vs_go"]["read_files_per_s"] = round(
+                ours["read"]["files_per_s"] / go["read"]["files_per_s"], 3
+            )
+            out["ours_vs_go"]["read_cpu_ms_per_file"] = round(
+                ours["read"]["daemon_cpu_ms_per_file"] / go["read"]["daemon_cpu_ms_per_file"], 3
+            )
     return out
 
 

@@ -33,6 +33,7 @@ from layerstore.runtime.fetcher import (
     ChunkFetcher,
     ChunkLike,
     FetcherSettings,
+    SpeculationCosts,
     plan_ranges,
 )
 from layerstore.source import BytesSource, RangeSource
@@ -656,3 +657,56 @@ def test_background_of_one_layer_yields_to_another_layers_reads(tmp_path: Path) 
     assert len(src_a.calls) >= 1
     a.close()
     b.close()
+
+
+def test_speculation_costs_gate() -> None:
+    costs = SpeculationCosts()
+    assert costs.pays(1 << 20)  # nothing measured yet: speculate
+    costs.request(0.002, 300)  # a 2 ms round trip (a registry on this machine)
+    assert costs.pays(1 << 20)  # decoding not measured yet
+    costs.decoded(0.010, 1 << 20)  # 10 ms of CPU per MiB
+    assert not costs.pays(1 << 20)  # 2 ms saved < 10 ms spent
+    assert costs.pays(100 << 10)  # 2 ms > 1 ms for 100 KiB
+    costs.request(5.0, 1 << 20)  # large requests say nothing about the round trip
+    assert not costs.pays(1 << 20)
+    for _ in range(30):
+        costs.request(0.045, 200)  # a WAN: 45 ms per round trip
+    assert costs.pays(1 << 20)
+
+
+def _random_small_file_misses(cache: ChunkCache, delay: float) -> tuple[ChunkFetcher, int]:
+    """Reads of 24 scattered small 'files' of a 400-file blob, one at a time."""
+    payloads = [os.urandom(8_000) for _ in range(400)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob), delay=delay)
+    settings = FetcherSettings(
+        readahead_bytes=64 * 1024, readbehind_bytes=64 * 1024, small_chunk_bytes=64 * 1024
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    # a slow decoder (2 ms per chunk: about 250 ns per byte), as CPU would be on a busy machine
+    f._decode = lambda b, c: (_busy(0.002), fake_decode(b, c))[1]  # type: ignore[method-assign]
+    for i in range(0, 400, 17):
+        assert f.get_chunk(chunks[i]) == payloads[i]
+    f.close()
+    return f, src.nbytes
+
+
+def _busy(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_no_read_ahead_where_a_round_trip_costs_less_than_decoding(tmp_path: Path) -> None:
+    """Instant answers (loopback) and decoding that costs CPU: after the first misses have
+    measured both, misses fetch their own chunk only."""
+    f, nbytes = _random_small_file_misses(ChunkCache(tmp_path / "a", 1 << 30), delay=0.0)
+    assert f.stats.speculation_skipped >= 20
+    assert nbytes < 24 * 8_100 * 4  # mostly the chunks read (each ~8 KB)
+
+
+def test_read_ahead_kept_where_round_trips_are_long(tmp_path: Path) -> None:
+    """The same reads with 60 ms round trips: the neighbours are worth their decoding."""
+    f, nbytes = _random_small_file_misses(ChunkCache(tmp_path / "b", 1 << 30), delay=0.06)
+    assert f.stats.speculation_skipped == 0
+    assert nbytes > 24 * 8_100 * 8  # each miss carried ~8 neighbours ahead and behind

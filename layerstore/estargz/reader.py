@@ -206,9 +206,7 @@ def _toc_json_span(tar: bytes | bytearray, max_toc_size: int) -> tuple[int, int]
         return body, body + size
 
 
-def _inflate_chunk(
-    compressed: bytes | memoryview, chunk: Chunk, piece: int
-) -> Iterator[bytes]:
+def _inflate_chunk(compressed: bytes | memoryview, chunk: Chunk, piece: int) -> Iterator[bytes]:
     """The chunk's bytes (not yet verified) in pieces of at most *piece* bytes: inflate
     *compressed* (the blob bytes from ``chunk.offset``, possibly several gzip members), skip
     ``chunk.inner_offset``, stop after ``chunk.chunk_size`` bytes. Never inflates more than

@@ -18,6 +18,8 @@ from __future__ import annotations
 import email.message
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -37,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 PARALLEL_SPANS = 4
 """Requests in flight for one ``read_ranges`` call when each range needs its own request."""
+ROUND_TRIP_WINDOW = 16
+"""Requests whose header times :meth:`BlobSource.round_trip` takes the shortest of."""
 
 _MULTIPART_OVERHEAD_PER_PART = 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -58,6 +62,8 @@ class BlobSource:
         self._lock = threading.Lock()
         self._signed_url: str | None = None
         self._path = f"blobs/{digest}"
+        # seconds from sending each of the last requests to its response headers
+        self._header_times: deque[float] = deque(maxlen=ROUND_TRIP_WINDOW)
 
     def __repr__(self) -> str:
         return f"BlobSource({self._ep.describe()}@{self.digest}, size={self._size})"
@@ -69,6 +75,13 @@ class BlobSource:
     def size(self) -> int:
         return self._size
 
+    def round_trip(self) -> float | None:
+        """The shortest time to the response headers over the last ``ROUND_TRIP_WINDOW``
+        requests for this blob (redirects included): what a miss costs before any byte, with
+        the least waiting for this process's other threads. None before the first request."""
+        with self._lock:
+            return min(self._header_times) if self._header_times else None
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:
             raise FormatError(
@@ -76,6 +89,13 @@ class BlobSource:
             )
 
     def _open(self, headers: Mapping[str, str]) -> requests.Response:
+        t0 = time.monotonic()
+        resp = self._open_timed(headers)
+        with self._lock:
+            self._header_times.append(time.monotonic() - t0)
+        return resp
+
+    def _open_timed(self, headers: Mapping[str, str]) -> requests.Response:
         ep = self._ep
         with self._lock:
             signed = self._signed_url

@@ -192,8 +192,7 @@ _NEARLY = 0.1  # a failure this close to the deadline is the deadline's doing
 
 def _deadline_error(host: str, ep: Endpoint, d: _deadline.Deadline, what: str) -> RegistryError:
     return DeadlineExceededError(
-        f"registry {host} did not {what} for {ep.describe()} within its "
-        f"{d.seconds:.3g} s deadline"
+        f"registry {host} did not {what} for {ep.describe()} within its {d.seconds:.3g} s deadline"
     )
 
 
@@ -434,9 +433,7 @@ class Transport:
                 return RegistryUnavailableError(
                     f"registry {netloc} timed out ({reason}) for {ep.describe()}"
                 )
-            return RegistryUnavailableError(
-                f"cannot reach {netloc} for {ep.describe()} ({reason})"
-            )
+            return RegistryUnavailableError(f"cannot reach {netloc} for {ep.describe()} ({reason})")
         return RegistryError(f"request to {netloc} failed ({_reason(exc)})")
 
     def send_to_token_server(
@@ -521,8 +518,7 @@ class Transport:
                 if d.remaining() <= _NEARLY:
                     raise _deadline_error(netloc, ep, d, "answer a token request") from None
                 raise RegistryUnavailableError(
-                    f"cannot reach the token server {netloc} of registry {ep.host} "
-                    f"({_reason(exc)})"
+                    f"cannot reach the token server {netloc} of registry {ep.host} ({_reason(exc)})"
                 ) from None
 
     def follow_redirects(

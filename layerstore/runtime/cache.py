@@ -992,9 +992,7 @@ class ChunkCache:
             self._removed_by_operator += entries
             left = self._total
         self._unlink(victims)
-        log.info(
-            "chunk_cache_pruned", entries=entries, packs=len(victims), bytes=freed, total=left
-        )
+        log.info("chunk_cache_pruned", entries=entries, packs=len(victims), bytes=freed, total=left)
         return PruneResult(entries=entries, bytes=freed, tocs=0, remaining_bytes=left)
 
     def clear(self) -> PruneResult:
