@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -710,3 +710,77 @@ def test_read_ahead_kept_where_round_trips_are_long(tmp_path: Path) -> None:
     f, nbytes = _random_small_file_misses(ChunkCache(tmp_path / "b", 1 << 30), delay=0.06)
     assert f.stats.speculation_skipped == 0
     assert nbytes > 24 * 8_100 * 8  # each miss carried ~8 neighbours ahead and behind
+
+
+class ProgressiveSource(CountingSource):
+    """Answers a single range in 4 KiB pieces through ``read_at_progressive``; after the
+    piece that completes ``hold_after`` bytes it waits (up to 5 s) for ``release``."""
+
+    def __init__(self, inner: RangeSource, hold_after: int) -> None:
+        super().__init__(inner)
+        self.hold_after = hold_after
+        self.release = threading.Event()
+        self.held = False
+
+    def read_at_progressive(
+        self, offset: int, length: int, progress: Callable[[bytearray], None]
+    ) -> bytes:
+        data = self.read_ranges([(offset, length)])[0]
+        buf = bytearray()
+        for i in range(0, length, 4096):
+            buf += data[i : i + 4096]
+            progress(buf)
+            if not self.held and len(buf) >= self.hold_after:
+                self.held = True
+                self.release.wait(5.0)
+        return bytes(buf)
+
+
+def test_a_miss_returns_before_its_read_ahead_has_arrived(cache: ChunkCache) -> None:
+    """The reader's chunk leads a range that carries read-ahead: it is verified and handed
+    over when its own bytes are in, while the rest of the range is still coming."""
+    payloads = [os.urandom(10_000) for _ in range(40)]
+    blob, chunks = build_blob(payloads)
+    src = ProgressiveSource(BytesSource(blob), hold_after=chunks[0].compressed_end + 4096)
+    settings = FetcherSettings(readahead_bytes=200_000, small_chunk_bytes=64 * 1024)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(f.get_chunk(chunks[0])))
+    t0 = time.monotonic()
+    reader.start()
+    reader.join(3.0)
+    waited = time.monotonic() - t0
+    src.release.set()
+    reader.join(5.0)
+    assert src.held and len(src.calls) == 1
+    ((start, length),) = src.calls[0]
+    assert start == chunks[0].offset and length > 100_000  # the read-ahead rode along
+    assert got == [payloads[0]]
+    assert waited < 2.5, "the reader waited for the whole range"
+    # the read-ahead chunks arrive with the rest of the body, verified
+    for c, p in zip(chunks[1:6], payloads[1:6]):
+        assert f.get_chunk(c) == p
+    assert len(src.calls) == 1
+    f.close()
+
+
+def test_landmark_ranges_deliver_their_chunks_as_they_arrive(cache: ChunkCache) -> None:
+    payloads = [os.urandom(10_000) for _ in range(20)]
+    blob, chunks = build_blob(payloads)
+    src = ProgressiveSource(BytesSource(blob), hold_after=chunks[2].compressed_end + 1)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, FetcherSettings(readahead_bytes=0))
+    prefetch = threading.Thread(target=f.landmark_prefetch, args=(chunks[-1].compressed_end,))
+    prefetch.start()
+    deadline = time.monotonic() + 3.0
+    while not src.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the range is held after its third chunk: the first three are served already
+    t0 = time.monotonic()
+    assert [f.get_chunk(c) for c in chunks[:3]] == payloads[:3]
+    assert time.monotonic() - t0 < 2.0
+    assert len(src.calls) == 1
+    src.release.set()
+    prefetch.join(5.0)
+    assert [f.get_chunk(c) for c in chunks] == payloads
+    assert len(src.calls) == 1
+    f.close()

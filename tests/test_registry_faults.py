@@ -600,3 +600,21 @@ def test_upload_location_on_another_host_refused(fault: FaultServer, other: Faul
         c.push_blob(f"{fault.netloc}/app:v1", b"data", sha256(b"data"))
     assert other.requests == []
     assert any(r.header("Authorization") == reg.basic_header() for r in fault.requests)
+
+
+def test_progressive_range_read_reports_the_body_as_it_arrives(fault: FaultServer) -> None:
+    """``read_at_progressive``: the growing body after each piece, the whole range at the end
+    (a 1 MiB range comes in 256 KiB pieces)."""
+    big = random.Random(11).randbytes(1 << 20)
+    reg = FakeRegistry(fault)
+    reg.add_image("v1", [big])
+    c = make_client(fault)
+    src = c.blob_source(c.resolve(f"{fault.netloc}/app:v1"), sha256(big), len(big))
+    seen: list[bytes] = []
+    got = src.read_at_progressive(100, len(big) - 200, lambda buf: seen.append(bytes(buf)))
+    assert got == big[100:-100]
+    assert len(seen) >= 3
+    assert all(s == big[100 : 100 + len(s)] for s in seen)
+    assert [len(s) for s in seen] == sorted(len(s) for s in seen)
+    assert seen[-1] == got
+    assert src.round_trip() is not None

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -121,7 +121,21 @@ class BlobSource:
         with self._transport.budget(length):
             return self._read_at(offset, length)
 
-    def _read_at(self, offset: int, length: int) -> bytes:
+    def read_at_progressive(
+        self, offset: int, length: int, progress: Callable[[bytearray], None]
+    ) -> bytes:
+        """:meth:`read_at`, calling *progress* with the body received so far after each piece
+        (the same growing buffer, not to be kept or changed; a retried request starts a new
+        one): a caller can use the first bytes of a long range before the last arrive."""
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        with self._transport.budget(length):
+            return self._read_at(offset, length, progress)
+
+    def _read_at(
+        self, offset: int, length: int, progress: Callable[[bytearray], None] | None = None
+    ) -> bytes:
         end = offset + length - 1
         resp = self._open({"Range": f"bytes={offset}-{end}"})
         try:
@@ -132,10 +146,10 @@ class BlobSource:
                         f"blob {self.digest} on {self._ep.host}: asked bytes {offset}-{end}/"
                         f"{self._size}, got Content-Range {resp.headers.get('Content-Range')!r}"
                     )
-                return read_exact(resp, length, self._ep, self.digest)
+                return read_exact(resp, length, self._ep, self.digest, progress)
             if resp.status_code == 200:
                 if offset == 0 and length == self._size:
-                    return read_exact(resp, length, self._ep, self.digest)
+                    return read_exact(resp, length, self._ep, self.digest, progress)
                 raise RangeError(
                     f"registry {self._ep.host} ignored the Range header for blob {self.digest}",
                     status=200,
@@ -257,20 +271,33 @@ class BlobSource:
 
 
 # --- reading and checking range answers ---------------------------------------------------------
-def read_exact(resp: requests.Response, length: int, ep: Endpoint, digest: str) -> bytes:
-    """Exactly *length* body bytes of a range of blob *digest*, else RangeError."""
+def read_exact(
+    resp: requests.Response,
+    length: int,
+    ep: Endpoint,
+    digest: str,
+    progress: Callable[[bytearray], None] | None = None,
+) -> bytes:
+    """Exactly *length* body bytes of a range of blob *digest*, else RangeError. *progress*:
+    as for :meth:`BlobSource.read_at_progressive`."""
     declared = resp.headers.get("Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) != length:
         raise RangeError(
             f"blob {digest} on {ep.host}: Content-Length {declared} for a {length} byte range"
         )
-    data = read_upto(resp, length, ep, digest)
+    data = read_upto(resp, length, ep, digest, progress)
     if len(data) != length:
         raise RangeError(f"blob {digest} on {ep.host}: short body, {len(data)} of {length} bytes")
     return data
 
 
-def read_upto(resp: requests.Response, limit: int, ep: Endpoint, digest: str) -> bytes:
+def read_upto(
+    resp: requests.Response,
+    limit: int,
+    ep: Endpoint,
+    digest: str,
+    progress: Callable[[bytearray], None] | None = None,
+) -> bytes:
     """At most *limit* body bytes of blob *digest*; a longer body is a RangeError."""
     out = bytearray()
     for piece in stream(resp, ep):
@@ -279,6 +306,8 @@ def read_upto(resp: requests.Response, limit: int, ep: Endpoint, digest: str) ->
             raise RangeError(
                 f"blob {digest} on {ep.host}: body longer than the {limit} bytes asked"
             )
+        if progress is not None:
+            progress(out)
     return bytes(out)
 
 

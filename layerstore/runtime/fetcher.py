@@ -782,39 +782,75 @@ class ChunkFetcher:
             self.fetch_async(later)
         for group in companions:
             self.fetch_async(group)
-        handed: set[str] = set()
         if mine:
-            if foreground:
-                self._activity.enter()
-            try:
-                # A chunk may have landed in the cache between our lookup and the claim.
-                todo: list[ChunkLike] = []
-                for c in mine:
-                    found, data = self._cached(c)
-                    if found:
-                        self._resolve(chunk_key(c), data, None)
-                    else:
-                        todo.append(c)
-                deferred = self._fetch(
-                    todo + extra,
-                    gap=self.settings.coalesce_gap if gap is None else gap,
-                    max_bytes=self.settings.max_range_bytes if max_bytes is None else max_bytes,
-                    foreground=foreground,
-                    urgent={chunk_key(c) for c in todo} if extra else None,
-                )
-                if deferred:
-                    handed = self._defer(deferred, background=not foreground)
-            finally:
-                # Safety net: no claimed future may stay pending (its waiters would hang).
-                for k, fut in owned:
-                    if not fut.done() and k not in handed:
-                        with self._lock:
-                            if self._inflight.get(k) is fut:
-                                del self._inflight[k]
-                        fut.set_exception(RegistryError("chunk fetch was interrupted"))
-                if foreground:
-                    self._activity.leave()
+            if foreground and extra and self._progressive():
+                # The reader's chunks lead a range that carries read-ahead: a thread of its
+                # own fetches it and delivers each chunk as its bytes arrive, so that this
+                # reader waits for its own bytes only, not for the read-ahead's transfer.
+                threading.Thread(
+                    target=self._work,
+                    args=(mine, extra, owned, gap, max_bytes, foreground, False),
+                    name="stargz-miss",
+                    daemon=True,
+                ).start()
+            else:
+                self._work(mine, extra, owned, gap, max_bytes, foreground, True)
         return futures
+
+    def _progressive(self) -> bool:
+        return (
+            getattr(self._source, "read_at_progressive", None) is not None
+            and not self._closed.is_set()
+        )
+
+    def _work(
+        self,
+        mine: list[ChunkLike],
+        extra: list[ChunkLike],
+        owned: list[tuple[str, Future[bytes | None]]],
+        gap: int | None,
+        max_bytes: int | None,
+        foreground: bool,
+        defer_extra: bool,
+    ) -> None:
+        """Fetch the claimed chunks *mine* and *extra* (*owned*: every claimed future).
+        *defer_extra*: the caller waits on this thread, so *extra* is verified on a helper
+        after *mine*; else everything is delivered here as it arrives."""
+        handed: set[str] = set()
+        if foreground:
+            self._activity.enter()
+        try:
+            # A chunk may have landed in the cache between our lookup and the claim.
+            todo: list[ChunkLike] = []
+            for c in mine:
+                found, data = self._cached(c)
+                if found:
+                    self._resolve(chunk_key(c), data, None)
+                else:
+                    todo.append(c)
+            deferred = self._fetch(
+                todo + extra,
+                gap=self.settings.coalesce_gap if gap is None else gap,
+                max_bytes=self.settings.max_range_bytes if max_bytes is None else max_bytes,
+                foreground=foreground,
+                urgent={chunk_key(c) for c in todo} if (extra and defer_extra) else None,
+            )
+            if deferred:
+                handed = self._defer(deferred, background=not foreground)
+        except Exception as e:  # on a thread of its own: log, the futures say the rest
+            if defer_extra:
+                raise
+            self._log.warning("chunk_fetch_failed", error=describe_error(e))
+        finally:
+            # Safety net: no claimed future may stay pending (its waiters would hang).
+            for k, fut in owned:
+                if not fut.done() and k not in handed:
+                    with self._lock:
+                        if self._inflight.get(k) is fut:
+                            del self._inflight[k]
+                    fut.set_exception(RegistryError("chunk fetch was interrupted"))
+            if foreground:
+                self._activity.leave()
 
     def _resolve(self, key: str, data: bytes | None, exc: BaseException | None) -> None:
         with self._lock:
@@ -931,17 +967,25 @@ class ChunkFetcher:
         urgent: set[str] | None,
         deferred: list[tuple[ChunkLike, bytes]],
     ) -> None:
-        """One request for *plan*: the caller holds its memory grant."""
+        """One request for *plan*: the caller holds its memory grant.
+
+        A plan of one range of several chunks is read progressively where the source can
+        (``BlobSource.read_at_progressive``): each chunk to deliver here is verified and
+        delivered as soon as its bytes have arrived, not when the whole range has (a landmark
+        range of 2 MiB, or a miss with its read-ahead, holds the first file's reader for the
+        transfer time of the rest otherwise)."""
         ranges = [(start, end - start) for start, end, _ in plan]
+        delivered: set[str] = set()
+        read = self._progressive_reader(plan, urgent, foreground, delivered)
         t0 = time.monotonic()
         sent = t0
         try:
             if foreground:
                 with self._requests:
                     sent = time.monotonic()
-                    bodies = self._source.read_ranges(ranges)
+                    bodies = read(ranges)
             else:
-                bodies = self._source.read_ranges(ranges)
+                bodies = read(ranges)
             if len(bodies) != len(ranges):
                 raise RangeError(f"asked for {len(ranges)} ranges, got {len(bodies)}")
             for (_off, length), body in zip(ranges, bodies):
@@ -984,11 +1028,58 @@ class ChunkFetcher:
             self._meter.observe(total, len(chunks), time.monotonic() - t0)
         for (start, _end, members), body in zip(plan, bodies):
             for c in members:
+                if delivered and chunk_key(c) in delivered:
+                    continue
                 compressed = body[c.offset - start : c.compressed_end - start]
                 if urgent is not None and chunk_key(c) not in urgent:
                     deferred.append((c, compressed))
                 else:
                     self._deliver(c, compressed, background=not foreground)
+
+    def _progressive_reader(
+        self,
+        plan: list[tuple[int, int, list[ChunkLike]]],
+        urgent: set[str] | None,
+        foreground: bool,
+        delivered: set[str],
+    ) -> Callable[[list[tuple[int, int]]], list[bytes]]:
+        """``read_ranges`` for *plan*, delivering chunks (the *urgent* ones, or all) as their
+        bytes arrive when the plan is one range of several chunks and the source reads
+        progressively; their keys go into *delivered*."""
+        progressive = getattr(self._source, "read_at_progressive", None)
+        if progressive is None or len(plan) != 1 or len(plan[0][2]) < 2:
+            return self._source.read_ranges
+        start, end, members = plan[0]
+        todo = sorted(
+            (c for c in members if urgent is None or chunk_key(c) in urgent),
+            key=lambda c: c.compressed_end,
+        )
+        if not todo or todo[0].compressed_end >= end:
+            return self._source.read_ranges
+        pos = [0]
+
+        def progress(buf: bytearray) -> None:
+            have = start + len(buf)
+            i = pos[0]
+            while i < len(todo) and todo[i].compressed_end <= have:
+                c = todo[i]
+                i += 1
+                k = chunk_key(c)
+                if k in delivered:
+                    continue
+                delivered.add(k)
+                self._deliver(
+                    c,
+                    bytes(buf[c.offset - start : c.compressed_end - start]),
+                    background=not foreground,
+                )
+            pos[0] = i
+
+        def read(ranges: list[tuple[int, int]]) -> list[bytes]:
+            # (a retried request starts a new buffer: the chunks delivered are skipped)
+            return [progressive(start, end - start, progress)]
+
+        return read
 
     def _deliver(self, c: ChunkLike, compressed: bytes, *, background: bool) -> None:
         data: bytes | None = None
