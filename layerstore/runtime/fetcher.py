@@ -21,7 +21,11 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   a parallel request (python reads ``x/__pycache__/m.pyc`` then ``x/m.py``; an executable being
   mapped is read on).
   Read-ahead, read-behind and continuation are the *speculative* fetches (``speculate``
-  below); ``readahead_bytes = 0`` turns all three off.
+  below); ``readahead_bytes = 0`` turns all three off. Read-ahead and read-behind are skipped
+  where a round trip costs less than decoding them (:class:`SpeculationCosts`).
+* **Progressive delivery**: a request of one range carrying several chunks, on a source that
+  reads progressively, delivers each chunk as its bytes arrive; a miss whose range carries
+  read-ahead is fetched on a thread of its own, so that its reader waits for its own bytes.
 * **Landmark prefetch**: ``landmark_prefetch(end)`` fetches ``[0, end)`` (the image's
   prioritized files, before ``.prefetch.landmark``) in 2 MiB ranges, four at a time, in blob
   order (one request for the whole region made a container's first read wait for all of it).
