@@ -726,15 +726,18 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
     import pyfuse3
     import trio
 
+    from layerstore.runtime.manager import limit_malloc_arenas
     from stargz_store.fusefs import StoreOperations, mount_options
 
     mountpoint = Path(_resolved(mountpoint.absolute()))
+    arenas_capped = limit_malloc_arenas()  # before any thread of ours starts
     log.info(
         "daemon_starting",
         mountpoint=str(mountpoint),
         root=str(root),
         config=config_path,
         pid=os.getpid(),
+        malloc_arenas_capped=arenas_capped,
     )
     with _early_signals(), contextlib.ExitStack() as held:
         prepare_root(root)

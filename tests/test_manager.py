@@ -709,3 +709,15 @@ def test_dependency_prefetch_fetches_the_entrypoints_shared_libraries(
         time.sleep(0.01)
     assert all(c.digest in cache for c in wanted)  # (neighbours may come along: read-ahead)
     mgr.close()
+
+
+def test_malloc_arenas_capped_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from layerstore.runtime.manager import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas(2) is False  # the operator's setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas(0) is False
+    assert limit_malloc_arenas(2) is True  # glibc (Debian, Fedora)
