@@ -229,17 +229,17 @@ class SpeculationCosts:
     they pay. Continuation (the rest of a file being read) is not speculative and not gated.
 
     ``rtt``: the source's own figure where it has one (``BlobSource.round_trip``: the
-    shortest time to response headers of its last requests), else the shortest of the last
+    shortest time to response headers of its last requests; while speculating, every miss's
+    request is large, so only the source can tell), else the shortest of the last
     ``RTT_WINDOW`` small foreground requests (at most ``SMALL_REQUEST`` bytes: their time is
-    the round trip). While speculating, every miss's request is large, so only the
-    source can tell. The shortest, not an average: a
-    request's time includes waiting for the interpreter while other threads decode, and the
-    speculation's own decoding would then make round trips look long enough to justify it
-    (measured on loopback: small requests took 5-30 ms, median 10 ms, with read-ahead on);
-    ``decode``: thread CPU seconds per
-    compressed byte of verified decoding, over the last few MiB decoded. Until both are
-    measured, speculation is on. Updated from several threads without a lock: a lost update
-    only delays the figures."""
+    the round trip). The shortest, not an average: a request's time includes waiting for the
+    interpreter while other threads decode, and the speculation's own decoding would then
+    make round trips look long enough to justify it (measured on loopback: small requests
+    took 5-30 ms, median 10 ms, with read-ahead on).
+
+    ``decode``: thread CPU seconds per compressed byte of verified decoding, over the last
+    few MiB decoded. Until both are measured, speculation is on. Updated from several threads
+    without a lock: a lost update only delays the figures."""
 
     SMALL_REQUEST = 64 * KiB
     RTT_WINDOW = 16
@@ -791,14 +791,17 @@ class ChunkFetcher:
                 # The reader's chunks lead a range that carries read-ahead: a thread of its
                 # own fetches it and delivers each chunk as its bytes arrive, so that this
                 # reader waits for its own bytes only, not for the read-ahead's transfer.
-                threading.Thread(
-                    target=self._work,
-                    args=(mine, extra, owned, gap, max_bytes, foreground, False),
-                    name="stargz-miss",
-                    daemon=True,
-                ).start()
-            else:
-                self._work(mine, extra, owned, gap, max_bytes, foreground, True)
+                try:
+                    threading.Thread(
+                        target=self._work,
+                        args=(mine, extra, owned, gap, max_bytes, foreground, False),
+                        name="stargz-miss",
+                        daemon=True,
+                    ).start()
+                    return futures
+                except RuntimeError:  # no thread to be had: fetch it here
+                    pass
+            self._work(mine, extra, owned, gap, max_bytes, foreground, True)
         return futures
 
     def _progressive(self) -> bool:
