@@ -161,6 +161,7 @@ class FuseSettings(_Section):
     lookup_threads: int = Field(default=16, ge=1)
     read_threads: int = Field(default=32, ge=1)
     read_ahead_kb: int = Field(default=1024, ge=0)
+    inline_cache_reads: bool = True
     max_background: int = Field(default=128, ge=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 

@@ -279,8 +279,9 @@ class _Handle:
     local: int = 0
     size: int = 0
     data: bytes = b""
-    # The layer's read_nowait (bytes already verified and in memory, else None), if it has one.
-    nowait: Callable[[int, int, int], bytes | memoryview | None] | None = None
+    # The layer's read_nowait(ino, offset, size, disk=False), if it has one: verified bytes
+    # without a network wait (from memory or the page cache; with disk=True the disk cache).
+    nowait: Callable[..., bytes | memoryview | None] | None = None
 
 
 class _Absent(Exception):
@@ -305,7 +306,8 @@ class _Stats:
     failed: int = 0
     negative_hits: int = 0
     reads: int = 0
-    fast_reads: int = 0  # served from memory on the event loop (no thread hop)
+    fast_reads: int = 0  # served on the event loop (no thread hop)
+    disk_reads_inline: int = 0  # of those, read from the disk cache on the event loop
     read_ns: int = 0  # wall time spent answering file and blob reads
     read_errors: int = 0
     failed_by_error: dict[str, int] = field(default_factory=dict)  # failed, by exception class
@@ -340,6 +342,8 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
         self._clock = clock
         self._lookup_limiter = trio.CapacityLimiter(self._settings.lookup_threads)
         self._read_limiter = trio.CapacityLimiter(self._settings.read_threads)
+        self._thread_reads = 0  # reads waiting in (or for) a read thread; event loop only
+        self._inline_disk_reads = self._settings.inline_cache_reads
         # Per registry host shares of those (the provider names a ref's host, a layer its own).
         self._lookup_hosts: KeyedLimiters[trio.CapacityLimiter] = KeyedLimiters(
             share_limit(self._settings.lookup_threads, host_share), trio.CapacityLimiter
@@ -389,9 +393,13 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
 
     async def _read_thread(self, layer: LayerLike, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a read thread, within the share of the layer's registry host."""
-        with self._read_hosts.borrow(getattr(layer, "registry_host", "")) as share:
-            async with share:
-                return await run_in_thread(fn, *args, limiter=self._read_limiter)
+        self._thread_reads += 1
+        try:
+            with self._read_hosts.borrow(getattr(layer, "registry_host", "")) as share:
+                async with share:
+                    return await run_in_thread(fn, *args, limiter=self._read_limiter)
+        finally:
+            self._thread_reads -= 1
 
     # -- inode helpers ---------------------------------------------------------------------------
 
@@ -876,6 +884,9 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
                 size=attr.size,
                 nowait=getattr(layer, "read_nowait", None),
             )
+            opened = getattr(layer, "opened", None)
+            if opened is not None and attr.size > 0:
+                opened(local)
         if handle.layer is not None:
             _hold(handle.layer)
         fh = self._next_fh
@@ -903,6 +914,14 @@ class StoreOperations(pyfuse3.Operations):  # type: ignore[misc,unused-ignore]
             if handle.nowait is not None:
                 # Bytes already verified and in memory: no thread hop.
                 data = handle.nowait(handle.local, off, size)
+                if data is None and self._inline_disk_reads and self._thread_reads == 0:
+                    # Cached chunks not in the page cache: read from the disk cache here,
+                    # unless other reads wait in threads (they keep the disk busy in parallel;
+                    # this one joins them). A thread hop costs two wake-ups, more than the
+                    # disk read of a chunk on a local disk (docs/CONCURRENCY.md).
+                    data = handle.nowait(handle.local, off, size, True)
+                    if data is not None:
+                        self.stats.disk_reads_inline += 1
                 if data is not None:
                     self.stats.fast_reads += 1
                     return data

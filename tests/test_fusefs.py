@@ -391,9 +391,9 @@ def test_reads_served_from_memory_without_a_thread(store: Store) -> None:
     big = bytes(range(256)) * 4096
     calls: list[tuple[int, int]] = []
 
-    def read_nowait(ino: int, offset: int, size: int) -> memoryview | None:
+    def read_nowait(ino: int, offset: int, size: int, disk: bool = False) -> memoryview | None:
         calls.append((offset, size))
-        if offset >= 512 * 1024:
+        if offset >= 512 * 1024 or disk:
             return None
         return memoryview(big)[offset : offset + size]
 
@@ -408,6 +408,67 @@ def test_reads_served_from_memory_without_a_thread(store: Store) -> None:
         assert any(off >= 512 * 1024 for off, _ in calls)  # those came from read()
     finally:
         del store.layer.read_nowait  # type: ignore[attr-defined]
+
+
+def test_cached_reads_answered_on_the_loop_while_no_read_waits_in_a_thread(store: Store) -> None:
+    """When ``read_nowait`` cannot answer from memory or the page cache, a read whose chunks are
+    all in the disk cache is answered on the event loop (``read_nowait(..., disk=True)``), but
+    only while no other read waits in a thread, and never with ``inline_cache_reads`` off."""
+    import threading
+
+    big = bytes(range(256)) * 4096
+    hostname = store.layer.index.ino("etc/hostname")
+    disk_calls: list[int] = []
+    release = threading.Event()
+    entered = threading.Event()
+    real_read = store.layer.read
+
+    def read_nowait(ino: int, offset: int, size: int, disk: bool = False) -> memoryview | None:
+        if not disk or ino == hostname:
+            return None
+        disk_calls.append(offset)
+        return memoryview(big)[offset : offset + size]
+
+    def read(ino: int, offset: int, size: int) -> bytes:
+        if ino == hostname:
+            entered.set()
+            release.wait(10)
+        return real_read(ino, offset, size)
+
+    def read_big() -> bytes:
+        with open(store.diff / "etc" / "big", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # drop cached pages
+            return f.read()
+
+    store.layer.read_nowait = read_nowait  # type: ignore[attr-defined]
+    store.layer.read = read  # type: ignore[method-assign]
+    try:
+        before = store.ops.stats.disk_reads_inline
+        assert read_big() == big
+        assert disk_calls and store.ops.stats.disk_reads_inline > before
+
+        # A read waits in a thread: the next one joins it there.
+        waiter = threading.Thread(
+            target=lambda: (store.diff / "etc" / "hostname").read_bytes(), daemon=True
+        )
+        with open(store.diff / "etc" / "hostname", "rb") as f:  # pages of a fresh open
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        waiter.start()
+        assert entered.wait(10)
+        disk_calls.clear()
+        assert read_big() == big
+        assert disk_calls == []
+        release.set()
+        waiter.join(10)
+
+        store.ops._inline_disk_reads = False
+        assert read_big() == big
+        assert disk_calls == []
+    finally:
+        release.set()
+        store.ops._inline_disk_reads = True
+        del store.layer.read_nowait  # type: ignore[attr-defined]
+        del store.layer.read  # type: ignore[method-assign]
 
 
 def test_close_costs_no_flush_round_trip(store: Store) -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +544,88 @@ def test_read_nowait_only_from_verified_memory(go_reference: Path, tmp_path: Pat
     assert layer2.read_nowait(ino, 65_536, 100) is None
     assert layer2.read(ino, 65_536, 100) == data[65_536:65_636]  # fetched again
     assert len(src.calls) == 2
+
+
+def test_read_nowait_from_the_disk_cache_never_fetches(go_reference: Path, tmp_path: Path) -> None:
+    """``read_nowait(..., disk=True)`` reads cached chunks from their packs (tag-checked, the
+    page cache dropped), and answers None, without a request, when a chunk is not cached or
+    its pack was altered."""
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    src = CountingSource(BytesSource(blob))
+    settings = LayerSettings(landmark_prefetch=False, sequential_readahead_chunks=0)
+    cache = ChunkCache(tmp_path / "c", 1 << 30)
+    layer, idx = make_layer(
+        go_reference,
+        "ref-chunked-64k",
+        cache,
+        blob=blob,
+        source=src,
+        settings=settings,
+        fetch=FetcherSettings(readahead_bytes=0),
+    )
+    data = tar_files(go_reference)["app/data.bin"]
+    ino = idx.files["app/data.bin"]
+    layer.start()
+    assert layer.read(ino, 0, 65_536) == data[:65_536]  # chunk 0 only
+    cache.flush()
+    cache.close()
+    cache2 = ChunkCache(tmp_path / "c", 1 << 30)
+    layer2, _ = make_layer(
+        go_reference,
+        "ref-chunked-64k",
+        cache2,
+        blob=blob,
+        source=src,
+        settings=settings,
+        fetch=FetcherSettings(readahead_bytes=0),
+    )
+    layer2.start()
+    calls = len(src.calls)
+    loc = cache2.locate(idx.chunks(ino)[0].digest)
+    assert loc is not None
+    with open(loc[0], "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert layer2.read_nowait(ino, 100, 1000) is None  # no pack open: not without the disk
+    got = layer2.read_nowait(ino, 100, 1000, disk=True)
+    assert got is not None and bytes(got) == data[100:1100]
+    assert layer2.read_nowait(ino, 60_000, 10_000, disk=True) is None  # chunk 1 not cached
+    with open(loc[0], "r+b") as f:
+        f.seek(loc[1] + 10)
+        byte = f.read(1)
+        f.seek(loc[1] + 10)
+        f.write(bytes([byte[0] ^ 1]))
+    assert layer2.read_nowait(ino, 0, 100, disk=True) is None  # altered: dropped, not served
+    assert len(src.calls) == calls
+
+
+def test_open_advises_the_first_cached_chunks(
+    go_reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob = (go_reference / "ref-chunked-64k.esgz").read_bytes()
+    settings = LayerSettings(
+        landmark_prefetch=False, sequential_readahead_chunks=0, open_advise_chunks=2
+    )
+    cache = ChunkCache(tmp_path / "c", 1 << 30)
+    layer, idx = make_layer(go_reference, "ref-chunked-64k", cache, blob=blob, settings=settings)
+    ino = idx.files["app/data.bin"]
+    cs = idx.chunks(ino)
+    layer.start()
+    layer.read(ino, 0, 4 * 65_536)
+    cache.flush()
+    advised: list[list[str]] = []
+    monkeypatch.setattr(cache, "advise_soon", lambda digests: advised.append(digests) or 0)
+    layer.opened(ino)
+    assert advised == [[c.digest for c in cs[:2]]]
+    layer2, _ = make_layer(
+        go_reference,
+        "ref-chunked-64k",
+        cache,
+        blob=blob,
+        settings=replace(settings, open_advise_chunks=0),
+    )
+    layer2.start()
+    layer2.opened(ino)
+    assert len(advised) == 1
 
 
 def test_sequential_reads_advise_cached_chunks_ahead(

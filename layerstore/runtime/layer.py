@@ -109,6 +109,9 @@ class LayerSettings:
     """When a read ends in the second half of a chunk, fetch this many following chunks of the
     file ahead (0 disables): sequential readers of large files do not wait a round trip per
     chunk."""
+    open_advise_chunks: int = 2
+    """When a file is opened, this many of its first chunks that are in the cache are advised
+    to the kernel (read from disk ahead of the first ``read``); 0 disables."""
     blob_fetch_bytes: int = 8 * MiB
     """Range per request when the ``blob`` file's spool is filled (two in flight)."""
     blob_spool_idle_seconds: float = 60.0
@@ -523,11 +526,30 @@ class Layer:
         ahead into its page cache (the checked preads that follow do not wait for the disk)."""
         self.cache.advise([c.digest for c in chunks[i : i + ahead + 2]])
 
-    def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
+    def opened(self, ino: int) -> None:
+        """File *ino* was opened (on the event loop): the first chunks it has in the cache are
+        advised to the kernel at once, on the cache's helper thread, so the disk reads them
+        while the opener's first ``read`` is still on its way: that read is then answered on
+        the event loop (:meth:`read_nowait`) instead of waiting for the disk in a thread.
+        Never waits; chunks not cached, or advised before, cost nothing more."""
+        if not self._started or self._bad is not None:
+            return
+        chunks = self.index.chunks(ino)
+        n = self.settings.open_advise_chunks
+        if chunks and n > 0:
+            self.cache.advise_soon([c.digest for c in chunks[:n]])
+
+    def read_nowait(
+        self, ino: int, offset: int, size: int, disk: bool = False
+    ) -> bytes | memoryview | None:
         """:meth:`read` when every byte can be answered without waiting for the disk or the
         network (``ChunkCache.read_nowait``: chunks not written yet, or blocks of packs in the
         kernel's page cache, tag-checked); None otherwise (then call :meth:`read` in a
-        thread). Meant for the event loop. A read within one chunk is a view (no copy)."""
+        thread). Meant for the event loop. A read within one chunk is a view (no copy).
+
+        With *disk*, without waiting for the network only: every chunk in the disk cache,
+        read from its pack (tag-checked) even when that waits for the disk (the FUSE adapter's
+        inline cached read, ``[fuse] inline_cache_reads``)."""
         if not self._started or self._bad is not None or offset < 0 or size < 0:
             return None
         fsize = int(self.index.getattr(ino).size)
@@ -542,10 +564,16 @@ class Layer:
         while i < len(chunks) and chunks[i].chunk_offset < end:
             c = chunks[i]
             lo, hi = self._span(c, offset, end, fsize)
-            piece = self.cache.read_nowait(c.digest, lo, hi - lo)
-            if piece is None or len(piece) != hi - lo:
+            got: bytes | memoryview | None
+            if not disk:
+                got = self.cache.read_nowait(c.digest, lo, hi - lo)
+            elif c.digest in self.cache:  # a miss is the thread path's to count
+                got = self.cache.read(c.digest, lo, hi - lo)
+            else:
                 return None
-            pieces.append(piece)
+            if got is None or len(got) != hi - lo:
+                return None
+            pieces.append(memoryview(got))
             i += 1
         out: bytes | memoryview = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if len(out) != end - offset:

@@ -968,6 +968,19 @@ class LayerManager:
             layers = list(self._by_identity.values())
         for layer in layers:
             layer.close()
+        # One line per process life: what each fetch mechanism cost (the same totals as
+        # ``stargz-store status`` and the metrics), for logs read after the fact.
+        snap = self.meter.snapshot()
+        log.info(
+            "fetch_totals",
+            tail_requests=self.tail_requests,
+            verification_failures=snap.verification_failures,
+            **{
+                m: {"requests": t.requests, "bytes": t.bytes, "chunks": t.chunks}
+                for m, t in snap.by_mechanism.items()
+                if t.requests or t.failures
+            },
+        )
 
     # --- snapshot (stargz-store status, metrics) ------------------------------------------
     def snapshot(self) -> ManagerSnapshot:
