@@ -126,7 +126,8 @@ class FetchSettings(_Section):
     ``prefetch_landmark`` switches the *landmark prefetch*; ``background_fetch``,
     ``background_bandwidth_share`` and ``background_concurrency`` are the *background fill*;
     ``dependency_fetch`` the read-triggered *dependency fetch*; ``resolve_all_layers`` builds
-    an image's other layers on the first lookup of one.
+    an image's other layers on the first lookup of one; ``head_start_bytes`` starts the
+    landmark prefetch with the manifest where the layer announces its prioritized region.
     """
 
     concurrency: int = Field(default=16, ge=1)
@@ -145,6 +146,10 @@ class FetchSettings(_Section):
     dependency_fetch: bool = False
     """Off by default: measured a net loss on 2 cores (``./run bench``, see the README)."""
     resolve_all_layers: bool = True
+    head_start_bytes: int = Field(default=16 * 1024 * KiB, ge=0)
+    """Up to this many bytes of a layer's prioritized region, announced by its descriptor
+    (``stargz-store convert`` writes the annotation), fetched as soon as the manifest has
+    arrived instead of after the TOC; 0 disables."""
 
 
 class FuseSettings(_Section):

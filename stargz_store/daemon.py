@@ -542,6 +542,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
                 ),
                 dependency_fetch=DependencyFetchSettings(enabled=fc.dependency_fetch),
                 resolve_siblings=fc.resolve_all_layers,
+                head_start_bytes=fc.head_start_bytes,
             ),
             resolutions=resolutions,
             spool=spool,

@@ -38,6 +38,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
+PREFETCH_SIZE = "io.stargz-store.prefetch-size"
 SIZE_ANN = "io.containers.estargz.uncompressed-size"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -257,6 +258,11 @@ def test_layer_priorities_reorder_one_layer_even_when_it_is_estargz(tmp_path: Pa
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tf:
         names = [m.name for m in tf]
     assert names[:3] == ["app/main.py", PREFETCH_LANDMARK, "app/data.bin"]
+    # the prioritized region's size is announced on the rewritten layer only
+    with FileSource(tmp_path / "out" / "blobs" / "sha256" / after["layers"][1]["digest"][7:]) as f:
+        landmark = EStargzReader.open(f).index.prefetch_landmark_offset
+    assert landmark and after["layers"][1]["annotations"][PREFETCH_SIZE] == str(landmark)
+    assert PREFETCH_SIZE not in after["layers"][0].get("annotations", {})
 
 
 def test_index_all_platforms_and_one_platform(
@@ -347,6 +353,10 @@ def test_prioritized_files_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     with FileSource(tmp_path / "dst" / "blobs" / "sha256" / layer["digest"][7:]) as src:
         r = EStargzReader.open(src)
         assert r.index.prefetch_landmark_offset is not None
+        assert layer["annotations"][PREFETCH_SIZE] == str(r.index.prefetch_landmark_offset)
+    assert PREFETCH_SIZE not in manifest["layers"][0]["annotations"]  # nothing prioritized
+    with FileSource(tmp_path / "dst" / "blobs" / "sha256" / layer["digest"][7:]) as src:
+        r = EStargzReader.open(src)
         names = [e.name for e in r.index.entries()]
         assert names[:2] == ["app/main.py", ".prefetch.landmark"]  # no dir entries in LAYER2
         assert (

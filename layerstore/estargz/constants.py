@@ -37,6 +37,12 @@ TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 """The layer's decompressed (tar) size, as a decimal string."""
 
+PREFETCH_SIZE_ANNOTATION = "io.stargz-store.prefetch-size"
+"""Ours (written by ``stargz-store convert``/``optimize``, read by the store): the blob offset
+of the ``.prefetch.landmark`` entry, i.e. the compressed size of the prioritized region, as a
+decimal string. A hint only (the TOC says the same once it is read): the store starts fetching
+that region when the manifest arrives instead of after the TOC (``runtime.headstart``)."""
+
 ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
 """The TOC-digest key of zstd:chunked layers (which this store does not serve)."""
 

@@ -117,6 +117,7 @@ class WriteResult:
     source_size: int  # bytes of the source as read (compressed if it was gzip)
     entries: int  # TOC entries written (chunks included)
     missed_prioritized: tuple[str, ...] = field(default=())
+    prefetch_size: int = 0  # blob offset of the .prefetch.landmark entry (0: none written)
 
 
 # --- names and small helpers -------------------------------------------------------------------
@@ -694,6 +695,7 @@ class _Writer:
         self.b = b
         self.opts = opts
         self.records: list[_TocRecord] = []
+        self.prefetch_landmark: _TocRecord | None = None
 
     def _boundary(self) -> None:
         # Between entries: keep header-only runs from growing into huge members.
@@ -707,6 +709,8 @@ class _Writer:
         b.cut()
         digest = sha256_digest(LANDMARK_CONTENT)
         r = _TocRecord({"name": name, "type": "reg", "size": 1, "digest": digest})
+        if name == PREFETCH_LANDMARK:
+            self.prefetch_landmark = r
         r.d["chunkDigest"] = digest
         r.segment = b.segment
         self.records.append(r)
@@ -869,6 +873,8 @@ def _write(
         b.cut()
         b.drain()
         toc_json = _finish_toc(w.records, b.seg_offsets)
+        landmark = w.prefetch_landmark
+        prefetch_size = b.seg_offsets[landmark.segment] if landmark is not None else 0
         if len(toc_json) > MAX_TOC_JSON_SIZE:
             raise LimitExceededError(
                 f"the TOC would be {len(toc_json)} bytes; "
@@ -896,6 +902,7 @@ def _write(
         source_size=counting.count,
         entries=len(w.records) + 1,
         missed_prioritized=tuple(missed),
+        prefetch_size=prefetch_size,
     )
 
 
@@ -956,6 +963,8 @@ def _write_reordered(
         for e in first:
             w.add(e, _PReader(fd, base + e.data_pos).read)
         w.add_landmark(PREFETCH_LANDMARK)
+        if not first:  # an empty region: nothing worth announcing
+            w.prefetch_landmark = None
         for e in rest:
             w.add(e, _PReader(fd, base + e.data_pos).read)
         return missed

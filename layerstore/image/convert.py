@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from layerstore.digest import sha256_digest, validate
 from layerstore.errors import ManifestError, VerificationError
 from layerstore.estargz.constants import (
+    PREFETCH_SIZE_ANNOTATION,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
@@ -82,6 +83,7 @@ _STALE_ANNOTATIONS = (
     ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION,
     "io.github.containers.zstd-chunked.manifest-position",
     "io.github.containers.zstd-chunked.tarsplit-position",
+    PREFETCH_SIZE_ANNOTATION,
 )
 _READ_PIECE = 1 << 20
 
@@ -628,6 +630,8 @@ class _Converter:
             ann.pop(k, None)
         ann[TOC_DIGEST_ANNOTATION] = res.toc_digest
         ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(res.uncompressed_size)
+        if res.prefetch_size > 0:
+            ann[PREFETCH_SIZE_ANNOTATION] = str(res.prefetch_size)
         nd["annotations"] = ann
         self._done[digest] = (nd, res.diff_id)
         self._report(

@@ -931,6 +931,11 @@ class ChunkCache:
                 victims.append(self._tocs / victim)
         self._unlink(victims)
 
+    def has_toc(self, name: str) -> bool:
+        """Whether a TOC member is stored under *name* (no I/O)."""
+        with self._lock:
+            return name in self._toc_entries
+
     def get_toc(self, name: str) -> bytes | None:
         if not _TOC_NAME.fullmatch(name):
             raise CacheError(f"invalid TOC cache name {name!r}")

@@ -223,6 +223,7 @@ class Layer:
                 return False
             self._started = True
         if not (self.settings.landmark_prefetch or self._background_fill_enabled):
+            self._release_head()
             return True
         t = threading.Thread(
             target=self._landmark_prefetch_then_fill, name="stargz-landmark-prefetch", daemon=True
@@ -237,6 +238,8 @@ class Layer:
                 self.fetcher.landmark_prefetch(end)
         except Exception as e:  # logged; reads still work lazily
             self._log.warning("landmark_prefetch_failed", error=describe_error(e))
+        finally:
+            self._release_head()
         if self._background_fill_enabled:
             # Until the blob is known good, the fill streams every byte in order through a
             # verifier; afterwards it fetches only what is not cached.
@@ -246,6 +249,14 @@ class Layer:
     def close(self) -> None:
         self.fetcher.close()
         self.drop_spool()
+        self._release_head()
+
+    def _release_head(self) -> None:
+        """The bytes a head start fetched ahead of the TOC (``runtime.headstart``) are no
+        longer needed once the landmark prefetch has run (or the layer is closed)."""
+        release = getattr(self.source, "release_head", None)
+        if release is not None:
+            release()
 
     # --- references from the FUSE adapter (see docs/CONCURRENCY.md) ---------------------------
     def hold(self) -> bool:

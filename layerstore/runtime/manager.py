@@ -89,7 +89,11 @@ from layerstore.errors import (
     VerificationError,
 )
 from layerstore.estargz import tocbuild as _tocbuild
-from layerstore.estargz.constants import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from layerstore.estargz.constants import (
+    PREFETCH_SIZE_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+)
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
 from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
 from layerstore.registry.client import ResolvedImage
@@ -100,6 +104,7 @@ from layerstore.runtime.blobspool import BlobSpool
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.depfetch import DependencyFetcher, DependencyFetchSettings
 from layerstore.runtime.fetcher import Activity, ChunkFetcher, DecodeFn, FetcherSettings
+from layerstore.runtime.headstart import HeadStartBudget, HeadStartSource
 from layerstore.runtime.layer import Layer, LayerSettings
 from layerstore.runtime.meter import FetchMeter
 from layerstore.runtime.prefetch import (
@@ -115,6 +120,8 @@ from layerstore.runtime.snapshot import ImageSnapshot, KeyUse, LayerSnapshot, Ma
 from layerstore.source import RangeSource
 
 log = structlog.get_logger(__name__)
+
+MiB = 1024 * 1024
 
 # The TOC index builder (and msgspec) is imported with the daemon, not on the first lookup:
 # about 50 ms on a pull's critical path (measured in a cold start's import log).
@@ -207,6 +214,8 @@ class _LoadedTOC:
 
 EARLY_TOC_MAX = 16
 """TOCs loaded ahead of their layer at once (an image's layers, a few images at a time)."""
+HEAD_START_MIN_BYTES = 64 * 1024
+"""A prioritized region smaller than this gets no head start (one more request, no gain)."""
 EARLY_TOC_TTL = 120.0
 """Seconds a TOC loaded ahead waits for its layer to be built before it is dropped."""
 
@@ -215,6 +224,12 @@ OpenTOC = Callable[[RangeSource, bytes, int, int, str], EStargzReader]
 """(source, toc member bytes, toc offset, footer size, expected TOC digest) -> verified reader.
 Replaceable for fault injection (a reader that skips its own digest check: the manager checks
 again)."""
+
+
+def _release_head(source: RangeSource) -> None:
+    release = getattr(source, "release_head", None)
+    if release is not None:
+        release()
 
 
 def _default_open_toc(
@@ -326,6 +341,13 @@ class ManagerSettings:
     with ``resolve_siblings``) as soon as its manifest has arrived, while its config is
     fetched: the config's round trip then overlaps the TOC's (see :meth:`LayerManager.
     _start_early_tocs`)."""
+    head_start_bytes: int = 16 * MiB
+    """With ``early_toc`` and the landmark prefetch on: when a layer's descriptor says how
+    long its prioritized region is (``PREFETCH_SIZE_ANNOTATION``, our converter's), up to this
+    many of its first bytes are fetched as soon as the manifest has arrived, before the TOC
+    (:mod:`layerstore.runtime.headstart`); 0 disables."""
+    head_start_total_bytes: int = 32 * MiB
+    """The memory all such head buffers may hold at once."""
     platform: str | None = None
     """``os/arch[/variant]`` chosen from image indexes (None: the client's default)."""
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
@@ -397,6 +419,7 @@ class LayerManager:
         self._siblings_pending: dict[str, int] = {}  # manifest digest -> builds in flight
         # (source location, blob digest, size, TOC digest) -> (started, the TOC loaded early)
         self._early: dict[tuple[str, str, int, str], tuple[float, Future[_LoadedTOC]]] = {}
+        self._head_budget = HeadStartBudget(self.settings.head_start_total_bytes)
         self.tail_requests = 0
         self._last_sweep = time.monotonic()
 
@@ -567,6 +590,8 @@ class LayerManager:
             for k, (t, old) in list(self._early.items()):
                 if now - t > EARLY_TOC_TTL and old.done():
                     del self._early[k]
+                    if old.exception() is None:
+                        _release_head(old.result().source)
             built = {(x.compressed_digest, x.toc_digest) for x in self._by_identity.values()}
             for desc, toc_digest in wanted:
                 ek = (source.location, desc.digest, int(desc.size), toc_digest)
@@ -583,12 +608,45 @@ class LayerManager:
             except Exception as e:
                 fut.set_exception(e)
                 continue
+            blob = self._head_start(blob, desc, toc_digest)
             threading.Thread(
                 target=self._early_toc,
                 args=(reference, blob, desc, toc_digest, fut),
                 name="stargz-early-toc",
                 daemon=True,
             ).start()
+
+    def _head_start(self, blob: RangeSource, desc: Descriptor, toc_digest: str) -> RangeSource:
+        """*blob*, wrapped to fetch the prioritized region its descriptor announces right away
+        (:mod:`layerstore.runtime.headstart`), when that is on and worth it: not when the TOC
+        is already in the TOC cache (the layer was used before: its chunks are likely cached
+        too), nor beyond the head-start budget."""
+        st = self.settings
+        raw = desc.annotations.get(PREFETCH_SIZE_ANNOTATION)
+        if raw is None or st.head_start_bytes <= 0 or not st.layer.landmark_prefetch:
+            return blob
+        try:
+            announced = int(raw)
+        except ValueError:
+            log.info("bad_prefetch_size_annotation", digest=desc.digest, value=raw[:40])
+            return blob
+        if announced <= 0 or announced > int(desc.size):
+            log.info("bad_prefetch_size_annotation", digest=desc.digest, value=raw[:40])
+            return blob
+        toc_name = f"{_digest.hex_part(desc.digest)}-{_digest.hex_part(toc_digest)}"
+        if self.cache.has_toc(toc_name):
+            return blob
+        if announced < HEAD_START_MIN_BYTES:  # the landmark prefetch's first range will do
+            return blob
+        head = self._head_budget.take(min(announced, st.head_start_bytes))
+        if head <= 0:
+            return blob
+        wrapped = HeadStartSource(blob, head, self._head_budget, name=desc.digest)
+        if not wrapped.start():
+            wrapped.release_head()
+            return blob
+        log.debug("head_start", digest=desc.digest, bytes=head, announced=announced)
+        return wrapped
 
     def _early_toc(
         self,
@@ -602,6 +660,7 @@ class LayerManager:
         try:
             fut.set_result(self._load_toc(bound, source, desc, toc_digest))
         except BaseException as e:  # the layer's build sees it and loads the TOC itself
+            _release_head(source)
             fut.set_exception(e)
 
     def _take_early(
@@ -966,8 +1025,13 @@ class LayerManager:
         self._depfetch.close()
         with self._lock:
             layers = list(self._by_identity.values())
+            early = [f for _, f in self._early.values()]
+            self._early.clear()
         for layer in layers:
             layer.close()
+        for fut in early:
+            if fut.done() and fut.exception() is None:
+                _release_head(fut.result().source)
         # One line per process life: what each fetch mechanism cost (the same totals as
         # ``stargz-store status`` and the metrics), for logs read after the fact.
         snap = self.meter.snapshot()
