@@ -506,6 +506,36 @@ def test_background_yields_to_foreground(cache: ChunkCache) -> None:
     assert f._fill_thread is not None and not f._fill_thread.is_alive()
 
 
+def test_background_fill_waits_while_readers_are_served_from_the_cache(
+    cache: ChunkCache,
+) -> None:
+    """A container reading its way through cached files (no request of its own) keeps the
+    fill waiting; it starts ``background_idle_seconds`` after the last read."""
+    payloads = [os.urandom(10_000) for _ in range(30)]
+    blob, chunks = build_blob(payloads)
+    src = CountingSource(BytesSource(blob))
+    settings = small_settings(
+        background_range_bytes=20_000, background_idle_seconds=0.3, background_share=1.0
+    )
+    f = ChunkFetcher(src, cache, chunks, fake_decode, settings)
+    try:
+        f.get_chunk(chunks[0])
+        calls = len(src.calls)
+        f.start_background_fill()
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:  # a reader served from the cache every 50 ms
+            f.reader_seen()
+            time.sleep(0.05)
+        assert len(src.calls) == calls, "the fill ran while the reader was busy"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(src.calls) == calls:
+            time.sleep(0.02)
+        assert len(src.calls) > calls  # and once the reader stopped, it did
+    finally:
+        f.close()
+        f.join_background_fill(5)
+
+
 def test_async_cache_writes_serve_from_memory_then_disk(tmp_path: Path) -> None:
     payloads = [os.urandom(5000) for _ in range(20)]
     blob, chunks = build_blob(payloads)

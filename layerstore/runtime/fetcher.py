@@ -30,10 +30,12 @@ inner offset, check ``chunkDigest``) before it is cached or returned; nothing un
   prioritized files, before ``.prefetch.landmark``) in 2 MiB ranges, four at a time, in blob
   order (one request for the whole region made a container's first read wait for all of it).
 * **Background fill** (optional): a thread fetches the rest of the blob in 512 KiB ranges once
-  foreground requests have been idle for ``background_idle_seconds`` (1 s, also counted from
-  its start): on a thin link, every background byte fetched while a container starts delays
-  its reads. A shared semaphore bounds it across layers. Given a *tap*, it fetches every byte
-  of the blob in order instead (cached chunks and the bytes between payloads too) and feeds
+  foreground requests and reads (cached ones too: :meth:`ChunkFetcher.reader_seen`) have been
+  idle for ``background_idle_seconds`` (1 s, also counted from its start): on a thin link,
+  every background byte fetched while a container starts delays its reads, and on a small
+  node its decoding and hashing take CPU from a container still starting from the cache. A
+  shared semaphore bounds it across layers. Given a *tap*, it fetches every byte of the blob
+  in order instead (cached chunks and the bytes between payloads too) and feeds
   the tap, which verifies the blob digest and the DiffID when the fill completes.
 * Foreground range requests are limited by a semaphore (``max_concurrent_requests``), or by
   the manager's per-registry-host bulkhead slot when it passes one.
@@ -391,6 +393,12 @@ class ChunkFetcher:
     @property
     def chunks(self) -> Sequence[ChunkLike]:
         return self._chunks
+
+    def reader_seen(self) -> None:
+        """A reader was served (from the cache too): the background fill counts its idle
+        time from now, so that it does not take the CPU (decoding, hashing) and the link from
+        a container that is still reading its way through its start."""
+        self._activity.touch()
 
     def streamed(self, c: ChunkLike) -> bool:
         """Whether *c* is decoded in pieces into the cache rather than in memory."""

@@ -461,6 +461,7 @@ class Layer:
         chunks = self.index.chunks(ino)
         if not chunks:
             raise FormatError(f"inode {ino} has {fsize} bytes but no chunks")
+        self.fetcher.reader_seen()
         i = self.index.chunk_at(ino, offset)
         needed: list[ChunkLike] = []
         while i < len(chunks) and chunks[i].chunk_offset < end:
@@ -590,6 +591,7 @@ class Layer:
         if len(out) != end - offset:
             return None
         self.last_used = time.monotonic()
+        self.fetcher.reader_seen()
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
