@@ -194,9 +194,7 @@ def request(
             sock.shutdown(socket.SHUT_WR)
             answer = read_to_end(sock, MAX_RESPONSE)
         except MessageTooLarge:
-            raise ControlError(
-                f"the daemon's answer is larger than {MAX_RESPONSE} bytes"
-            ) from None
+            raise ControlError(f"the daemon's answer is larger than {MAX_RESPONSE} bytes") from None
         except socket.timeout:
             raise ControlError(f"the daemon did not answer within {timeout:g} s") from None
         except OSError as e:
@@ -218,4 +216,3 @@ def request(
     if not isinstance(result, dict):
         raise ControlError("the daemon's answer has no result")
     return result
-

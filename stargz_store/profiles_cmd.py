@@ -192,4 +192,3 @@ def _stop(root: Path, out: TextIO, err: TextIO) -> int:
     for path in written:
         print(f"wrote {path}", file=out)
     return EXIT_OK
-

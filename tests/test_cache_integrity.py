@@ -82,9 +82,7 @@ def test_altered_cache_files_are_never_served(live_reg: Registry, tmp_path: Path
         diff = keydir(d, img, img.digest) / "diff"
         # Read once: every chunk fetched, verified and written to the cache.
         assert timed(lambda: (diff / "data/big.bin").read_bytes()) == content
-        _wait_for(
-            lambda: all(_chunk_place(d, c.digest) is not None for c in victims), "the packs"
-        )
+        _wait_for(lambda: all(_chunk_place(d, c.digest) is not None for c in victims), "the packs")
         time.sleep(0.3)  # the writer pool drops its in-memory copies once the packs are indexed
         altered: dict[int, bytes] = {}
         for n, c in enumerate(victims):
@@ -189,9 +187,7 @@ def _vm(pid: int, key: str) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_eight_readers_of_255mib_chunks_bounded_memory(
-    live_reg: Registry, tmp_path: Path
-) -> None:
+def test_eight_readers_of_255mib_chunks_bounded_memory(live_reg: Registry, tmp_path: Path) -> None:
     tags = [f"file-{n:03d}".encode()[:8] for n in range(FILES)]
     gz = io.BytesIO()
     with gzip.GzipFile(fileobj=gz, mode="wb", compresslevel=6, mtime=0) as z:

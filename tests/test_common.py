@@ -133,7 +133,10 @@ def test_redaction() -> None:
     assert "SECRET" not in out and "pw" not in out and "https://blob.example/x/y" in out
     assert redact_url("https://u:p@h.example:8443/v2/a?sig=1") == "https://h.example:8443/v2/a"
     assert redact_url("http://[::1") == "<unparseable url>"
-    assert describe_error(ValueError("see http://h/p?token=abc")) == "ValueError: see http://h/p?<redacted>"
+    assert (
+        describe_error(ValueError("see http://h/p?token=abc"))
+        == "ValueError: see http://h/p?<redacted>"
+    )
     assert describe_error(ValueError()) == "ValueError"
     assert redact("GET https://h/p?sig=1#f done") == "GET https://h/p?<redacted> done"
     assert redact("http://a:b@h/p") == "http://h/p"

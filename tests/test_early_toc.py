@@ -138,9 +138,7 @@ def test_without_early_tocs_the_toc_waits_for_the_config(
         m.close()
 
 
-def test_a_wrong_toc_annotation_still_fails_the_lookup(
-    fault: FaultServer, tmp_path: Path
-) -> None:
+def test_a_wrong_toc_annotation_still_fails_the_lookup(fault: FaultServer, tmp_path: Path) -> None:
     wrong = "sha256:" + "ab" * 32
     _, ref, layers, _ = setup(fault, toc_override=wrong)
     m = make_manager(fault, tmp_path)

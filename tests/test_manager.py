@@ -600,9 +600,7 @@ def test_dependency_prefetch_fetches_the_entrypoint_of_a_layer_without_landmark(
 ) -> None:
     chunked = blobs["ref-chunked-64k"]
     ref = "registry.example/entry:v1"
-    client.add(
-        ref, [(desc(chunked, size_ann=False), chunked.diff_id)], {"Cmd": ["/app/data.bin"]}
-    )
+    client.add(ref, [(desc(chunked, size_ann=False), chunked.diff_id)], {"Cmd": ["/app/data.bin"]})
     mgr = LayerManager(client, cache, quiet())
     layer = mgr.get(ref, chunked.digest)
     ino = resolve_regular_file(layer.index, "/app/data.bin")
