@@ -727,6 +727,7 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
     import pyfuse3
     import trio
 
+    from layerstore.estargz.inflate import IMPLEMENTATION as inflate_implementation
     from layerstore.runtime.manager import limit_malloc_arenas
     from stargz_store.fusefs import StoreOperations, mount_options
 
@@ -739,6 +740,7 @@ def run(config: Config, root: Path, mountpoint: Path, config_path: str = "") -> 
         config=config_path,
         pid=os.getpid(),
         malloc_arenas_capped=arenas_capped,
+        gzip_decoder=inflate_implementation,
     )
     with _early_signals(), contextlib.ExitStack() as held:
         prepare_root(root)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -315,12 +317,27 @@ def test_concurrent_reads_share_one_token(registry_token: RegistryHandle) -> Non
     assert len(h.token_server.requests) - before == 1, "one token fetch for 16 threads"
 
 
-def test_tls_registry(tmp_path: Path) -> None:
+def test_tls_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import urllib3.connection
+
     from tests.registry_fixtures import start_registry
 
+    # urllib3 building (and loading CAs into) a context per connection: never, the transport
+    # shares one per TLS configuration
+    per_connection: list[object] = []
+    real_create = urllib3.connection.create_urllib3_context
+
+    def counting_create(*a: Any, **kw: Any) -> Any:
+        per_connection.append(a)
+        return real_create(*a, **kw)
+
+    monkeypatch.setattr(urllib3.connection, "create_urllib3_context", counting_create)
     h = start_registry(tmp_path / "tls", tls=True)
     try:
         img = h.push_image("tls/app", "v1", [layer(13, 3)])
+        per_connection.clear()  # the fixture's own session
         # insecure: https is probed first and used without verification
         c = client_for(h)
         r = c.resolve(h.ref("tls/app", "v1"))
@@ -329,6 +346,13 @@ def test_tls_registry(tmp_path: Path) -> None:
         src = c.blob_source(r, img.layer_digests[0], len(img.layers[0]))
         assert isinstance(src, RangeSource)
         assert src.read_at(1, 5) == img.layers[0][1:6]
+        # several connections at once, one context (no CA loaded: nothing is verified)
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda i: src.read_at(i, 3), range(12)))
+        assert got == [img.layers[0][i : i + 3] for i in range(12)]
+        (ctx,) = c.transport.tls_contexts.contexts()
+        assert ctx.verify_mode == ssl.CERT_NONE and ctx.cert_store_stats()["x509_ca"] == 0
+        assert per_connection == []
         # secure (the default): the self-signed certificate is refused
         no_certs = RegistrySettings(retries=0, certs_dirs=(str(tmp_path / "none"),))
         with pytest.raises(RegistryUnavailableError, match="TLS"):
@@ -341,7 +365,16 @@ def test_tls_registry(tmp_path: Path) -> None:
         with RegistryClient(
             settings=RegistrySettings(retries=0, certs_dirs=(str(tmp_path / "certs.d"),))
         ) as secure:
-            assert secure.resolve(h.ref("tls/app", "v1")).manifest_digest == img.manifest_digest
+            r = secure.resolve(h.ref("tls/app", "v1"))
+            assert r.manifest_digest == img.manifest_digest
+            src = secure.blob_source(r, img.layer_digests[0], len(img.layers[0]))
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(lambda i: src.read_at(i, 3), range(12)))
+            assert got == [img.layers[0][i : i + 3] for i in range(12)]
+            (ctx,) = secure.transport.tls_contexts.contexts()
+            assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+            assert ctx.cert_store_stats()["x509_ca"] >= 1
+            assert per_connection == []
             bundles = list(secure.transport._tls_files)
             assert bundles and all(Path(b).exists() for b in bundles)
         assert not any(Path(b).exists() for b in bundles), "temporary CA bundles removed"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import stat
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
@@ -36,6 +35,8 @@ from layerstore.estargz.constants import (
     TOC_TAR_NAME,
 )
 from layerstore.estargz.footer import parse_footer
+from layerstore.estargz.inflate import ERRORS as INFLATE_ERRORS
+from layerstore.estargz.inflate import gunzip_object
 from layerstore.estargz.tarfmt import (
     header_checksum_ok,
     parse_number,
@@ -54,7 +55,6 @@ TOC_TAR_OVERHEAD = 64 * 1024
 DEFAULT_TAIL_FETCH = 64 * 1024
 """First read from the end of a blob: the footer, and often the whole TOC member."""
 
-_GZIP = 31  # zlib wbits: gzip wrapper, 32 KiB window
 _SKIP_PIECE = 1 << 20
 _INFLATE_PIECE = 16 << 20
 
@@ -107,7 +107,7 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
         raise FormatError("empty TOC member")
     try:
         while True:
-            d = zlib.decompressobj(_GZIP)
+            d = gunzip_object()
             buf = data
             while True:
                 limit = min(cap + 1 - total, _INFLATE_PIECE)  # bounded transient copies
@@ -128,7 +128,7 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
             if not d.unused_data:
                 break
             data = d.unused_data
-    except zlib.error as exc:
+    except INFLATE_ERRORS as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from None
     return result
 
@@ -223,7 +223,7 @@ def _inflate_chunk(compressed: bytes | memoryview, chunk: Chunk, piece: int) -> 
                     f"chunk at {chunk.offset} inflates to {have} of {need} bytes "
                     f"(after skipping {chunk.inner_offset - skip}): data ends early"
                 )
-            d = zlib.decompressobj(_GZIP)
+            d = gunzip_object()
             data: bytes | memoryview = buf[pos:]
             while True:
                 if skip:  # the inner offset is inflated and dropped in bounded pieces
@@ -244,7 +244,7 @@ def _inflate_chunk(compressed: bytes | memoryview, chunk: Chunk, piece: int) -> 
             if have >= need:
                 break
             pos = len(buf) - len(d.unused_data)
-    except zlib.error as exc:
+    except INFLATE_ERRORS as exc:
         raise FormatError(f"chunk at {chunk.offset} is not valid gzip: {exc}") from None
 
 

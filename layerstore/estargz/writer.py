@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Protocol, Union
+from typing import Any, BinaryIO, Callable, Protocol, Union
 
 from layerstore.common.atomicfile import atomic_output
 from layerstore.digest import sha256_digest
@@ -50,6 +50,8 @@ from layerstore.estargz.constants import (
     TOC_TAR_NAME,
 )
 from layerstore.estargz.footer import build_footer
+from layerstore.estargz.inflate import ERRORS as INFLATE_ERRORS
+from layerstore.estargz.inflate import gunzip_object
 from layerstore.estargz.tarfmt import (
     header_checksum_ok,
     parse_number,
@@ -211,7 +213,7 @@ class _Gunzip:
 
     def __init__(self, raw: _Counting) -> None:
         self._raw = raw
-        self._d = zlib.decompressobj(31)
+        self._d: Any = gunzip_object()
         self._eof = False
         self._buf = b""
         self._pos = 0
@@ -220,7 +222,7 @@ class _Gunzip:
         if self._pos >= len(self._buf):
             try:
                 self._buf = self._inflate(_READ_PIECE)
-            except zlib.error as e:
+            except INFLATE_ERRORS as e:
                 raise TarFormatError(f"corrupt gzip stream: {e}") from None
             self._pos = 0
         out = self._buf[self._pos : self._pos + n]
@@ -249,7 +251,7 @@ class _Gunzip:
                         self._drain_zeros()
                         self._eof = True
                         break
-                    self._d = zlib.decompressobj(31)
+                    self._d = gunzip_object()
                     data = rest
                 else:
                     data = self._raw.read(_READ_PIECE)
@@ -257,7 +259,7 @@ class _Gunzip:
                         raise TarFormatError("gzip stream is truncated")
                 out = self._d.decompress(data, n)
             if out:
-                return out
+                return bytes(out)
         return b""
 
     def _drain_zeros(self) -> None:

@@ -29,14 +29,15 @@ blob in order anyway, and the ``blob`` file's spool (:mod:`layerstore.runtime.la
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 
 from layerstore.errors import LayerStoreError
 from layerstore.estargz.footer import parse_footer
+from layerstore.estargz.inflate import ERRORS as INFLATE_ERRORS
+from layerstore.estargz.inflate import gunzip_object
 
 INFLATE_STEP = 1024 * 1024
-"""Decompressed bytes produced per ``zlib`` call: bounds memory for highly compressible data."""
+"""Decompressed bytes produced per inflate call: bounds memory for highly compressible data."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class BlobVerifier:
         self._hash = hashlib.sha256()
         self._diff = hashlib.sha256()
         self._inflated = 0
-        self._member = zlib.decompressobj(wbits=31)
+        self._member = gunzip_object()
         self._member_started = False
         self._decode_error = ""
 
@@ -119,7 +120,7 @@ class BlobVerifier:
         if not self._decode_error:
             try:
                 self._inflate(view)
-            except zlib.error as e:
+            except INFLATE_ERRORS as e:
                 self._decode_error = f"the blob does not decode as gzip: {e}"
 
     @staticmethod
@@ -139,7 +140,7 @@ class BlobVerifier:
                 self._inflated += len(out)
             if d.eof:
                 pending = d.unused_data
-                self._member = zlib.decompressobj(wbits=31)
+                self._member = gunzip_object()
                 self._member_started = False
             else:
                 pending = d.unconsumed_tail
