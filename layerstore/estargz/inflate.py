@@ -9,8 +9,9 @@ interface and behaviour: the same ``decompressobj`` states (``eof``, ``unused_da
 tests/test_inflate.py checks step by step on valid, truncated, corrupted and padded
 multi-member streams, so the loops above it behave the same with either.
 
-Compression (the converter's writer) stays on the standard ``zlib``: its output is part of the
-converted image and must not depend on what is installed.
+The converter (layerstore/estargz/writer.py) stays on the standard ``zlib``, for reading its
+source layers too: what it writes is part of the converted image and must not depend on what
+is installed.
 """
 
 from __future__ import annotations

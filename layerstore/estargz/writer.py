@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Protocol, Union
+from typing import BinaryIO, Callable, Protocol, Union
 
 from layerstore.common.atomicfile import atomic_output
 from layerstore.digest import sha256_digest
@@ -50,8 +50,6 @@ from layerstore.estargz.constants import (
     TOC_TAR_NAME,
 )
 from layerstore.estargz.footer import build_footer
-from layerstore.estargz.inflate import ERRORS as INFLATE_ERRORS
-from layerstore.estargz.inflate import gunzip_object
 from layerstore.estargz.tarfmt import (
     header_checksum_ok,
     parse_number,
@@ -213,7 +211,7 @@ class _Gunzip:
 
     def __init__(self, raw: _Counting) -> None:
         self._raw = raw
-        self._d: Any = gunzip_object()
+        self._d = zlib.decompressobj(31)
         self._eof = False
         self._buf = b""
         self._pos = 0
@@ -222,7 +220,7 @@ class _Gunzip:
         if self._pos >= len(self._buf):
             try:
                 self._buf = self._inflate(_READ_PIECE)
-            except INFLATE_ERRORS as e:
+            except zlib.error as e:
                 raise TarFormatError(f"corrupt gzip stream: {e}") from None
             self._pos = 0
         out = self._buf[self._pos : self._pos + n]
@@ -251,7 +249,7 @@ class _Gunzip:
                         self._drain_zeros()
                         self._eof = True
                         break
-                    self._d = gunzip_object()
+                    self._d = zlib.decompressobj(31)
                     data = rest
                 else:
                     data = self._raw.read(_READ_PIECE)
@@ -259,7 +257,7 @@ class _Gunzip:
                         raise TarFormatError("gzip stream is truncated")
                 out = self._d.decompress(data, n)
             if out:
-                return bytes(out)
+                return out
         return b""
 
     def _drain_zeros(self) -> None:
