@@ -384,6 +384,48 @@ def test_profile_prefetch_plans_in_access_order_and_skips_what_the_layer_lacks(
     assert mgr.profiles.plan(layer, section)[0] == []
 
 
+def test_profile_prefetch_takes_all_layers_batches_in_access_order(
+    client: FakeClient, cache: ChunkCache
+) -> None:
+    """One queue for all layers: the batch whose first file was read first goes first,
+    whichever layer it is in (with one worker, the order is exact)."""
+    blob_a = make_layer(client, REF, {f"a/{i}": os.urandom(3000) for i in range(3)})
+    blob_b = make_layer(client, REF2, {f"b/{i}": os.urandom(3000) for i in range(3)})
+    settings = ProfilePrefetchSettings(parallel=1, first_batch_bytes=1, max_batch_bytes=1)
+    mgr = LayerManager(client, cache, quiet(profile_prefetch=settings), profiles=Source())
+    layer_a, layer_b = mgr.get(REF, blob_a.digest), mgr.get(REF2, blob_b.digest)
+    fetched: list[str] = []
+    for layer, tag in ((layer_a, "a"), (layer_b, "b")):
+        real = layer.fetcher.get_chunks
+
+        def recording(chunks: Any, *a: Any, _real: Any = real, _tag: str = tag, **kw: Any) -> Any:
+            fetched.append(f"{_tag}@{chunks[0].offset}")
+            return _real(chunks, *a, **kw)
+
+        layer.fetcher.get_chunks = recording  # type: ignore[method-assign]
+
+    def section(toc: str, times: dict[str, int]) -> LayerProfile:
+        entries = [{"path": p, "first_access_ms": t, "bytes": 1} for p, t in times.items()]
+        doc = {
+            "media_type": PROFILE_MEDIA_TYPE,
+            "layers": [{"toc_digest": toc, "entries": entries}],
+        }
+        return parse_profile(json.dumps(doc).encode()).layers[0]
+
+    sec_a = section(blob_a.toc_digest, {"a/0": 0, "a/1": 20, "a/2": 40})
+    sec_b = section(blob_b.toc_digest, {"b/0": 10, "b/1": 30, "b/2": 50})
+    jobs = mgr.profiles._submit([(layer_a, sec_a), (layer_b, sec_b)])
+    for job in jobs:
+        assert job.done.wait(30)
+    offs_a = [_chunks(layer_a, f"a/{i}")[0].offset for i in range(3)]
+    offs_b = [_chunks(layer_b, f"b/{i}")[0].offset for i in range(3)]
+    expected = [f"{t}@{o}" for pair in zip(offs_a, offs_b) for t, o in zip("ab", pair)]
+    assert fetched == expected
+    assert all(c.digest in cache for i in range(3) for c in _chunks(layer_a, f"a/{i}"))
+    assert all(c.digest in cache for i in range(3) for c in _chunks(layer_b, f"b/{i}"))
+    mgr.close()
+
+
 def test_profile_prefetch_on_first_use(client: FakeClient, cache: ChunkCache) -> None:
     blob = make_layer(client, REF, FILES)
     source = Source()

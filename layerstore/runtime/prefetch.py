@@ -39,13 +39,13 @@ digest or does not parse is logged and ignored.
 
 from __future__ import annotations
 
-import functools
+import heapq
+import itertools
 import posixpath
 import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -380,7 +380,9 @@ class ProfilePrefetchSettings:
     parallel: int = 4
     """Batches fetched at once, across all layers (each one coalesced request, taken from the
     foreground request budget, ``[fetch] concurrency``, whose rest stays free for the
-    container's own reads)."""
+    container's own reads). Batches wait in one queue for all layers, ordered by the recorded
+    first access of their first file, so a layer whose files the workload reads first is not
+    held up behind another's later files."""
     first_batch_bytes: int = 256 * 1024
     """Compressed bytes of the first batch; each later batch doubles, up to
     ``max_batch_bytes``: the first files are needed first, so they travel in small requests
@@ -401,6 +403,24 @@ class _Lookup:
         self.expires = float("inf")
 
 
+class _Job:
+    """One layer's profile prefetch: its batches in the shared queue, and what to log."""
+
+    __slots__ = ("batches", "done", "failed", "files", "layer", "left", "size", "skipped", "t0")
+
+    def __init__(
+        self, layer: Layer, files: int, skipped: int, batches: int, size: int, t0: float
+    ) -> None:
+        self.layer = layer
+        self.files = files
+        self.skipped = skipped
+        self.batches = self.left = batches
+        self.size = size
+        self.t0 = t0
+        self.failed = 0
+        self.done = threading.Event()
+
+
 class ProfilePrefetcher:
     """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
 
@@ -418,8 +438,11 @@ class ProfilePrefetcher:
         self._lock = threading.Lock()
         self._lookups: dict[str, _Lookup] = {}  # manifest digest -> lookup
         self._started: set[str] = set()  # layer digests whose profile prefetch started
-        # Batches in flight across layers (a budget, held across one batch's fetch).
-        self._slots = threading.BoundedSemaphore(max(1, self.settings.parallel))
+        # Batches waiting, all layers together: (first access in ms, sequence, job, chunks),
+        # taken earliest first by up to ``parallel`` worker threads (``_workers`` running).
+        self._queue: list[tuple[int, int, _Job, list[Chunk]]] = []
+        self._seq = itertools.count()
+        self._workers = 0
 
     @property
     def enabled(self) -> bool:
@@ -483,41 +506,60 @@ class ProfilePrefetcher:
             created=profile.created,
             seconds=round(time.monotonic() - t0, 3),
         )
-        for layer in dict.fromkeys(self._images.layers_in_use(ref)):
-            self._start_layer(layer, profile)
+        self._start_layers(list(dict.fromkeys(self._images.layers_in_use(ref))), profile)
 
     def _start_layer(self, layer: Layer, profile: Profile) -> None:
-        section = profile.layer(layer.toc_digest)
-        if section is None or not section.entries:
-            return
-        with self._lock:
-            if layer.compressed_digest in self._started:
-                return
-            self._started.add(layer.compressed_digest)
-        threading.Thread(
-            target=self._fetch_quietly,
-            args=(layer, section),
-            name="stargz-profile-prefetch",
-            daemon=True,
-        ).start()
+        self._start_layers([layer], profile)
 
-    def _fetch_quietly(self, layer: Layer, section: LayerProfile) -> None:
+    def _start_layers(self, layers: list[Layer], profile: Profile) -> None:
+        """Start the prefetch of *layers*' sections (those not started yet), planned on a
+        thread of their own and queued together, so that their batches are taken in access
+        order from the start."""
+        todo: list[tuple[Layer, LayerProfile]] = []
+        for layer in layers:
+            section = profile.layer(layer.toc_digest)
+            if section is None or not section.entries:
+                continue
+            with self._lock:
+                if layer.compressed_digest in self._started:
+                    continue
+                self._started.add(layer.compressed_digest)
+            todo.append((layer, section))
+        if todo:
+            threading.Thread(
+                target=self._submit_quietly,
+                args=(todo,),
+                name="stargz-profile-prefetch",
+                daemon=True,
+            ).start()
+
+    def _submit_quietly(self, todo: list[tuple[Layer, LayerProfile]]) -> None:
         try:
-            self.fetch_layer(layer, section)
+            self._submit(todo)
         except Exception as e:  # best effort: the container reads what it needs itself
             log.warning(
-                "profile_prefetch_failed", digest=layer.compressed_digest, error=describe_error(e)
+                "profile_prefetch_failed",
+                digest=",".join(layer.compressed_digest for layer, _ in todo),
+                error=describe_error(e),
             )
 
     def plan(self, layer: Layer, section: LayerProfile) -> tuple[list[list[Chunk]], int, int]:
         """The batches of chunks to fetch for *section* (access order, chunks already cached
         left out), the files taken and the paths skipped (not in this layer's TOC, or not
         regular files)."""
+        timed, files, skipped = self._plan_timed(layer, section)
+        return [b for _, b in timed], files, skipped
+
+    def _plan_timed(
+        self, layer: Layer, section: LayerProfile
+    ) -> tuple[list[tuple[int, list[Chunk]]], int, int]:
+        """:meth:`plan`, each batch with the recorded first access (ms) of its first file."""
         st = self.settings
         index = layer.index
         seen: set[tuple[int, int]] = set()
-        batches: list[list[Chunk]] = []
+        batches: list[tuple[int, list[Chunk]]] = []
         cur: list[Chunk] = []
+        cur_ms = 0
         cur_bytes = total = files = skipped = 0
         limit = max(1, st.first_batch_bytes)
         for entry in section.entries:
@@ -535,51 +577,86 @@ class ProfilePrefetcher:
                 if k in seen or c.digest in layer.cache:
                     continue
                 seen.add(k)
+                if not cur:
+                    cur_ms = entry.first_access_ms
                 cur.append(c)
                 cur_bytes += c.compressed_end - c.offset
                 total += c.compressed_end - c.offset
                 if cur_bytes >= limit:
-                    batches.append(cur)
+                    batches.append((cur_ms, cur))
                     cur, cur_bytes = [], 0
                     limit = min(limit * 2, max(limit, st.max_batch_bytes))
         if cur:
-            batches.append(cur)
+            batches.append((cur_ms, cur))
         return batches, files, skipped
 
-    def _fetch_batch(self, layer: Layer, batch: list[Chunk]) -> None:
-        with self._slots:
-            layer.fetcher.get_chunks(batch, speculate=False)
-
     def fetch_layer(self, layer: Layer, section: LayerProfile) -> int:
-        """Fetch the files of *section* in *layer*; returns the compressed bytes asked for."""
-        t0 = time.monotonic()
-        batches, files, skipped = self.plan(layer, section)
-        size = sum(c.compressed_end - c.offset for b in batches for c in b)
-        failed = 0
-        if batches:
-            with ThreadPoolExecutor(
-                max(1, self.settings.parallel), thread_name_prefix="stargz-profile-prefetch"
-            ) as pool:
-                get = functools.partial(self._fetch_batch, layer)
-                for fut in [pool.submit(get, b) for b in batches]:
-                    try:
-                        fut.result()
-                    except Exception as e:  # readers see (and retry) errors themselves
-                        failed += 1
-                        log.warning(
-                            "profile_prefetch_failed",
-                            digest=layer.compressed_digest,
-                            error=describe_error(e),
-                        )
+        """Fetch the files of *section* in *layer* (through the shared queue) and wait for
+        them; returns the compressed bytes asked for."""
+        (job,) = self._submit([(layer, section)])
+        job.done.wait()
+        return job.size
+
+    def _submit(self, todo: list[tuple[Layer, LayerProfile]]) -> list[_Job]:
+        """Plan each layer's section, queue all their batches at once and start workers as
+        needed."""
+        jobs: list[_Job] = []
+        queued: list[tuple[int, _Job, list[Chunk]]] = []
+        for layer, section in todo:
+            t0 = time.monotonic()
+            timed, files, skipped = self._plan_timed(layer, section)
+            size = sum(c.compressed_end - c.offset for _, b in timed for c in b)
+            job = _Job(layer, files, skipped, len(timed), size, t0)
+            jobs.append(job)
+            if not timed:
+                self._finished(job)
+            queued.extend((first_ms, job, batch) for first_ms, batch in timed)
+        if not queued:
+            return jobs
+        with self._lock:
+            for first_ms, job, batch in queued:
+                heapq.heappush(self._queue, (first_ms, next(self._seq), job, batch))
+            start = max(0, min(max(1, self.settings.parallel) - self._workers, len(self._queue)))
+            self._workers += start
+        for _ in range(start):
+            threading.Thread(target=self._work, name="stargz-profile-prefetch", daemon=True).start()
+        return jobs
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._workers -= 1
+                    return
+                _, _, job, batch = heapq.heappop(self._queue)
+            failed = False
+            try:
+                job.layer.fetcher.get_chunks(batch, speculate=False)
+            except Exception as e:  # readers see (and retry) errors themselves
+                failed = True
+                log.warning(
+                    "profile_prefetch_failed",
+                    digest=job.layer.compressed_digest,
+                    error=describe_error(e),
+                )
+            with self._lock:
+                job.failed += failed
+                job.left -= 1
+                last = job.left == 0
+            if last:
+                self._finished(job)
+
+    @staticmethod
+    def _finished(job: _Job) -> None:
         log.info(
             "profile_prefetched",
-            digest=layer.compressed_digest,
-            toc_digest=layer.toc_digest,
-            files=files,
-            skipped=skipped,
-            batches=len(batches),
-            failed_batches=failed,
-            bytes=size,
-            seconds=round(time.monotonic() - t0, 3),
+            digest=job.layer.compressed_digest,
+            toc_digest=job.layer.toc_digest,
+            files=job.files,
+            skipped=job.skipped,
+            batches=job.batches,
+            failed_batches=job.failed,
+            bytes=job.size,
+            seconds=round(time.monotonic() - job.t0, 3),
         )
-        return size
+        job.done.set()
