@@ -223,3 +223,24 @@ def test_large_synthetic_toc_same_index(batch_size: int) -> None:
     doc, toc_offset = synthetic_toc(9000 if batch_size > 3 else 300)
     kind, _ = same(doc, toc_offset=toc_offset)
     assert kind == "ok"
+
+
+def test_chunk_digests_in_bulk_accept_only_the_grammar() -> None:
+    """The bulk decoding of chunk digests (joined, strided prefix checks, one fromhex) takes
+    exactly ``sha256:`` + 64 lowercase hex digits per digest, whatever the neighbours."""
+    good = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    assert tocfast._chunk_digests(good) == b"".join(bytes.fromhex(d[7:]) for d in good)
+    bad = [
+        ["sha256:" + "A" * 64],  # uppercase
+        ["sha512:" + "a" * 64],
+        ["sha256:" + "a" * 63 + " "],
+        ["sha256:" + "a" * 62 + " a"],  # whitespace fromhex would skip
+        ["sha256:" + "a" * 57 + "sha256:"],  # a prefix inside the hex part
+        ["sha256:" + "g" * 64],
+        ["sha256:" + "a" * 65],
+        ["sha256:" + "a" * 63, "sha256:" + "a" * 65],  # lengths that sum right
+        ["sha256" + "a" * 65],
+    ]
+    for tail in bad:
+        with pytest.raises((tocfast._GiveUp, ValueError)):
+            tocfast._chunk_digests(good[:3] + tail)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 _HEAD_MAX = 64 * 1024
 _WS = b" \t\n\r"
 _U32 = (1 << 32) - 1
+_SHA256_PREFIX = "sha256:"
 
 
 class _Entry(msgspec.Struct, rename="camel", gc=False):
@@ -469,10 +470,20 @@ def _own(s: str) -> str:
 
 
 def _chunk_digests(digests: list[str]) -> bytes:
-    """The 32 raw bytes of each ``sha256:<64 lowercase hex>`` digest, all at once."""
-    if {d[:7] for d in digests} != {"sha256:"} or {len(d) for d in digests} != {71}:
+    """The 32 raw bytes of each ``sha256:<64 lowercase hex>`` digest, all at once: the
+    digests joined, every 71st character checked against the prefix (strided slices), the
+    prefixes dropped and the rest decoded as hex (2x faster than a slice per digest)."""
+    n = len(digests)
+    joined = "".join(digests)
+    if len(joined) != 71 * n:
         raise _GiveUp
-    hexes = "".join([d[7:] for d in digests])
+    for k, ch in enumerate(_SHA256_PREFIX):
+        if joined[k::71] != ch * n:
+            raise _GiveUp
+    # a prefix inside a hex part would be removed too: the length check catches it
+    hexes = joined.replace(_SHA256_PREFIX, "")
+    if len(hexes) != 64 * n:
+        raise _GiveUp
     raw = bytes.fromhex(hexes)  # ValueError: give up
     if raw.hex() != hexes:  # uppercase or whitespace
         raise _GiveUp
