@@ -40,6 +40,7 @@ from layerstore.runtime.manager import (
 from layerstore.runtime.prefetch import (
     DependencyPrefetchSettings,
     entrypoint_candidates,
+    resolve_library,
     resolve_regular_file,
 )
 from layerstore.source import BytesSource, RangeSource
@@ -719,3 +720,44 @@ def test_malloc_arenas_capped_unless_the_environment_says(
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert limit_malloc_arenas(0) is False
     assert limit_malloc_arenas(2) is True  # glibc (Debian, Fedora)
+
+
+def test_resolve_regular_file_follows_directory_symlinks(
+    client: FakeClient, cache: ChunkCache
+) -> None:
+    """Merged-/usr images: the loader's path resolves through /lib64 -> usr/lib64, then a
+    relative symlink with "..", as the kernel resolves it; loops and dangling links give
+    None."""
+    blob = _elf_layer(
+        client,
+        {
+            "lib64": "usr/lib64",
+            "lib": "/usr/lib",
+            "usr/lib64/ld-linux-x86-64.so.2": "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2": b"\x7fELF" + b"x" * 500,
+            "usr/lib/x86_64-linux-gnu/libc.so.6": b"\x7fELF" + b"c" * 500,
+            "usr/bin/python3": "python3.11",
+            "usr/bin/python3.11": b"\x7fELF" + b"p" * 500,
+            "loop/a": "b",
+            "loop/b": "a",
+            "up": "../../../../usr/bin/python3",
+            "dangling": "/nowhere/file",
+        },
+    )
+    client.add("registry.example/merged:v1", [(desc(blob), blob.diff_id)])
+    index = (
+        LayerManager(client, cache, quiet()).get("registry.example/merged:v1", blob.digest).index
+    )
+    ld = index.find("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    assert ld is not None
+    assert resolve_regular_file(index, "/lib64/ld-linux-x86-64.so.2") == ld
+    assert resolve_library(index, "/lib64/ld-linux-x86-64.so.2") == ld
+    libc = index.find("usr/lib/x86_64-linux-gnu/libc.so.6")
+    assert resolve_regular_file(index, "/lib/x86_64-linux-gnu/libc.so.6") == libc
+    assert resolve_library(index, "libc.so.6") == libc
+    py = index.find("usr/bin/python3.11")
+    assert resolve_regular_file(index, "/usr/bin/python3") == py
+    assert resolve_regular_file(index, "/up") == py  # ".." stops at the root
+    assert resolve_regular_file(index, "/usr/bin/../bin/./python3.11") == py
+    for missing in ("/loop/a", "/dangling", "/lib64", "/usr/bin/python3.11/x", "/", ""):
+        assert resolve_regular_file(index, missing) is None, missing

@@ -107,21 +107,44 @@ def command_line(config_raw: Mapping[str, Any] | None) -> tuple[list[str], str]:
     return argv, workdir
 
 
-def resolve_regular_file(index: TOCIndex, path: str, hops: int = 8) -> int | None:
+def resolve_regular_file(index: TOCIndex, path: str, hops: int = 16) -> int | None:
     """The inode of the regular file *path* names in this layer's view, following symlinks
-    (of the last component) inside the layer; None when it is not there."""
-    for _ in range(hops):
-        ino = index.find(path.lstrip("/"))
-        if ino is None:
+    inside the layer in any component, as the kernel would (absolute targets from the layer's
+    root, ``..`` stopping at the root), at most *hops* of them; None when it is not there.
+
+    Directory symlinks matter: on merged-``/usr`` images (Debian 12, Fedora, Ubuntu) ``/lib64``
+    and ``/lib`` are symlinks, so the loader's path ``/lib64/ld-linux-x86-64.so.2`` only
+    resolves through them."""
+    root = index.root_ino
+    todo = [c for c in reversed(path.split("/")) if c not in ("", ".")]  # next one last
+    dirs = [root]  # the directories from the root to the current one
+    ino = root
+    while todo:
+        comp = todo.pop()
+        if comp == "..":
+            if len(dirs) > 1:
+                dirs.pop()
+            ino = dirs[-1]
+            continue
+        nxt = index.lookup(dirs[-1], comp)
+        if nxt is None:
             return None
-        mode = index.getattr(ino).mode
-        if stat.S_ISREG(mode):
-            return ino
-        if not stat.S_ISLNK(mode):
+        mode = index.getattr(nxt).mode
+        if stat.S_ISLNK(mode):
+            hops -= 1
+            if hops < 0:
+                return None
+            target = index.readlink(nxt)
+            if target.startswith("/"):
+                dirs = [root]
+            todo.extend(c for c in reversed(target.split("/")) if c not in ("", "."))
+            ino = dirs[-1]
+            continue
+        if todo and not stat.S_ISDIR(mode):
             return None
-        target = index.readlink(ino)
-        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return None
+        dirs.append(nxt)
+        ino = nxt
+    return ino if ino != root and stat.S_ISREG(index.getattr(ino).mode) else None
 
 
 def resolve_library(index: TOCIndex, name: str) -> int | None:
