@@ -628,7 +628,9 @@ def test_dependency_prefetch_fetches_the_entrypoint_of_a_layer_without_landmark(
     assert layer2 is not layer
 
 
-def _elf_layer(client: FakeClient, files: dict[str, bytes | str]) -> Blob:
+def _elf_layer(
+    client: FakeClient, files: dict[str, bytes | str], prioritized: tuple[str, ...] = ()
+) -> Blob:
     import io
     import tarfile
 
@@ -645,7 +647,11 @@ def _elf_layer(client: FakeClient, files: dict[str, bytes | str]) -> Blob:
                 ti.size, ti.mode = len(v), 0o755
                 tf.addfile(ti, io.BytesIO(v))
     out = io.BytesIO()
-    res = write_estargz(io.BytesIO(buf.getvalue()), out, WriterOptions(chunk_size=1024))
+    res = write_estargz(
+        io.BytesIO(buf.getvalue()),
+        out,
+        WriterOptions(chunk_size=1024, prioritized_files=prioritized),
+    )
     data = out.getvalue()
     blob = Blob(data, res.blob_digest, res.toc_digest, res.diff_id, res.uncompressed_size)
     client.sources[blob.digest] = CountingSource(BytesSource(data))
@@ -761,3 +767,43 @@ def test_resolve_regular_file_follows_directory_symlinks(
     assert resolve_regular_file(index, "/usr/bin/../bin/./python3.11") == py
     for missing in ("/loop/a", "/dangling", "/lib64", "/usr/bin/python3.11/x", "/", ""):
         assert resolve_regular_file(index, missing) is None, missing
+
+
+def test_dependency_prefetch_fetches_what_a_prioritized_list_lacks(
+    client: FakeClient, cache: ChunkCache
+) -> None:
+    """A layer with prioritized files still has its entrypoint's loader and libraries
+    fetched when they are outside the prioritized region: lists made with strace miss what
+    the kernel reads (the ELF loader), here reached through a /lib64 directory symlink."""
+    from tests.test_elfdeps import make_elf
+
+    files: dict[str, bytes | str] = {
+        "app/bin/prog": make_elf("/lib64/ld-linux-x86-64.so.2", ["libfoo.so.1"], pad=3000),
+        "usr/lib/libfoo.so.1": make_elf(None, [], pad=2500),
+        "lib64": "usr/lib64",
+        "usr/lib64/ld-linux-x86-64.so.2": make_elf(None, [], pad=2000),
+        "usr/lib/libunused.so": make_elf(None, [], pad=5000),
+    }
+    blob = _elf_layer(client, files, prioritized=("app/bin/prog", "usr/lib/libfoo.so.1"))
+    ref = "registry.example/prio-elf:v1"
+    client.add(ref, [(desc(blob), blob.diff_id)], {"Cmd": ["/app/bin/prog"]})
+    settings = replace(quiet(), layer=replace(quiet().layer, landmark_prefetch=True))
+    mgr = LayerManager(client, cache, settings)
+    layer = mgr.get(ref, blob.digest)
+    landmark = layer.index.prefetch_landmark_offset
+    assert landmark is not None
+
+    def chunks(path: str) -> list[Any]:
+        ino = resolve_regular_file(layer.index, path)
+        assert ino is not None, path
+        return list(layer.index.chunks(ino))
+
+    loader = chunks("/lib64/ld-linux-x86-64.so.2")
+    assert all(c.offset > landmark for c in loader)  # not in the prioritized region
+    mgr.use(ref, blob.digest)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(c.digest in cache for c in loader):
+        time.sleep(0.01)
+    assert all(c.digest in cache for c in loader)
+    assert all(c.digest in cache for c in chunks("/app/bin/prog") + chunks("/usr/lib/libfoo.so.1"))
+    mgr.close()

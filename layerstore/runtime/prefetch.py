@@ -8,10 +8,13 @@ these files in that window removes those round trips from the container's start.
 
 What, in order:
 
-1. when a layer without prioritized files (no ``.prefetch.landmark``: a landmark prefetch is
-   the image's own, better, list) is first used, the image's entrypoint (``Entrypoint[0]``,
-   else ``Cmd[0]``, looked up in the config's ``PATH``) if this layer has it and it is at most
-   ``entrypoint_bytes`` compressed;
+1. when a layer is first used, the image's entrypoint (``Entrypoint[0]``, else ``Cmd[0]``,
+   looked up in the config's ``PATH``) if this layer has it and it is at most
+   ``entrypoint_bytes`` compressed. Layers with prioritized files too: their list often lacks
+   what the kernel reads (a list made with strace has no ELF loader), and what it does hold
+   is not fetched twice (the landmark prefetch and this one share the fetcher's single
+   flight); measured on the harness's python image: the loader's and ``/etc/passwd``'s waits
+   (60 + 37 + 24 ms) gone;
 2. then its ``PT_INTERP`` and ``DT_NEEDED`` names (:mod:`layerstore.runtime.elfdeps`), looked
    up in :data:`LIBRARY_DIRS` of this layer, a level at a time (each level in one
    ``get_chunks`` call), recursively, up to ``library_files`` files and ``library_bytes``
@@ -238,7 +241,7 @@ class DependencyPrefetcher:
             self._considered.add(layer.compressed_digest)
         image = self._images.resolution(ref)
         try:
-            if image is None or layer.index.prefetch_landmark_offset:
+            if image is None:
                 return
             self._start_files(layer)
             for path in entrypoint_candidates(image.config.raw):
