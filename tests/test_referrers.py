@@ -178,5 +178,53 @@ def test_the_referrers_api_is_used_where_the_registry_has_it(
         assert handler.calls[-1] == f"/v2/a/b/referrers/{subject}?artifactType=" + KIND.replace(
             "/", "%2F"
         ).replace("+", "%2B")
-        # no tag lookups where the API answers
-        assert not any("/manifests/" in c for c in handler.calls)
+        # no tag lookups once the host is known to answer (the first lookup asks both at once)
+        handler.calls.clear()
+        found, scheme = r.list(f"{host}/a/b:v1", subject, KIND)
+        assert scheme == SCHEME_API and [x.digest for x in found] == [mine]
+        assert handler.calls and not any("/manifests/" in c for c in handler.calls)
+
+
+class _NoAPIHandler(QuietHTTPHandler):
+    """A registry without the referrers API (404 to the route) whose tag index is absent; the
+    404 to ``referrers/`` is held until the tag request has arrived (at most 5 s), and whether
+    it had is recorded."""
+
+    tag_asked = threading.Event()
+    overlapped: list[bool] = []
+    calls: list[str] = []
+
+    def do_GET(self) -> None:
+        self.calls.append(self.path)
+        if "/referrers/" in self.path:
+            self.overlapped.append(self.tag_asked.wait(5))
+        elif "/manifests/sha256-" in self.path:
+            self.tag_asked.set()
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_host_not_known_yet_is_asked_both_ways_at_once() -> None:
+    """On a registry without the referrers API, the first lookup costs one round trip: the
+    tag index is asked for while the API's 404 is on its way; later lookups go straight to
+    the tag."""
+    handler = type(
+        "H", (_NoAPIHandler,), {"tag_asked": threading.Event(), "overlapped": [], "calls": []}
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    subject = "sha256:" + "4" * 64
+    try:
+        with _client(host) as client:
+            r = Referrers(client)
+            assert r.list(f"{host}/a/b:v1", subject, KIND) == ([], SCHEME_TAG)
+            assert handler.overlapped == [True]
+            handler.calls.clear()
+            assert r.list(f"{host}/a/b:v1", subject, KIND) == ([], SCHEME_TAG)
+            assert [c for c in handler.calls if "/referrers/" in c] == []
+            assert any("/manifests/sha256-" in c for c in handler.calls)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -27,11 +27,13 @@ to name the subject, then its payload verified by digest and bounded in size.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import structlog
 
@@ -48,8 +50,25 @@ EMPTY_BLOB = b"{}"
 EMPTY_DIGEST = sha256_digest(EMPTY_BLOB)
 CREATED_ANNOTATION = "org.opencontainers.image.created"
 
+_T = TypeVar("_T")
+
 SCHEME_API = "referrers API"
 SCHEME_TAG = "referrers tag"
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any) -> Future[_T]:
+    """*fn(*args)* on a thread of its own (daemon: an answer nobody waits for any more does not
+    hold the process); its result or exception in the future."""
+    fut: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever waits
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="stargz-referrers", daemon=True).start()
+    return fut
 
 
 def _repo(ref: RefLike) -> Reference:
@@ -153,20 +172,32 @@ class Referrers:
         """The artifacts referring to manifest *subject* (of *artifact_type* when given) and
         the scheme that answered (:data:`SCHEME_API` or :data:`SCHEME_TAG`)."""
         r = _repo(ref)
-        if self._has_api(r) is not False:
+        has_api = self._has_api(r)
+        tag_answer: Future[builtins.list[Referrer]] | None = None
+        if has_api is None:
+            # Not known yet for this host: the tag index is asked for at the same time, so a
+            # registry without the API (most of them) costs one round trip, not two; one with
+            # it gets one request too many, once per host.
+            tag_answer = _in_thread(self._tag_index, r, subject)
+        if has_api is not False:
             raw = self.client.get_referrers(r, subject, artifact_type)
             if raw is not None:
                 self._learn(r, True)
                 found = _entries(raw, f"referrers index of {subject}")
                 return _of_type(found, artifact_type), SCHEME_API
             self._learn(r, False)
+        found = tag_answer.result() if tag_answer is not None else self._tag_index(r, subject)
+        return _of_type(found, artifact_type), SCHEME_TAG
+
+    def _tag_index(self, r: Reference, subject: str) -> builtins.list[Referrer]:
+        """The entries of the referrers tag index of *subject* (none when the tag is absent)."""
         try:
             resp = self.client.get_manifest(_tagged(r, referrers_tag(subject)))
         except NotFoundError:
-            return [], SCHEME_TAG
+            return []
         if not isinstance(resp.manifest, mf.ImageIndex):
             raise ManifestError(f"tag {referrers_tag(subject)} of {r.name} is not an index")
-        return _of_type(_entries(resp.raw, "referrers tag index"), artifact_type), SCHEME_TAG
+        return _entries(resp.raw, "referrers tag index")
 
     # --- fetching ----------------------------------------------------------------------------
     def fetch_newest(
