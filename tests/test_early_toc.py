@@ -26,6 +26,7 @@ from layerstore.registry.settings import RegistrySettings
 from layerstore.runtime.cache import ChunkCache
 from layerstore.runtime.layer import LayerSettings
 from layerstore.runtime.manager import LayerManager, ManagerSettings
+from layerstore.runtime.prefetch import ProfileSource
 from tests.faultserver import FakeRegistry, FaultServer, Reply, Request, range_reply, sha256
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -84,7 +85,9 @@ def setup(
     return reg, f"{fault.netloc}/app:v1", [(b, toc) for b, toc, _ in layers], arrived
 
 
-def make_manager(fault: FaultServer, root: Path, **kw: object) -> LayerManager:
+def make_manager(
+    fault: FaultServer, root: Path, profiles: ProfileSource | None = None, **kw: object
+) -> LayerManager:
     client = RegistryClient(
         None,
         settings=RegistrySettings(
@@ -92,7 +95,9 @@ def make_manager(fault: FaultServer, root: Path, **kw: object) -> LayerManager:
         ),
     )
     settings = ManagerSettings(layer=LayerSettings(landmark_prefetch=False), **kw)  # type: ignore[arg-type]
-    return LayerManager(client, ChunkCache(str(root / "cache"), 1 << 30), settings)
+    return LayerManager(
+        client, ChunkCache(str(root / "cache"), 1 << 30), settings, profiles=profiles
+    )
 
 
 def test_the_toc_is_fetched_while_the_config_is(fault: FaultServer, tmp_path: Path) -> None:
@@ -119,6 +124,32 @@ def test_the_toc_is_fetched_while_the_config_is(fault: FaultServer, tmp_path: Pa
         motd = base.index.lookup(etc, "motd")
         assert motd is not None
         assert base.read(motd, 0, 100) == b"hello from the base\n"
+    finally:
+        m.close()
+
+
+def test_the_attached_profile_is_looked_for_while_the_config_is(
+    fault: FaultServer, tmp_path: Path
+) -> None:
+    """The profile lookup needs only the manifest's digest: it is asked for during the config's
+    stall, once, for the digest the image then resolves to (before, on the first use of a
+    layer, after the config and the TOC)."""
+    _, ref, layers, arrived = setup(fault)
+    asked: list[tuple[str, float]] = []
+
+    class Source:
+        def find(self, reference: object, manifest_digest: str) -> bytes | None:
+            asked.append((manifest_digest, time.monotonic()))
+            return None
+
+    m = make_manager(fault, tmp_path, profiles=Source())
+    try:
+        m.get(ref, sha256(layers[1][0]))
+        config_at = min(arrived.values())
+        image = m.resolution(ref)
+        assert image is not None
+        assert [d for d, _ in asked] == [image.manifest_digest]
+        assert asked[0][1] < config_at + STALL - 0.1, "the lookup waited for the config"
     finally:
         m.close()
 

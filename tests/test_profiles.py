@@ -336,10 +336,13 @@ class Source:
         self.docs: dict[str, bytes | Exception] = {}
         self.lookups: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.gate = threading.Event()  # answers wait for it
+        self.gate.set()
 
     def find(self, reference: Reference, manifest_digest: str) -> bytes | None:
         with self.lock:
             self.lookups.append((str(reference), manifest_digest))
+        assert self.gate.wait(30)
         got = self.docs.get(manifest_digest)
         if isinstance(got, Exception):
             raise got
@@ -426,29 +429,44 @@ def test_profile_prefetch_takes_all_layers_batches_in_access_order(
     mgr.close()
 
 
-def test_profile_prefetch_on_first_use(client: FakeClient, cache: ChunkCache) -> None:
+def _wait_for(cond: Any, what: Any = None) -> None:
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("slow_answer", [False, True])
+def test_profile_is_looked_up_on_resolution_and_fetched_on_first_use(
+    client: FakeClient, cache: ChunkCache, slow_answer: bool
+) -> None:
+    """The lookup starts when the image resolves (before podman puts a layer to use); the
+    prefetch starts on the first use: at once when the profile is known by then, or when the
+    lookup ends (*slow_answer*: the layer is put to use while the registry has not answered)."""
     blob = make_layer(client, REF, FILES)
     source = Source()
     digest = client.images[REF].digest
     source.docs[digest] = profile_doc(blob.toc_digest, ["etc/b", "bin/tool"])
+    if slow_answer:
+        source.gate.clear()
     mgr = LayerManager(client, cache, quiet(), profiles=source)
-    layer = mgr.get(REF, blob.digest)
-    wanted = _chunks(layer, "etc/b") + _chunks(layer, "bin/tool")
-    others = _chunks(layer, "etc/a") + _chunks(layer, "etc/c")
     with structlog.testing.capture_logs() as logs:
+        layer = mgr.get(REF, blob.digest)
+        _wait_for(lambda: source.lookups == [(REF, digest)], source.lookups)  # no use yet
+        if not slow_answer:
+            _wait_for(lambda: any(e["event"] == "profile_found" for e in logs), logs)
+        wanted = _chunks(layer, "etc/b") + _chunks(layer, "bin/tool")
+        others = _chunks(layer, "etc/a") + _chunks(layer, "etc/c")
+        assert not any(c.digest in cache for c in wanted)  # known, but nothing is in use
         mgr.use(REF, blob.digest)
-        deadline = time.monotonic() + 30
-        while not all(c.digest in cache for c in wanted) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        while not any(e["event"] == "profile_prefetched" for e in logs):
-            assert time.monotonic() < deadline, logs
-            time.sleep(0.01)
+        source.gate.set()
+        _wait_for(lambda: all(c.digest in cache for c in wanted))
+        _wait_for(lambda: any(e["event"] == "profile_prefetched" for e in logs), logs)
         mgr.use(REF, blob.digest)  # a second use: no second lookup
-    assert all(c.digest in cache for c in wanted)
     assert not any(c.digest in cache for c in others)  # read-ahead is not part of it
     assert source.lookups == [(REF, digest)]
     found = [e for e in logs if e["event"] == "profile_found"]
-    assert found and found[0]["files"] == 2
+    assert len(found) == 1 and found[0]["files"] == 2
     done = [e for e in logs if e["event"] == "profile_prefetched"]
     assert len(done) == 1 and done[0]["files"] == 2 and done[0]["skipped"] == 0
     mgr.close()
@@ -473,9 +491,9 @@ def test_missing_or_bad_profiles_are_logged_and_ignored(
     if answer is not None:
         source.docs[digest] = answer
     mgr = LayerManager(client, cache, quiet(), profiles=source)
-    mgr.get(REF, blob.digest)  # the TOC request
-    calls = len(client.sources[blob.digest].calls)
     with structlog.testing.capture_logs() as logs:
+        mgr.get(REF, blob.digest)  # the TOC request; the lookup starts
+        calls = len(client.sources[blob.digest].calls)
         mgr.use(REF, blob.digest)
         deadline = time.monotonic() + 30
         while not any(e["event"] == event for e in logs):

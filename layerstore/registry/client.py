@@ -267,14 +267,15 @@ class RegistryClient:
         ref: RefLike,
         platform: str | _manifest.Platform | None = None,
         *,
-        on_manifest: Callable[[PullSource, _manifest.ImageManifest], None] | None = None,
+        on_manifest: Callable[[PullSource, _manifest.ImageManifest, str], None] | None = None,
     ) -> ResolvedImage:
         """Manifest (through an index for *platform*) and verified config of *ref*.
 
-        *on_manifest* is called with the image manifest (its digest verified where the
-        reference or the index names one) and the source it came from, before the config is
+        *on_manifest* is called with the source the image manifest came from, the manifest and
+        its digest (verified where the reference or the index names one), before the config is
         fetched: the caller can start work that needs only the manifest (the layer manager
-        fetches TOCs meanwhile). What it raises is logged, not raised."""
+        fetches TOCs and looks for an attached profile meanwhile). What it raises is logged,
+        not raised."""
         r = _as_reference(ref)
         wanted = platform if platform is not None else self.settings.platform
 
@@ -295,7 +296,7 @@ class RegistryClient:
             assert isinstance(manifest, _manifest.ImageManifest)
             if on_manifest is not None:
                 try:
-                    on_manifest(ep.source, manifest)
+                    on_manifest(ep.source, manifest, chosen.digest)
                 except Exception as e:  # a hint for the caller only
                     log.warning("on_manifest_failed", reference=str(r), error=describe_error(e))
             cap = min(self.settings.max_config_size, manifest.config.size)

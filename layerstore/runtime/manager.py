@@ -194,7 +194,7 @@ class EarlyClientLike(ClientLike, Protocol):
         ref: Reference,
         platform: str | None = None,
         *,
-        on_manifest: Callable[[PullSource, ImageManifest], None] | None = None,
+        on_manifest: Callable[[PullSource, ImageManifest, str], None] | None = None,
     ) -> ResolvedImage: ...
 
     def blob_source_at(self, source: PullSource, digest: str, size: int) -> RangeSource: ...
@@ -528,7 +528,7 @@ class LayerManager:
                     image = cast(EarlyClientLike, self.client).resolve(
                         reference,
                         self.settings.platform,
-                        on_manifest=functools.partial(self._start_early_tocs, reference, key),
+                        on_manifest=functools.partial(self._on_manifest, ref, reference, key),
                     )
                 else:
                     image = self.client.resolve(reference, self.settings.platform)
@@ -549,6 +549,8 @@ class LayerManager:
             else:
                 if self.resolutions is not None:
                     self.resolutions.save(ref, image)
+                # (started already from _on_manifest when the client says when it has one)
+                self.profiles.image_found(ref, image.reference, image.manifest_digest)
             with self._lock:
                 self._resolved[ref] = (time.monotonic() + ttl, image)
                 if len(self._resolved) > 1024:
@@ -557,6 +559,22 @@ class LayerManager:
             return image
 
         return self._sf_resolve.do(ref, do)
+
+    def _on_manifest(
+        self,
+        ref: str,
+        reference: Reference,
+        key: str,
+        source: PullSource,
+        manifest: ImageManifest,
+        digest: str,
+    ) -> None:
+        """*reference*'s manifest has arrived, before its config: start what needs only the
+        manifest. The attached profile is looked for now, not on the first use of a layer, so
+        that it is known (and its prefetch starts) as soon as podman puts a layer to use,
+        about a round trip and a TOC load earlier."""
+        self.profiles.image_found(ref, reference, digest)
+        self._start_early_tocs(reference, key, source, manifest)
 
     def _start_early_tocs(
         self, reference: Reference, key: str, source: PullSource, manifest: ImageManifest

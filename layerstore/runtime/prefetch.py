@@ -66,6 +66,9 @@ from layerstore.runtime.layer import Layer
 log = structlog.get_logger(__name__)
 
 MiB = 1024 * 1024
+_MAX_LOOKUPS = 1024
+"""Images whose profile lookup is remembered; beyond that the finished lookups are forgotten
+(an image used again is asked about again: a few small requests)."""
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -477,6 +480,13 @@ class ProfilePrefetcher:
     def enabled(self) -> bool:
         return self._source is not None and self.settings.enabled
 
+    def image_found(self, ref: str, reference: Reference, manifest_digest: str) -> None:
+        """Image *ref* resolved to manifest *manifest_digest* (of *reference*'s repository):
+        look its profile up now, once, so that it is known when podman puts the first layer
+        to use. Never blocks on the network."""
+        if self.enabled:
+            self._lookup_once(ref, reference, manifest_digest)
+
     def layer_used(self, ref: str, layer: Layer) -> None:
         """A user of *layer* (of image *ref*) arrived: look the image's profile up (once),
         or, when it is known, start this layer's part. Never blocks on the network."""
@@ -485,32 +495,45 @@ class ProfilePrefetcher:
         image = self._images.resolution(ref)
         if image is None:
             return
-        key = image.manifest_digest
+        profile = self._lookup_once(ref, image.reference, image.manifest_digest)
+        if profile is not None:
+            self._start_layer(layer, profile)
+
+    def _lookup_once(self, ref: str, reference: Reference, manifest_digest: str) -> Profile | None:
+        """The profile of *manifest_digest* when its lookup is done and found one; the lookup
+        starts on a thread of its own when there is none (or its "none" expired).
+
+        A layer put to use while the lookup runs is started by the lookup when it ends: the
+        layer is in use (``layers_in_use``) before this is called, and the lookup reads the
+        layers in use after it has stored the profile under the same lock."""
         start = False
         with self._lock:
-            lookup = self._lookups.get(key)
+            lookup = self._lookups.get(manifest_digest)
             if lookup is None or (lookup.done and lookup.expires < time.monotonic()):
-                lookup = self._lookups[key] = _Lookup()
+                if len(self._lookups) >= _MAX_LOOKUPS:  # those running stay
+                    self._lookups = {k: v for k, v in self._lookups.items() if not v.done}
+                lookup = self._lookups[manifest_digest] = _Lookup()
                 start = True
             profile = lookup.profile
         if start:
             threading.Thread(
                 target=self._lookup,
-                args=(ref, image, lookup),
+                args=(ref, reference, manifest_digest, lookup),
                 name="stargz-profile-prefetch",
                 daemon=True,
             ).start()
-        elif profile is not None:
-            self._start_layer(layer, profile)
+        return profile
 
-    def _lookup(self, ref: str, image: ResolvedImage, lookup: _Lookup) -> None:
+    def _lookup(
+        self, ref: str, reference: Reference, manifest_digest: str, lookup: _Lookup
+    ) -> None:
         assert self._source is not None
         t0 = time.monotonic()
         profile: Profile | None = None
         try:
-            raw = self._source.find(image.reference, image.manifest_digest)
+            raw = self._source.find(reference, manifest_digest)
             if raw is None:
-                log.info("profile_not_found", ref=ref, manifest=image.manifest_digest)
+                log.info("profile_not_found", ref=ref, manifest=manifest_digest)
             else:
                 profile = parse_profile(raw)
         except ProfileError as e:
@@ -529,7 +552,7 @@ class ProfilePrefetcher:
         log.info(
             "profile_found",
             ref=ref,
-            manifest=image.manifest_digest,
+            manifest=manifest_digest,
             layers=len(profile.layers),
             files=profile.files,
             created=profile.created,
