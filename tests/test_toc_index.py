@@ -465,6 +465,12 @@ def test_chunks_compressed_end_and_chunk_at() -> None:
     ]
     assert idx.num_entries == 5
     assert len(idx.all_chunks()) == 5
+    # the first chunks' digests alone (what an open advises), for every inode and count
+    for ino in range(1, idx.num_inodes + 1):
+        for n in (0, 1, 2, 5):
+            assert idx.first_chunk_digests(ino, n) == [c.digest for c in idx.chunks(ino)[:n]]
+    assert idx.first_chunk_digests(big, 2) == [dg("big0"), dg("big1")]
+    assert idx.first_chunk_digests(0, 1) == idx.first_chunk_digests(99, 1) == []
 
 
 def test_inner_offset_chunks_share_a_member() -> None:

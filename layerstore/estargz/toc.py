@@ -377,6 +377,17 @@ class TOCIndex:
             return _EMPTY_CHUNKS
         return _ChunkList(self, lo, hi)
 
+    def first_chunk_digests(self, ino: int, n: int) -> list[str]:
+        """The digests of the first *n* chunks of regular file *ino* (fewer when it has
+        fewer; none for other kinds), without building the chunks."""
+        if not 0 < ino < len(self._kind) or self._kind[ino] != _REG or n <= 0:
+            return []
+        r = self._rec[ino]
+        lo = self._r_chunk_lo[r]
+        hi = min(self._r_chunk_hi[r], lo + n)
+        d = self._c_digest
+        return ["sha256:" + d[32 * j : 32 * j + 32].hex() for j in range(lo, hi)]
+
     def chunk_at(self, ino: int, file_offset: int) -> int:
         """Index into ``chunks(ino)`` of the chunk holding *file_offset*.
 

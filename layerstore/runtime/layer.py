@@ -546,10 +546,9 @@ class Layer:
         Never waits; chunks not cached, or advised before, cost nothing more."""
         if not self._started or self._bad is not None:
             return
-        chunks = self.index.chunks(ino)
-        n = self.settings.open_advise_chunks
-        if chunks and n > 0:
-            self.cache.advise_soon([c.digest for c in chunks[:n]])
+        digests = self.index.first_chunk_digests(ino, self.settings.open_advise_chunks)
+        if digests:
+            self.cache.advise_soon(digests)
 
     def read_nowait(
         self, ino: int, offset: int, size: int, disk: bool = False
