@@ -11,6 +11,7 @@ by the chunk digests (the file still reads right).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -83,6 +84,10 @@ def test_ranges_inside_the_head_come_from_its_one_request_as_they_arrive() -> No
     inner = GatedSource(DATA)
     budget = HeadStartBudget(1 << 20)
     src = HeadStartSource(inner, budget.take(10_000), budget)
+    # not started yet: nothing is on its way, the wrapped source answers at once
+    assert src.read_at(100, 10) == DATA[100:110]
+    assert inner.calls == [("at", 100, 10)]
+    inner.calls.clear()
     assert src.start() and not src.start()
     for _ in range(3):
         inner.step.release()
@@ -179,9 +184,15 @@ def fault() -> Iterator[FaultServer]:
         yield srv
 
 
+TOC_STALL = 0.25
+
+
 def serve(
-    fault: FaultServer, corrupt_head: bool = False
+    fault: FaultServer, corrupt_head: bool = False, toc_stall: float = 0.0
 ) -> tuple[str, bytes, int, list[tuple[float, str, str]], list[float]]:
+    """The image, served with its config stalled STALL seconds (and, with *toc_stall*, the
+    layer's first tail request that long): (ref, blob, prefetch size, the blob requests as
+    (arrival, digest, range), when the config's answer was done)."""
     blob, toc, diff_id, prefetch = prioritized_blob()
     reg = FakeRegistry(fault)
     log: list[tuple[float, str, str]] = []
@@ -195,6 +206,10 @@ def serve(
         if config_digest and d == config_digest[0]:
             config_done.append(time.monotonic() + STALL)
             return Reply(200, [("Content-Type", "application/json")], data, stall=STALL)
+        if toc_stall and d == sha256(blob) and not rng.startswith("bytes=0-"):
+            tail_seen = any(x == d and not r.startswith("bytes=0-") for _, x, r in log[:-1])
+            if not tail_seen:
+                return dataclasses.replace(range_reply(data, rng), stall=toc_stall)
         if corrupt_head and rng.startswith("bytes=0-"):
             data = bytearray(data)
             data[1000] ^= 0xFF  # inside the first chunk's compressed bytes
@@ -244,7 +259,9 @@ def _wait_cached(layer: object, paths: list[str], timeout: float = 10) -> None:
 def test_the_head_is_fetched_during_the_config_and_feeds_the_landmark_prefetch(
     fault: FaultServer, tmp_path: Path
 ) -> None:
-    ref, blob, prefetch, log, config_done = serve(fault)
+    """The head is asked for once the TOC's bytes are in (its transfer would slow the TOC's),
+    while the config is still on its way, and the landmark prefetch is answered from it."""
+    ref, blob, prefetch, log, config_done = serve(fault, toc_stall=TOC_STALL)
     m = make_manager(fault, tmp_path)
     try:
         digest = sha256(blob)
@@ -255,6 +272,8 @@ def test_the_head_is_fetched_during_the_config_and_feeds_the_landmark_prefetch(
         heads = [(t, rng) for t, rng in blob_requests if rng.startswith("bytes=0-")]
         assert [rng for _, rng in heads] == [f"bytes=0-{prefetch - 1}"]
         assert heads[0][0] < config_done[0] - 0.2, "the head waited for the config"
+        tails = [t for t, rng in blob_requests if not rng.startswith("bytes=0-")]
+        assert heads[0][0] >= tails[0] + TOC_STALL - 0.02, "the head shared the TOC's transfer"
         # the landmark prefetch asked for nothing below the landmark itself
         below = [rng for _, rng in blob_requests if _start(rng) < prefetch]
         assert below == [f"bytes=0-{prefetch - 1}"]

@@ -178,7 +178,13 @@ class HeadStartSource:
 
     # --- reads -------------------------------------------------------------------------------
     def _inside(self, offset: int, length: int) -> bool:
-        return length > 0 and self._buf is not None and 0 <= offset <= self._head - length
+        # (before start, nothing is on its way: the wrapped source answers)
+        return (
+            length > 0
+            and self._started
+            and self._buf is not None
+            and 0 <= offset <= self._head - length
+        )
 
     def _wait(self, seen: int) -> tuple[int, bool]:
         """Wait (a while) for the head to grow past *seen* bytes: ``(have, over)``, where

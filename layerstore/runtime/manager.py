@@ -226,6 +226,16 @@ Replaceable for fault injection (a reader that skips its own digest check: the m
 again)."""
 
 
+def _start_head(source: RangeSource) -> None:
+    """Start the head's fetch of a head-start source (:meth:`LayerManager._head_start`) now
+    that its TOC's bytes have arrived: the head's transfer then overlaps the TOC's inflate
+    and index build, and does not share the link with the TOC's own transfer. Started any
+    earlier, it slowed the TOC as much as it saved (python image: pull phase +0.07 s, run
+    -0.06 s)."""
+    if isinstance(source, HeadStartSource) and not source.start():
+        source.release_head()
+
+
 def _release_head(source: RangeSource) -> None:
     release = getattr(source, "release_head", None)
     if release is not None:
@@ -660,12 +670,9 @@ class LayerManager:
         head = self._head_budget.take(min(announced, st.head_start_bytes))
         if head <= 0:
             return blob
-        wrapped = HeadStartSource(blob, head, self._head_budget, name=desc.digest)
-        if not wrapped.start():
-            wrapped.release_head()
-            return blob
         log.debug("head_start", digest=desc.digest, bytes=head, announced=announced)
-        return wrapped
+        # started by _load_toc once the TOC's bytes are in (_start_head)
+        return HeadStartSource(blob, head, self._head_budget, name=desc.digest)
 
     def _early_toc(
         self,
@@ -717,6 +724,7 @@ class LayerManager:
                 bound.warning("toc_cache_entry_discarded", error=describe_error(e))
                 self.cache.remove_toc(toc_name)
         member, toc_offset, footer_size = self._fetch_toc_member(source, blob_size)
+        _start_head(source)
         reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
         header = json.dumps({"toc_offset": toc_offset, "footer_size": footer_size}).encode()
         self.cache.put_toc(toc_name, header + b"\n" + member)
