@@ -1,11 +1,14 @@
-"""Head start: the first bytes of a blob, fetched as soon as the image's manifest names them.
+"""Head start: the first bytes of a blob, fetched before the layer's TOC is parsed.
 
 Why: on an image written with prioritized files, the landmark prefetch (everything before the
 ``.prefetch.landmark`` entry) can only start once the layer's TOC has arrived and been parsed,
 which takes round trips and a parse after the manifest (on the 173 MB python image: ~170 ms
 from the manifest to the first landmark request). When the manifest already says how long that
 region is (:data:`~layerstore.estargz.constants.PREFETCH_SIZE_ANNOTATION`, written by our
-converter), its bytes can be on their way while the config and the TOC are fetched.
+converter), its bytes can be on their way while the TOC is inflated and indexed. The layer
+manager starts the head (:meth:`HeadStartSource.start`) once the TOC's own bytes are in:
+started with the manifest, its transfer shared the link with the TOC's and slowed the TOC
+as much as it saved.
 
 :class:`HeadStartSource` wraps the layer's blob source: one thread reads ``[0, head)`` with a
 single streamed request into a buffer of that size, and reads of ranges inside it are answered

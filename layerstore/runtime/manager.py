@@ -354,9 +354,9 @@ class ManagerSettings:
     head_start_bytes: int = 16 * MiB
     """With ``early_toc`` and the landmark prefetch on: when a layer's descriptor says how
     long its prioritized region is (``PREFETCH_SIZE_ANNOTATION``, our converter's), up to this
-    many of its first bytes are fetched as soon as the manifest has arrived, before the TOC
-    (:mod:`layerstore.runtime.headstart`); 0 disables. The daemon's default is 0 (``[fetch]
-    head_start_bytes``: no gain measured at 20 ms)."""
+    many of its first bytes are fetched in one request as soon as the TOC's bytes are in,
+    while the TOC is inflated and indexed (:mod:`layerstore.runtime.headstart`); 0 disables
+    (``[fetch] head_start_bytes``)."""
     head_start_total_bytes: int = 32 * MiB
     """The memory all such head buffers may hold at once."""
     platform: str | None = None
