@@ -54,6 +54,9 @@ class TinyIndex:
     def chunks(self, ino: int) -> Sequence[FakeChunk]:
         return self.file_chunks.get(ino, [])
 
+    def first_chunk_digests(self, ino: int, n: int) -> list[str]:
+        return [c.digest for c in self.chunks(ino)[: max(0, n)]]
+
     def chunk_at(self, ino: int, file_offset: int) -> int:
         starts = [c.chunk_offset for c in self.file_chunks[ino]]
         return max(0, bisect.bisect_right(starts, file_offset) - 1)
