@@ -228,6 +228,23 @@ def test_eviction_removes_whole_packs_least_recently_used_first(tmp_path: Path) 
     c.close()
 
 
+def test_a_batch_larger_than_the_cache_does_not_overfill_it(tmp_path: Path) -> None:
+    """Pending chunks are written together into one pack; when they add up to more than the
+    whole cache, that pack is not kept past the limit (its chunks are fetched again)."""
+    c = GatedCache(tmp_path, 10_000, writer_threads=1)
+    c.gate.clear()
+    batch = [os.urandom(4000) for _ in range(4)]  # 16,000 > 10,000, each chunk fits
+    for b in batch:
+        c.put_async(dg(b), b, verified=True)
+    c.gate.set()
+    assert c.flush(10)
+    assert c.total_bytes <= 10_000
+    assert sum(data_bytes(p) for p in pack_files(tmp_path)) == c.total_bytes
+    c.put(dg(batch[0]), batch[0])  # still usable afterwards
+    assert c.get(dg(batch[0])) == batch[0]
+    c.close()
+
+
 def test_hits_survive_a_restart_through_pack_mtimes(tmp_path: Path) -> None:
     c = ChunkCache(tmp_path, 1 << 30)
     blobs = [os.urandom(1000) for _ in range(4)]

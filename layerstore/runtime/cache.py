@@ -811,11 +811,11 @@ class ChunkCache:
         freed = entries = 0
         while self._total + self._reserved > self.max_bytes and self._packs:
             name, pack = next(iter(self._packs.items()))
-            if name == keep:
-                if len(self._packs) == 1:
-                    break
+            if name == keep and len(self._packs) > 1:
                 self._packs.move_to_end(name)
                 continue
+            # (the kept pack goes too when it alone is over the limit: a batch of pending
+            # chunks larger than the whole cache; its chunks are fetched again when read)
             victims.append(self._remove_pack(pack))
             freed += pack.data_size
             entries += pack.live
