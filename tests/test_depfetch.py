@@ -298,6 +298,35 @@ def test_modules_of_a_lower_layer_and_the_budget(cache: ChunkCache) -> None:
     mgr.close()
 
 
+def test_layers_with_a_plan_of_their_own_are_left_alone(cache: ChunkCache) -> None:
+    """A layer whose start-up files a plan fetches (an attached profile's section, a
+    prioritized region) neither triggers the dependency fetch nor has files fetched by it."""
+    client = FakeClient({})
+    base: dict[str, Entry] = {f"{STD}/m{i}.py": f"M = {i}\n".encode() + PAD for i in range(3)}
+    top: dict[str, Entry] = {
+        "app/main.py": b"import helper\n" + b"".join(f"import m{i}\n".encode() for i in range(3))
+        + PAD,
+        "app/helper.py": b"H = 1\n" + PAD,
+        "app/second.py": b"import third\n" + PAD,
+        "app/third.py": b"T = 1\n" + PAD,
+    }  # fmt: skip
+    blobs = image(client, "reg.example/plan:1", [base, top])
+    mgr = LayerManager(client, cache, settings())
+    layers = [mgr.get("reg.example/plan:1", b.digest) for b in blobs]
+    assert not any(layer.planned for layer in layers)
+    layers[0].profile_planned = True  # as the profile prefetch sets it
+    assert layers[0].planned and not layers[1].planned
+    read_all(*find(layers, "app/main.py"))
+    wait_for(lambda: cached(cache, layers, "app/helper.py"), "helper (same, unplanned layer)")
+    settle(mgr)
+    assert not any(cached(cache, layers, f"{STD}/m{i}.py") for i in range(3))
+    layers[1].profile_planned = True
+    read_all(*find(layers, "app/second.py"))
+    settle(mgr)
+    assert not cached(cache, layers, "app/third.py")
+    mgr.close()
+
+
 def test_disabled_fetches_nothing(cache: ChunkCache) -> None:
     client = FakeClient({})
     (blob,) = image(client, "reg.example/off:1", [python_image()])

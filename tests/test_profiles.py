@@ -458,9 +458,13 @@ def test_profile_is_looked_up_on_resolution_and_fetched_on_first_use(
         wanted = _chunks(layer, "etc/b") + _chunks(layer, "bin/tool")
         others = _chunks(layer, "etc/a") + _chunks(layer, "etc/c")
         assert not any(c.digest in cache for c in wanted)  # known, but nothing is in use
+        assert not layer.planned
         mgr.use(REF, blob.digest)
+        if not slow_answer:  # planned before the dependency prefetch looks at the layer
+            assert layer.planned
         source.gate.set()
         _wait_for(lambda: all(c.digest in cache for c in wanted))
+        assert layer.planned  # the dependency fetch leaves it to the profile
         _wait_for(lambda: any(e["event"] == "profile_prefetched" for e in logs), logs)
         mgr.use(REF, blob.digest)  # a second use: no second lookup
     assert not any(c.digest in cache for c in others)  # read-ahead is not part of it

@@ -318,7 +318,7 @@ class DependencyFetcher:
     def file_read(self, layer: Layer, ino: int) -> None:
         """A reader read file *ino* of *layer* from its start. Never blocks: the work is queued
         for the prefetch threads (once per file)."""
-        if not self.settings.enabled:
+        if not self.settings.enabled or layer.planned:
             return
         key = (layer.identity, ino)
         with self._lock:
@@ -817,7 +817,7 @@ class DependencyFetcher:
         with img.lock:
             for t in targets:
                 key = (t.found.layer.identity, t.found.ino)
-                if key in img.seen:
+                if key in img.seen or _layer(t.found).planned:
                     continue
                 n = _size(t.chunks)
                 if img.files >= st.max_files or img.bytes + n > st.max_bytes:

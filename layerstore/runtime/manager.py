@@ -960,8 +960,10 @@ class LayerManager:
             layer.observer = self.recorder
             self.recorder.layer_used(ref, layer, self.resolution(ref))
         layer.start()
-        self._dependencies.layer_used(ref, layer)
+        # The profile first: a layer its profile covers is planned (Layer.planned) before the
+        # dependency prefetch decides whether to hand the entrypoint to the dependency fetch.
         self.profiles.layer_used(ref, layer)
+        self._dependencies.layer_used(ref, layer)
         return users
 
     def release(self, ref: str, key: str) -> int:

@@ -261,9 +261,13 @@ class DependencyPrefetcher:
         if not chunks or size > limit:
             return
 
-        if self._handoff is not None:
+        # A layer with a plan of its own (prioritized files, an attached profile) is not handed
+        # to the read-triggered dependency fetch, which leaves it alone: its libraries are
+        # followed here, as when that fetch is off (strace lists lack the loader).
+        handoff = None if layer.planned else self._handoff
+        if handoff is not None:
             argv, workdir = command_line(image.config.raw)
-            self._handoff.expect(layer, ino, argv[1:], workdir)
+            handoff.expect(layer, ino, argv[1:], workdir)
 
         def run() -> None:
             t0 = time.monotonic()
@@ -281,8 +285,8 @@ class DependencyPrefetcher:
                 seconds=round(time.monotonic() - t0, 3),
             )
             try:
-                if self._handoff is not None:
-                    self._handoff.file_read(layer, ino)
+                if handoff is not None:
+                    handoff.file_read(layer, ino)
                 else:
                     self._after_entrypoint(ref, layer, ino, data)
             except Exception as e:  # best effort: readers fetch what they need themselves
@@ -576,6 +580,7 @@ class ProfilePrefetcher:
                 if layer.compressed_digest in self._started:
                     continue
                 self._started.add(layer.compressed_digest)
+            layer.profile_planned = True
             todo.append((layer, section))
         if todo:
             threading.Thread(
