@@ -488,6 +488,7 @@ class Progress:
         self._t0 = 0.0
         self._last = 0.0
         self._done = 0
+        self._announced = False
 
     def layer_start(self, platform: str, index: int, count: int, digest: str, size: int) -> None:
         where = f"{platform} " if platform else ""
@@ -495,12 +496,15 @@ class Progress:
         self._total = size
         self._t0 = self._last = time.monotonic()
         self._done = 0
-        if not self.tty:
-            print(f"{self._label}: converting {_mb(size)}", file=self.out, flush=True)
+        # Said on the first progress (log lines): a layer kept as is is never "converting".
+        self._announced = False
 
     def layer_progress(self, done: int) -> None:
         self._done = done
         now = time.monotonic()
+        if not self.tty and not self._announced:
+            self._announced = True
+            print(f"{self._label}: converting {_mb(self._total)}", file=self.out, flush=True)
         if self.tty:
             if now - self._last >= 0.2:
                 self._last = now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -517,6 +518,11 @@ def test_progress_display_tty_and_log() -> None:
     assert lines[0] == "layer 2/2 aaaaaaaaaaaa: converting 10.0 MB"
     assert lines[1].startswith("layer 2/2 aaaaaaaaaaaa: 1.0 MB / 10.0 MB (10%)")
     assert "\r" not in out.getvalue() and len(lines) == 3
+    out = io.StringIO()
+    p = Progress(out, tty=False, log_interval=0.0)
+    p.layer_start("", 0, 1, rep.source_digest, 10_000_000)
+    p.layer_done(dataclasses.replace(rep, action="kept"))
+    assert out.getvalue() == "layer 1/1 aaaaaaaaaaaa: kept as is (already eStargz)\n"
 
 
 def test_registry_docker_index_to_registry(
