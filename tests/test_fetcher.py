@@ -820,3 +820,57 @@ def test_landmark_ranges_deliver_their_chunks_as_they_arrive(cache: ChunkCache) 
     assert [f.get_chunk(c) for c in chunks] == payloads
     assert len(src.calls) == 1
     f.close()
+
+
+class MultiProgressiveSource(ProgressiveSource):
+    """Also answers several ranges in one go through ``read_ranges_progressive``, each in 4 KiB
+    pieces, in the order asked; after the piece that completes the first range it waits (up
+    to 5 s) for ``release``."""
+
+    def read_ranges_progressive(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        progress: Callable[[int, bytearray | memoryview], None],
+    ) -> list[bytes]:
+        bodies = self.read_ranges(ranges)
+        for n, ((offset, length), data) in enumerate(zip(ranges, bodies)):
+            buf = bytearray()
+            for i in range(0, length, 4096):
+                buf += data[i : i + 4096]
+                view = memoryview(buf)
+                progress(offset, view)
+                view.release()
+            if n == 0 and not self.held:
+                self.held = True
+                self.release.wait(5.0)
+        return bodies
+
+
+def test_multi_range_requests_deliver_each_chunk_as_it_arrives(cache: ChunkCache) -> None:
+    """A batch of chunks far apart (the profile prefetch's access-ordered batches) goes in one
+    multi-range request; the chunks of its first range are served while the later ranges are
+    still on their way."""
+    payloads = [os.urandom(10_000) for _ in range(60)]
+    blob, chunks = build_blob(payloads)
+    src = MultiProgressiveSource(BytesSource(blob), hold_after=1 << 62)
+    f = ChunkFetcher(src, cache, chunks, fake_decode, FetcherSettings(readahead_bytes=0))
+    wanted = [chunks[0], chunks[1], chunks[2], chunks[30], chunks[31], chunks[59]]
+    fetch = threading.Thread(target=f.get_chunks, args=(wanted,), kwargs={"speculate": False})
+    fetch.start()
+    deadline = time.monotonic() + 3.0
+    while not src.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert src.held
+    ((first, _), *rest) = src.calls[0]
+    assert first == chunks[0].offset and len(rest) == 2  # one request, three ranges
+    # the first range's chunks are verified and cached already, the later ones not yet
+    assert all(c.digest in cache for c in chunks[:3])
+    assert not any(c.digest in cache for c in (chunks[30], chunks[59]))
+    assert [f.get_chunk(c) for c in chunks[:3]] == payloads[:3]
+    assert len(src.calls) == 1
+    src.release.set()
+    fetch.join(5.0)
+    assert not fetch.is_alive()
+    assert [f.get_chunk(c) for c in wanted] == [payloads[i] for i in (0, 1, 2, 30, 31, 59)]
+    assert len(src.calls) == 1
+    f.close()

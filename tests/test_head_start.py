@@ -198,18 +198,19 @@ def serve(
     log: list[tuple[float, str, str]] = []
     config_done: list[float] = []
     config_digest: list[str] = []
+    lock = threading.Lock()
 
     def blob_reply(req: Request, data: bytes) -> Reply:
         d = req.path.rsplit("/", 1)[1]
         rng = req.header("Range") or ""
-        log.append((time.monotonic(), d, rng))
+        with lock:  # (the server answers on several threads: the config's arrives meanwhile)
+            tail_seen = any(x == d and not r.startswith("bytes=0-") for _, x, r in log)
+            log.append((time.monotonic(), d, rng))
         if config_digest and d == config_digest[0]:
             config_done.append(time.monotonic() + STALL)
             return Reply(200, [("Content-Type", "application/json")], data, stall=STALL)
-        if toc_stall and d == sha256(blob) and not rng.startswith("bytes=0-"):
-            tail_seen = any(x == d and not r.startswith("bytes=0-") for _, x, r in log[:-1])
-            if not tail_seen:
-                return dataclasses.replace(range_reply(data, rng), stall=toc_stall)
+        if toc_stall and d == sha256(blob) and not rng.startswith("bytes=0-") and not tail_seen:
+            return dataclasses.replace(range_reply(data, rng), stall=toc_stall)
         if corrupt_head and rng.startswith("bytes=0-"):
             data = bytearray(data)
             data[1000] ^= 0xFF  # inside the first chunk's compressed bytes
@@ -342,3 +343,31 @@ def _start(rng: str) -> int:
 
 def _prefetch(layer: object) -> int:
     return int(layer.index.prefetch_landmark_offset or 0)  # type: ignore[attr-defined]
+
+
+def test_progressive_multi_range_reads_inside_the_head_come_from_it() -> None:
+    """``read_ranges_progressive`` (the fetcher's multi-range batches): ranges all inside the
+    head are reported from its buffer as it fills, each under its own offset; a set reaching
+    past the head goes to the wrapped source (which here has no progressive multi-range read:
+    its plain ``read_ranges`` answers)."""
+    inner = GatedSource(DATA)
+    budget = HeadStartBudget(1 << 20)
+    src = HeadStartSource(inner, budget.take(10_000), budget)
+    src.start()
+    for _ in range(10):
+        inner.step.release()
+    seen: list[tuple[int, bytes]] = []
+    got = src.read_ranges_progressive(
+        [(100, 50), (8000, 1500)], lambda off, buf: seen.append((off, bytes(buf)))
+    )
+    assert got == [DATA[100:150], DATA[8000:9500]]
+    assert {off for off, _ in seen} == {100, 8000}
+    assert all(b == DATA[off : off + len(b)] for off, b in seen)
+    assert inner.calls == [("progressive", 0, 10_000)]
+    seen.clear()
+    got = src.read_ranges_progressive(
+        [(100, 50), (9500, 1000)], lambda off, buf: seen.append((off, bytes(buf)))
+    )
+    assert got == [DATA[100:150], DATA[9500:10_500]]
+    assert inner.calls[1:] == [("ranges", 100, 50), ("ranges", 9500, 1000)]
+    assert seen == []

@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -618,3 +618,67 @@ def test_progressive_range_read_reports_the_body_as_it_arrives(fault: FaultServe
     assert [len(s) for s in seen] == sorted(len(s) for s in seen)
     assert seen[-1] == got
     assert src.round_trip() is not None
+
+
+def _dribbled(multi: str) -> Callable[[Request, bytes], Reply]:
+    """Range answers sent 16 KiB every millisecond (so that they arrive in pieces)."""
+
+    def reply(req: Request, data: bytes) -> Reply:
+        r = range_reply(data, req.header("Range"), multi=multi)
+        r.dribble_body = 0.001
+        r.dribble_chunk = 16 * 1024
+        return r
+
+    return reply
+
+
+@pytest.mark.parametrize("mode", ["multipart", "coalesce", "refuse"])
+def test_progressive_multi_range_read_reports_each_part_as_it_arrives(
+    fault: FaultServer, mode: str
+) -> None:
+    """``read_ranges_progressive``: every report is ``(offset, bytes so far)`` of the blob, the
+    first range's bytes are all reported before the second range's answer has all arrived
+    (its part comes first in the multipart body), and the return value is what
+    ``read_ranges`` gives. A registry that coalesces the ranges into one part is reported
+    from that part's start; one that refuses multi-range answers gets a request per range
+    (reported by the return value only, as those run in parallel)."""
+    big = random.Random(12).randbytes(1 << 20)
+    reg = FakeRegistry(fault, multi=mode, blob_reply=_dribbled(mode))
+    reg.add_image("v1", [big])
+    c = make_client(fault)
+    src = c.blob_source(c.resolve(f"{fault.netloc}/app:v1"), sha256(big), len(big))
+    ranges = [(100, 200_000), (600_000, 300_000)]
+    seen: list[tuple[int, bytes]] = []
+    got = src.read_ranges_progressive(ranges, lambda off, buf: seen.append((off, bytes(buf))))
+    assert got == [big[o : o + n] for o, n in ranges]
+    assert all(data == big[off : off + len(data)] for off, data in seen)
+    if mode == "refuse":
+        assert seen == []
+        return
+    starts = {off for off, _ in seen}
+    assert starts == ({100, 600_000} if mode == "multipart" else {100})
+    if mode == "multipart":
+        first_done = next(i for i, (off, d) in enumerate(seen) if off == 100 and len(d) == 200_000)
+        assert any(off == 600_000 and len(d) < 300_000 for off, d in seen[first_done:])
+    assert len(seen) >= 3  # (the body is read 256 KiB at a time)
+
+
+def test_progressive_multi_range_read_with_lying_part_headers_fails(fault: FaultServer) -> None:
+    """Parts whose Content-Range is one byte off: the bytes reported are what the registry
+    said they are (a reader that uses them checks them against their digests), and the read
+    fails when the answer is in, since it lacks the bytes asked for."""
+    big = random.Random(13).randbytes(300_000)
+
+    def shifted(req: Request, data: bytes) -> Reply:
+        return range_reply(data, req.header("Range"), wrong_content_range=True)
+
+    reg = FakeRegistry(fault, blob_reply=shifted)
+    reg.add_image("v1", [big])
+    c = make_client(fault)
+    src = c.blob_source(c.resolve(f"{fault.netloc}/app:v1"), sha256(big), len(big))
+    seen: list[tuple[int, bytes]] = []
+    with pytest.raises(RangeError):
+        src.read_ranges_progressive(
+            [(0, 1000), (200_000, 1000)], lambda off, buf: seen.append((off, bytes(buf)))
+        )
+    assert {off for off, _ in seen} <= {1, 200_001}

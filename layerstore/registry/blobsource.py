@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import requests
 import structlog
@@ -44,6 +44,12 @@ ROUND_TRIP_WINDOW = 16
 
 _MULTIPART_OVERHEAD_PER_PART = 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_PART_RANGE_RE = re.compile(
+    rb"^content-range:[ \t]*bytes[ \t]+(\d+)-(\d+)/(\d+|\*)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE
+)
+
+RangeProgress = Callable[[int, Union[bytearray, memoryview]], None]
+"""``progress(offset, data)``: blob bytes ``[offset, offset + len(data))`` have arrived."""
 
 
 class BlobSource:
@@ -171,26 +177,53 @@ class BlobSource:
             fetched = self._read_spans(spans)
         return [_slice(fetched, spans, off, ln) for off, ln in ranges]
 
-    def _read_spans(self, spans: list[tuple[int, int]]) -> dict[int, bytes]:
+    def read_ranges_progressive(
+        self, ranges: Sequence[tuple[int, int]], progress: RangeProgress
+    ) -> list[bytes]:
+        """:meth:`read_ranges`, calling ``progress(offset, data)`` as the answer arrives:
+        *data* holds the blob bytes ``[offset, offset + len(data))`` received so far of one
+        span (or one part of a multi-range answer), growing from call to call; it is valid
+        during the call only (copy what is kept). Calls come from this thread only; a span
+        that needs a request of its own while others run in parallel (a registry without
+        multi-range answers) is reported only by the return value. A caller that delivers
+        bytes early must still check them: the whole answer is validated when it is in."""
+        for off, ln in ranges:
+            self._check(off, ln)
+        spans = _coalesce(ranges)
+        with self._transport.budget(sum(n for _, n in spans)):
+            fetched = self._read_spans(spans, progress)
+        return [_slice(fetched, spans, off, ln) for off, ln in ranges]
+
+    def _read_spans(
+        self, spans: list[tuple[int, int]], progress: RangeProgress | None = None
+    ) -> dict[int, bytes]:
         st = self._transport.host_state(self._ep.host)
         fetched: dict[int, bytes] = {}
         limit = max(1, self._client.settings.max_ranges_per_request)
         with st.lock:
             multi = st.multirange
-        if len(spans) <= 1 or multi is False:
+        if len(spans) == 1 and progress is not None:
+            fetched[spans[0][0]] = self._read_one(spans[0], progress)
+        elif len(spans) <= 1 or multi is False:
             fetched.update(self._read_each(spans))
         else:
             for i in range(0, len(spans), limit):
                 batch = spans[i : i + limit]
                 if len(batch) == 1:
-                    fetched[batch[0][0]] = self.read_at(*batch[0])
+                    fetched[batch[0][0]] = self._read_one(batch[0], progress)
                     continue
-                got = self._read_multi(batch)
+                got = self._read_multi(batch, progress)
                 if got is None:
                     fetched.update(self._read_each(spans[i:]))
                     break
                 fetched.update(got)
         return fetched
+
+    def _read_one(self, span: tuple[int, int], progress: RangeProgress | None) -> bytes:
+        off, ln = span
+        if progress is None:
+            return self.read_at(off, ln)
+        return self.read_at_progressive(off, ln, lambda buf: progress(off, buf))
 
     def _read_each(self, spans: list[tuple[int, int]]) -> dict[int, bytes]:
         """Each span in a request of its own (the registry answers no multi-range request):
@@ -211,8 +244,11 @@ class BlobSource:
         with ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-span") as pool:
             return dict(pool.map(one, spans))
 
-    def _read_multi(self, spans: list[tuple[int, int]]) -> dict[int, bytes] | None:
-        """One multi-range request; None when the registry refused or ignored it."""
+    def _read_multi(
+        self, spans: list[tuple[int, int]], progress: RangeProgress | None = None
+    ) -> dict[int, bytes] | None:
+        """One multi-range request; None when the registry refused or ignored it. *progress*:
+        as for :meth:`read_ranges_progressive`."""
         st = self._transport.host_state(self._ep.host)
         header = "bytes=" + ",".join(f"{o}-{o + n - 1}" for o, n in spans)
         resp = self._open({"Range": header})
@@ -240,10 +276,12 @@ class BlobSource:
                 msg["Content-Type"] = ctype
                 boundary = msg.get_param("boundary")
                 cap = wanted + _MULTIPART_OVERHEAD_PER_PART * len(spans) + 4096
-                body = read_upto(resp, cap, self._ep, self.digest)
-                parts = parse_byteranges(
-                    body, boundary if isinstance(boundary, str) else "", self._size
+                bound = boundary if isinstance(boundary, str) else ""
+                follow = None if progress is None else PartProgress(bound, self._size, progress)
+                body = read_upto(
+                    resp, cap, self._ep, self.digest, None if follow is None else follow.feed
                 )
+                parts = parse_byteranges(body, bound, self._size)
             else:
                 start, last, total = parse_content_range(resp.headers.get("Content-Range"))
                 if total is not None and total != self._size:
@@ -251,7 +289,8 @@ class BlobSource:
                         f"blob {self.digest} on {self._ep.host}: Content-Range total {total}, "
                         f"blob size {self._size}"
                     )
-                parts = [(start, read_exact(resp, last - start + 1, self._ep, self.digest))]
+                whole = None if progress is None else (lambda buf: progress(start, buf))
+                parts = [(start, read_exact(resp, last - start + 1, self._ep, self.digest, whole))]
         finally:
             resp.close()
         with st.lock:
@@ -321,6 +360,73 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
     if end < start or (total is not None and end >= total):
         raise RangeError(f"inconsistent Content-Range {value!r}")
     return start, end, total
+
+
+class PartProgress:
+    """Follows a ``multipart/byteranges`` body while it arrives (:meth:`feed`, with the whole
+    body so far) and reports each part's data received so far: ``progress(start, view)``,
+    *view* a memoryview of the body released after the call. Lenient: anything it does not
+    expect stops the reports (the complete body is parsed strictly by
+    :func:`parse_byteranges` all the same). Parts are reported only when their Content-Range
+    lies inside the blob."""
+
+    _HEADERS_MAX = 8192
+
+    def __init__(self, boundary: str, blob_size: int, progress: RangeProgress) -> None:
+        self._delim = b"--" + boundary.encode("latin-1")
+        self._size = blob_size
+        self._progress = progress
+        self._pos = 0  # where the next part's delimiter is looked for
+        self._part: tuple[int, int, int] | None = None  # blob start, data start, data end
+        self._seen = 0  # body bytes of the current part reported
+        self._stopped = not boundary
+
+    def feed(self, body: bytearray) -> None:
+        while not self._stopped:
+            if self._part is None and not self._next_part(body):
+                return
+            assert self._part is not None
+            start, lo, hi = self._part
+            have = min(len(body), hi)
+            if have > self._seen:
+                self._seen = have
+                view = memoryview(body)[lo:have]
+                try:
+                    self._progress(start, view)
+                finally:
+                    view.release()
+            if have < hi:
+                return
+            self._pos = hi
+            self._part = None
+
+    def _next_part(self, body: bytearray) -> bool:
+        at = body.find(self._delim, self._pos)
+        if at < 0:
+            return False
+        head = at + len(self._delim)
+        if len(body) < head + 2:
+            return False
+        if body[head : head + 2] == b"--":  # the closing delimiter
+            self._stopped = True
+            return False
+        end = body.find(b"\r\n\r\n", head)
+        if end < 0:
+            self._stopped = len(body) - head > self._HEADERS_MAX
+            return False
+        m = _PART_RANGE_RE.search(bytes(body[head:end]))
+        if m is None:
+            self._stopped = True
+            return False
+        start, last = int(m.group(1)), int(m.group(2))
+        total = None if m.group(3) == b"*" else int(m.group(3))
+        if last < start or last >= self._size or total not in (None, self._size):
+            self._stopped = True
+            return False
+        lo = end + 4
+        self._part = (start, lo, lo + last - start + 1)
+        self._seen = lo
+        return True
 
 
 def parse_byteranges(body: bytes, boundary: str, blob_size: int) -> list[tuple[int, bytes]]:
@@ -394,4 +500,12 @@ def _slice(
     raise AssertionError("range not covered by its spans")  # pragma: no cover
 
 
-__all__ = ["BlobSource", "parse_byteranges", "parse_content_range", "read_exact", "read_upto"]
+__all__ = [
+    "BlobSource",
+    "PartProgress",
+    "RangeProgress",
+    "parse_byteranges",
+    "parse_content_range",
+    "read_exact",
+    "read_upto",
+]

@@ -1059,42 +1059,64 @@ class ChunkFetcher:
         delivered: set[str],
     ) -> Callable[[list[tuple[int, int]]], list[bytes]]:
         """``read_ranges`` for *plan*, delivering chunks (the *urgent* ones, or all) as their
-        bytes arrive when the plan is one range of several chunks and the source reads
-        progressively; their keys go into *delivered*."""
-        progressive = getattr(self._source, "read_at_progressive", None)
-        if progressive is None or len(plan) != 1 or len(plan[0][2]) < 2:
+        bytes arrive when the plan holds several chunks and the source reads progressively
+        (one range: ``read_at_progressive``; several: ``read_ranges_progressive``, where a
+        multi-range answer's parts are followed as they arrive); their keys go into
+        *delivered*. Each chunk is verified by :meth:`_deliver` as always."""
+        members = [c for _, _, cs in plan for c in cs]
+        if len(members) < 2:
             return self._source.read_ranges
-        start, end, members = plan[0]
+        if len(plan) == 1:
+            progressive = getattr(self._source, "read_at_progressive", None)
+            if progressive is None:
+                return self._source.read_ranges
+        elif getattr(self._source, "read_ranges_progressive", None) is None:
+            return self._source.read_ranges
         todo = sorted(
             (c for c in members if urgent is None or chunk_key(c) in urgent),
-            key=lambda c: c.compressed_end,
+            key=lambda c: (c.compressed_end, c.offset),
         )
-        if not todo or todo[0].compressed_end >= end:
+        if not todo or (len(plan) == 1 and todo[0].compressed_end >= plan[0][1]):
             return self._source.read_ranges
-        pos = [0]
+        ends = [c.compressed_end for c in todo]
+        cursor: dict[int, int] = {}  # part start -> first chunk of it not delivered yet
 
-        def progress(buf: bytearray) -> None:
-            have = start + len(buf)
-            i = pos[0]
-            while i < len(todo) and todo[i].compressed_end <= have:
+        def progress(lo: int, buf: bytearray | memoryview) -> None:
+            hi = lo + len(buf)
+            i = cursor.get(lo)
+            if i is None:
+                i = bisect.bisect_right(ends, lo)
+            while i < len(todo) and todo[i].compressed_end <= hi:
                 c = todo[i]
                 i += 1
+                if c.offset < lo:
+                    continue
                 k = chunk_key(c)
                 if k in delivered:
                     continue
                 delivered.add(k)
                 self._deliver(
-                    c,
-                    bytes(buf[c.offset - start : c.compressed_end - start]),
-                    background=not foreground,
+                    c, bytes(buf[c.offset - lo : c.compressed_end - lo]), background=not foreground
                 )
-            pos[0] = i
+            cursor[lo] = i
 
-        def read(ranges: list[tuple[int, int]]) -> list[bytes]:
-            # (a retried request starts a new buffer: the chunks delivered are skipped)
-            return [progressive(start, end - start, progress)]
+        if len(plan) == 1:
+            start, end, _ = plan[0]
 
-        return read
+            def read_one(ranges: list[tuple[int, int]]) -> list[bytes]:
+                # (a retried request starts a new buffer: the chunks delivered are skipped)
+                return [
+                    self._source.read_at_progressive(  # type: ignore[attr-defined]
+                        start, end - start, lambda buf: progress(start, buf)
+                    )
+                ]
+
+            return read_one
+
+        def read_many(ranges: list[tuple[int, int]]) -> list[bytes]:
+            return self._source.read_ranges_progressive(ranges, progress)  # type: ignore[attr-defined,no-any-return]
+
+        return read_many
 
     def _deliver(self, c: ChunkLike, compressed: bytes, *, background: bool) -> None:
         data: bytes | None = None

@@ -254,6 +254,27 @@ class HeadStartSource:
                 return [b for b in out if b is not None]
         return self._inner.read_ranges(ranges)
 
+    def read_ranges_progressive(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        progress: Callable[[int, bytearray | memoryview], None],
+    ) -> list[bytes]:
+        """Like the wrapped source's: ``progress(offset, data)`` sees each range's bytes
+        received so far."""
+        if ranges and all(self._inside(o, n) for o, n in ranges):
+            out: list[bytes] = []
+            for o, n in ranges:
+                got = self._from_head(o, n, lambda acc, o=o: progress(o, acc))  # type: ignore[misc]
+                if got is None:
+                    break
+                out.append(got)
+            else:
+                return out
+        inner = getattr(self._inner, "read_ranges_progressive", None)
+        if inner is None:
+            return self._inner.read_ranges(ranges)
+        return inner(ranges, progress)  # type: ignore[no-any-return]
+
     def read_at_progressive(
         self, offset: int, length: int, progress: Callable[[bytearray], None]
     ) -> bytes:
