@@ -473,3 +473,69 @@ def test_the_image_command_says_what_python_will_import(cache: ChunkCache, cmd: 
     assert cached(cache, [layer], "app/run.py") == cmd[-1].endswith(".py")
     assert not cached(cache, [layer], f"{site}/pkg/other.py")
     mgr.close()
+
+
+def _judged(**kw: float) -> ManagerSettings:
+    s = settings()
+    return replace(
+        s,
+        dependency_fetch=DependencyFetchSettings(
+            judge_reads=8,
+            min_hit_rate=0.5,
+            pause_seconds=60.0,
+            **kw,  # type: ignore[arg-type]
+        ),
+    )
+
+
+def test_a_reader_that_never_reads_what_was_fetched_pauses_the_fetch(cache: ChunkCache) -> None:
+    """A reader picking modules that do not import each other (a crawler): each one's imports
+    are fetched until its first 8 judged reads show none of them read; then the fetch pauses
+    for the layer: the next module's imports are not fetched."""
+    client = FakeClient({})
+    files: dict[str, Entry] = {}
+    for i in range(12):
+        files[f"{STD}/m{i}.py"] = f"import x{i}\n".encode() + PAD
+        files[f"{STD}/x{i}.py"] = f"X = {i}\n".encode() + PAD
+    (blob,) = image(client, "reg.example/crawl:1", [files])
+    mgr = LayerManager(client, cache, _judged())
+    layer = mgr.get("reg.example/crawl:1", blob.digest)
+    mgr.use("reg.example/crawl:1", blob.digest)
+    stats = mgr._depfetch.stats
+    for i in range(7):
+        read_all(*find([layer], f"{STD}/m{i}.py"))
+        settle(mgr, quiet_for=0.1)
+    assert all(cached(cache, [layer], f"{STD}/x{i}.py") for i in range(7))
+    assert stats["pauses"] == 0
+    read_all(*find([layer], f"{STD}/m7.py"))  # the 8th miss in a row: paused
+    read_all(*find([layer], f"{STD}/m8.py"))
+    settle(mgr, quiet_for=0.2)
+    assert stats["pauses"] == 1 and stats["hits"] == 0
+    assert not cached(cache, [layer], f"{STD}/x7.py")
+    assert not cached(cache, [layer], f"{STD}/x8.py")
+    mgr.close()
+
+
+def test_a_reader_that_reads_what_was_fetched_keeps_the_fetch(cache: ChunkCache) -> None:
+    """A container importing its modules reads the files the fetch queued: every judged read
+    after the first is a hit, and the fetch never pauses."""
+    client = FakeClient({})
+    files: dict[str, Entry] = {
+        "app/main.py": b"".join(f"import m{i}\n".encode() for i in range(12)) + PAD
+    }
+    for i in range(12):
+        files[f"{STD}/m{i}.py"] = f"import n{i}\n".encode() + PAD
+        files[f"{STD}/n{i}.py"] = f"N = {i}\n".encode() + PAD
+    (blob,) = image(client, "reg.example/app:1", [files])
+    mgr = LayerManager(client, cache, _judged())
+    layer = mgr.get("reg.example/app:1", blob.digest)
+    mgr.use("reg.example/app:1", blob.digest)
+    read_all(*find([layer], "app/main.py"))
+    settle(mgr)
+    for i in range(12):
+        read_all(*find([layer], f"{STD}/m{i}.py"))
+        read_all(*find([layer], f"{STD}/n{i}.py"))
+    stats = mgr._depfetch.stats
+    assert stats["judged_reads"] == 25
+    assert stats["hits"] == 24 and stats["pauses"] == 0
+    mgr.close()

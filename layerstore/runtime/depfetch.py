@@ -40,6 +40,7 @@ import re
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,6 +119,17 @@ class DependencyFetchSettings:
     concurrency: int = 4
     """Requests (and scans) in flight at once; the fetcher's foreground limit is shared with
     readers, so this stays below it."""
+    judge_reads: int = 64
+    """The fetch's guesses are judged per layer over the last this many first reads of files
+    it could have fetched (Python modules, shared objects, programs): a read of a file it
+    queued is a hit. A container importing its modules reads mostly files the fetch queued;
+    a reader picking files at random (a crawler, a backup, ``find -exec``) reads almost
+    none of them, and the fetch's requests only compete with its misses for the link."""
+    min_hit_rate: float = 0.2
+    """Below this share of hits over ``judge_reads`` reads, the fetch pauses for the layer:
+    its reads trigger nothing and no file of it is fetched."""
+    pause_seconds: float = 30.0
+    """How long a pause lasts; the hit rate is then judged afresh."""
 
 
 class Stacks(Protocol):
@@ -300,6 +312,17 @@ class _Image:
             return self._roots + [r for r in self.learned if r not in self._roots]
 
 
+class _HitRate:
+    """The last first reads of one layer's files the dependency fetch could have fetched:
+    whether each was one it queued (under the fetcher's lock)."""
+
+    __slots__ = ("paused_until", "window")
+
+    def __init__(self, size: int) -> None:
+        self.window: deque[bool] = deque(maxlen=max(1, size))
+        self.paused_until = 0.0
+
+
 class DependencyFetcher:
     """Thread-safe. One per :class:`~layerstore.runtime.manager.LayerManager`."""
 
@@ -307,31 +330,88 @@ class DependencyFetcher:
         self._stacks = stacks
         self.settings = settings or DependencyFetchSettings()
         self._lock = threading.Lock()  # guards the fields below; a leaf
-        self._triggered: set[tuple[str, int]] = set()
+        self._triggered: set[tuple[str, int]] = set()  # files read (from offset 0) once
+        self._queued: set[tuple[str, int]] = set()  # files queued for fetching, not read yet
+        self._rates: dict[str, _HitRate] = {}  # layer identity -> its reads' hits
         self._images: dict[tuple[str, ...], _Image] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pending = 0  # tasks submitted and not finished
         self._closed = False
-        self.stats = {"triggers": 0, "scanned": 0, "files": 0, "bytes": 0, "requests": 0}
+        self.stats = {
+            "triggers": 0,
+            "scanned": 0,
+            "files": 0,
+            "bytes": 0,
+            "requests": 0,
+            "judged_reads": 0,
+            "hits": 0,
+            "pauses": 0,
+        }
 
     # --- entry points -----------------------------------------------------------------------
-    def file_read(self, layer: Layer, ino: int) -> None:
-        """A reader read file *ino* of *layer* from its start. Never blocks: the work is queued
-        for the prefetch threads (once per file)."""
+    def file_read(self, layer: Layer, ino: int, waited: bool = True) -> None:
+        """A reader read file *ino* of *layer* from its start (*waited*: for chunks not in
+        the cache). The first such read of a file is counted for the layer's hit rate; when
+        it waited, the file's names are followed (unless the fetch is paused for the layer).
+        Never blocks: the work is queued for the prefetch threads."""
         if not self.settings.enabled or layer.planned:
             return
         key = (layer.identity, ino)
         with self._lock:
-            if key in self._triggered or self._closed or self._pending > MAX_PENDING:
+            if key in self._triggered or self._closed:
                 return
             if len(self._triggered) > 1_000_000:
                 self._triggered.clear()
             self._triggered.add(key)
+            hit = key in self._queued
+            if hit:
+                self._queued.discard(key)
+            busy = self._pending > MAX_PENDING
         if not _may_name_others(layer, ino):
+            return
+        if self._judge(layer, hit) or not waited or busy:
             return
         with self._lock:
             self.stats["triggers"] += 1
         self._submit(self._on_read, layer, ino)
+
+    def _judge(self, layer: Layer, hit: bool) -> bool:
+        """Count a first read of *layer* (*hit*: of a file the fetch queued); True when the
+        fetch is paused for the layer (now, or from now on: its guesses are not being read)."""
+        st = self.settings
+        now = time.monotonic()
+        with self._lock:
+            rate = self._rates.get(layer.identity)
+            if rate is None:
+                if len(self._rates) > 65_536:
+                    self._rates.clear()
+                rate = self._rates[layer.identity] = _HitRate(st.judge_reads)
+            if rate.paused_until > now:
+                return True
+            rate.window.append(hit)
+            self.stats["judged_reads"] += 1
+            self.stats["hits"] += hit
+            if len(rate.window) < st.judge_reads:
+                return False
+            hits = sum(rate.window)
+            if hits >= st.min_hit_rate * len(rate.window):
+                return False
+            rate.window.clear()
+            rate.paused_until = now + st.pause_seconds
+            self.stats["pauses"] += 1
+        log.info(
+            "dependency_fetch_paused",
+            digest=layer.compressed_digest,
+            hits=hits,
+            reads=st.judge_reads,
+            seconds=st.pause_seconds,
+        )
+        return True
+
+    def _paused(self, identity: str) -> bool:
+        with self._lock:
+            rate = self._rates.get(identity)
+            return rate is not None and rate.paused_until > time.monotonic()
 
     def expect(self, layer: Layer, ino: int, args: Sequence[str] = (), workdir: str = "/") -> None:
         """File *ino* of *layer* is about to be run with arguments *args* in *workdir* (the
@@ -407,14 +487,19 @@ class DependencyFetcher:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
+            stats = dict(self.stats)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        if stats["judged_reads"]:
+            log.info("dependency_fetch_totals", **stats)
 
     def forget(self, identity: str) -> None:
         """Drop the state of the images that contain the layer *identity* (it was dropped)."""
         with self._lock:
             self._images = {k: v for k, v in self._images.items() if identity not in k}
             self._triggered = {k for k in self._triggered if k[0] != identity}
+            self._queued = {k for k in self._queued if k[0] != identity}
+            self._rates.pop(identity, None)
 
     # --- plumbing ---------------------------------------------------------------------------
     def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
@@ -814,10 +899,11 @@ class DependencyFetcher:
         """Queue the fetch of the targets not seen yet, in groups, within the image's budget."""
         st = self.settings
         fresh: list[_Target] = []
+        paused = {i for i in {t.found.layer.identity for t in targets} if self._paused(i)}
         with img.lock:
             for t in targets:
                 key = (t.found.layer.identity, t.found.ino)
-                if key in img.seen or _layer(t.found).planned:
+                if key in img.seen or _layer(t.found).planned or key[0] in paused:
                     continue
                 n = _size(t.chunks)
                 if img.files >= st.max_files or img.bytes + n > st.max_bytes:
@@ -828,6 +914,10 @@ class DependencyFetcher:
                 fresh.append(t)
         if not fresh:
             return
+        with self._lock:
+            if len(self._queued) > 1_000_000:
+                self._queued.clear()
+            self._queued.update((t.found.layer.identity, t.found.ino) for t in fresh)
         for t in fresh:
             log.debug("dependency_queued", path=t.found.path, trigger=trigger)
         # per layer, in blob order, cut into groups of about group_bytes

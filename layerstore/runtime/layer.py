@@ -203,7 +203,7 @@ class Layer:
         self.observer: ReadObserver | None = None
         """Set by the manager while recording is on; None costs the read path one test."""
         self._log = log.bind(digest=compressed_digest, toc_digest=toc_digest)
-        self.on_read: Callable[[Layer, int], None] | None = None
+        self.on_read: Callable[[Layer, int, bool], None] | None = None
         """Called (must not block) after a read from offset 0 of a file that waited for the
         network: the manager hands it to the dependency fetch
         (:mod:`layerstore.runtime.depfetch`)."""
@@ -519,11 +519,13 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
-        if offset == 0 and misses and self.on_read is not None:
-            # Only a read that waited: what the cache already held was fetched by a mechanism
-            # that knew what comes next (a prefetch, or the dependency fetch itself), and
-            # scanning it again costs the reader CPU on a start-up that is CPU-bound.
-            self.on_read(self, ino)
+        if offset == 0 and self.on_read is not None:
+            # Told whether the read waited: only one that did is scanned for what it names
+            # (what the cache already held was fetched by a mechanism that knew what comes
+            # next, a prefetch or the dependency fetch itself, and scanning it again costs
+            # the reader CPU on a start-up that is CPU-bound); every first read counts for
+            # the dependency fetch's hit rate.
+            self.on_read(self, ino, bool(misses))
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             self._advise(chunks, i, ahead)
