@@ -119,13 +119,17 @@ class DependencyFetchSettings:
     concurrency: int = 4
     """Requests (and scans) in flight at once; the fetcher's foreground limit is shared with
     readers, so this stays below it."""
-    judge_reads: int = 64
+    judge_reads: int = 16
     """The fetch's guesses are judged per layer over the last this many first reads of files
-    it could have fetched (Python modules, shared objects, programs): a read of a file it
-    queued is a hit. A container importing its modules reads mostly files the fetch queued;
-    a reader picking files at random (a crawler, a backup, ``find -exec``) reads almost
-    none of them, and the fetch's requests only compete with its misses for the link."""
-    min_hit_rate: float = 0.2
+    it could have fetched (Python modules, shared objects, programs): a hit is a read of a
+    file it queued, or of one that was in the cache before (another prefetch fetched it). A
+    container importing its modules reads mostly such files (plain numpy/scipy and pandas
+    starts: 50-70% of them, counting only the files this fetch queued); a reader picking
+    files at random (a crawler, a backup, ``find -exec``) reads almost none of them (the
+    filesystem benchmark's random reads: 3 of 64), and each of its reads of a module brings
+    that module's imports, dozens of files the reader never asks for, whose requests compete
+    with its own misses for the link."""
+    min_hit_rate: float = 0.25
     """Below this share of hits over ``judge_reads`` reads, the fetch pauses for the layer:
     its reads trigger nothing and no file of it is fetched."""
     pause_seconds: float = 30.0
@@ -366,6 +370,7 @@ class DependencyFetcher:
             hit = key in self._queued
             if hit:
                 self._queued.discard(key)
+            hit = hit or not waited
             busy = self._pending > MAX_PENDING
         if not _may_name_others(layer, ino):
             return
@@ -376,7 +381,7 @@ class DependencyFetcher:
         self._submit(self._on_read, layer, ino)
 
     def _judge(self, layer: Layer, hit: bool) -> bool:
-        """Count a first read of *layer* (*hit*: of a file the fetch queued); True when the
+        """Count a first read of *layer* (*hit*: of a file a prefetch got first); True when the
         fetch is paused for the layer (now, or from now on: its guesses are not being read)."""
         st = self.settings
         now = time.monotonic()

@@ -610,6 +610,8 @@ class Layer:
         observer = self.observer
         if observer is not None:
             observer.note(self, ino, offset, len(out))
+        if offset == 0 and self.on_read is not None:
+            self.on_read(self, ino, False)  # (a first read counts for the hit rate)
         ahead = self.settings.sequential_readahead_chunks
         if ahead > 0 and i < len(chunks):
             # A sequential reader served here never takes the thread path that advises.
