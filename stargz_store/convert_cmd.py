@@ -496,15 +496,17 @@ class Progress:
         self._total = size
         self._t0 = self._last = time.monotonic()
         self._done = 0
-        # Said on the first progress (log lines): a layer kept as is is never "converting".
+        # Said on the first progress (log lines): a layer kept as is is "copying", never
+        # "converting".
         self._announced = False
 
-    def layer_progress(self, done: int) -> None:
+    def layer_progress(self, done: int, copying: bool = False) -> None:
         self._done = done
         now = time.monotonic()
         if not self.tty and not self._announced:
             self._announced = True
-            print(f"{self._label}: converting {_mb(self._total)}", file=self.out, flush=True)
+            what = "copying" if copying else "converting"
+            print(f"{self._label}: {what} {_mb(self._total)}", file=self.out, flush=True)
         if self.tty:
             if now - self._last >= 0.2:
                 self._last = now

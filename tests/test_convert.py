@@ -222,6 +222,8 @@ def test_already_estargz_layers_are_kept_and_reconvert_is_idempotent(
     rc, err = run(f"oci:{tmp_path / 'a'}:t", f"oci:{tmp_path / 'b'}:t", capsys=capsys)
     assert rc == 0, err
     assert "kept as is" in err and "0 of 2 layers converted" in err
+    # copied into the new layout as they are: never said to be converting
+    assert ": copying " in err and "converting" not in err
     rc, err = run(
         "--reconvert", f"oci:{tmp_path / 'a'}:t", f"oci:{tmp_path / 'c'}:t", capsys=capsys
     )
@@ -523,6 +525,15 @@ def test_progress_display_tty_and_log() -> None:
     p.layer_start("", 0, 1, rep.source_digest, 10_000_000)
     p.layer_done(dataclasses.replace(rep, action="kept"))
     assert out.getvalue() == "layer 1/1 aaaaaaaaaaaa: kept as is (already eStargz)\n"
+    out = io.StringIO()
+    p = Progress(out, tty=False, log_interval=60.0)
+    p.layer_start("", 0, 1, rep.source_digest, 10_000_000)
+    p.layer_progress(4_000_000, copying=True)
+    p.layer_done(dataclasses.replace(rep, action="kept"))
+    assert out.getvalue() == (
+        "layer 1/1 aaaaaaaaaaaa: copying 10.0 MB\n"
+        "layer 1/1 aaaaaaaaaaaa: kept as is (already eStargz)\n"
+    )
 
 
 def test_registry_docker_index_to_registry(

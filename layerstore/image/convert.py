@@ -354,7 +354,9 @@ class ProgressListener(Protocol):
         self, platform: str, index: int, count: int, digest: str, size: int
     ) -> None: ...
 
-    def layer_progress(self, done: int) -> None: ...
+    def layer_progress(self, done: int, copying: bool = False) -> None:
+        """*done* bytes of the layer read; *copying*: it is copied as is, not converted."""
+        ...
 
     def layer_done(self, report: LayerReport) -> None: ...
 
@@ -363,7 +365,7 @@ class _NoProgress:
     def layer_start(self, platform: str, index: int, count: int, digest: str, size: int) -> None:
         pass
 
-    def layer_progress(self, done: int) -> None:
+    def layer_progress(self, done: int, copying: bool = False) -> None:
         pass
 
     def layer_done(self, report: LayerReport) -> None:
@@ -693,7 +695,7 @@ class _Converter:
                     if not piece:
                         break
                     f.write(piece)
-                    self.progress.layer_progress(r._n)
+                    self.progress.layer_progress(r._n, copying=True)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
