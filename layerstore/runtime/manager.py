@@ -319,6 +319,12 @@ class ManagerSettings:
     number of files, and so, roughly, does the blob (a 56 MB, 6,000-file layer has a 380 KB
     TOC). A second round trip for the rest costs more than the extra bytes."""
     tail_guess_max_bytes: int = 1024 * 1024
+    footer_first_min_bytes: int = 32 * 1024 * 1024
+    """Blobs at least this large also get their footer asked for on its own, alongside the
+    tail guess: when the TOC begins before the tail, the request for the TOC's head leaves
+    as soon as the footer is in, while the tail's bytes still arrive, instead of after them
+    (pandas layer, 1.39 GB, 18,655 entries: a 1,058,774-byte TOC behind a 1 MiB guess, one
+    round trip saved). One small request more per large layer; 0 disables."""
     max_toc_bytes: int = MAX_TOC_BYTES
     """Cap on the TOC JSON (containers/storage: 150 MiB); the compressed region is checked too."""
     idle_drop_seconds: float = 600.0
@@ -925,6 +931,18 @@ class LayerManager:
         )
         tail_len = min(blob_size, max(ESTARGZ_FOOTER_SIZE, guess))
         tail_start = blob_size - tail_len
+        early: Future[tuple[int, bytes] | None] | None = None
+        if 0 < st.footer_first_min_bytes <= blob_size and tail_start > 0:
+            early = Future()
+            try:
+                threading.Thread(
+                    target=self._toc_head_early,
+                    args=(source, blob_size, tail_start, early),
+                    name="stargz-toc-head",
+                    daemon=True,
+                ).start()
+            except RuntimeError:  # no thread to be had: the tail alone will do
+                early = None
         tail = self._read(source, [(tail_start, tail_len)])[0]
         toc_offset, footer_size = parse_footer(tail)
         # Offset inside the blob, compressed TOC region within the cap (else FormatError /
@@ -932,8 +950,39 @@ class LayerManager:
         toc_region(blob_size, toc_offset, footer_size, self.settings.max_toc_bytes)
         if toc_offset >= tail_start:
             return tail[toc_offset - tail_start : tail_len - footer_size], toc_offset, footer_size
-        head = self._read(source, [(toc_offset, tail_start - toc_offset)])[0]
+        head: bytes | None = None
+        if early is not None:
+            got = early.result()
+            # (the footer it read is the tail's own bytes: the same offset, else not used)
+            if got is not None and got[0] == toc_offset:
+                head = got[1]
+        if head is None:
+            head = self._read(source, [(toc_offset, tail_start - toc_offset)])[0]
         return head + tail[: tail_len - footer_size], toc_offset, footer_size
+
+    def _toc_head_early(
+        self,
+        source: RangeSource,
+        blob_size: int,
+        tail_start: int,
+        out: Future[tuple[int, bytes] | None],
+    ) -> None:
+        """The footer on its own, then, when the TOC begins before *tail_start*, the TOC's
+        head ``(toc_offset, bytes [toc_offset, tail_start))``; None when there is nothing
+        to add or anything went wrong (the caller then asks for it itself). Checked like the
+        tail's: the region is bounded before it is asked for."""
+        got: tuple[int, bytes] | None = None
+        try:
+            n = min(blob_size, ESTARGZ_FOOTER_SIZE)
+            footer = self._read(source, [(blob_size - n, n)])[0]
+            toc_offset, footer_size = parse_footer(footer)
+            toc_region(blob_size, toc_offset, footer_size, self.settings.max_toc_bytes)
+            if toc_offset < tail_start:
+                got = (toc_offset, self._read(source, [(toc_offset, tail_start - toc_offset)])[0])
+        except Exception as e:  # the caller's own requests decide
+            log.debug("toc_head_early_failed", error=describe_error(e))
+        finally:
+            out.set_result(got)
 
     def _read(self, source: RangeSource, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         with self._lock:
