@@ -16,7 +16,9 @@ Resolving a layer:
    back to an ordinary pull;
 3. the TOC comes from the TOC cache, or from the blob's tail: ONE range request for the last
    ``tail_guess_bytes`` (or 1% of the blob, up to 1 MiB) bytes, and only when the TOC starts
-   before that, one more for the rest. With ``early_toc`` this starts as soon as the manifest
+   before that, one more for the rest (for a blob of ``footer_first_min_bytes`` or more, the
+   footer is also asked for alone, so that this one leaves as soon as the footer is in, while
+   the tail still arrives). With ``early_toc`` this starts as soon as the manifest
    has arrived, while the registry client fetches the config (one round trip saved on every
    pull; the result is only taken by a build from a manifest making the same claims);
 4. the TOC digest is checked against the annotation (which for TOC keys is the key) inside the
