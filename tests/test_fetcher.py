@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -385,6 +386,33 @@ def test_landmark_prefetch_in_parallel_ranges(cache: ChunkCache) -> None:
     assert src.max_active == 3
     assert all(c.digest in cache for c in chunks[:30])
     assert all(c.digest not in cache for c in chunks[30:])
+
+
+def test_landmark_prefetch_does_not_hold_the_region_in_memory(tmp_path: Path) -> None:
+    """A prioritized region larger than what a fetch may hold goes through memory a few ranges
+    at a time: its decoded chunks are let go once they are in the cache's write queue, not
+    kept until the whole region is in (which held the benchmark's whole pandas region, ~150
+    MB). 48 chunks of 1 MiB; the cache's queue and packs are 2 MiB."""
+    payloads = [bytes([i]) * (1 << 20) for i in range(48)]
+    blob, chunks = build_blob(payloads)
+    cache = ChunkCache(
+        tmp_path / "cache", 1 << 30, max_pending_bytes=2 << 20, max_pack_bytes=2 << 20
+    )
+    settings = small_settings(
+        landmark_range_bytes=4 * (chunks[0].compressed_end), landmark_parallel=2
+    )
+    f = ChunkFetcher(BytesSource(blob), cache, chunks, fake_decode, settings)
+    del payloads
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert f.landmark_prefetch(chunks[-1].compressed_end) == 48
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.flush(30)
+    assert all(c.digest in cache for c in chunks)
+    assert peak < 24 << 20, f"{peak / (1 << 20):.1f} MiB held at once for a 48 MiB region"
 
 
 def test_background_fill_fetches_everything_in_large_ranges(cache: ChunkCache) -> None:
