@@ -370,7 +370,9 @@ class StoreDaemon:
 
     def _profile(self, log_path: Path) -> None:
         """With ``BENCH_STORE_PY_SPY=DIR``, py-spy samples the daemon (all threads, idle ones
-        too, 100 Hz) until it exits, as collapsed stacks next to its log name in DIR."""
+        too, 100 Hz) until it exits, as collapsed stacks next to its log name in DIR.
+        ``BENCH_STORE_PY_SPY_FLAGS`` replaces ``--idle`` (e.g. ``--gil``: only the thread
+        holding the GIL, i.e. where the interpreter's time goes)."""
         out_dir = os.environ.get("BENCH_STORE_PY_SPY")
         if not out_dir or self.proc is None:
             return
@@ -378,7 +380,8 @@ class StoreDaemon:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         out = Path(out_dir) / f"{log_path.stem}.collapsed"
         subprocess.Popen(
-            [str(spy), "record", "--pid", str(self.proc.pid), "--rate", "100", "--idle",
+            [str(spy), "record", "--pid", str(self.proc.pid), "--rate", "100",
+             *os.environ.get("BENCH_STORE_PY_SPY_FLAGS", "--idle").split(),
              "--threads", "--format", "raw", "--output", str(out), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
