@@ -378,7 +378,7 @@ class StoreDaemon:
             return
         spy = Path(sys.executable).parent / "py-spy"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        out = Path(out_dir) / f"{log_path.stem}.collapsed"
+        out = Path(out_dir) / f"{log_path.stem}-{self.proc.pid}.collapsed"
         subprocess.Popen(
             [str(spy), "record", "--pid", str(self.proc.pid), "--rate", "100",
              *os.environ.get("BENCH_STORE_PY_SPY_FLAGS", "--idle").split(),
