@@ -24,6 +24,9 @@ from benchmarks.env import (
 )
 
 _READ = 1 << 20
+IDLE_RSS_WAIT = 12.0
+"""Seconds the filesystem figures wait after the last read before the idle RSS is read (our
+daemon's idle trim looks every 5 s)."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,10 @@ def fs_figures(
             res["hot_s"] = secs3
             res["hot_MBps"] = nbytes3 / 1e6 / secs3 if secs3 > 0 else None
             res["daemon_peak_rss_bytes"] = max(rss, daemon.peak_rss_bytes())
+            # What the daemon keeps once nothing happens (ours trims its heap when fetching
+            # stops; the Go runtime returns memory on its own schedule).
+            time.sleep(IDLE_RSS_WAIT)
+            res["daemon_idle_rss_bytes"] = daemon.rss_bytes()
         except (EnvError, OSError) as exc:
             res["error"] = str(exc)[-1500:]
             log(f"  fs ({store}): ERROR {res['error']}")

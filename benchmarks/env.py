@@ -393,14 +393,11 @@ class StoreDaemon:
 
     def peak_rss_bytes(self) -> int:
         """VmHWM of the daemon (0 when it is gone)."""
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return proc_status_bytes(self.pid, "VmHWM")
+
+    def rss_bytes(self) -> int:
+        """VmRSS of the daemon now (0 when it is gone)."""
+        return proc_status_bytes(self.pid, "VmRSS")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -477,12 +474,30 @@ class GoStore:
     def peak_rss_bytes(self) -> int:
         return self.daemon.peak_rss_bytes() if self.daemon is not None else 0
 
+    def rss_bytes(self) -> int:
+        return proc_status_bytes(self.pid, "VmRSS")
+
     def stop(self) -> None:
         if self.daemon is not None:
             self.daemon.stop()
         self.daemon = None
         if os.path.ismount(self.mount):
             unmount_all(self.mount)
+
+
+def proc_status_bytes(pid: int, key: str) -> int:
+    """A ``kB`` field (``VmRSS``, ``VmHWM``) of /proc/PID/status in bytes; 0 when the process
+    is gone."""
+    if pid <= 0:
+        return 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def make_store(

@@ -57,6 +57,7 @@ _FS_RATIO_KEYS = {
     "cached_MBps": "cached MB/s",
     "hot_MBps": "hot MB/s",
     "daemon_peak_rss_bytes": "peak RSS",
+    "daemon_idle_rss_bytes": "idle RSS",
     "bytes_fetched": "fetched",
 }
 
@@ -351,7 +352,8 @@ def summary_text(results: dict[str, Any]) -> str:
                 f"cold {_fmt(fs.get('cold_MBps'), ' MB/s', 1, 1)}, "
                 f"cached {_fmt(fs.get('cached_MBps'), ' MB/s', 1, 1)}, hot "
                 f"{_fmt(fs.get('hot_MBps'), ' MB/s', 1, 1)}, peak RSS "
-                f"{_fmt(fs.get('daemon_peak_rss_bytes'), ' MB', 1e6, 0)}, fetched "
+                f"{_fmt(fs.get('daemon_peak_rss_bytes'), ' MB', 1e6, 0)}, idle RSS "
+                f"{_fmt(fs.get('daemon_idle_rss_bytes'), ' MB', 1e6, 0)}, fetched "
                 f"{_fmt(fs.get('bytes_fetched'), ' MB', 1e6, 1)} "
                 f"({_fmt(fs.get('fetched_vs_layer'), '', 0.01, 1)}% of the layer)"
             )

@@ -63,6 +63,8 @@ log = get_logger("stargz_store.daemon")
 PROVIDER_FACTORY_ENV = "STARGZ_STORE_PROVIDER_FACTORY"
 SWEEP_INTERVAL = 60.0
 """The idle sweep's period at most (shorter when ``[cache] layer_idle_seconds`` is)."""
+TRIM_INTERVAL = 5.0
+"""How often the idle trim looks whether fetching has stopped (``IdleTrim``)."""
 STARTUP_CHECK_SECONDS = 30.0
 PROBE_SECONDS = 5.0
 LOCK_NAME = "lock"
@@ -389,6 +391,8 @@ class Wiring:
     closers: list[Callable[[], object]] = field(default_factory=list)
     sweep: Callable[[], object] | None = None
     sweep_interval: float = SWEEP_INTERVAL
+    trim: Callable[[], tuple[int, int] | None] | None = None
+    """``IdleTrim.tick``: called every ``TRIM_INTERVAL`` seconds."""
     # For the operator's tools (status, cache, metrics): None with a provider factory.
     manager: Any = None
     cache: Any = None
@@ -441,7 +445,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
     from layerstore.runtime.depfetch import DependencyFetchSettings
     from layerstore.runtime.fetcher import FetcherSettings
     from layerstore.runtime.layer import LayerSettings
-    from layerstore.runtime.manager import LayerManager, ManagerSettings
+    from layerstore.runtime.manager import IdleTrim, LayerManager, ManagerSettings
     from layerstore.runtime.membudget import MemoryBudget
     from layerstore.runtime.prefetch import ProfileSource
     from layerstore.runtime.recorder import AccessRecorder, RecordSettings
@@ -556,6 +560,7 @@ def build_wiring(config: Config, root: Path) -> Wiring:
         if recorder is not None:
             wiring.closers.append(recorder.close)  # runs first: writes what was recorded
         wiring.sweep = manager.sweep
+        wiring.trim = IdleTrim(lambda: cache.memory_budget.granted).tick
         wiring.sweep_interval = min(SWEEP_INTERVAL, config.cache.layer_idle_seconds / 2)
         wiring.subscribe_credentials = credentials.on_credentials_added
         wiring.forget_failures = manager.forget_failures
@@ -683,6 +688,23 @@ async def _serve(
             except Exception as exc:
                 log.warning("sweep_failed", error=repr(exc))
 
+    async def trimmer() -> None:
+        if wiring.trim is None:
+            return
+        while True:
+            await trio.sleep(TRIM_INTERVAL)
+            try:
+                trimmed = await run_in_thread(wiring.trim)
+            except Exception as exc:
+                log.warning("memory_trim_failed", error=repr(exc))
+                continue
+            if trimmed is not None:
+                log.info(
+                    "memory_trimmed",
+                    rss_before_mb=round(trimmed[0] / 1e6, 1),
+                    rss_after_mb=round(trimmed[1] / 1e6, 1),
+                )
+
     async def announce() -> None:
         # The kernel answers nothing before the INIT handshake, which the loop below performs:
         # once a stat of the root returns, the mount serves. Only then is the read-ahead
@@ -699,6 +721,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         nursery.start_soon(sweeper)
+        nursery.start_soon(trimmer)
         nursery.start_soon(announce)
         with fuse_scope:
             await pyfuse3.main(min_tasks=4, max_tasks=256)

@@ -728,6 +728,28 @@ def test_malloc_arenas_capped_unless_the_environment_says(
     assert limit_malloc_arenas(2) is True  # glibc (Debian, Fedora)
 
 
+def test_idle_trim_once_after_fetching_stops() -> None:
+    """The heap is trimmed once per quiet period that follows fetching: not while the memory
+    budget keeps granting, not again while nothing happens, and again after the next burst."""
+    from layerstore.runtime.manager import IdleTrim
+    from layerstore.runtime.membudget import MemoryBudget
+
+    budget = MemoryBudget(1 << 20)
+    trims: list[int] = []
+    rss = iter(range(100, 0, -1))
+    trim = IdleTrim(lambda: budget.granted, trim=lambda: trims.append(1), rss=lambda: next(rss))
+    assert trim.tick() is None and not trims  # nothing fetched yet
+    budget.acquire(1000).release()
+    assert trim.tick() is None and not trims  # busy in this period
+    budget.acquire(10).release()
+    assert trim.tick() is None and not trims  # still busy
+    assert trim.tick() == (100, 99) and trims == [1]  # quiet: trimmed, RSS before and after
+    assert trim.tick() is None and trim.tick() is None and trims == [1]  # once
+    budget.acquire(1).release()
+    assert trim.tick() is None
+    assert trim.tick() == (98, 97) and len(trims) == 2
+
+
 def test_resolve_regular_file_follows_directory_symlinks(
     client: FakeClient, cache: ChunkCache
 ) -> None:

@@ -61,6 +61,8 @@ class MemoryBudget:
         self._next = 0
         self.peak = 0
         self.waits = 0
+        self.granted = 0
+        """Bytes granted so far (a counter: whether fetches ran since it was last read)."""
 
     @property
     def used(self) -> int:
@@ -101,6 +103,7 @@ class MemoryBudget:
 
     def _take(self, size: int) -> Grant:
         self._used += size
+        self.granted += size
         self.peak = max(self.peak, self._used)
         return Grant(self, size)
 
