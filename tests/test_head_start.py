@@ -12,6 +12,7 @@ by the chunk digests (the file still reads right).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -24,7 +25,12 @@ from pathlib import Path
 import pytest
 
 from layerstore.errors import VerificationError
-from layerstore.estargz.constants import PREFETCH_SIZE_ANNOTATION, TOC_DIGEST_ANNOTATION
+from layerstore.estargz.constants import (
+    ESTARGZ_FOOTER_SIZE,
+    PREFETCH_SIZE_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+)
+from layerstore.estargz.reader import EStargzReader, landmark_offset_hint
 from layerstore.estargz.writer import WriterOptions, write_estargz
 from layerstore.registry.client import RegistryClient
 from layerstore.registry.settings import RegistrySettings
@@ -188,7 +194,7 @@ TOC_STALL = 0.25
 
 
 def serve(
-    fault: FaultServer, corrupt_head: bool = False, toc_stall: float = 0.0
+    fault: FaultServer, corrupt_head: bool = False, toc_stall: float = 0.0, announce: bool = True
 ) -> tuple[str, bytes, int, list[tuple[float, str, str]], list[float]]:
     """The image, served with its config stalled STALL seconds (and, with *toc_stall*, the
     layer's first tail request that long): (ref, blob, prefetch size, the blob requests as
@@ -222,7 +228,11 @@ def serve(
         "v1",
         [blob],
         layer_media_type=GZIP,
-        layer_annotations=[{TOC_DIGEST_ANNOTATION: toc, PREFETCH_SIZE_ANNOTATION: str(prefetch)}],
+        layer_annotations=[
+            {TOC_DIGEST_ANNOTATION: toc, PREFETCH_SIZE_ANNOTATION: str(prefetch)}
+            if announce
+            else {TOC_DIGEST_ANNOTATION: toc}
+        ],
         diff_ids=[diff_id],
     )
     config_digest.append(json.loads(manifest)["config"]["digest"])
@@ -284,6 +294,54 @@ def test_the_head_is_fetched_during_the_config_and_feeds_the_landmark_prefetch(
         assert m._head_budget.used == 0  # released after the landmark prefetch
     finally:
         m.close()
+
+
+def test_an_unannounced_region_gets_its_head_start_from_the_toc(
+    fault: FaultServer, tmp_path: Path
+) -> None:
+    """A blob whose descriptor does not say how long its prioritized region is (written by
+    another tool): the TOC's first bytes say where the landmark is, and the head is asked for
+    as one request once the TOC's bytes are in, while the config is still on its way."""
+    ref, blob, prefetch, log, config_done = serve(fault, toc_stall=TOC_STALL, announce=False)
+    m = make_manager(fault, tmp_path)
+    try:
+        digest = sha256(blob)
+        m.use(ref, digest)
+        layer = m.get(ref, digest)
+        _wait_cached(layer, list(PRIO))
+        blob_requests = [(t, rng) for t, d, rng in log if d == digest]
+        below = [(t, rng) for t, rng in blob_requests if _start(rng) < prefetch]
+        assert [rng for _, rng in below] == [f"bytes=0-{prefetch - 1}"]
+        assert below[0][0] < config_done[0] - 0.2, "the head waited for the config"
+        for path, data in PRIO.items():
+            assert _read(layer, path) == data
+        assert m._head_budget.used == 0
+    finally:
+        m.close()
+
+
+def test_the_landmark_hint_reads_only_the_start_of_the_toc() -> None:
+    """``landmark_offset_hint`` on a TOC member: the landmark entry's offset, as the verified
+    index has it; None without a landmark and for bytes that are not a TOC member."""
+    blob, _, _, prefetch = prioritized_blob()
+    reader = EStargzReader.open(BytesSource(blob))
+    member = blob[reader.toc_offset : len(blob) - ESTARGZ_FOOTER_SIZE]
+    assert landmark_offset_hint(member) == reader.index.prefetch_landmark_offset == prefetch
+    assert landmark_offset_hint(member[: len(member) // 2]) in (prefetch, None)
+    assert landmark_offset_hint(b"not gzip at all") is None
+    assert landmark_offset_hint(b"") is None
+    plain = io.BytesIO()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("a")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"abc"))
+    write_estargz(io.BytesIO(raw.getvalue()), plain, WriterOptions())
+    data = plain.getvalue()
+    r2 = EStargzReader.open(BytesSource(data))
+    assert landmark_offset_hint(data[r2.toc_offset : len(data) - ESTARGZ_FOOTER_SIZE]) is None
+    fake = gzip.compress(b'{"entries":[{"name":".prefetch.landmark","type":"reg"}]}')
+    assert landmark_offset_hint(fake) is None  # no offset: no hint
 
 
 def test_corrupt_head_bytes_are_caught_by_the_chunk_digests(

@@ -16,6 +16,7 @@ chunks into a temporary file that way).
 from __future__ import annotations
 
 import hashlib
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from typing import Callable
@@ -32,6 +33,7 @@ from layerstore.estargz.constants import (
     ESTARGZ_FOOTER_SIZE,
     LEGACY_FOOTER_SIZE,
     MAX_TOC_JSON_SIZE,
+    PREFETCH_LANDMARK,
     TOC_TAR_NAME,
 )
 from layerstore.estargz.footer import parse_footer
@@ -131,6 +133,46 @@ def _inflate_toc_member(member: bytes, max_toc_size: int) -> bytearray:
     except INFLATE_ERRORS as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from None
     return result
+
+
+_LANDMARK_NAME = re.compile(
+    rb'"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"'
+)
+_OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d{1,15})\b')
+
+
+def landmark_offset_hint(member: bytes, max_json: int = 4 * 1024 * 1024) -> int | None:
+    """The blob offset of the ``.prefetch.landmark`` entry, read from the first bytes of a TOC
+    member (gzip of the TOC tar) before the TOC is verified and parsed: inflated piece by
+    piece until the entry's JSON object is in, at most *max_json* bytes. The entry follows the
+    prioritized files, so for a region of a few hundred files it is found in the first tens
+    of KB. None when not found or odd. A hint only (the head start's length): nothing read
+    with it is trusted before the verified TOC's chunk digests check it."""
+    d = gunzip_object()
+    seen = bytearray()
+    buf: bytes | memoryview = memoryview(member)
+    name = None
+    try:
+        while len(seen) < max_json:
+            piece = d.decompress(buf, 64 * 1024)
+            buf = d.unconsumed_tail
+            if not piece:
+                return None
+            start = max(0, len(seen) - 256)
+            seen += piece
+            if name is None:
+                name = _LANDMARK_NAME.search(seen, start)
+            if name is not None:
+                lo = seen.rfind(b"{", 0, name.start())
+                hi = seen.find(b"}", name.end())
+                if lo >= 0 and hi >= 0:
+                    field = _OFFSET_FIELD.search(seen, lo, hi)
+                    return int(field.group(1)) if field else None
+            if d.eof:
+                return None
+    except INFLATE_ERRORS:
+        return None
+    return None
 
 
 def _check_tar_header(hdr: bytes) -> int:

@@ -97,7 +97,13 @@ from layerstore.estargz.constants import (
     UNCOMPRESSED_SIZE_ANNOTATION,
 )
 from layerstore.estargz.footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, parse_footer
-from layerstore.estargz.reader import DEFAULT_MAX_TOC_SIZE, EStargzReader, decode_chunk, toc_region
+from layerstore.estargz.reader import (
+    DEFAULT_MAX_TOC_SIZE,
+    EStargzReader,
+    decode_chunk,
+    landmark_offset_hint,
+    toc_region,
+)
 from layerstore.registry.client import ResolvedImage
 from layerstore.registry.manifest import Descriptor, ImageManifest
 from layerstore.registry.reference import Reference, in_repository, parse_reference
@@ -726,6 +732,30 @@ class LayerManager:
         # started by _load_toc once the TOC's bytes are in (_start_head)
         return HeadStartSource(blob, head, self._head_budget, name=desc.digest)
 
+    def _head_start_from_toc(
+        self, source: RangeSource, desc: Descriptor, member: bytes, toc_offset: int
+    ) -> RangeSource:
+        """*source*, wrapped for a head start (:meth:`_head_start`) of the prioritized region
+        that the TOC's first bytes say ends at the landmark, for a blob whose descriptor did
+        not announce it (images written by other tools: the Go library's, ``ctr-remote``):
+        their region is then fetched in one stream in its order, from the moment the TOC's
+        bytes are in, instead of in parallel ranges once the layer has been built and used."""
+        st = self.settings
+        if (
+            isinstance(source, HeadStartSource)
+            or st.head_start_bytes <= 0
+            or not st.layer.landmark_prefetch
+        ):
+            return source
+        end = landmark_offset_hint(member)
+        if end is None or end < HEAD_START_MIN_BYTES or end > toc_offset:
+            return source
+        head = self._head_budget.take(min(end, st.head_start_bytes))
+        if head <= 0:
+            return source
+        log.debug("head_start", digest=desc.digest, bytes=head, landmark=end, from_toc=True)
+        return HeadStartSource(source, head, self._head_budget, name=desc.digest)
+
     def _early_toc(
         self,
         reference: Reference,
@@ -776,6 +806,7 @@ class LayerManager:
                 bound.warning("toc_cache_entry_discarded", error=describe_error(e))
                 self.cache.remove_toc(toc_name)
         member, toc_offset, footer_size = self._fetch_toc_member(source, blob_size)
+        source = self._head_start_from_toc(source, desc, member, toc_offset)
         _start_head(source)
         reader = self._open_toc(source, member, toc_offset, footer_size, toc_digest)
         header = json.dumps({"toc_offset": toc_offset, "footer_size": footer_size}).encode()
