@@ -155,10 +155,11 @@ class FetchSettings(_Section):
     read from the TOC's first bytes (the ``.prefetch.landmark`` entry), fetched in one
     request as soon as the TOC's bytes have arrived, while the TOC is inflated and indexed,
     instead of after the layer is built; 0 disables. Go-written prioritized images, 3 runs
-    each: python 0.85 s against 1.03 (Go store 0.97). At 20 ms / 150 Mbit/s (``./run bench``, 3 runs each way,
-    prioritized and ``optimize`` images): python 0.94-0.98 s against 0.99-1.06, large
-    4.18 / 5.02 s against 4.45 / 5.73, pandas 8.87 / 9.12 against 9.75 / 9.44; peak RSS up to
-    ~50 MB higher while the heads are held (at most ``32 MiB`` of heads at once, daemon-wide)."""
+    each: python 0.85 s against 1.03 (Go store 0.97). At 20 ms / 150 Mbit/s (``./run bench``,
+    3 runs each way, prioritized and ``optimize`` images): python 0.94-0.98 s against
+    0.99-1.06, large 4.18 / 5.02 s against 4.45 / 5.73, pandas 8.87 / 9.12 against 9.75 /
+    9.44; peak RSS up to ~50 MB higher while the heads are held (at most ``32 MiB`` of heads
+    at once, daemon-wide)."""
 
 
 class FuseSettings(_Section):
